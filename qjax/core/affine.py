@@ -71,19 +71,27 @@ def symmetric_zero(bits: int) -> int:
 def _check_groups(fn: str, w: Array, spec: QSpec) -> None:
   if w.ndim != 2:
     raise ValueError(f"`{fn}` expected a 2-D (in, out) matrix, got {w.shape=}.")
-  if spec.group_size != -1 and w.shape[0] % spec.group_size:
-    raise ValueError(
-      f"`{fn}` expected group_size to divide the input dimension, got group_size="
-      f"{spec.group_size} for {w.shape=} (in={w.shape[0]}); use a divisor of {w.shape[0]} "
-      "or group_size=-1 (per channel)."
-    )
+  spec.check_divides(fn, w.shape[0], w.shape)
   if spec.is_ggml:
     raise ValueError(f"`{fn}` handles the packed affine layout, got ggml layout {spec.layout}.")
 
 
 def group_view(w: Float[Array, "in out"], spec: QSpec) -> Float[Array, "groups group out"]:
-  """Splits the input axis into (groups, group_size)."""
-  return w.reshape(spec.num_groups(w.shape[0]), spec.group_length(w.shape[0]), w.shape[1])
+  """Splits the input axis into (groups, group_size), zero-padding a shorter last group.
+
+  Zero padding leaves a group's grid unchanged: the range always includes 0, and 0 is
+  exactly representable (its code is the integer zero point).
+  """
+  k, n = w.shape
+  pad = spec.padded_length(k) - k
+  if pad:
+    w = jnp.concatenate([w, jnp.zeros((pad, n), w.dtype)])
+  return w.reshape(spec.num_groups(k), spec.group_length(k), n)
+
+
+def ungroup(x: Array, in_features: int) -> Array:
+  """Inverse of `group_view`: (groups, group, out) -> (in, out), dropping the padding."""
+  return x.reshape(-1, x.shape[-1])[:in_features]
 
 
 def params_from_range(lo: Float[Array, "*g"], hi: Float[Array, "*g"], spec: QSpec) -> AffineParams:
@@ -185,11 +193,10 @@ def quantize(
   grouped = group_view(jnp.asarray(w, jnp.float32), spec)
   params = find_params(grouped, spec, clip=clip)
   codes = quantize_groups(grouped, params, spec.bits)
-  return codes.reshape(w.shape), params
+  return ungroup(codes, w.shape[0]), params
 
 
 def dequantize(codes: Integer[Array, "in out"], params: AffineParams, spec: QSpec) -> Float[Array, "in out"]:
   """Inverse of `quantize`: ``scale * (codes - zero)`` as float32, shape (in, out)."""
-  k, n = codes.shape
-  grouped = codes.reshape(spec.num_groups(k), spec.group_length(k), n)
-  return dequantize_groups(grouped, params, spec.bits).reshape(k, n)
+  grouped = group_view(codes, spec)
+  return ungroup(dequantize_groups(grouped, params, spec.bits), codes.shape[0])

@@ -34,6 +34,11 @@ class QSpec:
     layout: ``"packed"`` for affine codes in uint32 words (see `qjax.core.packing`),
       or a ggml block type (``"Q4_K"`` …) whose codes are the ggml block bytes
       themselves. Use `QSpec.ggml` for the latter.
+    partial_groups: allow a group size that does not divide the input dimension; the
+      last group is then shorter (``ceil(in / group_size)`` groups, input ``i`` in group
+      ``i // group_size``), as GPTQ checkpoints define it (AutoGPTQ, GPTQModel and
+      transformers accept it; vLLM's GPTQ kernels and AWQ do not). Off by default so a
+      mismatched group size is reported rather than silently producing a short group.
 
   Examples:
     >>> QSpec(bits=4, group_size=128)
@@ -45,6 +50,7 @@ class QSpec:
   symmetric: bool = True
   scale_dtype: np.dtype = _FLOAT16
   layout: Layout = PACKED
+  partial_groups: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, "scale_dtype", np.dtype(self.scale_dtype))
@@ -73,16 +79,30 @@ class QSpec:
     info = ggml.BLOCK_TYPES[type_name]
     return QSpec(bits=info.bits, group_size=info.block_size, symmetric=info.symmetric, layout=type_name)
 
+  def check_divides(self, fn: str, in_features: int, shape: tuple[int, ...]) -> None:
+    """Raises the standard error when the group size does not divide `in_features` (and may not)."""
+    if self.group_size == -1 or in_features % self.group_size == 0 or self.partial_groups:
+      return
+    raise ValueError(
+      f"`{fn}` expected group_size to divide the input dimension, got group_size={self.group_size} for "
+      f"shape={tuple(shape)} (in={in_features}); use a divisor of {in_features}, group_size=-1 (per channel), "
+      "or partial_groups=True for a shorter last group (GPTQ checkpoints allow it)."
+    )
+
   @property
   def is_ggml(self) -> bool:
     return self.layout != PACKED
 
   def num_groups(self, in_features: int) -> int:
-    """Number of groups along an input (contraction) axis of length `in_features`."""
-    return 1 if self.group_size == -1 else in_features // self.group_size
+    """Number of groups along an input (contraction) axis of length `in_features` (the last may be shorter)."""
+    return 1 if self.group_size == -1 else -(-in_features // self.group_size)
 
   def group_length(self, in_features: int) -> int:
     return in_features if self.group_size == -1 else self.group_size
+
+  def padded_length(self, in_features: int) -> int:
+    """`in_features` rounded up to whole groups."""
+    return self.num_groups(in_features) * self.group_length(in_features)
 
   def bits_per_weight(self, in_features: int) -> float:
     """Storage cost per weight, codes plus scales and zeros."""

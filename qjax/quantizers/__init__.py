@@ -1,5 +1,7 @@
 """Quantization algorithms, one per file; each core works on one weight matrix and its statistics."""
 
+from qjax.quantizers.gptq import GptqInfo as GptqInfo
+from qjax.quantizers.gptq import gptq_quantize as gptq_quantize
 from qjax.quantizers.rtn import rtn_quantize as rtn_quantize
 
-__all__ = ["rtn_quantize"]
+__all__ = ["GptqInfo", "gptq_quantize", "rtn_quantize"]

@@ -9,6 +9,7 @@ from qjax.transforms.base import masked as masked
 from qjax.transforms.base import partition as partition
 from qjax.transforms.base import per_leaf as per_leaf
 from qjax.transforms.base import stateless as stateless
+from qjax.transforms.methods import gptq as gptq
 from qjax.transforms.methods import rtn as rtn
 from qjax.transforms.rules import Plan as Plan
 from qjax.transforms.rules import Rule as Rule
@@ -23,6 +24,7 @@ __all__ = [
   "Rule",
   "Transform",
   "chain",
+  "gptq",
   "identity",
   "masked",
   "partition",

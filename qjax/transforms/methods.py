@@ -1,8 +1,18 @@
 """Transforms for the quantization methods: the glue between a method's core and param trees."""
 
+import numpy as np
+from jax.sharding import Mesh
+
 from qjax.core import ClipSearch, QSpec
+from qjax.quantizers.gptq import gptq_quantize
 from qjax.quantizers.rtn import rtn_quantize
 from qjax.transforms.base import Transform, per_leaf
+
+MISSING_HESSIAN_MSG = (
+  "`gptq` expected calibration statistic 'hessian' (the (in, in) XᵀX of the layer's inputs) for the {shape} "
+  "weight, got statistics {got}. Run calibration with this transform (its `stats` names what to collect), "
+  "or exclude the leaf from the `gptq` rule."
+)
 
 
 def rtn(spec: QSpec, *, clip: ClipSearch | None = None) -> Transform:
@@ -16,3 +26,50 @@ def rtn(spec: QSpec, *, clip: ClipSearch | None = None) -> Transform:
     4
   """
   return per_leaf(lambda w, _: rtn_quantize(w, spec=spec, clip=clip))
+
+
+def gptq(
+  spec: QSpec,
+  *,
+  block_size: int = 128,
+  damp: float = 0.01,
+  act_order: bool = False,
+  static_groups: bool = False,
+  clip: ClipSearch | None = None,
+  mesh: Mesh | None = None,
+) -> Transform:
+  """GPTQ on every visible 2-D leaf, with the leaf's ``"hessian"`` statistic (see `gptq_quantize`).
+
+  With `mesh`, each weight's output channels are split over all of its devices for the
+  sweep (weights whose output width does not divide evenly run on one device).
+
+  Raises (from update):
+    ValueError: for a leaf without a ``"hessian"`` statistic, or whose Hessian stays
+      non-positive-definite after dampening.
+
+  Examples:
+    >>> import numpy as np
+    >>> t = gptq(QSpec(bits=4, group_size=32))
+    >>> stats = {"kernel": {"hessian": np.eye(32, dtype=np.float32)}}
+    >>> q, _ = t.update({"kernel": np.ones((32, 4), np.float32)}, t.init(None), stats=stats)
+    >>> sorted(t.stats), q["kernel"].spec.bits
+    (['hessian'], 4)
+  """
+
+  def quantize_leaf(w, leaf_stats):
+    if "hessian" not in leaf_stats:
+      raise ValueError(MISSING_HESSIAN_MSG.format(shape=np.shape(w), got=sorted(leaf_stats)))
+    q, _ = gptq_quantize(
+      w,
+      leaf_stats["hessian"],
+      spec=spec,
+      block_size=block_size,
+      damp=damp,
+      act_order=act_order,
+      static_groups=static_groups,
+      clip=clip,
+      mesh=mesh if mesh is not None and np.shape(w)[1] % mesh.size == 0 else None,
+    )
+    return q
+
+  return per_leaf(quantize_leaf, stats=frozenset({"hessian"}))

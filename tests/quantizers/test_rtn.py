@@ -24,5 +24,16 @@ def test_more_bits_less_error():
 
 
 def test_group_size_must_divide():
-  with pytest.raises(ValueError, match=re.escape("group_size=128 for w.shape=(576, 8)")):
+  with pytest.raises(ValueError, match=re.escape("group_size=128 for shape=(576, 8) (in=576)")):
     rtn_quantize(np.zeros((576, 8), np.float32), spec=QSpec(bits=4, group_size=128))
+
+
+def test_partial_last_group_matches_zero_padding():
+  w = np.random.default_rng(2).standard_normal((576, 16)).astype(np.float32)
+  spec = QSpec(bits=4, group_size=128, partial_groups=True)
+  q = rtn_quantize(w, spec=spec)
+  assert q.scale.shape == (5, 16)
+  padded = np.concatenate([w, np.zeros((64, 16), np.float32)])
+  full = rtn_quantize(padded, spec=QSpec(bits=4, group_size=128))
+  np.testing.assert_array_equal(q.scale, full.scale)
+  np.testing.assert_array_equal(dequantize(q), dequantize(full)[:576])

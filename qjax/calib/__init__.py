@@ -1,0 +1,1 @@
+"""Calibration: text and token windows, statistics, and the blockwise sequential runner."""

@@ -1,0 +1,302 @@
+"""The blockwise sequential calibration runner.
+
+GPTQ and AWQ quantize a decoder block from the inputs it sees *after* the blocks before
+it were quantized. The runner embeds the calibration windows once, then for each block:
+
+1. reads the block's float params (only this block is resident);
+2. for each stage (a `Transform` over the block's params), collects the statistics the
+   stage asks for from the inputs of the block's linears, in jitted code, and applies the
+   stage. Stages that need per-input statistics (``hessian``, ``imatrix``, ``abs_mean``)
+   run *true-sequentially*: group by group in the block's order (q/k/v, then o, then
+   gate/up, then down), each group's inputs computed with the groups before it already
+   quantized;
+3. runs the quantized block on the inputs to get the next block's inputs;
+4. checkpoints the quantized block and the activations with orbax, so a killed run
+   resumes from the last finished block and ends with the identical result.
+
+The runner knows nothing of a particular architecture: a `BlockModel` supplies the
+pieces (see `qjax.models.blocks.LlamaBlocks`). With a `jax.sharding.Mesh`, calibration
+windows are split over its ``data`` axis and the statistics are reduced across devices
+by XLA.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qjax.calib import stats as calib_stats
+from qjax.progress import progress
+from qjax.transforms.base import Transform, map_with_path, masked
+
+PER_INPUT_STATS = frozenset(calib_stats.STAT_NAMES)
+Params = Any
+
+
+class BlockModel(Protocol):
+  """What the runner needs from a model: its pieces, read and run one at a time."""
+
+  num_layers: int
+  sequential_groups: tuple[tuple[str, ...], ...]  # linear module paths inside a block, in true-sequential order
+
+  def layer_prefix(self, i: int) -> str: ...  # e.g. "model/layers_3"
+  def layer_params(self, i: int) -> Params: ...
+  def apply_layer(self, params: Params, h: jax.Array) -> jax.Array: ...  # (b, t, d) -> (b, t, d)
+  def embed(self, ids: jax.Array) -> jax.Array: ...  # (b, t) -> (b, t, d)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunnerOptions:
+  """How the runner batches, shards and checkpoints.
+
+  Attributes:
+    batch_size: calibration windows per jitted step (a multiple of the data-axis size).
+    true_sequential: quantize a block's linears group by group (GPTQ's `true_sequential`).
+    checkpoint_dir: where finished blocks are checkpointed for resume; None disables it.
+    mesh: a mesh with a ``data`` axis to split calibration windows over; None for one device.
+    show_progress: print ``block i/n`` with ETA.
+    stop_after_block: testing hook: raise `Interrupted` after this many blocks (simulates a kill).
+  """
+
+  batch_size: int = 8
+  true_sequential: bool = True
+  checkpoint_dir: str | None = None
+  mesh: Mesh | None = None
+  show_progress: bool = True
+  stop_after_block: int | None = None
+
+
+class Interrupted(RuntimeError):
+  """Raised by the `stop_after_block` testing hook."""
+
+
+def _stage_groups(stage: Transform, model: BlockModel, options: RunnerOptions) -> list[tuple[str, ...] | None]:
+  """Module groups a stage is applied to in turn; None means the whole block at once."""
+  if stage.stats and stage.stats <= PER_INPUT_STATS and options.true_sequential:
+    return list(model.sequential_groups)
+  return [None]
+
+
+def _group_mask(prefix: str, group: tuple[str, ...] | None):
+  def mask(params):
+    return map_with_path(lambda path, _: group is None or any(path.startswith(f"{prefix}/{m}/") for m in group), params)
+
+  return mask
+
+
+class _Batches:
+  """Calibration activations (n, t, d) split into batches, sharded over the mesh's data axis."""
+
+  def __init__(self, h: np.ndarray | jax.Array, options: RunnerOptions):
+    n = h.shape[0]
+    bs = min(options.batch_size, n)
+    if n % bs:
+      raise ValueError(f"nsamples={n} must be a multiple of the batch size {bs}.")
+    self.options = options
+    self.sharding = None
+    if options.mesh is not None:
+      data = options.mesh.shape["data"]
+      if bs % data:
+        raise ValueError(f"batch_size={bs} must be a multiple of the mesh's data axis ({data} devices).")
+      # Auto axes: XLA partitions the statistics matmuls and inserts the cross-device sums.
+      mesh = Mesh(
+        options.mesh.devices, options.mesh.axis_names, axis_types=(AxisType.Auto,) * options.mesh.devices.ndim
+      )
+      self.sharding = NamedSharding(mesh, P(None, "data"))
+    self.h = self._place(jnp.asarray(h).reshape(n // bs, bs, *h.shape[1:]))
+
+  def _place(self, h):
+    return h if self.sharding is None else jax.device_put(h, self.sharding)
+
+  def __len__(self) -> int:
+    return self.h.shape[0]
+
+  def __iter__(self):
+    return (self.h[i] for i in range(len(self)))
+
+  def map(self, fn: Callable) -> None:
+    """Replaces every batch by ``fn(batch)``."""
+    self.h = self._place(jnp.stack([fn(b) for b in self]))
+
+  def numpy(self) -> np.ndarray:
+    return np.asarray(self.h).reshape(-1, *self.h.shape[2:])
+
+
+class _Checkpoints:
+  """Orbax checkpoints of finished blocks (all kept) and the latest activations (one kept)."""
+
+  def __init__(self, directory: str, run: dict[str, Any]):
+    import orbax.checkpoint as ocp
+
+    self.ocp = ocp
+    self.directory = os.path.abspath(directory)
+    os.makedirs(self.directory, exist_ok=True)
+    run_file = os.path.join(self.directory, "run.json")
+    run = json.loads(json.dumps(run))  # normalise tuples etc. as JSON would
+    if os.path.exists(run_file):
+      with open(run_file) as f:
+        previous = json.load(f)
+      if previous != run:
+        diff = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
+        raise ValueError(
+          f"{self.directory} holds a run with a different configuration (differs in {diff}); "
+          "use another --checkpoint_dir or delete it to start over."
+        )
+    else:
+      with open(run_file, "w") as f:
+        json.dump(run, f, indent=1)
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    self.blocks = ocp.CheckpointManager(os.path.join(self.directory, "blocks"), options=options)
+    self.activations = ocp.CheckpointManager(
+      os.path.join(self.directory, "activations"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False),
+    )
+
+  def resume_point(self) -> int:
+    """Number of finished blocks whose outputs were saved too."""
+    latest = self.activations.latest_step()
+    return 0 if latest is None else latest + 1
+
+  def save(self, i: int, qblock: Params, h: np.ndarray) -> None:
+    from qjax.formats.native import flatten_params
+
+    tensors, manifest = flatten_params(qblock)
+    names = sorted(tensors)
+    ocp = self.ocp
+    if i in self.blocks.all_steps():
+      self.blocks.delete(i)  # left over from a run killed between the two saves below
+    self.blocks.save(
+      i,
+      args=ocp.args.Composite(
+        tensors=ocp.args.StandardSave({str(k): tensors[n] for k, n in enumerate(names)}),
+        meta=ocp.args.JsonSave({"names": names, "manifest": manifest}),
+      ),
+    )
+    self.activations.save(i, args=ocp.args.Composite(h=ocp.args.StandardSave({"h": h})))
+
+  def restore(self, n_blocks: int) -> tuple[list[Params], np.ndarray]:
+    from qjax.formats.native import unflatten_params
+
+    ocp = self.ocp
+    blocks = []
+    for i in range(n_blocks):
+      restored = self.blocks.restore(
+        i, args=ocp.args.Composite(tensors=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+      )
+      names = restored["meta"]["names"]
+      tensors = {n: np.asarray(restored["tensors"][str(k)]) for k, n in enumerate(names)}
+      blocks.append(unflatten_params(tensors, restored["meta"]["manifest"], source=self.directory))
+    h = self.activations.restore(n_blocks - 1, args=ocp.args.Composite(h=ocp.args.StandardRestore()))["h"]["h"]
+    return blocks, np.asarray(h)
+
+  def remove(self) -> None:
+    shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _BlockRunner:
+  """Jitted statistics and forward passes of one block function, compiled once per (group, stats)."""
+
+  def __init__(self, model: BlockModel):
+    self.model = model
+    self._jitted: dict = {}
+
+  def forward(self, params, h):
+    if "forward" not in self._jitted:
+      self._jitted["forward"] = jax.jit(self.model.apply_layer)
+    return self._jitted["forward"](params, h)
+
+  def input_stats(self, params, batches: _Batches, modules: tuple[str, ...], names: frozenset[str]):
+    """{module: {stat: mean}} over all batches; linears reading one input share one dict."""
+    aliases = calib_stats.shared_inputs(self.model.apply_layer, modules, params, next(iter(batches)))
+    reps = tuple(dict.fromkeys(aliases.values()))
+    key = ("stats", reps, tuple(sorted(names)))
+    if key not in self._jitted:
+      fn = lambda p, h: calib_stats.linear_input_sums(self.model.apply_layer, reps, sorted(names), p, h)
+      self._jitted[key] = jax.jit(fn)
+    total = None
+    for batch in batches:
+      total = calib_stats.add_sums(total, self._jitted[key](params, batch))
+    # On the host: transforms may place them on a mesh of their own (e.g. GPTQ's output-channel split).
+    finals = {rep: jax.device_get(calib_stats.finalize(total[rep])) for rep in reps}
+    return {m: finals[aliases[m]] for m in modules}
+
+
+def quantize_blocks(
+  model: BlockModel,
+  stages: Sequence[Transform],
+  windows: np.ndarray,
+  *,
+  options: RunnerOptions = RunnerOptions(),
+  run_id: dict[str, Any] | None = None,
+) -> tuple[list[Params], np.ndarray]:
+  """Quantizes every decoder block sequentially on calibration windows.
+
+  Args:
+    model: the block pieces (`BlockModel`).
+    stages: transforms applied in order to each block's params (full paths, e.g.
+      ``model/layers_3/mlp/up_proj/kernel``); each gets ``stats=`` keyed by kernel path and
+      ``block_inputs=`` / ``block_fn=`` for transforms that run the block themselves.
+    windows: (nsamples, seqlen) int calibration token windows.
+    options: batching, true-sequential order, checkpoints, mesh.
+    run_id: JSON-serialisable description of the run; a checkpoint directory written by a
+      run with another description is refused.
+
+  Returns:
+    (the quantized params of every block, the final hidden states (nsamples, seqlen, d)).
+  """
+  checkpoints = None
+  if options.checkpoint_dir:
+    checkpoints = _Checkpoints(options.checkpoint_dir, run_id or {})
+  done = checkpoints.resume_point() if checkpoints else 0
+  if done:
+    qblocks, h = checkpoints.restore(done)
+  else:
+    qblocks = []
+    h = np.concatenate([np.asarray(model.embed(jnp.asarray(w[None]))) for w in windows])
+  batches = _Batches(h, options)
+  runner = _BlockRunner(model)
+  label = "block" if done == 0 else f"block (resumed after {done})"
+  for i in progress(range(done, model.num_layers), total=model.num_layers - done, label=label,
+                    enabled=options.show_progress):  # fmt: skip
+    if options.stop_after_block is not None and i >= options.stop_after_block:
+      raise Interrupted(f"stopped before block {i} (stop_after_block={options.stop_after_block})")
+    prefix = model.layer_prefix(i)
+    block = jax.tree.map(jnp.asarray, model.layer_params(i))
+    for stage in stages:
+      for group in _stage_groups(stage, model, options):
+        extra = {"block_inputs": batches, "block_fn": model.apply_layer}
+        if stage.stats & PER_INPUT_STATS:
+          modules = group or tuple(m for g in model.sequential_groups for m in g)
+          module_stats = runner.input_stats(block, batches, modules, stage.stats & PER_INPUT_STATS)
+          extra["stats"] = {f"{prefix}/{m}/kernel": s for m, s in module_stats.items()}
+        tree = _nest(prefix, block)
+        t = masked(stage, _group_mask(prefix, group))
+        tree, _ = t.update(tree, t.init(tree), **extra)
+        # On the host, uncommitted: a stage may return arrays placed on a mesh of its own.
+        block = jax.device_get(_unnest(prefix, tree))
+    batches.map(lambda b, block=block: runner.forward(block, b))
+    qblocks.append(block)
+    if checkpoints:
+      checkpoints.save(i, block, batches.numpy())
+  return qblocks, batches.numpy()
+
+
+def _nest(prefix: str, block: Params) -> Params:
+  tree = block
+  for key in reversed(prefix.split("/")):
+    tree = {key: tree}
+  return tree
+
+
+def _unnest(prefix: str, tree: Params) -> Params:
+  for key in prefix.split("/"):
+    tree = tree[key]
+  return tree

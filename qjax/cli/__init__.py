@@ -1,0 +1,68 @@
+"""The `qjax` command: `qjax quantize | eval | convert | bench`.
+
+Each subcommand is an absl app in its own module; absl flags are process-global, so
+only the chosen subcommand's module is imported and only its flags exist.
+"""
+
+import importlib
+import sys
+import traceback
+
+from absl import app, flags, logging
+
+COMMANDS = {
+  "quantize": ("qjax.cli.quantize", "quantize a model (GPTQ, RTN, GGUF recipes), report its cost, export it"),
+  "eval": ("qjax.cli.evaluate", "perplexity, KL divergence and top-1 agreement of a model on a text"),
+}
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError)
+
+
+def usage() -> str:
+  lines = ["usage: qjax <command> [--flags]   (qjax <command> --help for its flags)", "", "commands:"]
+  lines += [f"  {name:10s} {summary}" for name, (_, summary) in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def _fail(command: str, message: str, hint: str) -> None:
+  first = message.strip().splitlines()[0] if message.strip() else "failed"
+  sys.stderr.write(f"qjax {command}: error: {first}\n  hint: {hint}\n")
+  sys.exit(2)
+
+
+def _parse(command: str, module):
+  def parse(argv: list[str]) -> list[str]:
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+      print(f"qjax {command}: {COMMANDS[command][1]}\n\n{module.__doc__.strip()}\n")
+      print(flags.FLAGS.module_help(module))
+      sys.exit(0)
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      _fail(command, str(e), f"see `qjax {command} --help`")
+
+  return parse
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Entry point of the `qjax` console script."""
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    _fail("", f"unknown command {command!r}", f"one of: {', '.join(COMMANDS)}")
+  module = importlib.import_module(COMMANDS[command][0])
+  flags.DEFINE_bool("verbose", False, "Show full tracebacks of errors.")
+
+  def main(args):
+    # JAX and orbax log at INFO through absl; a user wants progress lines, not those.
+    logging.set_verbosity(logging.INFO if flags.FLAGS.verbose else logging.WARNING)
+    try:
+      module.main(args)
+    except USER_ERRORS as e:
+      if flags.FLAGS.verbose:
+        traceback.print_exc()
+      _fail(command, str(e), "run with --verbose for the full traceback")
+
+  app.run(main, argv=[f"qjax {command}", *argv[2:]], flags_parser=_parse(command, module))

@@ -1,0 +1,345 @@
+"""GGUF export: a Llama-family model (dense or ggml-quantized leaves) to a file llama.cpp loads.
+
+The file is written with llama.cpp's own `gguf` package. This module is the only place
+that knows llama.cpp's conventions: tensor names, the Q/K row permutation its RoPE needs,
+metadata key types, and how a tokenizer is described. Files are written to a temporary
+path beside the target and renamed when complete, so an interrupted write leaves nothing.
+"""
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import gguf
+import numpy as np
+
+from qjax.core import QArray, is_qarray
+from qjax.core import ggml as ggml_types
+from qjax.formats.gguf_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
+from qjax.models.checkpoint import GGUF_LAYER_NAMES, rope_permute
+from qjax.models.config import LlamaConfig
+
+GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16 goes through gguf.quants
+
+# llama_ftype values for `general.file_type` (a label; llama.cpp loads any mixture).
+FILE_TYPES = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32,
+}  # fmt: skip
+
+_HF_MODULE_TO_GGUF = {v: k for k, v in GGUF_LAYER_NAMES.items()}
+
+
+class KeyValue(NamedTuple):
+  """One GGUF metadata entry with its exact type (llama.cpp is strict about types)."""
+
+  key: str
+  value: Any
+  type: gguf.GGUFValueType
+  sub_type: gguf.GGUFValueType | None = None
+
+
+def gguf_tensor_name(path: str) -> str:
+  """GGUF name of a Flax parameter path, e.g. ``model/layers_3/mlp/down_proj/kernel`` -> ``blk.3.ffn_down.weight``.
+
+  Raises:
+    ValueError: for a path that has no GGUF counterpart.
+  """
+  parts = path.split("/")
+  if path == "model/embed_tokens/embedding":
+    return "token_embd.weight"
+  if path == "model/norm/scale":
+    return "output_norm.weight"
+  if path == "lm_head/kernel":
+    return "output.weight"
+  if len(parts) >= 3 and parts[0] == "model" and parts[1].startswith("layers_"):
+    layer = parts[1].removeprefix("layers_")
+    module = ".".join(parts[2:-1])
+    kind = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(parts[-1])
+    if module in _HF_MODULE_TO_GGUF and kind:
+      return f"blk.{layer}.{_HF_MODULE_TO_GGUF[module]}.{kind}"
+  raise ValueError(f"parameter {path!r} has no GGUF tensor name.")
+
+
+def _pre_tokenizer(tokenizer) -> str:
+  digest = hashlib.sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+  if digest not in PRE_TOKENIZERS:
+    raise ValueError(
+      f"the tokenizer's pre-tokenizer is not one llama.cpp knows (hash {digest[:16]}…); it cannot be expressed in GGUF."
+    )
+  return PRE_TOKENIZERS[digest]
+
+
+def _tokenizer_kind(tokenizer) -> str:
+  backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+  if backend is None:
+    raise ValueError("only fast (tokenizers-backed) tokenizers can be written to GGUF.")
+  model = backend.model
+  name = type(model).__name__
+  if name == "BPE":
+    return "llama" if getattr(model, "byte_fallback", False) else "gpt2"
+  raise ValueError(f"a {name} tokenizer cannot be expressed in GGUF (llama.cpp reads BPE and SentencePiece-BPE).")
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int) -> list[KeyValue]:
+  """GGUF ``tokenizer.*`` entries for a Hugging Face fast tokenizer, as llama.cpp's converter writes them.
+
+  Byte-level BPE (GPT-2 style, Llama 3, SmolLM, Qwen2) becomes ``tokenizer.ggml.model = "gpt2"``
+  with merges and the pre-tokenizer name; SentencePiece-style BPE with byte fallback
+  (Llama 2, Mistral) becomes ``"llama"`` with scores.
+
+  Raises:
+    ValueError: for tokenizers GGUF cannot express (Unigram, unknown pre-tokenizer, slow tokenizers).
+  """
+  kind = _tokenizer_kind(tokenizer)
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer.save_pretrained(tmp)
+    if kind == "gpt2":
+      tokens, types = _bpe_vocab(tokenizer, vocab_size)
+      entries = [
+        KeyValue("tokenizer.ggml.model", "gpt2", gguf.GGUFValueType.STRING),
+        KeyValue("tokenizer.ggml.pre", _pre_tokenizer(tokenizer), gguf.GGUFValueType.STRING),
+      ]
+      scores = None
+    else:
+      vocab = gguf.LlamaHfVocab(tmp)
+      tokens, scores, types = [], [], []
+      for text, score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(float(score))
+        types.append(int(toktype))
+      for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+      entries = [
+        KeyValue("tokenizer.ggml.model", "llama", gguf.GGUFValueType.STRING),
+        KeyValue("tokenizer.ggml.pre", "default", gguf.GGUFValueType.STRING),
+      ]
+    entries += [
+      KeyValue("tokenizer.ggml.tokens", tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING),
+      KeyValue("tokenizer.ggml.token_type", types, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
+    ]
+    if scores is not None:
+      entries.append(KeyValue("tokenizer.ggml.scores", scores, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32))
+    entries += _special_vocab(tmp, vocab_size, load_merges=kind == "gpt2")
+  return entries
+
+
+def _bpe_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+  vocab = tokenizer.get_vocab()
+  if max(vocab.values()) >= vocab_size:
+    raise ValueError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the embedding's {vocab_size} rows.")
+  reverse = {i: t for t, i in vocab.items()}
+  added = tokenizer.added_tokens_decoder
+  tokens, types = [], []
+  for i in range(vocab_size):
+    if i not in reverse:
+      tokens.append(f"[PAD{i}]")
+      types.append(int(gguf.TokenType.UNUSED))
+      continue
+    tokens.append(reverse[i])
+    if i in added:
+      types.append(int(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED))
+    else:
+      types.append(int(gguf.TokenType.NORMAL))
+  return tokens, types
+
+
+class _Collector:
+  """Stands in for a GGUFWriter to capture what `gguf.SpecialVocab.add_to_gguf` would write."""
+
+  def __init__(self):
+    self.entries: list[KeyValue] = []
+
+  def __getattr__(self, name: str) -> Callable:
+    key_types = {
+      "add_token_merges": ("tokenizer.ggml.merges", gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING),
+      "add_chat_template": ("tokenizer.chat_template", gguf.GGUFValueType.STRING, None),
+    }
+    if name in key_types:
+      key, vtype, sub = key_types[name]
+      return lambda value: self.entries.append(KeyValue(key, value, vtype, sub))
+    if name.startswith("add_add_"):
+      key = f"tokenizer.ggml.{name.removeprefix('add_')}"
+      return lambda value: self.entries.append(KeyValue(key, bool(value), gguf.GGUFValueType.BOOL))
+    if name.endswith("_token_id"):
+      key = f"tokenizer.ggml.{name.removeprefix('add_')}"
+      return lambda value: self.entries.append(KeyValue(key, int(value), gguf.GGUFValueType.UINT32))
+    raise AttributeError(name)
+
+
+def _special_vocab(tokenizer_dir: str, vocab_size: int, *, load_merges: bool) -> list[KeyValue]:
+  special = gguf.SpecialVocab(tokenizer_dir, load_merges=load_merges, n_vocab=vocab_size)
+  collector = _Collector()
+  special.add_to_gguf(collector, quiet=True)
+  return collector.entries
+
+
+def model_metadata(config: LlamaConfig, *, file_type: str, name: str) -> list[KeyValue]:
+  """``general.*`` and ``{arch}.*`` entries with the types llama.cpp's loader expects."""
+  arch = GGUF_ARCH[config.architecture]
+  u32, f32, string = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.STRING
+  entries = [
+    KeyValue("general.name", name, string),
+    KeyValue("general.file_type", FILE_TYPES[file_type], u32),
+    KeyValue("general.quantization_version", gguf.GGML_QUANT_VERSION, u32),
+    KeyValue(f"{arch}.vocab_size", config.vocab_size, u32),
+    KeyValue(f"{arch}.context_length", config.max_position_embeddings, u32),
+    KeyValue(f"{arch}.embedding_length", config.hidden_size, u32),
+    KeyValue(f"{arch}.block_count", config.num_hidden_layers, u32),
+    KeyValue(f"{arch}.feed_forward_length", config.intermediate_size, u32),
+    KeyValue(f"{arch}.attention.head_count", config.num_attention_heads, u32),
+    KeyValue(f"{arch}.attention.head_count_kv", config.num_key_value_heads, u32),
+    KeyValue(f"{arch}.attention.key_length", config.head_dim, u32),
+    KeyValue(f"{arch}.attention.value_length", config.head_dim, u32),
+    KeyValue(f"{arch}.rope.dimension_count", config.head_dim, u32),
+    KeyValue(f"{arch}.rope.freq_base", config.rope_theta, f32),
+    KeyValue(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps, f32),
+  ]
+  if config.rope_scaling.rope_type == "linear":
+    entries += [
+      KeyValue(f"{arch}.rope.scaling.type", "linear", string),
+      KeyValue(f"{arch}.rope.scaling.factor", config.rope_scaling.factor, f32),
+    ]
+  if config.sliding_window is not None:
+    raise NotImplementedError("llama.cpp's llama architecture has no sliding window; this model cannot be exported.")
+  return entries
+
+
+def rope_factors(config: LlamaConfig) -> np.ndarray | None:
+  """The ``rope_freqs.weight`` tensor llama.cpp uses for Llama-3 style frequency scaling, if any."""
+  from qjax.models.llama import rope_frequencies
+
+  if config.rope_freq_factors is not None:
+    return np.asarray(config.rope_freq_factors, np.float32)
+  if config.rope_scaling.rope_type != "llama3":
+    return None
+  plain = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.int64) / config.head_dim))
+  return (plain.astype(np.float32) / rope_frequencies(config)).astype(np.float32)
+
+
+class GgufTensor(NamedTuple):
+  """A tensor ready for the writer: numpy data in Hugging Face orientation and its ggml type."""
+
+  name: str
+  data: np.ndarray  # float: [out, in] (or 1-D); quantized: uint8 [rows, bytes_per_row]
+  type_name: str
+
+
+def _to_gguf_orientation(config: LlamaConfig, name: str, leaf, float_type: str) -> GgufTensor:
+  """Flax leaf -> GGUF tensor: transpose kernels to [out, in], permute Q/K rows, encode floats."""
+  permute_heads = None
+  if GGUF_ARCH[config.architecture] == "llama":
+    if ".attn_q." in name:
+      permute_heads = config.num_attention_heads
+    elif ".attn_k." in name:
+      permute_heads = config.num_key_value_heads
+  if is_qarray(leaf):
+    return _quantized_tensor(name, leaf, permute_heads)
+  w = np.asarray(leaf, np.float32)
+  if w.ndim == 2 and name != "token_embd.weight":
+    w = w.T  # Flax kernel [in, out] -> [out, in]
+  if permute_heads:
+    w = rope_permute(w, permute_heads)
+  type_name = "F32" if w.ndim == 1 else float_type
+  return GgufTensor(name, np.ascontiguousarray(w), type_name)
+
+
+def _quantized_tensor(name: str, q: QArray, permute_heads: int | None) -> GgufTensor:
+  if not q.spec.is_ggml:
+    raise ValueError(
+      f"{name}: a {q.spec.bits}-bit packed QArray has no GGUF block type; quantize with a GGUF recipe "
+      "(--export=gguf:TYPE re-encodes dense weights), or convert with `qjax convert`."
+    )
+  rows = np.asarray(q.codes)
+  if permute_heads:
+    rows = rope_permute(rows, permute_heads)  # whole rows move; every block lies inside one row
+  return GgufTensor(name, np.ascontiguousarray(rows), q.spec.layout)
+
+
+def gguf_tensors(config: LlamaConfig, params, *, float_type: str = "F32") -> Iterator[GgufTensor]:
+  """The model's tensors in llama.cpp's order and layout.
+
+  Args:
+    config: the model config.
+    params: the Flax parameter tree; leaves dense or ggml-layout `QArray`s.
+    float_type: "F32", "F16" or "BF16" for dense 2-D leaves (1-D leaves are always F32).
+  """
+  from qjax.transforms.base import leaves_with_paths
+
+  if float_type not in FLOAT_TYPES:
+    raise ValueError(f"float_type must be one of {sorted(FLOAT_TYPES)}, got {float_type!r}.")
+  leaves = dict(leaves_with_paths(params))
+  order = ["model/embed_tokens/embedding"]
+  for i in range(config.num_hidden_layers):
+    order += sorted(p for p in leaves if p.startswith(f"model/layers_{i}/"))
+  order += ["model/norm/scale"] + (["lm_head/kernel"] if "lm_head/kernel" in leaves else [])
+  factors = rope_factors(config)
+  if factors is not None:
+    yield GgufTensor("rope_freqs.weight", factors, "F32")
+  for path in order:
+    yield _to_gguf_orientation(config, gguf_tensor_name(path), leaves[path], float_type)
+
+
+def _add_tensor(writer: gguf.GGUFWriter, tensor: GgufTensor) -> None:
+  if tensor.type_name == "F32":
+    writer.add_tensor(tensor.name, tensor.data.astype(np.float32))
+  elif tensor.type_name == "F16":
+    writer.add_tensor(tensor.name, tensor.data.astype(np.float16))
+  elif tensor.type_name == "BF16":
+    data = gguf.quants.quantize(tensor.data.astype(np.float32), gguf.GGMLQuantizationType.BF16)
+    writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.BF16)
+  else:
+    info = ggml_types.BLOCK_TYPES[tensor.type_name]
+    writer.add_tensor(tensor.name, tensor.data, raw_dtype=gguf.GGMLQuantizationType(info.type_id))
+
+
+def write_gguf(
+  path: str,
+  config: LlamaConfig,
+  params,
+  tokenizer_entries: list[KeyValue],
+  *,
+  float_type: str = "F32",
+  file_type: str | None = None,
+  name: str = "qjax",
+) -> None:
+  """Writes a GGUF file llama.cpp loads.
+
+  Args:
+    path: the output file; written to a temporary file in the same directory and renamed.
+    config: the model config.
+    params: Flax parameter tree (dense leaves, or ggml-layout `QArray`s for quantized tensors).
+    tokenizer_entries: the ``tokenizer.*`` metadata (see `tokenizer_metadata`).
+    float_type: storage of dense 2-D tensors: "F32", "F16" or "BF16".
+    file_type: the recipe name for ``general.file_type`` (defaults to `float_type`).
+    name: ``general.name``.
+
+  Raises:
+    FileNotFoundError: if the output directory does not exist.
+    ValueError: for leaves with no GGUF name or no GGUF type.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{path}: the output directory {directory} does not exist.")
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=directory)
+  os.close(fd)
+  try:
+    writer = gguf.GGUFWriter(tmp, GGUF_ARCH[config.architecture])
+    for entry in model_metadata(config, file_type=file_type or float_type, name=name) + tokenizer_entries:
+      writer.add_key_value(entry.key, entry.value, entry.type, entry.sub_type)
+    for tensor in gguf_tensors(config, params, float_type=float_type):
+      _add_tensor(writer, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

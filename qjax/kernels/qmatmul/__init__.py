@@ -1,0 +1,1 @@
+"""Quantized matmul: reference, kernels and dispatch."""

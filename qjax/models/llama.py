@@ -1,0 +1,289 @@
+"""Flax implementation of the Llama family (Llama 1-3, Mistral, Qwen2, SmolLM) as Hugging Face defines it.
+
+Parameter paths mirror Hugging Face module names, so rules read naturally and
+checkpoint conversion is a rename: ``model/layers_3/self_attn/q_proj/kernel`` is
+``model.layers.3.self_attn.q_proj.weight`` transposed (Flax kernels are ``[in, out]``).
+
+Any linear kernel (and the embedding table) may be a `QArray`: linears go through
+`qjax.kernels.qmatmul`, so the same forward runs dense or quantized.
+
+The model is split into the pieces the calibration runner drives one at a time:
+`embed`, `DecoderLayer` (one block) and `head`; `LlamaForCausalLM` chains them.
+"""
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from qjax.core import QArray, dequantize, is_qarray
+from qjax.kernels import qmatmul
+from qjax.models.config import LlamaConfig
+
+
+class KVCache(NamedTuple):
+  """Keys and values of one layer for positions ``[0, max_len)``.
+
+  Attributes:
+    k: (batch, max_len, kv_heads, head_dim).
+    v: (batch, max_len, kv_heads, head_dim).
+  """
+
+  k: Array
+  v: Array
+
+
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], init, dtype) -> Array | QArray:
+  # `self.param` would compare a stored QArray's leaves with the dense init shape; a
+  # stored value is used as is, dense or quantized.
+  if module.has_variable("params", name):
+    return module.get_variable("params", name)
+  return module.param(name, init, shape, dtype)
+
+
+class Linear(nn.Module):
+  """``y = x @ kernel (+ bias)`` where the kernel ``[in, out]`` may be a `QArray`."""
+
+  features: int
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
+    kernel = _weight(self, "kernel", (x.shape[-1], self.features), nn.initializers.normal(0.02), self.dtype)
+    if is_qarray(kernel):
+      y = qmatmul(x, kernel)
+    else:
+      y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+      y = y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """``x / sqrt(mean(x²) + eps) * scale``, computed in float32 as Hugging Face does."""
+
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    return jnp.broadcast_to(scale.astype(x.dtype), x.shape) * h.astype(x.dtype)
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies ``(head_dim / 2,)`` float32, with Llama-3 or linear scaling applied."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  if config.rope_freq_factors is not None:
+    return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
+  scaling = config.rope_scaling
+  if scaling.rope_type == "linear":
+    return (inv_freq / scaling.factor).astype(np.float32)
+  if scaling.rope_type == "llama3":
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv_freq.astype(np.float32)
+
+
+def rope_tables(config: LlamaConfig, positions: Int[Array, "b t"]) -> tuple[Array, Array]:
+  """cos and sin tables ``(batch, seq, head_dim)`` float32 for rotate-half RoPE."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_frequencies(config))[None, None]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Float[Array, "b t h d"], cos: Array, sin: Array) -> Float[Array, "b t h d"]:
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x.astype(jnp.float32) * cos[:, :, None] + rotated.astype(jnp.float32) * sin[:, :, None]
+  return out.astype(x.dtype)
+
+
+def attention_mask(config: LlamaConfig, q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"]) -> Array:
+  """(batch, 1, t, s) bool: causal, and within the sliding window when the model has one."""
+  allowed = k_pos[:, None, :] <= q_pos[:, :, None]
+  if config.sliding_window is not None:
+    allowed &= k_pos[:, None, :] > q_pos[:, :, None] - config.sliding_window
+  return allowed[:, None]
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with rotate-half RoPE and an optional KV cache."""
+
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, cache: KVCache | None = None):
+    cfg = self.config
+    b, t, _ = x.shape
+    heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = Linear(heads * hd, cfg.attention_bias, self.dtype, name="q_proj")(x).reshape(b, t, heads, hd)
+    k = Linear(kv_heads * hd, cfg.attention_bias, self.dtype, name="k_proj")(x).reshape(b, t, kv_heads, hd)
+    v = Linear(kv_heads * hd, cfg.attention_bias, self.dtype, name="v_proj")(x).reshape(b, t, kv_heads, hd)
+    cos, sin = rope_tables(cfg, positions)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is None:
+      k_all, v_all, k_pos = k, v, positions
+    else:
+      # Tokens are written at their positions; every sequence of the batch is at the same step.
+      start = positions[0, 0]
+      k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0))
+      cache = KVCache(k_all, v_all)
+      k_pos = jnp.broadcast_to(jnp.arange(k_all.shape[1]), (b, k_all.shape[1]))
+    groups = heads // kv_heads
+    qg = q.reshape(b, t, kv_heads, groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd)
+    mask = attention_mask(cfg, positions, k_pos)[:, :, None]  # (b, 1, 1, t, s)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(q.dtype), preferred_element_type=jnp.float32)
+    out = out.astype(x.dtype).reshape(b, t, heads * hd)
+    return Linear(cfg.hidden_size, False, self.dtype, name="o_proj")(out), cache
+
+
+class MLP(nn.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    gate = Linear(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="gate_proj")(x)
+    up = Linear(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="up_proj")(x)
+    return Linear(cfg.hidden_size, cfg.mlp_bias, self.dtype, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm decoder block: attention and SwiGLU MLP, each with a residual connection."""
+
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], cache: KVCache | None = None
+  ) -> tuple[Float[Array, "b t d"], KVCache | None]:
+    cfg = self.config
+    h, cache = Attention(cfg, self.dtype, name="self_attn")(
+      RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, cache
+    )
+    x = x + h
+    x = x + MLP(cfg, self.dtype, name="mlp")(RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
+    return x, cache
+
+
+class Embed(nn.Module):
+  """Token embedding ``(vocab, hidden)``; may be a `QArray` quantized along ``hidden``."""
+
+  num_embeddings: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    shape = (self.num_embeddings, self.features)
+    self.embedding = _weight(self, "embedding", shape, nn.initializers.normal(0.02), self.dtype)
+
+  def __call__(self, ids: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+    table = self.embedding
+    if is_qarray(table):
+      # Dequantized whole, then gathered: small next to the (vocab x hidden) head matmul.
+      return jnp.take(dequantize(table), ids, axis=0).astype(self.dtype)
+    return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+  def attend(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+    """Tied output embedding: ``h @ embedding.T``."""
+    if is_qarray(self.embedding):
+      return qmatmul(h, self.embedding)  # quantized along hidden, the contraction axis
+    return jnp.dot(h, self.embedding.astype(h.dtype).T, preferred_element_type=jnp.float32)
+
+
+class LlamaModel(nn.Module):
+  """Embedding, decoder layers and final norm (``LlamaModel`` in Hugging Face)."""
+
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype)
+    self.layers = [DecoderLayer(cfg, self.dtype) for _ in range(cfg.num_hidden_layers)]
+    self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
+
+  def __call__(self, ids, positions, caches=None):
+    x = self.embed(ids)
+    new_caches = []
+    for i, layer in enumerate(self.layers):
+      x, cache = layer(x, positions, None if caches is None else caches[i])
+      new_caches.append(cache)
+    return self.norm(x), (None if caches is None else new_caches)
+
+  def embed(self, ids):
+    return self.embed_tokens(ids)
+
+
+class LlamaForCausalLM(nn.Module):
+  """Logits of a Llama-family causal LM.
+
+  Attributes:
+    config: the model hyperparameters.
+    dtype: compute and parameter dtype (float32 or bfloat16).
+
+  Examples:
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    >>> model = LlamaForCausalLM(cfg)
+    >>> ids = jnp.zeros((1, 5), jnp.int32)
+    >>> params = model.init(jax.random.key(0), ids)["params"]
+    >>> model.apply({"params": params}, ids).shape
+    (1, 5, 64)
+  """
+
+  config: LlamaConfig
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.model = LlamaModel(self.config, self.dtype)
+    if not self.config.tie_word_embeddings:
+      self.lm_head = Linear(self.config.vocab_size, False, self.dtype)
+
+  def __call__(
+    self, ids: Int[Array, "b t"], positions: Int[Array, "b t"] | None = None, caches: list[KVCache] | None = None
+  ):
+    """Logits (batch, seq, vocab) float32; with `caches`, returns ``(logits, caches)``."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    h, new_caches = self.model(ids, positions, caches)
+    logits = self.logits(h)
+    return logits if caches is None else (logits, new_caches)
+
+  def logits(self, h):
+    if self.config.tie_word_embeddings:
+      return self.model.embed_tokens.attend(h).astype(jnp.float32)
+    return self.lm_head(h).astype(jnp.float32)
+
+
+def init_caches(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> list[KVCache]:
+  """Empty KV caches for every layer."""
+  shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+  return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]

@@ -1,0 +1,63 @@
+"""Small random Hugging Face models written to disk, for tests that need a model directory."""
+
+import os
+
+import numpy as np
+
+
+def write_random_llama(
+  path: str,
+  *,
+  layers: int = 2,
+  hidden: int = 64,
+  intermediate: int = 128,
+  heads: int = 4,
+  kv_heads: int = 2,
+  vocab: int | None = None,
+  tie: bool = False,
+  seed: int = 0,
+) -> str:
+  """A random LlamaForCausalLM with the default model's tokenizer, saved with safetensors.
+
+  Norm weights are perturbed away from 1 so that they matter. Returns `path`.
+  """
+  import torch
+  import transformers
+
+  from qjax.models import SafetensorsCheckpoint, default_model_dir
+
+  tokenizer = SafetensorsCheckpoint.load_tokenizer(default_model_dir(), _vocab_config())
+  config = transformers.LlamaConfig(
+    vocab_size=vocab or len(tokenizer),
+    hidden_size=hidden,
+    intermediate_size=intermediate,
+    num_hidden_layers=layers,
+    num_attention_heads=heads,
+    num_key_value_heads=kv_heads,
+    max_position_embeddings=1024,
+    tie_word_embeddings=tie,
+    rms_norm_eps=1e-5,
+  )
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+  os.makedirs(path, exist_ok=True)
+  model.save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  return path
+
+
+def _vocab_config():
+  from qjax.models import LlamaConfig
+
+  return LlamaConfig(
+      vocab_size=1 << 20, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+      num_key_value_heads=1, head_dim=8,
+  )  # fmt: skip
+
+
+def random_windows(n: int, seqlen: int, vocab: int = 1000, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, vocab, size=(n, seqlen), dtype=np.int32)
