@@ -17,7 +17,7 @@ from qjax.calib import text as texts
 from qjax.calib.runner import RunnerOptions, quantize_blocks
 from qjax.core import QSpec, is_qarray
 from qjax.eval.metrics import EvalResult, evaluate
-from qjax.formats import native
+from qjax.formats import gguf, gguf_recipes, native
 from qjax.formats.loading import open_checkpoint
 from qjax.models.blocks import LlamaBlocks
 from qjax.models.llama import LlamaForCausalLM
@@ -25,7 +25,8 @@ from qjax.transforms import Rule, gptq, quantize_params, rtn
 from qjax.transforms.base import leaves_with_paths
 from qjax.transforms.rules import rules_transform
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "none")
+GGUF_FLOAT_TYPES = ("F32", "F16", "BF16")
 ALLOWED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's list
 LINEAR_KERNELS = r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel"
 
@@ -40,6 +41,7 @@ class QuantizeJob:
   group_size: int = 128
   sym: bool = True
   desc_act: bool = False
+  act_group_aware: bool = True  # GPTQModel's default when desc_act is off
   static_groups: bool = False
   damp_percent: float = 0.01
   mse: bool = False
@@ -53,6 +55,8 @@ class QuantizeJob:
   batch_size: int = 8
   out: str = "runs/gptq-w4g128"
   checkpoint_dir: str | None = None
+  export: str | None = None  # "gguf:<recipe or F32/F16/BF16>"
+  imatrix: bool = False
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -63,22 +67,66 @@ class QuantizeJob:
       raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {self.nsamples} and {self.seqlen}.")
     if not 0.0 <= self.damp_percent < 1.0:
       raise ValueError(f"--damp_percent must be in [0, 1), got {self.damp_percent}.")
+    if self.export is not None:
+      kind, _, name = self.export.partition(":")
+      if kind != "gguf" or not name:
+        raise ValueError(f"--export must be gguf:<TYPE>, got {self.export!r}.")
+      if name not in GGUF_FLOAT_TYPES:
+        gguf_recipes.check_recipe(name)
+      if self.method != "none":
+        raise NotImplementedError(
+          f"--method={self.method} with --export={self.export}: {self.method}'s rounding into ggml block grids is "
+          "not built, and re-quantizing its result would round twice; use --method=none to encode the float "
+          "weights as llama.cpp does."
+        )
+      if self.imatrix and name in GGUF_FLOAT_TYPES:
+        raise ValueError(f"--imatrix needs a quantized GGUF type, got --export={self.export}.")
+    elif self.method == "none":
+      raise ValueError("--method=none quantizes nothing by itself; give --export=gguf:<TYPE> (e.g. gguf:Q4_K_M).")
+    elif self.imatrix:
+      raise ValueError("--imatrix applies to GGUF exports (--method=none --export=gguf:<TYPE>).")
+
+  @property
+  def gguf_type(self) -> str | None:
+    return None if self.export is None else self.export.partition(":")[2]
+
+  @property
+  def label(self) -> str:
+    if self.gguf_type:
+      return f"gguf {self.gguf_type}" + (" imatrix" if self.imatrix else "")
+    return f"{self.method} w{self.bits}g{self.group_size}"
+
+  @property
+  def needs_calibration(self) -> bool:
+    return self.method == "gptq" or self.imatrix
 
   @property
   def spec(self) -> QSpec:
     return QSpec(bits=self.bits, group_size=self.group_size, symmetric=self.sym, partial_groups=True)
 
-  def rules(self) -> list[Rule]:
+  def rules(self, config) -> list[Rule]:
+    """The rules this job applies to a model with `config`."""
     from qjax.core import ClipSearch
 
+    if self.gguf_type:
+      return (
+        []
+        if self.gguf_type in GGUF_FLOAT_TYPES
+        else gguf_recipes.gguf_recipe(self.gguf_type, config, imatrix=self.imatrix)
+      )
     clip = ClipSearch() if self.mse else None
     if self.method == "rtn":
       transform = rtn(self.spec, clip=clip)
     else:
       transform = gptq(
-        self.spec, damp=self.damp_percent, act_order=self.desc_act, static_groups=self.static_groups, clip=clip
+        self.spec,
+        damp=self.damp_percent,
+        act_order=self.desc_act,
+        static_groups=self.static_groups,
+        clip=clip,
+        group_aware=self.act_group_aware and not self.desc_act,
       )
-    return [Rule(LINEAR_KERNELS, transform, name=f"{self.method} w{self.bits}g{self.group_size}")]
+    return [Rule(LINEAR_KERNELS, transform, name=self.label)]
 
 
 @dataclasses.dataclass
@@ -140,23 +188,34 @@ def _sizes(params) -> tuple[int, int, int]:
   return quantized, quantized_f16, dense_f16
 
 
-def quantize_model(job: QuantizeJob, checkpoint, *, show_progress: bool = True):
-  """The quantized parameter tree of `checkpoint` under `job`."""
-  if job.method == "rtn":
-    return quantize_params(checkpoint.params(), job.rules())
-  tokens = texts.tokenize(checkpoint.tokenizer(), texts.load_text(job.calib, "calibration"))
-  windows = texts.calibration_windows(tokens, job.nsamples, job.seqlen, seed=job.seed)
+def calibration_windows(job: QuantizeJob, tokenizer) -> np.ndarray:
+  """The (nsamples, seqlen) calibration token windows of `job`."""
+  tokens = texts.tokenize(tokenizer, texts.load_text(job.calib, "calibration"))
+  return texts.calibration_windows(tokens, job.nsamples, job.seqlen, seed=job.seed)
+
+
+def quantize_model(job: QuantizeJob, checkpoint, *, windows: np.ndarray | None = None, show_progress: bool = True):
+  """The quantized parameter tree of `checkpoint` under `job` (calibrating on `windows`, default: the job's)."""
+  rules = job.rules(checkpoint.config)
+  if not job.needs_calibration:
+    return quantize_params(checkpoint.params(), rules) if rules else checkpoint.params()
+  if windows is None:
+    windows = calibration_windows(job, checkpoint.tokenizer())
   blocks = LlamaBlocks(checkpoint)
   options = RunnerOptions(
     batch_size=job.batch_size,
     true_sequential=job.true_sequential,
     checkpoint_dir=job.checkpoint_dir,
     show_progress=show_progress,
+    float_inputs=job.imatrix,  # llama.cpp's imatrix is measured on the float model
   )
-  run_id = {k: v for k, v in dataclasses.asdict(job).items() if k not in ("out", "checkpoint_dir", "eval_windows")}
-  stage = rules_transform(job.rules())
-  qblocks, _ = quantize_blocks(blocks, [stage], windows, options=options, run_id=run_id)
-  return blocks.assemble(qblocks)
+  keep = ("out", "checkpoint_dir", "eval_windows", "eval_text")
+  run_id = {k: v for k, v in dataclasses.asdict(job).items() if k not in keep}
+  block_rules = [r for r in rules if r.pattern.startswith("model/layers_")]
+  other_rules = [r for r in rules if not r.pattern.startswith("model/layers_")]
+  qblocks, _ = quantize_blocks(blocks, [rules_transform(block_rules)], windows, options=options, run_id=run_id)
+  params = blocks.assemble(qblocks)
+  return quantize_params(params, other_rules) if other_rules else params
 
 
 def logits_fn(config, params):
@@ -168,6 +227,20 @@ def logits_fn(config, params):
   return lambda ids: apply(params, ids)
 
 
+def gguf_path(job: QuantizeJob) -> str:
+  """Where a GGUF export of `job` is written: ``<out>/model-<TYPE>.gguf``."""
+  return os.path.join(job.out, f"model-{job.gguf_type}.gguf")
+
+
+def write_gguf_export(job: QuantizeJob, config, params, tokenizer) -> str:
+  os.makedirs(job.out, exist_ok=True)
+  path = gguf_path(job)
+  float_type = job.gguf_type if job.gguf_type in GGUF_FLOAT_TYPES else "F32"
+  entries = gguf.tokenizer_metadata(tokenizer, config.vocab_size)
+  gguf.write_gguf(path, config, params, entries, float_type=float_type, file_type=job.gguf_type, name=job.model)
+  return path
+
+
 def run_job(job: QuantizeJob, *, show_progress: bool = True) -> JobReport:
   """Quantizes, evaluates before/after on the same windows, and writes `job.out`."""
   checkpoint = open_checkpoint(job.model)
@@ -175,8 +248,11 @@ def run_job(job: QuantizeJob, *, show_progress: bool = True) -> JobReport:
   start = time.perf_counter()
   qparams = quantize_model(job, checkpoint, show_progress=show_progress)
   quantize_seconds = time.perf_counter() - start
-  metadata = {"source_model": job.model, "method": job.method, "job": dataclasses.asdict(job)}
-  native.save_quantized(job.out, checkpoint.config, qparams, tokenizer, metadata=metadata)
+  if job.gguf_type:
+    write_gguf_export(job, checkpoint.config, qparams, tokenizer)
+  else:
+    metadata = {"source_model": job.model, "method": job.method, "job": dataclasses.asdict(job)}
+    native.save_quantized(job.out, checkpoint.config, qparams, tokenizer, metadata=metadata)
   if job.checkpoint_dir and os.path.isdir(job.checkpoint_dir):
     shutil.rmtree(job.checkpoint_dir)
 
@@ -191,4 +267,4 @@ def run_job(job: QuantizeJob, *, show_progress: bool = True) -> JobReport:
         show_progress=show_progress,
     )  # fmt: skip
   eval_seconds = time.perf_counter() - start
-  return JobReport(job.method, quant_eval, *_sizes(qparams), quantize_seconds, eval_seconds)
+  return JobReport(job.label, quant_eval, *_sizes(qparams), quantize_seconds, eval_seconds)

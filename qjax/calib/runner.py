@@ -63,6 +63,10 @@ class RunnerOptions:
     checkpoint_dir: where finished blocks are checkpointed for resume; None disables it.
     mesh: a mesh with a ``data`` axis to split calibration windows over; None for one device.
     show_progress: print ``block i/n`` with ETA.
+    cache_bytes: memory for outputs of linears whose params are final within a block, so
+      later passes over the block skip them (each linear is then computed about once).
+    float_inputs: collect statistics on the float model and feed each block float inputs
+      (what llama.cpp's imatrix tool measures), instead of the quantized blocks' outputs.
     stop_after_block: testing hook: raise `Interrupted` after this many blocks (simulates a kill).
   """
 
@@ -71,6 +75,8 @@ class RunnerOptions:
   checkpoint_dir: str | None = None
   mesh: Mesh | None = None
   show_progress: bool = True
+  cache_bytes: int = 4 << 30
+  float_inputs: bool = False
   stop_after_block: int | None = None
 
 
@@ -80,7 +86,7 @@ class Interrupted(RuntimeError):
 
 def _stage_groups(stage: Transform, model: BlockModel, options: RunnerOptions) -> list[tuple[str, ...] | None]:
   """Module groups a stage is applied to in turn; None means the whole block at once."""
-  if stage.stats and stage.stats <= PER_INPUT_STATS and options.true_sequential:
+  if stage.stats and stage.stats <= PER_INPUT_STATS and options.true_sequential and not options.float_inputs:
     return list(model.sequential_groups)
   return [None]
 
@@ -122,9 +128,13 @@ class _Batches:
   def __iter__(self):
     return (self.h[i] for i in range(len(self)))
 
+  @property
+  def tokens_per_batch(self) -> int:
+    return self.h.shape[1] * self.h.shape[2]
+
   def map(self, fn: Callable) -> None:
-    """Replaces every batch by ``fn(batch)``."""
-    self.h = self._place(jnp.stack([fn(b) for b in self]))
+    """Replaces batch ``j`` by ``fn(j, batch)``."""
+    self.h = self._place(jnp.stack([fn(j, b) for j, b in enumerate(self)]))
 
   def numpy(self) -> np.ndarray:
     return np.asarray(self.h).reshape(-1, *self.h.shape[2:])
@@ -201,32 +211,82 @@ class _Checkpoints:
     shutil.rmtree(self.directory, ignore_errors=True)
 
 
+class _OutputCache:
+  """Per-batch outputs of a block's linears whose params are final, within one block."""
+
+  def __init__(self, budget_bytes: int):
+    self.budget = budget_bytes
+    self.outputs: dict[str, list[jax.Array]] = {}
+    self.used = 0
+
+  def plan(self, final: Sequence[str], out_bytes: dict[str, int]) -> tuple[str, ...]:
+    """The final modules to capture in the next pass: those not cached yet that fit the budget."""
+    chosen = []
+    for m in final:
+      if m not in self.outputs and self.used + out_bytes[m] <= self.budget:
+        chosen.append(m)
+        self.used += out_bytes[m]
+        self.outputs[m] = []
+    return tuple(chosen)
+
+  def batch(self, j: int) -> dict[str, jax.Array]:
+    return {m: outs[j] for m, outs in self.outputs.items() if len(outs) > j}
+
+  def add(self, outputs: dict[str, jax.Array]) -> None:
+    for m, out in outputs.items():
+      self.outputs[m].append(out)
+
+
 class _BlockRunner:
-  """Jitted statistics and forward passes of one block function, compiled once per (group, stats)."""
+  """Jitted statistics and forward passes of one block function, compiled once per (group, stats, cache)."""
 
   def __init__(self, model: BlockModel):
     self.model = model
     self._jitted: dict = {}
 
-  def forward(self, params, h):
-    if "forward" not in self._jitted:
-      self._jitted["forward"] = jax.jit(self.model.apply_layer)
-    return self._jitted["forward"](params, h)
+  def _apply_cached(self, params, h, cached):
+    return calib_stats.capture_linear_inputs(self.model.apply_layer, params, h, cached=cached)[0]
 
-  def input_stats(self, params, batches: _Batches, modules: tuple[str, ...], names: frozenset[str]):
-    """{module: {stat: mean}} over all batches; linears reading one input share one dict."""
+  def forward(self, params, h, cached=None):
+    if "forward" not in self._jitted:
+      self._jitted["forward"] = jax.jit(self._apply_cached)
+    return self._jitted["forward"](params, h, cached or {})
+
+  def input_stats(self, params, batches, modules, names, cache: _OutputCache, capture: tuple[str, ...]):
+    """{module: {stat: mean}} over all batches; linears reading one input share one dict.
+
+    Outputs of the `capture` modules are added to `cache`; cached outputs are reused.
+    """
     aliases = calib_stats.shared_inputs(self.model.apply_layer, modules, params, next(iter(batches)))
     reps = tuple(dict.fromkeys(aliases.values()))
-    key = ("stats", reps, tuple(sorted(names)))
+    key = ("stats", reps, tuple(sorted(names)), capture)
     if key not in self._jitted:
-      fn = lambda p, h: calib_stats.linear_input_sums(self.model.apply_layer, reps, sorted(names), p, h)
+      names_list = sorted(names)
+
+      def fn(p, h, cached):
+        return calib_stats.linear_input_sums(
+          self.model.apply_layer, reps, names_list, p, h, cached=cached, capture=capture
+        )
+
       self._jitted[key] = jax.jit(fn)
     total = None
-    for batch in batches:
-      total = calib_stats.add_sums(total, self._jitted[key](params, batch))
+    for j, batch in enumerate(batches):
+      sums, outputs = self._jitted[key](params, batch, cache.batch(j))
+      cache.add(outputs)
+      total = calib_stats.add_sums(total, sums)
     # On the host: transforms may place them on a mesh of their own (e.g. GPTQ's output-channel split).
     finals = {rep: jax.device_get(calib_stats.finalize(total[rep])) for rep in reps}
     return {m: finals[aliases[m]] for m in modules}
+
+
+def _out_bytes(block: Params, modules: Sequence[str], tokens: int) -> dict[str, int]:
+  sizes = {}
+  for m in modules:
+    node = block
+    for key in m.split("/"):
+      node = node[key]
+    sizes[m] = tokens * int(node["kernel"].shape[1]) * 4
+  return sizes
 
 
 def quantize_blocks(
@@ -269,20 +329,28 @@ def quantize_blocks(
     if options.stop_after_block is not None and i >= options.stop_after_block:
       raise Interrupted(f"stopped before block {i} (stop_after_block={options.stop_after_block})")
     prefix = model.layer_prefix(i)
-    block = jax.tree.map(jnp.asarray, model.layer_params(i))
-    for stage in stages:
-      for group in _stage_groups(stage, model, options):
-        extra = {"block_inputs": batches, "block_fn": model.apply_layer}
-        if stage.stats & PER_INPUT_STATS:
-          modules = group or tuple(m for g in model.sequential_groups for m in g)
-          module_stats = runner.input_stats(block, batches, modules, stage.stats & PER_INPUT_STATS)
-          extra["stats"] = {f"{prefix}/{m}/kernel": s for m, s in module_stats.items()}
-        tree = _nest(prefix, block)
-        t = masked(stage, _group_mask(prefix, group))
-        tree, _ = t.update(tree, t.init(tree), **extra)
-        # On the host, uncommitted: a stage may return arrays placed on a mesh of its own.
-        block = jax.device_get(_unnest(prefix, tree))
-    batches.map(lambda b, block=block: runner.forward(block, b))
+    block = float_block = jax.tree.map(jnp.asarray, model.layer_params(i))
+    linears = tuple(m for g in model.sequential_groups for m in g)
+    steps = [(stage, group) for stage in stages for group in _stage_groups(stage, model, options)]
+    cache = _OutputCache(0 if options.float_inputs else options.cache_bytes)
+    out_bytes = _out_bytes(block, linears, batches.tokens_per_batch)
+    for k, (stage, group) in enumerate(steps):
+      extra = {"block_inputs": batches, "block_fn": model.apply_layer}
+      if stage.stats & PER_INPUT_STATS:
+        modules = group or linears
+        # Linears no step from here on changes are final: capture their outputs for later passes.
+        changing = {m for _, g in steps[k:] for m in (g or linears)}
+        capture = cache.plan([m for m in linears if m not in changing], out_bytes)
+        source = float_block if options.float_inputs else block
+        module_stats = runner.input_stats(source, batches, modules, stage.stats & PER_INPUT_STATS, cache, capture)
+        extra["stats"] = {f"{prefix}/{m}/kernel": s for m, s in module_stats.items()}
+      tree = _nest(prefix, block)
+      t = masked(stage, _group_mask(prefix, group))
+      tree, _ = t.update(tree, t.init(tree), **extra)
+      # On the host, uncommitted: a stage may return arrays placed on a mesh of its own.
+      block = jax.device_get(_unnest(prefix, tree))
+    next_block = float_block if options.float_inputs else block
+    batches.map(lambda j, b, p=next_block, c=cache: runner.forward(p, b, c.batch(j)))
     qblocks.append(block)
     if checkpoints:
       checkpoints.save(i, block, batches.numpy())

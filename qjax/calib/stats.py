@@ -27,22 +27,38 @@ def _is_linear(module: nn.Module) -> bool:
   return "kernel" in params
 
 
-def capture_linear_inputs(apply_fn: Callable, *args, **kwargs) -> tuple[object, dict[str, Array]]:
-  """Runs `apply_fn(*args, **kwargs)` and records the input of every linear it calls.
+def capture_linear_inputs(
+  apply_fn: Callable, *args, cached: dict[str, Array] | None = None, capture: Sequence[str] = (), **kwargs
+) -> tuple[object, dict[str, Array], dict[str, Array]]:
+  """Runs `apply_fn(*args, **kwargs)`, recording the input of every linear it calls.
+
+  Args:
+    apply_fn: a function that applies a Flax module.
+    *args, **kwargs: its arguments.
+    cached: linear module path -> output to use instead of calling that linear (its
+      params are final and its input unchanged, so its output is known).
+    capture: linear module paths whose outputs to record.
 
   Returns:
-    (the function's result, {module path '/'-joined: input array (..., in)}).
+    (the function's result, {module path: input (..., in)}, {captured module path: output}).
   """
-  captured: dict[str, Array] = {}
+  cached = cached or {}
+  inputs: dict[str, Array] = {}
+  outputs: dict[str, Array] = {}
 
   def interceptor(next_fun, fn_args, fn_kwargs, context):
-    if context.method_name == "__call__" and _is_linear(context.module):
-      captured["/".join(context.module.path)] = fn_args[0]
-    return next_fun(*fn_args, **fn_kwargs)
+    if context.method_name != "__call__" or not _is_linear(context.module):
+      return next_fun(*fn_args, **fn_kwargs)
+    path = "/".join(context.module.path)
+    inputs[path] = fn_args[0]
+    out = cached[path] if path in cached else next_fun(*fn_args, **fn_kwargs)
+    if path in capture:
+      outputs[path] = out
+    return out
 
   with nn.intercept_methods(interceptor):
     out = apply_fn(*args, **kwargs)
-  return out, captured
+  return out, inputs, outputs
 
 
 def input_sums(x: Float[Array, "... d"], names: Sequence[str]) -> dict[str, Array]:
@@ -67,7 +83,7 @@ def shared_inputs(apply_fn: Callable, modules: Sequence[str], *args, **kwargs) -
   aliases: dict[str, str] = {}
 
   def trace(*a, **kw):
-    _, captured = capture_linear_inputs(apply_fn, *a, **kw)
+    _, captured, _ = capture_linear_inputs(apply_fn, *a, **kw)
     missing = [m for m in modules if m not in captured]
     if missing:
       raise ValueError(f"linear modules {missing} were not called; the block calls {sorted(captured)}.")
@@ -80,15 +96,24 @@ def shared_inputs(apply_fn: Callable, modules: Sequence[str], *args, **kwargs) -
 
 
 def linear_input_sums(
-  apply_fn: Callable, representatives: Sequence[str], names: Sequence[str], *args, **kwargs
-) -> dict[str, dict[str, Array]]:
+  apply_fn: Callable,
+  representatives: Sequence[str],
+  names: Sequence[str],
+  *args,
+  cached: dict[str, Array] | None = None,
+  capture: Sequence[str] = (),
+) -> tuple[dict[str, dict[str, Array]], dict[str, Array]]:
   """Statistic sums of the inputs of `representatives` (one module per distinct input) for one batch.
 
   Under jit, everything the requested inputs do not depend on is pruned, so collecting
-  the inputs of ``o_proj`` costs only the attention half of a block.
+  the inputs of ``o_proj`` costs only the attention half of a block, and linears whose
+  outputs are `cached` are not computed at all.
+
+  Returns:
+    ({module: sums}, {captured module: output}).
   """
-  _, captured = capture_linear_inputs(apply_fn, *args, **kwargs)
-  return {m: input_sums(captured[m], names) for m in representatives}
+  _, inputs, outputs = capture_linear_inputs(apply_fn, *args, cached=cached, capture=capture)
+  return {m: input_sums(inputs[m], names) for m in representatives}, outputs
 
 
 def add_sums(total: dict | None, batch: dict) -> dict:

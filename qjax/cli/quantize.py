@@ -8,6 +8,7 @@ Example:
   qjax quantize                                        # GPTQ 4-bit g128 on the built-in default model
   qjax quantize --method=gptq --bits=3 --group_size=64 --desc_act --out=runs/gptq3
   qjax quantize --model=path/to/hf_model --method=rtn --bits=4 --group_size=128
+  qjax quantize --method=none --export=gguf:Q4_K_M --imatrix --out=runs/q4km   # llama.cpp's encoders, in JAX
 """
 
 import dataclasses
@@ -17,13 +18,16 @@ import time
 
 from absl import flags
 
-from qjax.pipeline import ALLOWED_GROUP_SIZES, METHODS, QuantizeJob, run_job
+from qjax.pipeline import ALLOWED_GROUP_SIZES, METHODS, QuantizeJob, gguf_path, run_job
 
 _MODEL = flags.DEFINE_string(
     "model", "default", "Float model to quantize: 'default' (built-in SmolLM2-135M-Instruct), a Hugging Face "
     "directory, or a .gguf file. Example: --model=~/models/Llama-3.2-1B."
 )  # fmt: skip
-_METHOD = flags.DEFINE_enum("method", "gptq", METHODS, "Quantization method. Example: --method=rtn.")
+_METHOD = flags.DEFINE_enum(
+  "method", "gptq", METHODS, "Quantization method; 'none' with --export=gguf:TYPE encodes the float weights as "
+  "llama.cpp would. Example: --method=rtn."
+)  # fmt: skip
 _BITS = flags.DEFINE_enum("bits", "4", ["2", "3", "4", "5", "6", "8"], "Bits per weight code. Example: --bits=3.")
 _GROUP = flags.DEFINE_integer(
     "group_size", 128, f"Input channels sharing a scale, one of {ALLOWED_GROUP_SIZES} (-1: per output channel). "
@@ -34,6 +38,10 @@ _SYM = flags.DEFINE_bool("sym", True, "Symmetric grid (fixed zero point); --nosy
 _DESC_ACT = flags.DEFINE_bool(
   "desc_act", False, "GPTQ act-order: quantize input channels by decreasing Hessian diagonal."
 )
+_GAR = flags.DEFINE_bool(
+  "act_group_aware", True, "GPTQ group-aware reordering (GPTQModel's default): quantize whole groups by decreasing "
+  "Hessian diagonal, needing no g_idx. Ignored with --desc_act; --noact_group_aware for plain GPTQ order."
+)  # fmt: skip
 _STATIC_GROUPS = flags.DEFINE_bool(
   "static_groups", False, "With --desc_act, keep groups in the original channel order."
 )
@@ -59,6 +67,14 @@ _EVAL_WINDOWS = flags.DEFINE_integer(
 )
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Calibration windows per step (bounds activation memory).")
 _OUT = flags.DEFINE_string("out", None, "Directory for the quantized model (default: runs/<method>-w<bits>g<group>).")
+_EXPORT = flags.DEFINE_string(
+  "export", None, "Write the model in another format instead of a qjax directory: gguf:<TYPE>, TYPE a llama.cpp "
+  "recipe (Q4_K_M, Q5_K_M, Q8_0, Q4_0, Q2_K, Q3_K_M, …) or F32/F16/BF16. Example: --export=gguf:Q4_K_M."
+)  # fmt: skip
+_IMATRIX = flags.DEFINE_bool(
+  "imatrix", False, "With a GGUF recipe: weight the block searches by an importance matrix (mean x² of each "
+  "linear's inputs) measured on the calibration text, as llama.cpp's imatrix tool does."
+)  # fmt: skip
 _CKPT = flags.DEFINE_string(
     "checkpoint_dir", None, "Where finished blocks are checkpointed; a rerun with the same flags resumes there. "
     "Default: <out>.checkpoint, removed after success."
@@ -67,7 +83,8 @@ _CKPT = flags.DEFINE_string(
 
 def job_from_flags() -> QuantizeJob:
   bits, group = int(_BITS.value), _GROUP.value
-  out = _OUT.value or os.path.join("runs", f"{_METHOD.value}-w{bits}g{group}")
+  default_name = f"gguf-{_EXPORT.value.partition(':')[2]}" if _EXPORT.value else f"{_METHOD.value}-w{bits}g{group}"
+  out = _OUT.value or os.path.join("runs", default_name)
   return QuantizeJob(
     model=_MODEL.value,
     method=_METHOD.value,
@@ -75,6 +92,7 @@ def job_from_flags() -> QuantizeJob:
     group_size=group,
     sym=_SYM.value,
     desc_act=_DESC_ACT.value,
+    act_group_aware=_GAR.value,
     static_groups=_STATIC_GROUPS.value,
     damp_percent=_DAMP.value,
     mse=_MSE.value,
@@ -88,6 +106,8 @@ def job_from_flags() -> QuantizeJob:
     batch_size=_BATCH.value,
     out=out,
     checkpoint_dir=_CKPT.value or out.rstrip("/") + ".checkpoint",
+    export=_EXPORT.value,
+    imatrix=_IMATRIX.value,
   )
 
 
@@ -98,6 +118,7 @@ def main(argv):
   start = time.perf_counter()
   report = run_job(job)
   print(report.table())
-  print(f"\nwrote {job.out}  (evaluate: qjax eval --model={job.out})  total {time.perf_counter() - start:.0f}s")
+  written = gguf_path(job) if job.gguf_type else job.out
+  print(f"\nwrote {written}  (evaluate: qjax eval --model={written})  total {time.perf_counter() - start:.0f}s")
   with open(os.path.join(job.out, "report.json"), "w") as f:
     json.dump({"job": dataclasses.asdict(job), **report.as_dict()}, f, indent=2)

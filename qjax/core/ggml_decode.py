@@ -42,16 +42,16 @@ def unpack_k4_scales(scales: UInt8[Array, "... 12"]) -> tuple[Int[Array, "... 8"
   return sc, m
 
 
-def unpack_q3_scales(scales: UInt8[Array, "... 12"]) -> Int[Array, "... 16"]:
+def unpack_q3_scales(scales: UInt8[Array, "nb 12"]) -> Int[Array, "nb 16"]:
   """Signed 6-bit scales of Q3_K, in [-32, 31]: low nibbles in bytes 0-7, top two bits in bytes 8-11.
 
   Scale ``j`` has its low nibble in byte ``j % 8`` (low half for ``j < 8``) and its top bits at bit
   ``2 * (j // 4)`` of byte ``8 + j % 4``.
   """
   s = scales.astype(jnp.int32)
-  low = jnp.concatenate([s[..., 0:8] & 0xF, s[..., 0:8] >> 4], axis=-1)
+  low = jnp.concatenate([s[:, 0:8] & 0xF, s[:, 0:8] >> 4], axis=-1)
   shifts = 2 * (jnp.arange(16) // 4)
-  high = (jnp.tile(s[..., 8:12], 4) >> shifts) & 3
+  high = (jnp.tile(s[:, 8:12], 4) >> shifts[None]) & 3
   return (low | (high << 4)) - 32
 
 
@@ -91,7 +91,7 @@ def _q4_1(b):
 
 def _five_bit(qh: UInt8[Array, "nb 4"], qs: UInt8[Array, "nb 16"]) -> Int[Array, "nb 32"]:
   """Q5_0/Q5_1 codes: nibbles as Q4_0, bit 4 of element ``e`` at bit ``e`` of the little-endian uint32 `qh`."""
-  high = (qh.astype(jnp.int32)[:, :, None] >> jnp.arange(8)) & 1
+  high = (qh.astype(jnp.int32)[:, :, None] >> jnp.arange(8)[None, None]) & 1
   return _nibbles_by_halves(qs) | (high.reshape(-1, 32) << 4)
 
 

@@ -2,6 +2,7 @@
 
 from qjax.quantizers.gptq import GptqInfo as GptqInfo
 from qjax.quantizers.gptq import gptq_quantize as gptq_quantize
+from qjax.quantizers.kquants import kquant_quantize as kquant_quantize
 from qjax.quantizers.rtn import rtn_quantize as rtn_quantize
 
-__all__ = ["GptqInfo", "gptq_quantize", "rtn_quantize"]
+__all__ = ["GptqInfo", "gptq_quantize", "kquant_quantize", "rtn_quantize"]

@@ -99,7 +99,7 @@ def _symmetric_ref(ex: Exact, x: Array, half: int) -> tuple[Array, Array]:
   after adding 0.5."""
   _, mx = signed_abs_max(x)
   d = ex.div(mx, np.float32(-half))
-  q = _truncate(ex.mul(x, _inverse(ex, d)) + np.float32(half + 0.5))
+  q = _truncate(ex.mul(x, _inverse(ex, d)[None]) + np.float32(half + 0.5))
   return d, jnp.minimum(2 * half - 1, q)
 
 
@@ -107,7 +107,7 @@ def _affine_ref(ex: Exact, x: Array, nmax: int) -> tuple[Array, Array, Array]:
   """Q4_1/Q5_1 reference: ``d = (max - min) / nmax``, codes ``(v - min)/d`` truncated after adding 0.5."""
   mn = running_extreme(x, larger=False)
   d = ex.div(running_extreme(x, larger=True) - mn, np.float32(nmax))
-  return d, mn, _truncate(ex.mul(x - mn, _inverse(ex, d)) + np.float32(0.5))
+  return d, mn, _truncate(ex.mul(x - mn[None], _inverse(ex, d)[None]) + np.float32(0.5))
 
 
 def _q4_0_ref(ex, x):
@@ -133,13 +133,13 @@ def _q5_1_ref(ex, x):
 
 def _q8_0(ex, x):
   d = ex.div(jnp.max(jnp.abs(x), axis=0), np.float32(127))
-  q = lax.round(ex.mul(x, _inverse(ex, d)), lax.RoundingMethod.AWAY_FROM_ZERO)  # C's roundf
+  q = lax.round(ex.mul(x, _inverse(ex, d)[None]), lax.RoundingMethod.AWAY_FROM_ZERO)  # C's roundf
   return [fp16_bytes(d), q.astype(jnp.int32)]
 
 
 def _weights(ex: Exact, x: Array, qw: Array, sigma2: Array) -> Array:
   """``qw_i * sqrt(sigma2 + x_i^2)``: the importance matrix scaled by each weight's own magnitude."""
-  return ex.mul(qw, jnp.sqrt(sigma2 + ex.mul(x, x)))
+  return ex.mul(qw, jnp.sqrt(sigma2[None] + ex.mul(x, x)))
 
 
 def _q4_0_impl(ex, x, w):

@@ -230,7 +230,25 @@ def _keeps_perm(spec: QSpec, *, act_order: bool, static_groups: bool) -> bool:
   return act_order and spec.group_size != -1 and not static_groups
 
 
-def _gptq_arrays(w, h, *, spec, block_size, damp, act_order, static_groups, clip):
+def group_aware_order(diag: Float[Array, " n"], group: int) -> Int[Array, " n"]:
+  """Group-aware reordering (GAR): whole groups by decreasing max ``H_ii``, channels within a group likewise.
+
+  Groups stay contiguous runs of the original channels, so the result needs no ``g_idx``.
+  A shorter last group (partial groups) stays last, keeping group boundaries at multiples of `group`.
+  """
+  n = diag.shape[0]
+  full = n // group
+  blocks = diag[: full * group].reshape(full, group)
+  local = jnp.argsort(-blocks, axis=1, stable=True) + group * jnp.arange(full)[:, None]
+  global_order = jnp.argsort(-blocks.max(axis=1), stable=True)
+  order = local[global_order].reshape(-1)
+  if full * group < n:
+    tail = diag[full * group :]
+    order = jnp.concatenate([order, full * group + jnp.argsort(-tail, stable=True)])
+  return order
+
+
+def _gptq_arrays(w, h, *, spec, block_size, damp, act_order, static_groups, clip, group_aware=False):
   """GPTQ on (in, out) `w`; returns (in, out) uint8 codes, params, perm or None, `GptqInfo`."""
   n = w.shape[0]
   group, groups = spec.group_length(n), spec.num_groups(n)
@@ -244,7 +262,12 @@ def _gptq_arrays(w, h, *, spec, block_size, damp, act_order, static_groups, clip
   params = (
     _empty_params(w, groups, spec) if dynamic else affine.find_params(affine.group_view(w, spec), spec, clip=clip)
   )
-  order = jnp.argsort(-jnp.diagonal(h), stable=True) if act_order else jnp.arange(n)
+  if group_aware and dynamic:
+    order = group_aware_order(jnp.diagonal(h), group)
+  elif act_order:
+    order = jnp.argsort(-jnp.diagonal(h), stable=True)
+  else:
+    order = jnp.arange(n)
   w, h = w[order], h[order][:, order]
   u, lam, ok = hessian_inverse(h, damp=damp)
 
@@ -258,8 +281,12 @@ def _gptq_arrays(w, h, *, spec, block_size, damp, act_order, static_groups, clip
   codes, params, loss = _sweep(w, u, params, col_group, spec=spec, block=block, n=n, dynamic=dynamic, clip=clip)
   codes = codes[:n]
   keep_perm = _keeps_perm(spec, act_order=act_order, static_groups=static_groups)
-  if act_order and not keep_perm:
+  if (act_order or group_aware) and not keep_perm:
     codes = codes[jnp.argsort(order)]
+  if group_aware and dynamic:
+    # The sweep met whole groups in a new order; put their grids back in group order.
+    group_order = order[::group][:groups] // group
+    params = affine.AffineParams(*(None if a is None else a[jnp.argsort(group_order)] for a in params))
   info = GptqInfo(damp=lam, loss=loss, ok=ok, dead=jnp.sum(dead, dtype=jnp.int32))
   return codes, params, order if keep_perm else None, info
 
@@ -301,7 +328,17 @@ def _sharded_arrays(w, h, *, mesh, mesh_axis, **config):
 
 @functools.partial(
   jax.jit,
-  static_argnames=("spec", "block_size", "damp", "act_order", "static_groups", "clip", "mesh", "mesh_axis"),
+  static_argnames=(
+    "spec",
+    "block_size",
+    "damp",
+    "act_order",
+    "static_groups",
+    "clip",
+    "mesh",
+    "mesh_axis",
+    "group_aware",
+  ),
 )
 def gptq_core(
   w: Float[Array, "in out"],
@@ -315,11 +352,20 @@ def gptq_core(
   clip: ClipSearch | None = None,
   mesh: Mesh | None = None,
   mesh_axis: str | tuple[str, ...] | None = None,
+  group_aware: bool = False,
 ) -> tuple[QArray, GptqInfo]:
   """Jitted GPTQ; like `gptq_quantize` but returns ``info.ok`` instead of raising (usable under jit)."""
   _check_args(w, h, spec, block_size, damp)
+  if group_aware and act_order:
+    raise ValueError("`gptq_quantize` expected at most one of act_order and group_aware, got both.")
   config = dict(
-    spec=spec, block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups, clip=clip
+    spec=spec,
+    block_size=block_size,
+    damp=damp,
+    act_order=act_order,
+    static_groups=static_groups,
+    clip=clip,
+    group_aware=group_aware,
   )
   if mesh is None:
     codes, params, perm, info = _gptq_arrays(w, h, **config)
@@ -340,6 +386,7 @@ def gptq_quantize(
   clip: ClipSearch | None = None,
   mesh: Mesh | None = None,
   mesh_axis: str | tuple[str, ...] | None = None,
+  group_aware: bool = False,
 ) -> tuple[QArray, GptqInfo]:
   """Quantizes a Flax kernel with GPTQ, given the Hessian of its inputs.
 
@@ -368,6 +415,9 @@ def gptq_quantize(
     block_size: input channels per lazy batch; affects speed only.
     damp: initial dampening, relative to ``mean(diag h)``, in ``[0, MAX_DAMP)``.
     act_order: sweep the channels by decreasing ``h[i, i]`` (GPTQ's ``desc_act``).
+    group_aware: GPTQModel's group-aware reordering (``act_group_aware``): sweep whole groups
+      by decreasing max ``h[i, i]`` and the channels inside each likewise; grids are found per
+      group as the sweep reaches it and the result needs no permutation. Excludes `act_order`.
     static_groups: with `act_order`, keep groups (and their grids) in the original
       channel order, so the result needs no permutation.
     clip: optional MSE clipping search for the group grids.
@@ -390,6 +440,8 @@ def gptq_quantize(
   References:
     Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
     Generative Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323), Algorithm 1.
+    Gafni, Karnieli, Hanani, "Dual Precision Quantization for Efficient and Accurate Deep Neural
+    Networks Inference" (CVPRW 2025, arXiv:2505.14638) for group-aware reordering.
     Checked against AutoGPTQ ``auto_gptq/quantization/gptq.py`` ``GPTQ.fasterquant`` and
     GPTQModel ``gptqmodel/quantization/gptq.py`` ``hessian_inverse`` (dampening retries).
 
@@ -413,6 +465,7 @@ def gptq_quantize(
     clip=clip,
     mesh=mesh,
     mesh_axis=mesh_axis,
+    group_aware=group_aware,
   )
   try:
     ok = bool(info.ok)

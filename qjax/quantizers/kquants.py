@@ -8,7 +8,8 @@ the scales as stored. Without an importance matrix this is ``quantize_row_q*_K_r
 exactly as ``ggml_quantize_chunk`` produces them.
 
 Core first (per-type encoders on element-first blocks, see `ggml_exact`), then the public `encode` and
-`kquant_quantize`.
+`kquant_quantize`. Encoders with a search run `SEARCH_CHUNK` super-blocks at a time so that their temporaries stay
+in cache; Q3_K without an importance matrix also finishes its coordinate descent over the whole tensor at once.
 """
 
 import functools
@@ -24,6 +25,7 @@ from qjax.core.qarray import QArray
 from qjax.core.qspec import QSpec
 from qjax.quantizers import ggml_legacy
 from qjax.quantizers.ggml_exact import (
+  GROUP_MAX_EPS,
   Descent,
   Exact,
   make_qkx_quants,
@@ -38,6 +40,7 @@ from qjax.quantizers.ggml_legacy import SEARCH_CHUNK, ByteRows, encode_blocks, f
 
 QK_K = ggml.QK_K
 TYPE_NAMES = tuple(ggml.BLOCK_TYPES)
+_Q3_K_BYTES_CHUNK = 64  # Q3_K's last stage has no search, so bigger chunks pay (measured 8 to 128)
 
 
 def _sub_blocks(xt: Float[Array, "256 nb"], size: int) -> Float[Array, "size subs nb"]:
@@ -63,14 +66,14 @@ def _sigma2(ex: Exact, xt: Float[Array, "256 nb"], *, factor: float) -> Float[Ar
 
 def _importance(ex: Exact, xs: Array, qw: Array, sigma2: Array) -> Array:
   """``qw_i * sqrt(sigma2 + x_i^2)`` on element-first sub-blocks."""
-  return ex.mul(qw, jnp.sqrt(sigma2 + ex.mul(xs, xs)))
+  return ex.mul(qw, jnp.sqrt(sigma2[None, None] + ex.mul(xs, xs)))
 
 
 def _requantize(ex: Exact, xs, d, dm, levels, *, lo: int, hi: int, offset: int) -> Int[Array, "size subs nb"]:
   """Final codes against the stored scales: ``nearest_int((x + dm) / d)`` where ``d != 0``, else the search's."""
-  v = xs if dm is None else xs + dm
-  fresh = jnp.clip(ex.nearest_int(ex.div(v, d)), lo, hi) + offset
-  return jnp.where(d != 0, fresh, levels)
+  v = xs if dm is None else xs + dm[None]
+  fresh = jnp.clip(ex.nearest_int(ex.div(v, d[None])), lo, hi) + offset
+  return jnp.where(d[None] != 0, fresh, levels)
 
 
 # ---- packing (element e of a super-block; see formats.md §4) ----
@@ -120,7 +123,9 @@ def _int8(v: Int[Array, "..."]) -> Int[Array, "..."]:
 
 def _q2_k_bytes(ex: Exact, xs, levels, d, dmin, sc_bytes) -> ByteRows:
   d, dmin = fp16_round(d), fp16_round(dmin)
-  levels = _requantize(ex, xs, d * (sc_bytes & 0xF), ex.mul(dmin, sc_bytes >> 4), levels, lo=0, hi=3, offset=0)
+  levels = _requantize(
+    ex, xs, d[None] * (sc_bytes & 0xF), ex.mul(dmin[None], sc_bytes >> 4), levels, lo=0, hi=3, offset=0
+  )
   return [sc_bytes, _pack_crumbs(_super_blocks(levels)), fp16_bytes(d), fp16_bytes(dmin)]
 
 
@@ -128,9 +133,9 @@ def _q2_k_ref(ex: Exact, xt):
   xs = _sub_blocks(xt, 16)
   scales, mins, levels = make_qkx_quants(ex, xs, jnp.abs(xs), nmax=3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
   max_scale, max_min = _positive_max(scales), _positive_max(mins)
-  ls = ex.nearest_int(ex.mul(ex.div(np.float32(15), max_scale), scales))
-  lm = ex.nearest_int(ex.mul(ex.div(np.float32(15), max_min), mins))
-  sc_bytes = jnp.where(max_scale > 0, ls & 0xFF, 0) | jnp.where(max_min > 0, (lm << 4) & 0xFF, 0)
+  ls = ex.nearest_int(ex.mul(ex.div(np.float32(15), max_scale)[None], scales))
+  lm = ex.nearest_int(ex.mul(ex.div(np.float32(15), max_min)[None], mins))
+  sc_bytes = jnp.where(max_scale[None] > 0, ls & 0xFF, 0) | jnp.where(max_min[None] > 0, (lm << 4) & 0xFF, 0)
   d = jnp.where(max_scale > 0, ex.div(max_scale, np.float32(15)), 0.0)
   dmin = jnp.where(max_min > 0, ex.div(max_min, np.float32(15)), 0.0)
   return _q2_k_bytes(ex, xs, levels, d, dmin, sc_bytes)
@@ -153,27 +158,28 @@ def _q3_k_bytes(ex: Exact, xs, levels, d, s6) -> ByteRows:
   sc_bytes = _pack_q3_scales(s6)
   d = fp16_round(d)
   sc = ggml_decode.unpack_q3_scales(sc_bytes.T).T  # what C reads back from the packed bytes
-  levels = _super_blocks(_requantize(ex, xs, d * sc, None, levels, lo=-4, hi=3, offset=4))
+  levels = _super_blocks(_requantize(ex, xs, d[None] * sc, None, levels, lo=-4, hi=3, offset=4))
   return [_pack_high_bits(levels >> 2), _pack_crumbs(levels), sc_bytes, fp16_bytes(d)]
 
 
-def _q3_k_ref_bytes(ex: Exact, xt, levels, sumlx, suml2):
+def _q3_k_ref_bytes(ex: Exact, xt, *descent):
   xs = _sub_blocks(xt, 16)
-  scales, levels = q3_result(xs, Descent(levels, sumlx, suml2), ex, nmax=4)
+  scales, levels = q3_result(ex, xs, Descent(*descent), nmax=4)
   _, max_scale = signed_abs_max(scales)
   iscale = ex.div(np.float32(-32), max_scale)
-  s6 = jnp.clip(_int8(ex.nearest_int(ex.mul(iscale, scales))), -32, 31) + 32
+  s6 = jnp.clip(_int8(ex.nearest_int(ex.mul(iscale[None], scales))), -32, 31) + 32
   nonzero = max_scale != 0
   d = jnp.where(nonzero, ex.div(np.float32(1), iscale), 0.0)
-  return _q3_k_bytes(ex, xs, levels, d, jnp.where(nonzero, s6, 0))
+  return _q3_k_bytes(ex, xs, levels, d, jnp.where(nonzero[None], s6, 0))
 
 
 def _q3_k_ref(ex: Exact, xt, n: int):
-  """Q3_K without an importance matrix, in three stages so that its coordinate descent (make_q3_quants) runs
-  over all sub-blocks of the tensor at once, where `ggml_exact._solve` can drop the groups that are done."""
-  start = map_chunks(lambda xt: q3_start(ex, _sub_blocks(xt, 16), nmax=4), (xt,), chunk=SEARCH_CHUNK)
-  state = q3_descend(ex, _sub_blocks(xt, 16), start, nmax=4)
-  return encode_blocks(functools.partial(_q3_k_ref_bytes, ex), (xt, *state), n, chunk=SEARCH_CHUNK)
+  """Q3_K without an importance matrix, in three stages: make_q3_quants' coordinate descent starts chunk by chunk
+  and finishes over all sub-blocks of the tensor at once, where `ggml_exact.descend` can drop the groups that
+  are done."""
+  st = map_chunks(lambda xt: q3_start(ex, _sub_blocks(xt, 16), nmax=4), (xt,), chunk=SEARCH_CHUNK)
+  st = q3_descend(ex, _sub_blocks(xt, 16), st, nmax=4)
+  return encode_blocks(functools.partial(_q3_k_ref_bytes, ex), (xt, *st), n, chunk=_Q3_K_BYTES_CHUNK)
 
 
 def _q3_k_impl(ex: Exact, xt, qw):
@@ -192,8 +198,8 @@ def _k4_scales_ref(ex: Exact, scales, mins):
   max_scale, max_min = _positive_max(scales), _positive_max(mins)
   inv_scale = jnp.where(max_scale > 0, ex.div(np.float32(63), max_scale), 0.0)
   inv_min = jnp.where(max_min > 0, ex.div(np.float32(63), max_min), 0.0)
-  ls = jnp.minimum(63, ex.nearest_int(ex.mul(inv_scale, scales)) & 0xFF)
-  lm = jnp.minimum(63, ex.nearest_int(ex.mul(inv_min, mins)) & 0xFF)
+  ls = jnp.minimum(63, ex.nearest_int(ex.mul(inv_scale[None], scales)) & 0xFF)
+  lm = jnp.minimum(63, ex.nearest_int(ex.mul(inv_min[None], mins)) & 0xFF)
   return ls, lm, ex.div(max_scale, np.float32(63)), ex.div(max_min, np.float32(63))
 
 
@@ -211,7 +217,7 @@ def _k4_levels(ex: Exact, xs, levels, ls, lm, d, dmin, nmax: int):
   sc_bytes = _pack_k4_scales(ls, lm) & 0xFF
   d, dmin = fp16_round(d), fp16_round(dmin)
   sc, m = (v.T for v in ggml_decode.unpack_k4_scales(sc_bytes.T))  # get_scale_min_k4 on the packed bytes
-  levels = _requantize(ex, xs, d * sc, ex.mul(dmin, m), levels, lo=0, hi=nmax, offset=0)
+  levels = _requantize(ex, xs, d[None] * sc, ex.mul(dmin[None], m), levels, lo=0, hi=nmax, offset=0)
   return [fp16_bytes(d), fp16_bytes(dmin), sc_bytes], _super_blocks(levels)
 
 
@@ -229,7 +235,7 @@ def _k4_search_ref(ex: Exact, xt, *, nmax: int, rmin: float, nstep: int):
   """Sub-block search of the Q4_K/Q5_K reference: weights ``sqrt(mean x^2) + |x|`` per sub-block of 32."""
   xs = _sub_blocks(xt, 32)
   sum_x2 = ex.csum(ex.mul(xs, xs))
-  w = jnp.sqrt(ex.div(sum_x2, np.float32(32))) + jnp.abs(xs)
+  w = jnp.sqrt(ex.div(sum_x2, np.float32(32)))[None] + jnp.abs(xs)
   scales, mins, levels = make_qkx_quants(ex, xs, w, nmax=nmax, rmin=rmin, rdelta=0.1, nstep=nstep, use_mad=False)
   return xs, levels, _k4_scales_ref(ex, scales, mins)
 
@@ -267,14 +273,14 @@ def _q6_k(ex: Exact, xt, qw):
   scales, levels = make_qx_quants(ex, xs, w, nmax=32)
   max_abs, max_scale = signed_abs_max(scales)
   iscale = ex.div(np.float32(-128), max_scale)
-  sc = _int8(jnp.minimum(127, ex.nearest_int(ex.mul(iscale, scales))))
+  sc = _int8(jnp.minimum(127, ex.nearest_int(ex.mul(iscale[None], scales))))
   d = fp16_round(ex.div(np.float32(1), iscale))
-  q = _super_blocks(_requantize(ex, xs, d * sc, None, levels, lo=-32, hi=31, offset=32)).reshape(2, 4, 32, -1)
+  q = _super_blocks(_requantize(ex, xs, d[None] * sc, None, levels, lo=-32, hi=31, offset=32)).reshape(2, 4, 32, -1)
   low = q & 0xF
   ql = jnp.stack([low[:, 0] | (low[:, 2] << 4), low[:, 1] | (low[:, 3] << 4)], axis=1).reshape(128, -1)
   qh = jnp.sum((q >> 4) << (2 * jnp.arange(4))[None, :, None, None], axis=1).reshape(64, -1)
   parts = jnp.concatenate([ql, qh, sc, fp16_bytes(d)])
-  return [jnp.where(max_abs < 1e-15, 0, parts)]  # an all-zero super-block is all zero bytes
+  return [jnp.where(max_abs[None] < GROUP_MAX_EPS, 0, parts)]  # an all-zero super-block is all zero bytes
 
 
 def _per_chunk(encoder: Callable[..., ByteRows]) -> Callable[..., Array]:
@@ -327,6 +333,11 @@ def encode(
 
   Each row is a run of blocks along `k`. Without `imatrix` the bytes are those of ``quantize_row_<type>_ref``; with
   it, those of the importance-weighted ``quantize_row_<type>_impl`` (Q8_0 has none and ignores it).
+
+  Exactness: the bytes equal those of llama.cpp built without FMA contraction (as llama-cpp-python ships it) on
+  XLA:CPU, for finite input whose 16- or 32-element sub-blocks have max ``|x|`` between about 1e-9 and 1e13.
+  Below, XLA flushes subnormal sums of squares to zero where C keeps them; above, C's overflows reach different
+  NaN orderings. Other backends are not checked.
 
   Args:
     rows: (n, k) float32 (other float dtypes are converted); `k` a multiple of the block size (32, or 256 for

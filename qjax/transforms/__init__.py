@@ -10,6 +10,7 @@ from qjax.transforms.base import partition as partition
 from qjax.transforms.base import per_leaf as per_leaf
 from qjax.transforms.base import stateless as stateless
 from qjax.transforms.methods import gptq as gptq
+from qjax.transforms.methods import kquant as kquant
 from qjax.transforms.methods import rtn as rtn
 from qjax.transforms.rules import Plan as Plan
 from qjax.transforms.rules import Rule as Rule

@@ -5,6 +5,7 @@ from jax.sharding import Mesh
 
 from qjax.core import ClipSearch, QSpec
 from qjax.quantizers.gptq import gptq_quantize
+from qjax.quantizers.kquants import kquant_quantize
 from qjax.quantizers.rtn import rtn_quantize
 from qjax.transforms.base import Transform, per_leaf
 
@@ -37,6 +38,7 @@ def gptq(
   static_groups: bool = False,
   clip: ClipSearch | None = None,
   mesh: Mesh | None = None,
+  group_aware: bool = False,
 ) -> Transform:
   """GPTQ on every visible 2-D leaf, with the leaf's ``"hessian"`` statistic (see `gptq_quantize`).
 
@@ -69,7 +71,32 @@ def gptq(
       static_groups=static_groups,
       clip=clip,
       mesh=mesh if mesh is not None and np.shape(w)[1] % mesh.size == 0 else None,
+      group_aware=group_aware,
     )
     return q
 
   return per_leaf(quantize_leaf, stats=frozenset({"hessian"}))
+
+
+MISSING_IMATRIX_MSG = (
+  "`kquant` with imatrix=True expected calibration statistic 'imatrix' (mean x² of the layer's inputs) for the "
+  "{shape} weight, got statistics {got}; run it through the calibration runner, or use imatrix=False."
+)
+
+
+def kquant(type_name: str, *, axis: int = 0, imatrix: bool = False) -> Transform:
+  """llama.cpp's block quantization to `type_name` on every visible leaf (see `kquant_quantize`).
+
+  Args:
+    type_name: a ggml block type (``"Q4_K"``, ``"Q8_0"`` …).
+    axis: contraction axis of the leaves: 0 for Dense kernels, 1 for an embedding table.
+    imatrix: weight the block searches by the leaf's ``"imatrix"`` statistic (llama.cpp's
+      importance matrix); the transform then asks the calibration runner for it.
+  """
+
+  def quantize_leaf(w, leaf_stats):
+    if imatrix and "imatrix" not in leaf_stats:
+      raise ValueError(MISSING_IMATRIX_MSG.format(shape=np.shape(w), got=sorted(leaf_stats)))
+    return kquant_quantize(w, type_name=type_name, imatrix=leaf_stats.get("imatrix") if imatrix else None, axis=axis)
+
+  return per_leaf(quantize_leaf, stats=frozenset({"imatrix"}) if imatrix else frozenset())

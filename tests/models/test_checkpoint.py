@@ -101,7 +101,7 @@ def test_missing_and_truncated_safetensors(small_dir, tmp_path):
   with pytest.raises(ValueError, match=r"model\.safetensors: unreadable safetensors file .*truncated"):
     SafetensorsCheckpoint(str(broken)).params()
   os.remove(weights)
-  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+  with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
     SafetensorsCheckpoint(str(broken))
 
 

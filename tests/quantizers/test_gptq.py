@@ -60,7 +60,20 @@ def _np_value(x, scale, zero, bits):
   return scale * (_np_code(x, scale, zero, bits) - _zero(zero, bits))
 
 
-def gptq_numpy(w, h, spec, *, damp=0.01, act_order=False, static_groups=False, clip=None, forced=None):
+def _gar_perm(diag, group):
+  """Group-aware reordering, written from its definition (arXiv:2505.14638; GPTQModel `gar_ref.py`)."""
+  n = len(diag)
+  full = n // group
+  groups = [np.arange(g * group, (g + 1) * group) for g in range(full)]
+  local = [idx[np.argsort(-diag[idx], kind="stable")] for idx in groups]
+  ranked = np.argsort([-diag[idx].max() for idx in groups], kind="stable")
+  tail = np.arange(full * group, n)
+  return np.concatenate([local[g] for g in ranked] + [tail[np.argsort(-diag[tail], kind="stable")]])
+
+
+def gptq_numpy(
+  w, h, spec, *, damp=0.01, act_order=False, static_groups=False, clip=None, forced=None, group_aware=False
+):
   """GPTQ in float64, one input channel at a time.
 
   Args:
@@ -81,7 +94,10 @@ def gptq_numpy(w, h, spec, *, damp=0.01, act_order=False, static_groups=False, c
   W[:, dead] = 0
   group = n if spec.group_size == -1 else spec.group_size
   dynamic = spec.group_size != -1 and not static_groups
-  perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n)
+  if group_aware and dynamic:
+    perm = _gar_perm(np.diag(H), group)
+  else:
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n)
   static = [_np_grid(W[:, j : j + group].T, spec, clip) for j in range(0, n, group)]
   W, H = W[:, perm], H[perm][:, perm]
   H += damp * np.mean(np.diag(H)) * np.eye(n)
@@ -148,6 +164,8 @@ CASES = [
   ("int4_g160_sym_clip_actorder", QSpec(bits=4, group_size=160), {"act_order": True, "clip": ClipSearch(grid=20)}),
   # 320 inputs in groups of 128: the last group is 64 wide (GPTQ checkpoints' convention).
   ("int4_g128_partial_asym", QSpec(bits=4, group_size=128, symmetric=False, partial_groups=True), {}),
+  ("int4_g64_group_aware", QSpec(bits=4, group_size=64), {"group_aware": True}),
+  ("int3_g128_partial_group_aware", QSpec(bits=3, group_size=128, partial_groups=True), {"group_aware": True}),
   ("int4_g128_partial_actorder", QSpec(bits=4, group_size=128, partial_groups=True), {"act_order": True}),
   (
     "int3_g128_partial_static",
@@ -174,7 +192,11 @@ def test_matches_float64_reference(spec, config):
   # our decisions checks each decision on an identical history: every differing code must be
   # such a tie; scales may differ by the rounding of the scale dtype, and rarely more (a
   # float16 rounding boundary, an asymmetric zero or a clip candidate decided by a tie).
-  forced = (got, np.asarray(q.scale, np.float64), None if q.zero is None else np.asarray(q.zero))
+  scale, zero = np.asarray(q.scale, np.float64), None if q.zero is None else np.asarray(q.zero)
+  if config.get("group_aware"):  # grids come back in group order; the reference meets them in sweep order
+    sweep_groups = perm[:: spec.group_size][: len(scale)] // spec.group_size
+    scale, zero = scale[sweep_groups], None if zero is None else zero[sweep_groups]
+  forced = (got, scale, zero)
   _, _, forced_loss, ties, grid_diffs = gptq_numpy(w, h, spec, forced=forced, **numpy_config)
   assert ties.size <= 0.001 * got.size
   assert np.all(ties < 1e-3), ties

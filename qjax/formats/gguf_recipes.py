@@ -1,0 +1,184 @@
+"""llama.cpp's quantization mixtures (Q4_K_M, Q5_K_M, …) as qjax rules.
+
+A recipe names a default ggml type and llama.cpp's per-tensor choices on top of it: the
+output (and a tied embedding) at Q6_K, more bits for ``attn_v`` and ``ffn_down`` in some
+layers, and a fallback to a 32-block type for rows that are not whole 256-blocks. These
+facts follow llama.cpp's ``src/llama-quant.cpp`` (``llama_tensor_get_type_impl``,
+``tensor_type_fallback``, ``llama_ftype_get_default_type``) for dense Llama-family models;
+`tensor_types` reproduces its per-tensor decisions and `gguf_recipe` turns them into
+`Rule`s (regex on parameter paths, first match wins) of `kquant` transforms.
+"""
+
+import re
+from collections import defaultdict
+
+from qjax.core import ggml
+from qjax.models.config import LlamaConfig
+from qjax.transforms import Rule
+from qjax.transforms.methods import kquant
+
+# recipe -> its default ggml type (llama_ftype_get_default_type)
+RECIPES = {
+  "Q4_0": "Q4_0",
+  "Q4_1": "Q4_1",
+  "Q5_0": "Q5_0",
+  "Q5_1": "Q5_1",
+  "Q8_0": "Q8_0",
+  "Q2_K": "Q2_K",
+  "Q3_K_S": "Q3_K",
+  "Q3_K_M": "Q3_K",
+  "Q3_K_L": "Q3_K",
+  "Q4_K_S": "Q4_K",
+  "Q4_K_M": "Q4_K",
+  "Q5_K_S": "Q5_K",
+  "Q5_K_M": "Q5_K",
+  "Q6_K": "Q6_K",
+}
+
+# 256-block types and the 32-block type llama.cpp uses when a row is not whole 256-blocks
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+# Flax module inside a layer -> llama.cpp tensor category
+CATEGORIES = {
+  "self_attn/q_proj": "attn_q",
+  "self_attn/k_proj": "attn_k",
+  "self_attn/v_proj": "attn_v",
+  "self_attn/o_proj": "attn_output",
+  "mlp/gate_proj": "ffn_gate",
+  "mlp/up_proj": "ffn_up",
+  "mlp/down_proj": "ffn_down",
+}
+
+
+def check_recipe(recipe: str) -> str:
+  if recipe not in RECIPES:
+    raise ValueError(f"unknown GGUF recipe {recipe!r}; known recipes: {', '.join(RECIPES)} (and F32, F16, BF16).")
+  return recipe
+
+
+def use_more_bits(i: int, n: int) -> bool:
+  """llama.cpp's choice of layers that get more bits: the first and last eighth, and every third between."""
+  return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _layer_type(recipe: str, category: str, i: int, config: LlamaConfig, *, imatrix: bool) -> str:
+  """The type llama.cpp picks for a decoder-layer tensor before the shape fallback."""
+  t, n = RECIPES[recipe], config.num_hidden_layers
+  if category == "attn_v":
+    if recipe == "Q2_K":
+      t = "Q4_K" if config.num_attention_heads // config.num_key_value_heads >= 4 else "Q3_K"
+    elif recipe == "Q3_K_M":
+      t = "Q5_K" if i < 2 else "Q4_K"
+    elif recipe == "Q3_K_L":
+      t = "Q5_K"
+    elif recipe in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+      t = "Q6_K"
+    elif recipe == "Q4_K_S" and i < 4:
+      t = "Q5_K"
+    if _is_70b(config) and t in ("Q3_K", "Q4_K"):
+      t = "Q5_K"  # 8 query heads share each value head: the small attn_v gets more bits
+  elif category == "ffn_down":
+    if recipe == "Q2_K":
+      t = "Q3_K"
+    elif recipe == "Q3_K_M":
+      t = "Q5_K" if i < n // 16 else "Q4_K"
+    elif recipe == "Q3_K_L":
+      t = "Q5_K"
+    elif recipe in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+      t = "Q6_K"
+    elif recipe == "Q4_K_S" and i < n // 8:
+      t = "Q5_K"
+    elif recipe in ("Q4_0", "Q5_0") and imatrix and i < n // 8:
+      t = {"Q4_0": "Q4_1", "Q5_0": "Q5_1"}[recipe]
+  elif category == "attn_output":
+    t = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(recipe, t)
+  return t
+
+
+def _is_70b(config: LlamaConfig) -> bool:
+  # llama.cpp's LLM_TYPE_70B for the llama architecture: 80 layers.
+  return config.architecture != "Qwen2ForCausalLM" and config.num_hidden_layers == 80
+
+
+def _output_type(recipe: str, row_length: int) -> str:
+  default = RECIPES[recipe]
+  if row_length % ggml.BLOCK_TYPES[default].block_size:
+    return "Q8_0"
+  return default if default == "Q8_0" else "Q6_K"
+
+
+def fallback(type_name: str, row_length: int) -> str:
+  """llama.cpp's `tensor_type_fallback`: a 32-block type for rows that are not whole 256-blocks.
+
+  Raises:
+    ValueError: if the row fits no block size (not a multiple of 32).
+  """
+  if row_length % ggml.BLOCK_TYPES[type_name].block_size == 0:
+    return type_name
+  fitted = FALLBACK.get(type_name, type_name)
+  if row_length % ggml.BLOCK_TYPES[fitted].block_size:
+    raise ValueError(
+      f"a row of {row_length} elements fits no ggml block size (32 or 256); llama.cpp would keep it in F16."
+    )
+  return fitted
+
+
+def tensor_types(recipe: str, config: LlamaConfig, *, imatrix: bool = False) -> dict[str, str]:
+  """Flax parameter path -> ggml type of every quantized tensor, as ``llama-quantize`` chooses it.
+
+  Norms and other 1-D tensors are not listed (they stay F32).
+  """
+  check_recipe(recipe)
+  hidden, inter = config.hidden_size, config.intermediate_size
+  q_width = config.num_attention_heads * config.head_dim
+  rows = {  # ne[0]: the row length llama.cpp quantizes along (the input width)
+    "self_attn/q_proj": hidden,
+    "self_attn/k_proj": hidden,
+    "self_attn/v_proj": hidden,
+    "self_attn/o_proj": q_width,
+    "mlp/gate_proj": hidden,
+    "mlp/up_proj": hidden,
+    "mlp/down_proj": inter,
+  }
+  types = {}
+  output = _output_type(recipe, hidden)
+  embed = output if config.tie_word_embeddings else RECIPES[recipe]
+  types["model/embed_tokens/embedding"] = fallback(embed, hidden)
+  if not config.tie_word_embeddings:
+    types["lm_head/kernel"] = fallback(output, hidden)
+  for i in range(config.num_hidden_layers):
+    for module, category in CATEGORIES.items():
+      chosen = _layer_type(recipe, category, i, config, imatrix=imatrix)
+      types[f"model/layers_{i}/{module}/kernel"] = fallback(chosen, rows[module])
+  return types
+
+
+def gguf_recipe(recipe: str, config: LlamaConfig, *, imatrix: bool = False) -> list[Rule]:
+  """The recipe as rules: one rule per (tensor kind, type), its layers in the pattern.
+
+  Args:
+    recipe: a llama.cpp file type name (see `RECIPES`).
+    config: the model's config (layer count, widths, heads, tied embeddings).
+    imatrix: whether block linears are quantized with an importance matrix (the runner's
+      ``imatrix`` statistic); the embedding and output never are, as in llama.cpp.
+
+  Examples:
+    >>> cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    ...                   num_attention_heads=32, num_key_value_heads=32, head_dim=128)
+    >>> [r.name for r in gguf_recipe("Q4_K_M", cfg)][:3]
+    ['token_embd Q4_K', 'output Q6_K', 'attn_q Q4_K']
+  """
+  by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
+  rules = []
+  for path, type_name in tensor_types(recipe, config, imatrix=imatrix).items():
+    if path == "model/embed_tokens/embedding":
+      rules.append(Rule(re.escape(path), kquant(type_name, axis=1), name=f"token_embd {type_name}"))
+    elif path == "lm_head/kernel":
+      rules.append(Rule(re.escape(path), kquant(type_name), name=f"output {type_name}"))
+    else:
+      layer, module = re.fullmatch(r"model/layers_(\d+)/(.*)/kernel", path).groups()
+      by_kind[module, type_name].append(int(layer))
+  for (module, type_name), layers in by_kind.items():
+    pattern = f"model/layers_({'|'.join(map(str, layers))})/{module}/kernel"
+    rules.append(Rule(pattern, kquant(type_name, imatrix=imatrix), name=f"{CATEGORIES[module]} {type_name}"))
+  return rules
