@@ -6,10 +6,10 @@ it were quantized. The runner embeds the calibration windows once, then for each
 1. reads the block's float params (only this block is resident);
 2. for each stage (a `Transform` over the block's params), collects the statistics the
    stage asks for from the inputs of the block's linears, in jitted code, and applies the
-   stage. Stages that need per-input statistics (``hessian``, ``imatrix``, ``abs_mean``)
+   stage. Stages that need only per-input statistics (``hessian``, ``imatrix``, ``abs_mean``)
    run *true-sequentially*: group by group in the block's order (q/k/v, then o, then
    gate/up, then down), each group's inputs computed with the groups before it already
-   quantized;
+   quantized; a stage that names ``block_inputs`` (AWQ) gets the whole block at once;
 3. runs the quantized block on the inputs to get the next block's inputs;
 4. checkpoints the quantized block and the activations with orbax, so a killed run
    resumes from the last finished block and ends with the identical result.
@@ -303,7 +303,8 @@ def quantize_blocks(
     model: the block pieces (`BlockModel`).
     stages: transforms applied in order to each block's params (full paths, e.g.
       ``model/layers_3/mlp/up_proj/kernel``); each gets ``stats=`` keyed by kernel path and
-      ``block_inputs=`` / ``block_fn=`` for transforms that run the block themselves.
+      ``block_inputs=``, ``block_fn=``, ``block_model=`` and ``block_prefix=`` for transforms
+      that run the block themselves (AWQ).
     windows: (nsamples, seqlen) int calibration token windows.
     options: batching, true-sequential order, checkpoints, mesh.
     run_id: JSON-serialisable description of the run; a checkpoint directory written by a
@@ -335,7 +336,7 @@ def quantize_blocks(
     cache = _OutputCache(0 if options.float_inputs else options.cache_bytes)
     out_bytes = _out_bytes(block, linears, batches.tokens_per_batch)
     for k, (stage, group) in enumerate(steps):
-      extra = {"block_inputs": batches, "block_fn": model.apply_layer}
+      extra = {"block_inputs": batches, "block_fn": model.apply_layer, "block_model": model, "block_prefix": prefix}
       if stage.stats & PER_INPUT_STATS:
         modules = group or linears
         # Linears no step from here on changes are final: capture their outputs for later passes.

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 STAT_NAMES = ("hessian", "imatrix", "abs_mean")
+BLOCK_INPUTS = "block_inputs"
+"""Not a statistic: a transform that names it runs the block on its inputs itself, on the whole block at once."""
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -330,14 +330,16 @@ def write_gguf(
   os.close(fd)
   try:
     writer = gguf.GGUFWriter(tmp, GGUF_ARCH[config.architecture])
-    for entry in model_metadata(config, file_type=file_type or float_type, name=name) + tokenizer_entries:
-      writer.add_key_value(entry.key, entry.value, entry.type, entry.sub_type)
-    for tensor in gguf_tensors(config, params, float_type=float_type):
-      _add_tensor(writer, tensor)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+      for entry in model_metadata(config, file_type=file_type or float_type, name=name) + tokenizer_entries:
+        writer.add_key_value(entry.key, entry.value, entry.type, entry.sub_type)
+      for tensor in gguf_tensors(config, params, float_type=float_type):
+        _add_tensor(writer, tensor)
+      writer.write_header_to_file()
+      writer.write_kv_data_to_file()
+      writer.write_tensors_to_file()
+    finally:
+      writer.close()
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   finally:

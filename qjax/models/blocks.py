@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 
+from qjax.calib.awq import ScaleGroup
 from qjax.models.checkpoint import Checkpoint
 from qjax.models.llama import DecoderLayer, Embed, RMSNorm
 
@@ -15,6 +16,25 @@ SEQUENTIAL_GROUPS = (
 )
 
 
+# The q/k product is hard to clip precisely (AutoAWQ's `avoid_clipping`).
+AWQ_NO_CLIP = ("self_attn/q_proj", "self_attn/k_proj")
+
+
+def awq_scale_groups(block) -> list[ScaleGroup]:
+  """AWQ's scale groups of a Llama-family block (AutoAWQ's `get_layers_for_scaling`).
+
+  The v -> o group exists only without grouped-query attention: with it, o's input channels
+  (one per query head) do not map one to one onto v's output channels.
+  """
+  attn = block["self_attn"]
+  groups = [ScaleGroup("input_layernorm", ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"), "self_attn")]
+  if attn["v_proj"]["kernel"].shape[::-1] == attn["o_proj"]["kernel"].shape:
+    groups.append(ScaleGroup("self_attn/v_proj", ("self_attn/o_proj",), "self_attn/o_proj"))
+  groups.append(ScaleGroup("post_attention_layernorm", ("mlp/gate_proj", "mlp/up_proj"), "mlp"))
+  groups.append(ScaleGroup("mlp/up_proj", ("mlp/down_proj",), "mlp/down_proj"))
+  return groups
+
+
 class LlamaBlocks:
   """A `qjax.calib.runner.BlockModel` over a lazily read Llama-family checkpoint.
 
@@ -24,6 +44,8 @@ class LlamaBlocks:
   """
 
   sequential_groups = SEQUENTIAL_GROUPS
+  awq_no_clip = AWQ_NO_CLIP
+  awq_scale_groups = staticmethod(awq_scale_groups)
 
   def __init__(self, checkpoint: Checkpoint, dtype=jnp.float32):
     self.checkpoint = checkpoint

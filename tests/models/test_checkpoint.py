@@ -130,3 +130,26 @@ def test_tokenizer_that_does_not_fit_the_embedding(tmp_path):
   path = write_random_llama(str(tmp_path / "tiny_vocab"), layers=1, hidden=32, intermediate=64, vocab=1000)
   with pytest.raises(ValueError, match="tokenizer has 49152 tokens but the embedding has 1000 rows"):
     SafetensorsCheckpoint(path).tokenizer()
+
+
+def test_sharded_safetensors_with_an_index(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  config = transformers.LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2,
+  )  # fmt: skip
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  model.save_pretrained(tmp_path, max_shard_size="20KB")
+  assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+  assert os.path.exists(tmp_path / "model.safetensors.index.json")
+  ckpt = SafetensorsCheckpoint(str(tmp_path))
+  ids = np.arange(10)[None] % 64
+  with torch.no_grad():
+    ref = model(torch.tensor(ids)).logits.numpy()
+  out = LlamaForCausalLM(ckpt.config).apply({"params": ckpt.params()}, jnp.asarray(ids))
+  assert np.abs(np.asarray(out) - ref).max() < 1e-4
+  os.remove(tmp_path / sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1])
+  with pytest.raises(FileNotFoundError, match="the index names missing weight files"):
+    SafetensorsCheckpoint(str(tmp_path))

@@ -1,0 +1,60 @@
+"""Perplexity of the default model quantized by RTN and GPTQ at 4 and 3 bits, group 128.
+
+Reproduces the GPTQ table in the README:
+
+  .venv/bin/python experiments/gptq_vs_rtn.py --out=experiments/gptq_vs_rtn.json
+
+Same calibration windows (--nsamples x --seqlen from the built-in text, seed 0) for every
+GPTQ run, same evaluation windows (--eval_windows x 512 tokens) for every model, KL divergence
+against the float model on those windows.
+"""
+
+import json
+
+from absl import app, flags
+
+from qjax.calib import text as texts
+from qjax.eval.metrics import evaluate
+from qjax.formats import open_checkpoint
+from qjax.pipeline import QuantizeJob, logits_fn, quantize_model
+
+_NSAMPLES = flags.DEFINE_integer("nsamples", 32, "Calibration windows.")
+_SEQLEN = flags.DEFINE_integer("seqlen", 512, "Tokens per calibration window.")
+_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 33, "Evaluation windows of 512 tokens (33 = the whole text).")
+_OUT = flags.DEFINE_string("out", "experiments/gptq_vs_rtn.json", "Results file.")
+
+VARIANTS = [
+  ("RTN", dict(method="rtn")),
+  ("GPTQ", dict(method="gptq", act_group_aware=False)),
+  ("GPTQ + group-aware order", dict(method="gptq")),
+  ("GPTQ + act-order", dict(method="gptq", desc_act=True)),
+]
+
+
+def main(argv):
+  del argv
+  checkpoint = open_checkpoint("default")
+  tokenizer = checkpoint.tokenizer()
+  windows = texts.calibration_windows(
+    texts.tokenize(tokenizer, texts.load_text("default", "calibration")), _NSAMPLES.value, _SEQLEN.value, seed=0
+  )
+  eval_windows = texts.eval_windows(
+    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=_EVAL_WINDOWS.value
+  )
+  float_fn = logits_fn(checkpoint.config, checkpoint.params())
+  rows = []
+  for bits in (4, 3):
+    for name, kw in VARIANTS:
+      job = QuantizeJob(bits=bits, group_size=128, nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, **kw)
+      params = quantize_model(job, checkpoint, windows=windows)
+      result = evaluate(logits_fn(checkpoint.config, params), eval_windows, reference_fn=float_fn, label=name)
+      rows.append({"bits": bits, "method": name, "perplexity": result.perplexity, "kl": result.kl_divergence,
+                   "top1": result.top1_agreement, "float_perplexity": result.reference_perplexity})  # fmt: skip
+      print(f"w{bits}g128 {name:26s} ppl {result.perplexity:8.3f}  KL {result.kl_divergence:.4f}", flush=True)
+  with open(_OUT.value, "w") as f:
+    json.dump({"nsamples": _NSAMPLES.value, "seqlen": _SEQLEN.value, "eval_tokens": result.tokens, "rows": rows}, f,
+              indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+  app.run(main)

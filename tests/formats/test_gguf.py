@@ -1,0 +1,171 @@
+"""GGUF export against llama.cpp itself: loading, byte equality with `llama_model_quantize`, perplexity."""
+
+import ctypes
+import os
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax.calib import text as texts
+from qjax.core import dequantize
+from qjax.eval.metrics import evaluate
+from qjax.formats import gguf as gguf_format
+from qjax.formats import gguf_recipes, open_checkpoint
+from qjax.formats.gguf import tokenizer_metadata, write_gguf
+from qjax.models import GgufCheckpoint
+from qjax.pipeline import QuantizeJob, gguf_path, logits_fn, quantize_model, run_job
+from qjax.transforms import quantize_params
+from tests.model_factory import write_random_llama
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+def llama_quantize(src: str, dst: str, recipe: str) -> None:
+  params = llama_cpp.llama_model_quantize_default_params()
+  params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{recipe}")
+  assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) == 0
+
+
+def assert_same_tensors(ours: str, theirs: str) -> None:
+  a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+  b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+  assert sorted(a) == sorted(b)
+  types = {n: (a[n].tensor_type.name, b[n].tensor_type.name) for n in a if a[n].tensor_type != b[n].tensor_type}
+  assert not types, types
+  differ = [n for n in a if not np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data))]
+  assert not differ, differ
+
+
+def llama_cpp_perplexity(path: str, windows: np.ndarray) -> float:
+  llm = llama_cpp.Llama(model_path=path, n_ctx=windows.shape[1], n_batch=windows.shape[1], logits_all=True,
+                        verbose=False)  # fmt: skip
+  try:
+    nll, n = 0.0, 0
+    for w in windows:
+      llm.reset()
+      llm.eval(w.tolist())
+      logits = np.asarray(llm.scores[: len(w)], np.float64)[:-1]
+      logp = logits - logits.max(-1, keepdims=True)
+      logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+      nll -= logp[np.arange(len(w) - 1), w[1:]].sum()
+      n += len(w) - 1
+  finally:
+    llm.close()
+  return float(np.exp(nll / n))
+
+
+@pytest.fixture(scope="module")
+def f32_export(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("f32"))
+  job = QuantizeJob(method="none", export="gguf:F32", eval_windows=0, out=out)
+  run_job(job, show_progress=False)
+  return gguf_path(job)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0"])
+def test_default_model_export_is_llama_quantize_byte_for_byte(recipe, f32_export, tmp_path):
+  job = QuantizeJob(method="none", export=f"gguf:{recipe}", eval_windows=0, out=str(tmp_path / recipe))
+  checkpoint = open_checkpoint("default")
+  params = quantize_model(job, checkpoint, show_progress=False)
+  from qjax.pipeline import write_gguf_export
+
+  ours = write_gguf_export(job, checkpoint.config, params, checkpoint.tokenizer())
+  theirs = str(tmp_path / f"llama-{recipe}.gguf")
+  llama_quantize(f32_export, theirs, recipe)
+  assert_same_tensors(ours, theirs)
+  # Perplexity through llama.cpp equals perplexity through qjax's forward on the same quantized weights.
+  tokens = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))
+  windows = texts.eval_windows(tokens, 256, max_windows=3)
+  ours_ppl = evaluate(logits_fn(checkpoint.config, params), windows, show_progress=False).perplexity
+  theirs_ppl = llama_cpp_perplexity(ours, windows)
+  assert abs(ours_ppl - theirs_ppl) / theirs_ppl < 0.01, (ours_ppl, theirs_ppl)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+  """A random model whose rows are whole 256-blocks, so every recipe picks its k-quant types."""
+  path = write_random_llama(str(tmp_path_factory.mktemp("wide")), layers=8, hidden=256, intermediate=768, heads=4,
+                            kv_heads=1)  # fmt: skip
+  out = str(tmp_path_factory.mktemp("wide_f32"))
+  job = QuantizeJob(model=path, method="none", export="gguf:F32", eval_windows=0, out=out)
+  run_job(job, show_progress=False)
+  return path, gguf_path(job)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(gguf_recipes.RECIPES))
+def test_every_recipe_matches_llama_quantize_on_k_quant_widths(recipe, wide_model, tmp_path):
+  model, f32 = wide_model
+  job = QuantizeJob(model=model, method="none", export=f"gguf:{recipe}", eval_windows=0, out=str(tmp_path / "q"))
+  run_job(job, show_progress=False)
+  theirs = str(tmp_path / "llama.gguf")
+  llama_quantize(f32, theirs, recipe)
+  assert_same_tensors(gguf_path(job), theirs)
+
+
+def test_imatrix_export_uses_float_model_statistics(wide_model, tmp_path):
+  model, _ = wide_model
+  job = QuantizeJob(model=model, method="none", export="gguf:Q4_K_M", imatrix=True, nsamples=4, seqlen=64,
+                    eval_windows=0, out=str(tmp_path / "imat"))  # fmt: skip
+  plain = QuantizeJob(model=model, method="none", export="gguf:Q4_K_M", eval_windows=0, out=str(tmp_path / "plain"))
+  checkpoint = open_checkpoint(model)
+  with_imatrix = quantize_model(job, checkpoint, show_progress=False)
+  without = quantize_model(plain, checkpoint, show_progress=False)
+  a = with_imatrix["model"]["layers_3"]["mlp"]["up_proj"]["kernel"]
+  b = without["model"]["layers_3"]["mlp"]["up_proj"]["kernel"]
+  assert a.spec.layout == b.spec.layout == "Q4_K"
+  assert not np.array_equal(np.asarray(a.codes), np.asarray(b.codes))
+  # The embedding and output never take an importance matrix (llama.cpp does not collect one for them).
+  np.testing.assert_array_equal(with_imatrix["lm_head"]["kernel"].codes, without["lm_head"]["kernel"].codes)
+  assert run_job(job, show_progress=False).evaluation is None
+  assert os.path.exists(gguf_path(job))
+
+
+def test_gguf_reads_back_as_the_dequantized_params(wide_model, tmp_path):
+  model, _ = wide_model
+  checkpoint = open_checkpoint(model)
+  params = quantize_params(checkpoint.params(), gguf_recipes.gguf_recipe("Q4_K_M", checkpoint.config))
+  path = str(tmp_path / "m.gguf")
+  write_gguf(path, checkpoint.config, params, tokenizer_metadata(checkpoint.tokenizer(), checkpoint.config.vocab_size))
+  back = GgufCheckpoint(path)
+  q = params["model"]["layers_2"]["self_attn"]["q_proj"]["kernel"]
+  np.testing.assert_array_equal(back.layer_params(2)["self_attn"]["q_proj"]["kernel"], np.asarray(dequantize(q)))
+  ids = jnp.asarray(np.arange(40)[None] % 1000)
+  np.testing.assert_allclose(logits_fn(back.config, back.params())(ids), logits_fn(back.config, params)(ids), atol=1e-4)
+
+
+def test_bad_inputs(tmp_path):
+  with pytest.raises(ValueError, match="unknown GGUF recipe 'Q4_K_X'"):
+    QuantizeJob(method="none", export="gguf:Q4_K_X")
+  with pytest.raises(ValueError, match="fits no ggml block size"):
+    gguf_recipes.fallback("Q4_K", 100)
+  with pytest.raises(NotImplementedError, match="rounding into ggml block grids is not built"):
+    QuantizeJob(method="gptq", export="gguf:Q4_K_M")
+  checkpoint = open_checkpoint("default")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    write_gguf(str(tmp_path / "missing" / "m.gguf"), checkpoint.config, {}, [])
+
+
+def test_unigram_tokenizer_cannot_be_expressed():
+  from tokenizers import Tokenizer, models
+  from transformers import PreTrainedTokenizerFast
+
+  tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.Unigram([("a", -1.0), ("b", -2.0)], 0)))
+  with pytest.raises(ValueError, match="Unigram tokenizer cannot be expressed in GGUF"):
+    tokenizer_metadata(tok, 2)
+
+
+def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+  checkpoint = open_checkpoint("default")
+
+  def boom(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(gguf_format.gguf.GGUFWriter, "write_tensors_to_file", boom)
+  path = tmp_path / "m.gguf"
+  with pytest.raises(KeyboardInterrupt):
+    write_gguf(str(path), checkpoint.config, checkpoint.params(), [])
+  assert os.listdir(tmp_path) == []
