@@ -13,19 +13,24 @@ from typing import Any
 
 import numpy as np
 
+from qjax import schemes
 from qjax.calib import text as texts
+from qjax.calib.awq import awq
+from qjax.calib.lwc import learned_clipping
 from qjax.calib.runner import RunnerOptions, quantize_blocks
-from qjax.core import QSpec, is_qarray
+from qjax.core import QSpec, ggml, is_qarray
 from qjax.eval.metrics import EvalResult, evaluate
-from qjax.formats import gguf, gguf_recipes, native
+from qjax.formats import convert, gguf, gguf_recipes, native
 from qjax.formats.loading import open_checkpoint
 from qjax.models.blocks import LlamaBlocks
 from qjax.models.llama import LlamaForCausalLM
-from qjax.transforms import Rule, gptq, quantize_params, rtn
+from qjax.models.rotate import RotatedCheckpoint
+from qjax.quantizers.rotation import random_rotation
+from qjax.transforms import Rule, Transform, gptq, quantize_params, rtn
 from qjax.transforms.base import leaves_with_paths
 from qjax.transforms.rules import rules_transform
 
-METHODS = ("gptq", "rtn", "none")
+METHOD_EXAMPLES = ("gptq", "rtn", "awq", "awq+gptq", "rotate+gptq", "rotate+rtn", "lwc", "none")
 GGUF_FLOAT_TYPES = ("F32", "F16", "BF16")
 ALLOWED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's list
 LINEAR_KERNELS = r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel"
@@ -49,42 +54,46 @@ class QuantizeJob:
   nsamples: int = 32
   seqlen: int = 512
   calib: str = "default"
-  seed: int = 0
+  seed: int = 0  # calibration windows and the rotation
   eval_text: str = "default"
   eval_windows: int = 16
   batch_size: int = 8
   out: str = "runs/gptq-w4g128"
   checkpoint_dir: str | None = None
-  export: str | None = None  # "gguf:<recipe or F32/F16/BF16>"
+  export: str | None = None  # "gguf:<recipe or F32/F16/BF16>", or a Hugging Face format: "gptq", "gptq_v2", "awq"
   imatrix: bool = False
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}.")
+    self.scheme  # noqa: B018 (parses --method, raising on a bad one)
     if self.group_size not in ALLOWED_GROUP_SIZES:
       raise ValueError(f"--group_size must be one of {ALLOWED_GROUP_SIZES}, got {self.group_size}.")
     if self.nsamples < 1 or self.seqlen < 2:
       raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {self.nsamples} and {self.seqlen}.")
     if not 0.0 <= self.damp_percent < 1.0:
       raise ValueError(f"--damp_percent must be in [0, 1), got {self.damp_percent}.")
-    if self.export is not None:
+    if self.export in convert.HF_FORMATS:
+      self._check_hf_export()
+    elif self.export is not None:
       kind, _, name = self.export.partition(":")
       if kind != "gguf" or not name:
-        raise ValueError(f"--export must be gguf:<TYPE>, got {self.export!r}.")
+        raise ValueError(f"--export must be gguf:<TYPE> or one of {convert.HF_FORMATS}, got {self.export!r}.")
       if name not in GGUF_FLOAT_TYPES:
         gguf_recipes.check_recipe(name)
-      if self.method != "none":
-        raise NotImplementedError(
-          f"--method={self.method} with --export={self.export}: {self.method}'s rounding into ggml block grids is "
-          "not built, and re-quantizing its result would round twice; use --method=none to encode the float "
-          "weights as llama.cpp does."
-        )
       if self.imatrix and name in GGUF_FLOAT_TYPES:
         raise ValueError(f"--imatrix needs a quantized GGUF type, got --export={self.export}.")
     elif self.method == "none":
       raise ValueError("--method=none quantizes nothing by itself; give --export=gguf:<TYPE> (e.g. gguf:Q4_K_M).")
     elif self.imatrix:
       raise ValueError("--imatrix applies to GGUF exports (--method=none --export=gguf:<TYPE>).")
+
+  def _check_hf_export(self) -> None:
+    if self.scheme.rounding is None or self.imatrix:
+      raise ValueError(
+        f"--export={self.export} writes linears rounded by RTN or GPTQ; use a --method that ends in one, e.g. "
+        "gptq, rtn, awq+gptq (without --imatrix, which is for GGUF recipes)."
+      )
+    act_order = self.scheme.rounding == "gptq" and self.desc_act and not self.static_groups and self.group_size != -1
+    convert.check_export_spec(self.export, self.spec, act_order=act_order)
 
   @property
   def gguf_type(self) -> str | None:
@@ -97,8 +106,35 @@ class QuantizeJob:
     return f"{self.method} w{self.bits}g{self.group_size}"
 
   @property
+  def scheme(self) -> schemes.Scheme:
+    return schemes.parse_method(self.method, gguf_export=self.gguf_type is not None and self.gguf_type != "")
+
+  @property
   def needs_calibration(self) -> bool:
-    return self.method == "gptq" or self.imatrix
+    return self.scheme.needs_calibration or self.imatrix
+
+  @property
+  def search_spec(self) -> QSpec:
+    """The grid AWQ and learned clipping aim at: the job's, or for a GGUF recipe its main type's sub-blocks."""
+    if not self.gguf_type or self.gguf_type in GGUF_FLOAT_TYPES:
+      return self.spec
+    info = ggml.BLOCK_TYPES[gguf_recipes.RECIPES[self.gguf_type]]
+    return QSpec(bits=info.bits, group_size=32, symmetric=info.symmetric)
+
+  def preparations(self) -> list[Transform]:
+    """The calibration stages before rounding (AWQ, learned clipping); rotation wraps the checkpoint instead."""
+    stages = {"awq": lambda: awq(self.search_spec), "lwc": lambda: learned_clipping(self.search_spec)}
+    return [stages[p]() for p in self.scheme.preparations if p in stages]
+
+  def output_config(self, config):
+    """The config of the quantized model (a rotation unties the output embedding)."""
+    return dataclasses.replace(config, tie_word_embeddings=False) if "rotate" in self.scheme.preparations else config
+
+  def prepare(self, checkpoint):
+    """The checkpoint the rounding sees: rotated when the scheme says so."""
+    if "rotate" in self.scheme.preparations:
+      return RotatedCheckpoint(checkpoint, random_rotation(checkpoint.config.hidden_size, seed=self.seed))
+    return checkpoint
 
   @property
   def spec(self) -> QSpec:
@@ -115,7 +151,9 @@ class QuantizeJob:
         else gguf_recipes.gguf_recipe(self.gguf_type, config, imatrix=self.imatrix)
       )
     clip = ClipSearch() if self.mse else None
-    if self.method == "rtn":
+    if self.scheme.rounding is None:
+      return []
+    if self.scheme.rounding == "rtn":
       transform = rtn(self.spec, clip=clip)
     else:
       transform = gptq(
@@ -196,6 +234,7 @@ def calibration_windows(job: QuantizeJob, tokenizer) -> np.ndarray:
 
 def quantize_model(job: QuantizeJob, checkpoint, *, windows: np.ndarray | None = None, show_progress: bool = True):
   """The quantized parameter tree of `checkpoint` under `job` (calibrating on `windows`, default: the job's)."""
+  checkpoint = job.prepare(checkpoint)
   rules = job.rules(checkpoint.config)
   if not job.needs_calibration:
     return quantize_params(checkpoint.params(), rules) if rules else checkpoint.params()
@@ -207,13 +246,14 @@ def quantize_model(job: QuantizeJob, checkpoint, *, windows: np.ndarray | None =
     true_sequential=job.true_sequential,
     checkpoint_dir=job.checkpoint_dir,
     show_progress=show_progress,
-    float_inputs=job.imatrix,  # llama.cpp's imatrix is measured on the float model
+    float_inputs=job.imatrix and not job.scheme.preparations,  # llama.cpp measures its imatrix on the float model
   )
   keep = ("out", "checkpoint_dir", "eval_windows", "eval_text")
   run_id = {k: v for k, v in dataclasses.asdict(job).items() if k not in keep}
   block_rules = [r for r in rules if r.pattern.startswith("model/layers_")]
   other_rules = [r for r in rules if not r.pattern.startswith("model/layers_")]
-  qblocks, _ = quantize_blocks(blocks, [rules_transform(block_rules)], windows, options=options, run_id=run_id)
+  stages = [*job.preparations(), rules_transform(block_rules)]
+  qblocks, _ = quantize_blocks(blocks, stages, windows, options=options, run_id=run_id)
   params = blocks.assemble(qblocks)
   return quantize_params(params, other_rules) if other_rules else params
 
@@ -244,15 +284,20 @@ def write_gguf_export(job: QuantizeJob, config, params, tokenizer) -> str:
 def run_job(job: QuantizeJob, *, show_progress: bool = True) -> JobReport:
   """Quantizes, evaluates before/after on the same windows, and writes `job.out`."""
   checkpoint = open_checkpoint(job.model)
+  if job.export in convert.HF_FORMATS:
+    convert.check_export_shapes(job.export, job.spec, checkpoint.config)
   tokenizer = checkpoint.tokenizer()
   start = time.perf_counter()
   qparams = quantize_model(job, checkpoint, show_progress=show_progress)
   quantize_seconds = time.perf_counter() - start
+  config = job.output_config(checkpoint.config)
   if job.gguf_type:
-    write_gguf_export(job, checkpoint.config, qparams, tokenizer)
+    write_gguf_export(job, config, qparams, tokenizer)
+  elif job.export in convert.HF_FORMATS:
+    convert.save_hf(job.export, job.out, config, qparams, tokenizer)
   else:
     metadata = {"source_model": job.model, "method": job.method, "job": dataclasses.asdict(job)}
-    native.save_quantized(job.out, checkpoint.config, qparams, tokenizer, metadata=metadata)
+    native.save_quantized(job.out, config, qparams, tokenizer, metadata=metadata)
   if job.checkpoint_dir and os.path.isdir(job.checkpoint_dir):
     shutil.rmtree(job.checkpoint_dir)
 
@@ -263,7 +308,7 @@ def run_job(job: QuantizeJob, *, show_progress: bool = True) -> JobReport:
     windows = texts.eval_windows(tokens, job.seqlen, max_windows=job.eval_windows)
     float_fn = logits_fn(checkpoint.config, checkpoint.params())
     quant_eval = evaluate(
-        logits_fn(checkpoint.config, qparams), windows, reference_fn=float_fn, label="evaluate",
+        logits_fn(config, qparams), windows, reference_fn=float_fn, label="evaluate",
         show_progress=show_progress,
     )  # fmt: skip
   eval_seconds = time.perf_counter() - start

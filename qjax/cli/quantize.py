@@ -9,6 +9,8 @@ Example:
   qjax quantize --method=gptq --bits=3 --group_size=64 --desc_act --out=runs/gptq3
   qjax quantize --model=path/to/hf_model --method=rtn --bits=4 --group_size=128
   qjax quantize --method=none --export=gguf:Q4_K_M --imatrix --out=runs/q4km   # llama.cpp's encoders, in JAX
+  qjax quantize --bits=4 --group_size=64 --export=gptq --out=runs/gptq4-hf       # for vLLM, TGI, transformers
+  qjax quantize --method=rtn --nosym --group_size=64 --export=awq --out=runs/awq4
 """
 
 import dataclasses
@@ -18,15 +20,16 @@ import time
 
 from absl import flags
 
-from qjax.pipeline import ALLOWED_GROUP_SIZES, METHODS, QuantizeJob, gguf_path, run_job
+from qjax.pipeline import ALLOWED_GROUP_SIZES, METHOD_EXAMPLES, QuantizeJob, gguf_path, run_job
 
 _MODEL = flags.DEFINE_string(
     "model", "default", "Float model to quantize: 'default' (built-in SmolLM2-135M-Instruct), a Hugging Face "
     "directory, or a .gguf file. Example: --model=~/models/Llama-3.2-1B."
 )  # fmt: skip
-_METHOD = flags.DEFINE_enum(
-  "method", "gptq", METHODS, "Quantization method; 'none' with --export=gguf:TYPE encodes the float weights as "
-  "llama.cpp would. Example: --method=rtn."
+_METHOD = flags.DEFINE_string(
+  "method", "gptq", "Quantization scheme: a rounding (rtn, gptq) after optional preparations (rotate, awq, lwc), "
+  f"joined by '+'; 'none' with --export=gguf:TYPE encodes the float weights as llama.cpp would. Examples: "
+  f"{', '.join(METHOD_EXAMPLES)}."
 )  # fmt: skip
 _BITS = flags.DEFINE_enum("bits", "4", ["2", "3", "4", "5", "6", "8"], "Bits per weight code. Example: --bits=3.")
 _GROUP = flags.DEFINE_integer(
@@ -69,7 +72,13 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Calibration windows per step (bo
 _OUT = flags.DEFINE_string("out", None, "Directory for the quantized model (default: runs/<method>-w<bits>g<group>).")
 _EXPORT = flags.DEFINE_string(
   "export", None, "Write the model in another format instead of a qjax directory: gguf:<TYPE>, TYPE a llama.cpp "
-  "recipe (Q4_K_M, Q5_K_M, Q8_0, Q4_0, Q2_K, Q3_K_M, …) or F32/F16/BF16. Example: --export=gguf:Q4_K_M."
+  "recipe (Q4_K_M, Q5_K_M, Q8_0, Q4_0, Q2_K, Q3_K_M, …) or F32/F16/BF16 (with --method=none); or a Hugging Face "
+  "directory for vLLM, TGI and transformers (with --method=gptq or rtn): gptq (GPTQ v1 zero points, read by "
+  "every loader), gptq_v2 (v2 zero points, for GPTQModel and vLLM; stores a zero point of 0, which v1 cannot), "
+  "awq (AutoAWQ gemm layout: --bits=4, no --desc_act, a group size dividing every input width). A GPTQ group size "
+  "that does not divide a width (g128 on a 576-wide model) loads in transformers and GPTQModel with their torch "
+  "kernel (backend='torch'), not in vLLM. "
+  "Example: --export=gguf:Q4_K_M, --export=gptq."
 )  # fmt: skip
 _IMATRIX = flags.DEFINE_bool(
   "imatrix", False, "With a GGUF recipe: weight the block searches by an importance matrix (mean x² of each "
@@ -83,7 +92,10 @@ _CKPT = flags.DEFINE_string(
 
 def job_from_flags() -> QuantizeJob:
   bits, group = int(_BITS.value), _GROUP.value
-  default_name = f"gguf-{_EXPORT.value.partition(':')[2]}" if _EXPORT.value else f"{_METHOD.value}-w{bits}g{group}"
+  default_name = f"{_METHOD.value}-w{bits}g{group}"
+  if _EXPORT.value:
+    kind, _, type_name = _EXPORT.value.partition(":")
+    default_name = f"gguf-{type_name}" if kind == "gguf" else f"{default_name}-{kind}"
   out = _OUT.value or os.path.join("runs", default_name)
   return QuantizeJob(
     model=_MODEL.value,

@@ -1,4 +1,5 @@
-"""Opening a model by name: the built-in default, a Hugging Face directory, a GGUF file, or a qjax directory."""
+"""Opening a model by name: the built-in default, a Hugging Face directory (float, GPTQ or AWQ), a GGUF file, or a
+qjax directory."""
 
 import dataclasses
 import os
@@ -6,12 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from qjax.formats import native
+from qjax.formats import awq, gptq, native
 from qjax.models.checkpoint import Checkpoint, GgufCheckpoint, SafetensorsCheckpoint
 from qjax.models.config import LlamaConfig
 from qjax.models.default import default_model_dir
 
 DEFAULT = "default"
+QUANTIZED_LOADERS = {"gptq": gptq.load_gptq, "awq": awq.load_awq}
 
 
 @dataclasses.dataclass
@@ -38,7 +40,7 @@ def open_checkpoint(model: str, *, dtype=np.float32) -> Checkpoint:
 
   Raises:
     FileNotFoundError: if the path does not exist.
-    ValueError: for a qjax (already quantized) directory, which holds no float checkpoint.
+    ValueError: for a qjax, GPTQ or AWQ (already quantized) directory, which holds no float checkpoint.
   """
   if model == DEFAULT:
     return SafetensorsCheckpoint(default_model_dir(), dtype)
@@ -48,14 +50,41 @@ def open_checkpoint(model: str, *, dtype=np.float32) -> Checkpoint:
     raise FileNotFoundError(f"{model}: no such model (a Hugging Face directory, a .gguf file, or 'default').")
   if native.is_qjax_dir(model):
     raise ValueError(f"{model}: a quantized qjax directory cannot be quantized again; start from the float model.")
+  method = quant_method(model)
+  if method is not None:
+    raise ValueError(
+      f"{model}: a {method} checkpoint is already quantized and cannot be quantized again; start from the float "
+      "model (`qjax eval` reads it, `qjax convert` converts it)."
+    )
   return SafetensorsCheckpoint(model, dtype)
 
 
+def quant_method(model_dir: str) -> str | None:
+  """The ``quant_method`` of a Hugging Face directory's quantization config ("gptq", "awq", …), None if float."""
+  if not os.path.isfile(os.path.join(model_dir, "config.json")):
+    return None
+  qc = gptq.read_quantization_config(model_dir)
+  return None if qc is None else str(qc.get("quant_method", "")).lower()
+
+
 def load_model(model: str, *, dtype=np.float32) -> LoadedModel:
-  """Loads any model `qjax eval --model` accepts."""
+  """Loads any model `qjax eval --model` accepts: GPTQ, AWQ and qjax directories with `QArray` leaves.
+
+  Raises:
+    ValueError: for a Hugging Face directory quantized with a method qjax does not read.
+  """
   if model != DEFAULT and os.path.isdir(model) and native.is_qjax_dir(model):
     config, params, metadata = native.load_quantized(model)
     tokenizer = SafetensorsCheckpoint.load_tokenizer(model, config)
     return LoadedModel(config, params, tokenizer, model, metadata.get("source_model"))
+  method = quant_method(model) if model != DEFAULT and os.path.isdir(model) else None
+  if method is not None:
+    if method not in QUANTIZED_LOADERS:
+      raise ValueError(
+        f"{model}: quantization_config.quant_method {method!r} is not supported; qjax reads "
+        f"{sorted(QUANTIZED_LOADERS)} checkpoints."
+      )
+    config, params = QUANTIZED_LOADERS[method](model, dtype=dtype)
+    return LoadedModel(config, params, SafetensorsCheckpoint.load_tokenizer(model, config), model)
   checkpoint = open_checkpoint(model, dtype=dtype)
   return LoadedModel(checkpoint.config, checkpoint.params(), checkpoint.tokenizer(), model)

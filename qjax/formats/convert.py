@@ -1,0 +1,288 @@
+"""Conversion between formats: quantized params (from GPTQ, AWQ or qjax directories) to GGUF, and exports by name.
+
+GGUF's 32-element block types hold an affine group exactly when the grids agree: a block of 32 inputs
+inside one group has a single fp16 scale and zero point, and
+
+* ``Q4_1``/``Q5_1`` store ``value = q * d + m``: codes of up to 4/5 bits are copied, ``d = scale`` and
+  ``m = -zero * scale`` rounded to fp16 (the only change, one rounding per block);
+* ``Q4_0``/``Q5_0``/``Q8_0`` store ``(q' - Z) * d`` with a fixed Z (8, 16, 0 with signed codes): codes
+  are copied as ``q' = q - zero + Z`` when that fits the code range (a symmetric 4-bit group is a
+  ``Q4_0`` block bit for bit; any group of up to 7 bits fits ``Q8_0``).
+
+Everything else is requantized from the dequantized weights with llama.cpp's own encoders
+(`qjax.quantizers.kquants`): the k-quants (their sub-block scales are 6-bit multiples of a super-scale),
+grids that do not fit, and act-order groups, which are not contiguous runs of inputs. Each tensor's added
+error against the source's dequantized weights is reported. Rows that are not whole 256-blocks take
+llama.cpp's fallback type (`qjax.formats.gguf_recipes.fallback`). Dense 2-D tensors are written as F16
+(GPTQ and AWQ store them so), norms as F32.
+"""
+
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.core import QArray, QSpec, ggml, is_qarray
+from qjax.core.qarray import dequantize, dequantize_canonical
+from qjax.formats import awq, gguf, gguf_recipes, gptq
+from qjax.formats.loading import load_model
+from qjax.models.config import LlamaConfig
+from qjax.quantizers.ggml_legacy import fifth_bits, fp16_bytes, nibbles_by_halves, to_blocks, to_rows
+from qjax.quantizers.kquants import kquant_quantize
+from qjax.transforms.base import map_with_path
+
+HF_FORMATS = ("gptq", "gptq_v2", "awq")
+FLOAT_TYPES = ("F32", "F16")
+# ggml type -> (code bits, fixed zero or None for a stored minimum)
+LEGACY_GRIDS = {"Q4_0": (4, 8), "Q4_1": (4, None), "Q5_0": (5, 16), "Q5_1": (5, None), "Q8_0": (8, 0)}
+# `general.file_type` labels for types that are not themselves a llama.cpp file type
+_FILE_TYPE_LABELS = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}
+
+_dequantize_canonical = jax.jit(dequantize_canonical)  # once per shape, not op by op for every tensor
+
+TARGET_MSG = "{flag} must be gguf:<TYPE> (TYPE one of {types}) or one of {formats}, got {value!r}."
+
+
+class Target(NamedTuple):
+  """Where a model goes: ``kind`` "gguf" with a ggml or float ``type_name``, or a Hugging Face format."""
+
+  kind: str
+  type_name: str | None = None
+
+
+def parse_target(value: str, *, flag: str = "--to") -> Target:
+  """``"gguf:Q4_1"`` -> ``Target("gguf", "Q4_1")``; ``"gptq"``, ``"gptq_v2"``, ``"awq"`` -> ``Target(kind)``.
+
+  Raises:
+    ValueError: naming `flag` and the allowed values.
+  """
+  kind, _, type_name = value.partition(":")
+  if kind in HF_FORMATS and not type_name:
+    return Target(kind)
+  if kind == "gguf" and (type_name in ggml.BLOCK_TYPES or type_name in FLOAT_TYPES):
+    return Target(kind, type_name)
+  types = ", ".join([*ggml.BLOCK_TYPES, *FLOAT_TYPES])
+  raise ValueError(TARGET_MSG.format(flag=flag, types=types, formats=", ".join(HF_FORMATS), value=value))
+
+
+class TensorConversion(NamedTuple):
+  """How one quantized tensor was converted.
+
+  Attributes:
+    path: the Flax parameter path.
+    source: the source grid, e.g. ``"4-bit g32 asym"``.
+    type_name: the ggml type written.
+    exact: True when codes and scales were copied (only the fp16 rounding of a minimum changes values).
+    rel_rmse: ``‖ŵ - w‖ / ‖w‖`` against the source's dequantized weights ``w``.
+    max_abs: ``max |ŵ - w|``.
+  """
+
+  path: str
+  source: str
+  type_name: str
+  exact: bool
+  rel_rmse: float
+  max_abs: float
+
+
+def describe(q: QArray) -> str:
+  """A short name of a QArray's grid, e.g. ``"4-bit g32 asym act-order"`` or ``"Q4_K"``."""
+  if q.spec.is_ggml:
+    return q.spec.layout
+  text = f"{q.spec.bits}-bit g{q.spec.group_size} {'sym' if q.spec.symmetric else 'asym'}"
+  return text + (" act-order" if q.perm is not None else "")
+
+
+def _block_params(q: QArray, nb: int) -> tuple[np.ndarray, np.ndarray]:
+  """(nb, n) float32 scale and int32 zero of each 32-block along ``k`` (blocks lie inside groups)."""
+  k = q.canonical_shape[0]
+  group = np.arange(nb) * 32 // q.spec.group_length(k)
+  scale = np.asarray(q.scale, np.float32)[group]
+  zero = np.full_like(scale, 1 << (q.spec.bits - 1), np.int32) if q.zero is None else np.asarray(q.zero)[group]
+  return scale, zero
+
+
+def exact_blocks(q: QArray, type_name: str) -> np.ndarray | None:
+  """The ggml block rows of `type_name` that hold `q`'s codes and scales, or None when the grids differ.
+
+  Args:
+    q: a ``packed`` QArray, canonical (k, n).
+    type_name: a ggml type; only the 32-element types of `LEGACY_GRIDS` can hold affine groups.
+
+  Returns:
+    (n, k / 32 * type_size) uint8, one row of blocks per output channel (as `QArray.codes` of a ggml
+    layout), or None: act-order groups, groups that are not whole 32-blocks, too many code bits, or codes
+    that leave a fixed-zero type's range.
+  """
+  q = gptq.canonical_act_order(q)
+  k, n = q.canonical_shape
+  if type_name not in LEGACY_GRIDS or q.perm is not None or k % 32 or q.spec.group_length(k) % 32:
+    return None
+  bits, fixed = LEGACY_GRIDS[type_name]
+  scale, zero = _block_params(q, k // 32)
+  codes = gptq.codes_of(q).astype(np.int32)
+  if fixed is None:
+    if q.spec.bits > bits:
+      return None
+    levels, minimum = codes, -zero.astype(np.float32) * scale  # exact: an integer below 2**8 times an fp16
+  else:
+    levels = codes - np.repeat(zero, 32, axis=0) + fixed
+    lo, hi = (-128, 127) if type_name == "Q8_0" else (0, (1 << bits) - 1)
+    if levels.min() < lo or levels.max() > hi:
+      return None
+  x = to_blocks(jnp.asarray(levels.T), 32)  # (32, n * nb), blocks of row j then of row j + 1
+  d = jnp.asarray(scale.T.reshape(-1))
+  fields = {
+    "Q4_0": lambda: [fp16_bytes(d), nibbles_by_halves(x)],
+    "Q5_0": lambda: [fp16_bytes(d), fifth_bits(x), nibbles_by_halves(x)],
+    "Q8_0": lambda: [fp16_bytes(d), x],
+    "Q4_1": lambda: [fp16_bytes(d), fp16_bytes(jnp.asarray(minimum.T.reshape(-1))), nibbles_by_halves(x)],
+    "Q5_1": lambda: [fp16_bytes(d), fp16_bytes(jnp.asarray(minimum.T.reshape(-1))), fifth_bits(x),
+                     nibbles_by_halves(x)],
+  }  # fmt: skip
+  return np.asarray(to_rows(fields[type_name](), n))
+
+
+def _error(path: str, q: QArray, converted, type_name: str, exact: bool) -> TensorConversion:
+  w = np.asarray(_dequantize_canonical(q), np.float64)
+  got = converted if not is_qarray(converted) else _dequantize_canonical(converted)
+  diff = np.asarray(got, np.float64) - w
+  rel = float(np.linalg.norm(diff) / max(np.linalg.norm(w), np.finfo(np.float64).tiny))
+  return TensorConversion(path, describe(q), type_name, exact, rel, float(np.abs(diff).max()))
+
+
+def to_ggml(q: QArray, type_name: str, *, path: str = "weight") -> tuple[QArray, TensorConversion]:
+  """One quantized tensor as a ggml-layout `QArray`: copied where the grids agree, else requantized.
+
+  Args:
+    q: a QArray (``packed``, or already a ggml layout, which is kept as it is).
+    type_name: the ggml type; rows that are not whole blocks of it take llama.cpp's fallback type.
+    path: the parameter path, for the report.
+
+  Returns:
+    The ggml QArray (same shape, dtype and axis) and its `TensorConversion` row.
+
+  Raises:
+    ValueError: for rows that fit no ggml block size (not a multiple of 32).
+  """
+  if q.spec.is_ggml:
+    return q, TensorConversion(path, describe(q), q.spec.layout, True, 0.0, 0.0)
+  type_name = gguf_recipes.fallback(type_name, q.canonical_shape[0])
+  rows = exact_blocks(q, type_name)
+  if rows is None:
+    out = kquant_quantize(dequantize(q), type_name=type_name, axis=q.axis)
+  else:
+    out = QArray(
+      codes=jnp.asarray(rows), scale=None, zero=None, perm=None, spec=QSpec.ggml(type_name), shape=q.shape,
+      dtype=q.dtype, axis=q.axis,
+    )  # fmt: skip
+  return out, _error(path, q, out, type_name, rows is not None)
+
+
+def _to_float(q: QArray, type_name: str, path: str) -> tuple[np.ndarray, TensorConversion]:
+  w = np.asarray(dequantize(q), np.float32)
+  stored = w.astype(np.float16).astype(np.float32) if type_name == "F16" else w
+  canonical = stored if q.axis == 0 else stored.T
+  return w, _error(path, q, jnp.asarray(canonical), type_name, type_name == "F32")
+
+
+def convert_params(params, type_name: str) -> tuple[dict, list[TensorConversion]]:
+  """Every `QArray` leaf of `params` as ggml type `type_name` (see `to_ggml`), or dequantized for F32/F16.
+
+  Returns:
+    The new parameter tree (dense leaves unchanged) and one `TensorConversion` per quantized leaf.
+  """
+  report = []
+
+  def convert(path, leaf):
+    if not is_qarray(leaf):
+      return leaf
+    out, row = _to_float(leaf, type_name, path) if type_name in FLOAT_TYPES else to_ggml(leaf, type_name, path=path)
+    report.append(row)
+    return out
+
+  return map_with_path(convert, params), report
+
+
+def summary(report: list[TensorConversion]) -> str:
+  """A few lines: tensors copied exactly and requantized, per source grid and type, with their added error."""
+  groups: dict[tuple[str, str, bool], list[TensorConversion]] = {}
+  for row in report:
+    groups.setdefault((row.source, row.type_name, row.exact), []).append(row)
+  lines = [f"{'source':26s} {'-> type':8s} {'how':11s} {'tensors':>7s} {'rel RMSE max':>13s} {'max |Δw|':>10s}"]
+  for (source, type_name, exact), rows in sorted(groups.items()):
+    rel = max(r.rel_rmse for r in rows)
+    biggest = max(r.max_abs for r in rows)
+    how = "copied" if exact else "requantized"
+    lines.append(f"{source:26s} {type_name:8s} {how:11s} {len(rows):7d} {rel:13.3e} {biggest:10.3e}")
+  return "\n".join(lines)
+
+
+def check_export_spec(fmt: str, spec: QSpec, *, act_order: bool) -> None:
+  """Raises for quantization settings a `fmt` checkpoint cannot hold (checked before quantizing).
+
+  Args:
+    fmt: one of `HF_FORMATS`.
+    spec: the quantization spec.
+    act_order: whether the result will carry an act-order permutation (GPTQ ``desc_act`` with dynamic groups).
+  """
+  if fmt not in HF_FORMATS:
+    raise ValueError(f"expected an export format in {HF_FORMATS}, got {fmt!r}.")
+  if fmt == "awq":
+    if spec.bits != awq.BITS:
+      raise ValueError(f"--export=awq stores 4-bit codes, got --bits={spec.bits}; use --bits=4 or --export=gptq.")
+    if act_order:
+      raise ValueError("--export=awq has no g_idx for act-order; drop --desc_act (or add --static_groups).")
+  elif spec.bits not in gptq.BITS:
+    raise ValueError(f"--export={fmt} stores bits {gptq.BITS}, got --bits={spec.bits} (no GPTQ loader reads it).")
+
+
+def check_export_shapes(fmt: str, spec: QSpec, config: LlamaConfig) -> None:
+  """Raises when a `fmt` checkpoint of a model with `config` cannot hold `spec` (checked before quantizing)."""
+  modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+  for module in modules:
+    k, n = gptq.linear_shape(config, module)
+    if fmt == "awq":
+      awq.check_awq_shape(k, n, spec.group_size, module, "--export=awq")
+    else:
+      for what, length in (("the input width", k), ("the output width", n)):
+        gptq.check_packable(length, spec.bits, what, module, f"--export={fmt}")
+
+
+def save_hf(fmt: str, out_dir: str, config: LlamaConfig, params, tokenizer) -> None:
+  """Writes quantized params as a GPTQ ("gptq", "gptq_v2") or AWQ ("awq") Hugging Face directory."""
+  if fmt == "awq":
+    awq.save_awq(out_dir, config, params, tokenizer)
+  else:
+    gptq.save_gptq(out_dir, config, params, tokenizer, checkpoint_format=fmt)
+
+
+def convert_model(source: str, target: Target, out: str) -> list[TensorConversion]:
+  """Converts the model at `source` (GPTQ, AWQ or qjax directory; anything `load_model` reads) to `target`.
+
+  Args:
+    source: the model to read.
+    target: a GGUF type (written to the file `out`) or a Hugging Face format (the directory `out`).
+    out: the output path.
+
+  Returns:
+    For GGUF, one `TensorConversion` per quantized tensor; for Hugging Face formats, an empty list (the
+    codes are copied).
+
+  Raises:
+    ValueError, FileNotFoundError: for unreadable sources, params the target cannot hold, or a missing
+      output directory.
+  """
+  model = load_model(source)
+  if target.kind in HF_FORMATS:
+    save_hf(target.kind, out, model.config, model.params, model.tokenizer)
+    return []
+  params, report = convert_params(model.params, target.type_name)
+  float_type = target.type_name if target.type_name in FLOAT_TYPES else "F16"
+  label = _FILE_TYPE_LABELS.get(target.type_name, target.type_name)
+  entries = gguf.tokenizer_metadata(model.tokenizer, model.config.vocab_size)
+  name = os.path.basename(os.path.normpath(source))
+  gguf.write_gguf(out, model.config, params, entries, float_type=float_type, file_type=label, name=name)
+  return report
