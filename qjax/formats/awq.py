@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.core import AffineParams, QArray, QSpec, is_qarray
-from qjax.formats import gptq
+from qjax.formats import gptq, hf_quantized
 from qjax.models.config import LlamaConfig
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -154,7 +154,7 @@ def awq_quantization_config(spec: QSpec) -> dict[str, Any]:
 
 
 def save_awq(
-  out_dir: str, config: LlamaConfig, params, tokenizer, *, max_shard_bytes: int = gptq.MAX_SHARD_BYTES
+  out_dir: str, config: LlamaConfig, params, tokenizer, *, max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES
 ) -> None:
   """Writes quantized params as an AWQ (gemm) checkpoint directory that vLLM, TGI and transformers load.
 
@@ -171,11 +171,11 @@ def save_awq(
   Raises:
     ValueError: for params an AWQ config cannot describe.
   """
-  spec = gptq.model_spec(params, "AWQ")
+  spec = hf_quantized.model_spec(params, "AWQ")
   if "lm_head" in params and is_qarray(params["lm_head"]["kernel"]):
     raise ValueError("an AWQ checkpoint keeps lm_head dense (no AWQ runtime quantizes it); got a quantized lm_head.")
-  tensors = gptq.hf_tensors(params, lambda module, q: to_awq(q, name=module)._asdict())
-  gptq.write_hf_directory(
+  tensors = hf_quantized.hf_tensors(params, lambda module, q: to_awq(q, name=module)._asdict())
+  hf_quantized.write_hf_directory(
     out_dir, config, tensors, awq_quantization_config(spec), tokenizer, max_shard_bytes=max_shard_bytes
   )
 
@@ -186,9 +186,9 @@ def check_awq_tensors(t: AwqTensors, shape: tuple[int, int], group_size: int, na
   check_awq_shape(k, n, group_size, name, "load_awq")
   groups = 1 if group_size == -1 else k // group_size
   described = f"4-bit group_size={group_size} AWQ gemm of a ({n}, {k}) linear"
-  gptq.check_tensor(f"{name}.qweight", t.qweight, (k, n // 8), (np.int32,), described)
-  gptq.check_tensor(f"{name}.qzeros", t.qzeros, (groups, n // 8), (np.int32,), described)
-  gptq.check_tensor(f"{name}.scales", t.scales, (groups, n), (np.float16, np.float32, jnp.bfloat16), described)
+  hf_quantized.check_tensor(f"{name}.qweight", t.qweight, (k, n // 8), (np.int32,), described)
+  hf_quantized.check_tensor(f"{name}.qzeros", t.qzeros, (groups, n // 8), (np.int32,), described)
+  hf_quantized.check_tensor(f"{name}.scales", t.scales, (groups, n), (np.float16, np.float32, jnp.bfloat16), described)
 
 
 def awq_settings(qc: dict[str, Any], source: str) -> tuple[int, bool]:
@@ -224,11 +224,11 @@ def load_awq(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
     ValueError: naming the file or tensor for an unknown version, or tensors that do not match the config.
   """
   config = LlamaConfig.from_pretrained(model_dir)
-  qc = gptq.read_quantization_config(model_dir)
+  qc = hf_quantized.read_quantization_config(model_dir)
   if qc is None:
     raise ValueError(f"{model_dir}: config.json has no quantization_config.")
   group_size, zero_point = awq_settings(qc, os.path.join(model_dir, "config.json"))
-  tensors = gptq.HfTensors(model_dir)
+  tensors = hf_quantized.HfTensors(model_dir)
 
   def quantized(module: str, shape: tuple[int, int]) -> QArray:
     got = tensors.get_many([f"{module}.{f}" for f in AwqTensors._fields])
@@ -236,4 +236,4 @@ def load_awq(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
     check_awq_tensors(t, shape, group_size, module)
     return from_awq(t, group_size=group_size, zero_point=zero_point, dtype=dtype, name=module)
 
-  return config, gptq.read_hf_params(tensors, config, quantized, dtype=dtype)
+  return config, hf_quantized.read_hf_params(tensors, config, quantized, dtype=dtype)

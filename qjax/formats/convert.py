@@ -26,7 +26,7 @@ import numpy as np
 
 from qjax.core import QArray, QSpec, ggml, is_qarray
 from qjax.core.qarray import dequantize, dequantize_canonical
-from qjax.formats import awq, gguf, gguf_recipes, gptq
+from qjax.formats import awq, gguf, gguf_recipes, gptq, hf_quantized
 from qjax.formats.loading import load_model
 from qjax.models.config import LlamaConfig
 from qjax.quantizers.ggml_legacy import fifth_bits, fp16_bytes, nibbles_by_halves, to_blocks, to_rows
@@ -243,7 +243,7 @@ def check_export_shapes(fmt: str, spec: QSpec, config: LlamaConfig) -> None:
   """Raises when a `fmt` checkpoint of a model with `config` cannot hold `spec` (checked before quantizing)."""
   modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
   for module in modules:
-    k, n = gptq.linear_shape(config, module)
+    k, n = hf_quantized.linear_shape(config, module)
     if fmt == "awq":
       awq.check_awq_shape(k, n, spec.group_size, module, "--export=awq")
     else:

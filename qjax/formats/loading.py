@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from qjax.formats import awq, gptq, native
+from qjax.formats import awq, gptq, hf_quantized, native
 from qjax.models.checkpoint import Checkpoint, GgufCheckpoint, SafetensorsCheckpoint
 from qjax.models.config import LlamaConfig
 from qjax.models.default import default_model_dir
@@ -63,7 +63,7 @@ def quant_method(model_dir: str) -> str | None:
   """The ``quant_method`` of a Hugging Face directory's quantization config ("gptq", "awq", …), None if float."""
   if not os.path.isfile(os.path.join(model_dir, "config.json")):
     return None
-  qc = gptq.read_quantization_config(model_dir)
+  qc = hf_quantized.read_quantization_config(model_dir)
   return None if qc is None else str(qc.get("quant_method", "")).lower()
 
 

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 from qjax.calib import text as texts
 from qjax.core import QSpec, affine, dequantize, from_codes, is_qarray, quantize
 from qjax.eval.metrics import evaluate
-from qjax.formats import gptq, load_model, open_checkpoint
+from qjax.formats import gptq, hf_quantized, load_model, open_checkpoint
 from qjax.formats.gptq import canonical_act_order, from_gptq, load_gptq, save_gptq, to_gptq
 from qjax.pipeline import QuantizeJob, logits_fn, run_job
 from qjax.quantizers import gptq_quantize
@@ -189,7 +189,7 @@ def test_interrupted_write_leaves_nothing(model_dir, tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(gptq, "save_file", boom)
+  monkeypatch.setattr(hf_quantized, "save_file", boom)
   with pytest.raises(KeyboardInterrupt):
     save_gptq(str(tmp_path / "out"), checkpoint.config, params, None)
   assert os.listdir(tmp_path) == []
@@ -273,7 +273,7 @@ def test_truncated_or_extra_tensors(exported):
 def test_quantize_job_export_flags():
   with pytest.raises(ValueError, match=r"--export=gptq stores bits \(2, 3, 4, 8\), got --bits=5"):
     QuantizeJob(method="rtn", bits=5, export="gptq")
-  with pytest.raises(ValueError, match="use --method=gptq or --method=rtn"):
+  with pytest.raises(ValueError, match="use a --method that ends in one"):
     QuantizeJob(method="none", export="gptq_v2")
   with pytest.raises(ValueError, match=r"--export must be gguf:<TYPE> or one of \('gptq', 'gptq_v2', 'awq'\)"):
     QuantizeJob(method="rtn", export="exl2")
