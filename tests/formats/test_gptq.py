@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 from qjax.calib import text as texts
 from qjax.core import QSpec, affine, dequantize, from_codes, is_qarray, quantize
 from qjax.eval.metrics import evaluate
-from qjax.formats import gptq, hf_quantized, load_model, open_checkpoint
+from qjax.formats import hf_quantized, load_model, open_checkpoint
 from qjax.formats.gptq import canonical_act_order, from_gptq, load_gptq, save_gptq, to_gptq
 from qjax.pipeline import QuantizeJob, logits_fn, run_job
 from qjax.quantizers import gptq_quantize
