@@ -5,7 +5,9 @@ checkpoint conversion is a rename: ``model/layers_3/self_attn/q_proj/kernel`` is
 ``model.layers.3.self_attn.q_proj.weight`` transposed (Flax kernels are ``[in, out]``).
 
 Any linear kernel (and the embedding table) may be a `QArray`: linears go through
-`qjax.kernels.qmatmul`, so the same forward runs dense or quantized.
+`qjax.kernels.qmatmul`, so the same forward runs dense or quantized. A linear kernel may
+also be a `qjax.kernels.KernelWeight` (a 4-bit `QArray` converted to the GPU kernels'
+layout at quantize time).
 
 The model is split into the pieces the calibration runner drives one at a time:
 `embed`, `DecoderLayer` (one block) and `head`; `LlamaForCausalLM` chains them.
@@ -21,7 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from qjax.core import QArray, dequantize, is_qarray
-from qjax.kernels import qmatmul
+from qjax.kernels import is_kernel_weight, qmatmul
 from qjax.models.config import LlamaConfig
 
 
@@ -55,7 +57,7 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
     kernel = _weight(self, "kernel", (x.shape[-1], self.features), nn.initializers.normal(0.02), self.dtype)
-    if is_qarray(kernel):
+    if is_qarray(kernel) or is_kernel_weight(kernel):
       y = qmatmul(x, kernel)
     else:
       y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)

@@ -1,0 +1,148 @@
+"""One table of methods on the built-in default model and text: qjax's and llama.cpp's recipes side by side.
+
+  .venv/bin/python experiments/compare_methods.py          # writes experiments/compare_methods.{json,md,png}
+
+Rows: RTN, GPTQ (group-aware order), GPTQ act-order, AWQ, AWQ+GPTQ at 4 bits in groups of 128,
+and GGUF recipes (Q8_0, Q6_K, Q5_K_M, Q4_K_M with and without an importance matrix, Q3_K_M,
+Q2_K) encoded by qjax (byte for byte what llama-quantize writes) and *run by llama.cpp*. Every row
+is scored on the same evaluation windows; KL divergence is against qjax's float model on them.
+The README quotes `compare_methods.md`.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+from absl import app, flags
+
+from qjax.calib import text as texts
+from qjax.core import is_qarray
+from qjax.eval.metrics import evaluate
+from qjax.formats import open_checkpoint
+from qjax.pipeline import QuantizeJob, calibration_windows, logits_fn, quantize_model, write_gguf_export
+from qjax.transforms.base import leaves_with_paths
+
+_NSAMPLES = flags.DEFINE_integer("nsamples", 32, "Calibration windows.")
+_SEQLEN = flags.DEFINE_integer("seqlen", 512, "Tokens per calibration and evaluation window.")
+_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows.")
+_OUT = flags.DEFINE_string("out", "experiments/compare_methods", "Output path prefix (.json, .md, .png).")
+
+QJAX_ROWS = [
+  ("RTN", dict(method="rtn")),
+  ("RTN zero point", dict(method="rtn", sym=False)),
+  ("GPTQ", dict(method="gptq")),
+  ("GPTQ act-order", dict(method="gptq", desc_act=True)),
+  ("AWQ", dict(method="awq", sym=False)),
+  ("AWQ+GPTQ", dict(method="awq+gptq", sym=False)),
+]
+GGUF_ROWS = [("Q8_0", False), ("Q6_K", False), ("Q5_K_M", False), ("Q4_K_M", False), ("Q4_K_M", True),
+             ("Q3_K_M", False), ("Q2_K", False)]  # fmt: skip
+
+
+def weight_bits(params) -> tuple[float, float]:
+  """(bits per weight over all 2-D tensors with dense ones at 16 bits, size in MB at that precision)."""
+  bits = weights = 0
+  for _, leaf in leaves_with_paths(params):
+    if is_qarray(leaf):
+      bits += 8 * leaf.nbytes
+      weights += int(np.prod(leaf.shape))
+    elif np.ndim(leaf) == 2:
+      bits += 16 * np.size(leaf)
+      weights += np.size(leaf)
+  return bits / weights, bits / 8 / 2**20
+
+
+def llama_cpp_fn(path: str, seqlen: int):
+  import llama_cpp
+
+  llm = llama_cpp.Llama(model_path=path, n_ctx=seqlen, n_batch=seqlen, logits_all=True, verbose=False)
+
+  def logits(ids):
+    out = []
+    for window in np.asarray(ids):
+      llm.reset()
+      llm.eval(window.tolist())
+      out.append(np.asarray(llm.scores[: len(window)], np.float32))
+    return np.stack(out)
+
+  return logits, llm
+
+
+def main(argv):
+  del argv
+  checkpoint = open_checkpoint("default")
+  tokenizer = checkpoint.tokenizer()
+  base = QuantizeJob(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, group_size=128)
+  windows = calibration_windows(base, tokenizer)
+  eval_windows = texts.eval_windows(
+    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), _SEQLEN.value, max_windows=_EVAL_WINDOWS.value
+  )
+  float_fn = logits_fn(checkpoint.config, checkpoint.params())
+  rows = []
+  for name, kw in QJAX_ROWS:
+    job = QuantizeJob(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, group_size=128, **kw)
+    params = quantize_model(job, checkpoint, windows=windows)
+    result = evaluate(logits_fn(checkpoint.config, params), eval_windows, reference_fn=float_fn, label=name)
+    bpw, mb = weight_bits(params)
+    rows.append(dict(method=f"{name} w4g128", runtime="qjax", perplexity=result.perplexity,
+                     kl=result.kl_divergence, top1=result.top1_agreement, bpw=bpw, size_mb=mb))  # fmt: skip
+  with tempfile.TemporaryDirectory() as tmp:
+    for recipe, imatrix in GGUF_ROWS:
+      job = QuantizeJob(method="none", export=f"gguf:{recipe}", imatrix=imatrix, nsamples=_NSAMPLES.value,
+                        seqlen=_SEQLEN.value, out=os.path.join(tmp, f"{recipe}-{imatrix}"))  # fmt: skip
+      params = quantize_model(job, checkpoint, windows=windows)
+      path = write_gguf_export(job, checkpoint.config, params, tokenizer)
+      fn, llm = llama_cpp_fn(path, _SEQLEN.value)
+      try:
+        result = evaluate(fn, eval_windows, reference_fn=float_fn, label=job.label)
+      finally:
+        llm.close()
+      bpw, _ = weight_bits(params)
+      rows.append(dict(method=f"GGUF {recipe}" + (" + imatrix" if imatrix else ""), runtime="llama.cpp",
+                       perplexity=result.perplexity, kl=result.kl_divergence, top1=result.top1_agreement, bpw=bpw,
+                       size_mb=os.path.getsize(path) / 2**20))  # fmt: skip
+  float_ppl = result.reference_perplexity
+  write_outputs(rows, float_ppl, len(eval_windows) * (_SEQLEN.value - 1))
+
+
+def write_outputs(rows, float_ppl: float, tokens: int) -> None:
+  with open(f"{_OUT.value}.json", "w") as f:
+    json.dump({"float_perplexity": float_ppl, "eval_tokens": tokens, "rows": rows}, f, indent=2)
+  lines = [
+    f"Default model (SmolLM2-135M-Instruct), built-in evaluation text, {tokens} scored tokens; float perplexity "
+    f"{float_ppl:.3f}. KL divergence and top-1 agreement against qjax's float model on the same tokens.",
+    "",
+    "| method | runtime | perplexity | KL | top-1 | bits/weight | size MB |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['method']} | {r['runtime']} | {r['perplexity']:.3f} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
+      f"{r['bpw']:.2f} | {r['size_mb']:.1f} |"
+    )
+  with open(f"{_OUT.value}.md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for runtime, marker in (("qjax", "o"), ("llama.cpp", "s")):
+    pts = [r for r in rows if r["runtime"] == runtime]
+    ax.scatter([r["bpw"] for r in pts], [r["perplexity"] for r in pts], marker=marker, label=runtime)
+    for r in pts:
+      ax.annotate(r["method"], (r["bpw"], r["perplexity"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  ax.axhline(float_ppl, color="gray", linestyle="--", label="float")
+  ax.set_xlabel("bits per weight (2-D tensors; dense ones at 16)")
+  ax.set_ylabel("perplexity")
+  ax.set_yscale("log")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(f"{_OUT.value}.png", dpi=120)
+
+
+if __name__ == "__main__":
+  app.run(main)
