@@ -18,7 +18,7 @@ from qjax.calib import text as texts
 from qjax.calib.awq import awq
 from qjax.calib.lwc import learned_clipping
 from qjax.calib.runner import RunnerOptions, quantize_blocks
-from qjax.core import QSpec, ggml, is_qarray
+from qjax.core import QSpec, dequantize, ggml, is_qarray
 from qjax.eval.metrics import EvalResult, evaluate
 from qjax.formats import convert, gguf, gguf_recipes, native
 from qjax.formats.loading import open_checkpoint
@@ -27,7 +27,7 @@ from qjax.models.llama import LlamaForCausalLM
 from qjax.models.rotate import RotatedCheckpoint
 from qjax.quantizers.rotation import random_rotation
 from qjax.transforms import Rule, Transform, gptq, quantize_params, rtn
-from qjax.transforms.base import leaves_with_paths
+from qjax.transforms.base import leaves_with_paths, observe
 from qjax.transforms.rules import rules_transform
 
 METHOD_EXAMPLES = ("gptq", "rtn", "awq", "awq+gptq", "rotate+gptq", "rotate+rtn", "lwc", "none")
@@ -167,6 +167,27 @@ class QuantizeJob:
     return [Rule(LINEAR_KERNELS, transform, name=self.label)]
 
 
+class TensorLog:
+  """Per quantized tensor: its format, bits per weight, and the rounding's relative error ``‖Ŵ - W‖ / ‖W‖``.
+
+  ``W`` is what the rounding saw (after a rotation or AWQ scaling), so the error is the rounding's own.
+  """
+
+  def __init__(self):
+    self.rows: dict[str, dict[str, Any]] = {}
+
+  def record(self, path: str, before, after) -> None:
+    if not is_qarray(after):
+      return
+    w = np.asarray(before, np.float32)
+    err = np.linalg.norm(np.asarray(dequantize(after), np.float32) - w) / max(np.linalg.norm(w), 1e-30)
+    layout = after.spec.layout if after.spec.is_ggml else f"int{after.spec.bits} g{after.spec.group_size}"
+    self.rows[path] = {"format": layout, "bits_per_weight": after.bits_per_weight, "relative_error": float(err)}
+
+  def observed(self, rules: list[Rule]) -> list[Rule]:
+    return [Rule(r.pattern, None if r.transform is None else observe(r.transform, self.record), r.name) for r in rules]
+
+
 @dataclasses.dataclass
 class JobReport:
   """Results of a job: quality before and after, size, bits per weight, time."""
@@ -178,6 +199,7 @@ class JobReport:
   dense_float16_bytes: int
   quantize_seconds: float
   eval_seconds: float
+  tensors: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   @property
   def bits_per_weight(self) -> float:
@@ -188,6 +210,7 @@ class JobReport:
     d = dataclasses.asdict(self)
     d["evaluation"] = None if self.evaluation is None else self.evaluation._asdict()
     d["bits_per_weight"] = self.bits_per_weight
+    d["versions"] = versions()
     return d
 
   def table(self) -> str:
@@ -232,10 +255,19 @@ def calibration_windows(job: QuantizeJob, tokenizer) -> np.ndarray:
   return texts.calibration_windows(tokens, job.nsamples, job.seqlen, seed=job.seed)
 
 
-def quantize_model(job: QuantizeJob, checkpoint, *, windows: np.ndarray | None = None, show_progress: bool = True):
+def quantize_model(
+  job: QuantizeJob,
+  checkpoint,
+  *,
+  windows: np.ndarray | None = None,
+  show_progress: bool = True,
+  log: TensorLog | None = None,
+):
   """The quantized parameter tree of `checkpoint` under `job` (calibrating on `windows`, default: the job's)."""
   checkpoint = job.prepare(checkpoint)
   rules = job.rules(checkpoint.config)
+  if log is not None:
+    rules = log.observed(rules)
   if not job.needs_calibration:
     return quantize_params(checkpoint.params(), rules) if rules else checkpoint.params()
   if windows is None:
@@ -288,7 +320,8 @@ def run_job(job: QuantizeJob, *, show_progress: bool = True) -> JobReport:
     convert.check_export_shapes(job.export, job.spec, checkpoint.config)
   tokenizer = checkpoint.tokenizer()
   start = time.perf_counter()
-  qparams = quantize_model(job, checkpoint, show_progress=show_progress)
+  log = TensorLog()
+  qparams = quantize_model(job, checkpoint, show_progress=show_progress, log=log)
   quantize_seconds = time.perf_counter() - start
   config = job.output_config(checkpoint.config)
   if job.gguf_type:
@@ -312,4 +345,79 @@ def run_job(job: QuantizeJob, *, show_progress: bool = True) -> JobReport:
         show_progress=show_progress,
     )  # fmt: skip
   eval_seconds = time.perf_counter() - start
-  return JobReport(job.label, quant_eval, *_sizes(qparams), quantize_seconds, eval_seconds)
+  return JobReport(job.label, quant_eval, *_sizes(qparams), quantize_seconds, eval_seconds, log.rows)
+
+
+def versions() -> dict[str, str]:
+  """Versions of qjax, Python and the packages a result depends on, and the device."""
+  import importlib.metadata
+  import platform
+
+  import jax
+
+  names = ("qjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "gguf", "numpy")
+  found = {}
+  for name in names:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      found[name] = "not installed"
+  return {**found, "python": platform.python_version(), "device": jax.devices()[0].device_kind}
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """A rough forecast of a job's cost, printed before it starts."""
+
+  peak_bytes: float
+  quantize_seconds: float
+  eval_seconds: float
+  gflops_per_second: float
+
+  def __str__(self) -> str:
+    return (
+      f"estimate: peak memory ~{self.peak_bytes / 2**30:.1f} GiB, quantize ~{_minutes(self.quantize_seconds)}, "
+      f"evaluate ~{_minutes(self.eval_seconds)} (at {self.gflops_per_second:.0f} GFLOP/s measured here)"
+    )
+
+
+def _minutes(seconds: float) -> str:
+  return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def measure_gflops() -> float:
+  """Float32 matmul throughput of the default device, from a short timed run."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jnp.ones((1024, 1024), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(5):
+    f(a).block_until_ready()
+  return 5 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+
+
+def estimate(job: QuantizeJob, config, *, gflops_per_second: float | None = None) -> Estimate:
+  """Peak memory and time of `job` on a model with `config`, from its sizes (a forecast, not a measurement)."""
+  d, f, v, n_layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+  q_out = config.num_attention_heads * config.head_dim
+  kv_out = config.num_key_value_heads * config.head_dim
+  block = d * (q_out + 2 * kv_out) + q_out * d + 3 * d * f
+  model = n_layers * block + v * d * (1 if config.tie_word_embeddings else 2)
+  tokens = job.nsamples * job.seqlen if job.needs_calibration else 0
+  outputs = q_out + 2 * kv_out + d + 2 * f + d  # every linear's output, cached within a block
+  calibration = 4 * (tokens * d * 2 + min(tokens * outputs, 4 << 30) + 2 * block + 3 * d * d + f * f + v * d)
+  calibration += 4 * job.batch_size * job.seqlen * (4 * f + config.num_attention_heads * job.seqlen)
+  windows = job.eval_windows
+  evaluation = 4 * (2 * model + 3 * job.seqlen * v) if windows else 0
+  gflops = gflops_per_second or measure_gflops()
+  hessian_flops = 2 * tokens * (3 * d * d + f * f)
+  gptq_flops = (
+    2 * (d * d * (q_out + 2 * kv_out + 2 * f) + q_out * q_out * d + f * f * d) if job.scheme.rounding == "gptq" else 0
+  )
+  awq_flops = 20 * 2 * tokens * block if "awq" in job.scheme.preparations else 0
+  quantize_flops = n_layers * (2 * tokens * block * 2.2 + hessian_flops + gptq_flops + awq_flops)
+  eval_flops = 2 * windows * job.seqlen * 2 * (model - v * d + v * d)
+  return Estimate(float(max(calibration, evaluation)), quantize_flops / gflops / 1e9, eval_flops / gflops / 1e9, gflops)

@@ -11,9 +11,10 @@ import traceback
 from absl import app, flags, logging
 
 COMMANDS = {
-  "quantize": ("qjax.cli.quantize", "quantize a model (GPTQ, RTN, GGUF recipes), report its cost, export it"),
+  "quantize": ("qjax.cli.quantize", "quantize a model (GPTQ, AWQ, RTN, GGUF recipes), report its cost, export it"),
   "eval": ("qjax.cli.evaluate", "perplexity, KL divergence and top-1 agreement of a model on a text"),
   "convert": ("qjax.cli.convert", "convert a GPTQ, AWQ or qjax model to GGUF, GPTQ or AWQ"),
+  "bench": ("qjax.cli.bench", "time a model's prefill and decode on this device"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError)
 

@@ -14,13 +14,14 @@ Example:
 """
 
 import dataclasses
-import json
 import os
 import time
 
 from absl import flags
 
-from qjax.pipeline import ALLOWED_GROUP_SIZES, METHOD_EXAMPLES, QuantizeJob, gguf_path, run_job
+from qjax.eval.report import write_report
+from qjax.formats import open_checkpoint
+from qjax.pipeline import ALLOWED_GROUP_SIZES, METHOD_EXAMPLES, QuantizeJob, estimate, gguf_path, run_job
 
 _MODEL = flags.DEFINE_string(
     "model", "default", "Float model to quantize: 'default' (built-in SmolLM2-135M-Instruct), a Hugging Face "
@@ -128,9 +129,10 @@ def main(argv):
     raise ValueError(f"unexpected arguments {argv[1:]}")
   job = job_from_flags()
   start = time.perf_counter()
+  print(estimate(job, open_checkpoint(job.model).config), flush=True)
   report = run_job(job)
   print(report.table())
   written = gguf_path(job) if job.gguf_type else job.out
-  print(f"\nwrote {written}  (evaluate: qjax eval --model={written})  total {time.perf_counter() - start:.0f}s")
-  with open(os.path.join(job.out, "report.json"), "w") as f:
-    json.dump({"job": dataclasses.asdict(job), **report.as_dict()}, f, indent=2)
+  files = write_report(job.out, {"job": dataclasses.asdict(job), **report.as_dict()})
+  print(f"\nwrote {written}  (evaluate: qjax eval --model={written})")
+  print(f"report: {', '.join(files)}  total {time.perf_counter() - start:.0f}s")

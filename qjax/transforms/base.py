@@ -106,11 +106,32 @@ def per_leaf(quantize_leaf: Callable[[Any, LeafStats], Any], *, stats: frozenset
     ]
     if bad:
       raise ValueError("a per-leaf quantizer expected dense 2-D weights, got:\n  " + "\n  ".join(bad))
-    return map_with_path(
-      lambda path, w: w if isinstance(w, MaskedNode) else quantize_leaf(w, stats.get(path, {})), params
-    )
+
+    def quantize(path, w):
+      if isinstance(w, MaskedNode):
+        return w
+      try:
+        return quantize_leaf(w, stats.get(path, {}))
+      except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+    return map_with_path(quantize, params)
 
   return stateless(update_fn, stats=stats)
+
+
+def observe(inner: Transform, callback: Callable[[str, Any, Any], None]) -> Transform:
+  """`inner`, calling ``callback(path, before, after)`` for every leaf it changed (e.g. to record errors)."""
+
+  def update(params, state, **extra):
+    new, state = inner.update(params, state, **extra)
+    before = dict(leaves_with_paths(params))
+    for path, after in leaves_with_paths(new):
+      if path in before and after is not before[path] and not isinstance(after, MaskedNode):
+        callback(path, before[path], after)
+    return new, state
+
+  return Transform(inner.init, update, inner.stats)
 
 
 def identity() -> Transform:

@@ -31,7 +31,9 @@ def model_dir(tmp_path_factory):
 
 def test_help_lists_the_subcommands():
   out = qjax("--help").stdout
-  assert "quantize" in out and "eval" in out
+  assert all(name in out for name in ("quantize", "eval", "convert", "bench"))
+  help_text = qjax("quantize", "--help").stdout
+  assert "--group_size" in help_text and "Example" in help_text
 
 
 def test_quantize_then_eval(model_dir, tmp_path):
@@ -46,6 +48,14 @@ def test_quantize_then_eval(model_dir, tmp_path):
   evaluation = json.loads(pathlib.Path(result_json).read_text())
   assert evaluation["reference"] == model_dir  # a qjax directory remembers its float model
   assert evaluation["tokens"] == 2 * 31 and evaluation["perplexity"] > 1
+  assert {"versions", "tensors", "evaluation", "bits_per_weight"} <= set(report)
+  down = report["tensors"]["model/layers_1/mlp/down_proj/kernel"]
+  assert down["format"] == "int4 g128" and 0 < down["relative_error"] < 0.5
+  assert os.path.exists(os.path.join(out, "errors.png"))
+  bench_json = str(tmp_path / "bench.json")
+  qjax("bench", f"--model={out}", "--seqlen=16", "--new_tokens=2", "--repeats=1", f"--json={bench_json}")
+  bench = json.loads(pathlib.Path(bench_json).read_text())
+  assert bench["prefill_tokens_per_s"] > 0 and bench["decode_tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize(
@@ -56,6 +66,11 @@ def test_quantize_then_eval(model_dir, tmp_path):
     (["eval", "--model=/no/such/model"], "/no/such/model: no such model"),
     (["eval", "--seqlen=abc"], "flag --seqlen=abc"),
     (["frobnicate"], "unknown command 'frobnicate'"),
+    (["convert", "--from=/no/such/dir", "--to=gguf:Q4_0"], "/no/such/dir"),
+    (["convert", "--from=/tmp", "--to=gguf:Q9_X"], "got 'gguf:Q9_X'"),
+    (["convert", "--to=gguf:Q4_0"], "--from must have a value"),
+    (["bench", "--model=/no/such/model"], "/no/such/model: no such model"),
+    (["bench", "--batch=0"], "--batch must be at least 1"),
   ],
 )
 def test_bad_input_exits_2_with_one_clear_line(args, message):
