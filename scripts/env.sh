@@ -65,6 +65,6 @@ if [[ "${1:-}" == "test" ]]; then
   cd "$repo"
   ruff check qjax tests scripts experiments
   ruff format --check qjax tests scripts experiments
-  exec python -m pytest -n "${QJAX_TEST_WORKERS:-2}" "$@"
+  exec python -m pytest -n "${QJAX_TEST_WORKERS:-2}" --durations=30 "$@"
 fi
 exec "$@"

@@ -252,11 +252,14 @@ class _BlockRunner:
       self._jitted["forward"] = jax.jit(self._apply_cached)
     return self._jitted["forward"](params, h, cached or {})
 
-  def input_stats(self, params, batches, modules, names, cache: _OutputCache, capture: tuple[str, ...]):
+  def input_stats(
+    self, params, batches, modules, names, cache: _OutputCache | None = None, capture: tuple[str, ...] = ()
+  ):
     """{module: {stat: mean}} over all batches; linears reading one input share one dict.
 
     Outputs of the `capture` modules are added to `cache`; cached outputs are reused.
     """
+    cache = cache or _OutputCache(0)
     aliases = calib_stats.shared_inputs(self.model.apply_layer, modules, params, next(iter(batches)))
     reps = tuple(dict.fromkeys(aliases.values()))
     key = ("stats", reps, tuple(sorted(names)), capture)

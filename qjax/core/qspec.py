@@ -42,7 +42,7 @@ class QSpec:
 
   Examples:
     >>> QSpec(bits=4, group_size=128)
-    QSpec(bits=4, group_size=128, symmetric=True, scale_dtype=dtype('float16'), layout='packed')
+    QSpec(bits=4, group_size=128, symmetric=True, scale_dtype=dtype('float16'), layout='packed', partial_groups=False)
   """
 
   bits: int = 4

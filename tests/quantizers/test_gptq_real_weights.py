@@ -32,7 +32,7 @@ def layer_problems():
       for m in LINEARS:
         module = params[m.split("/")[0]][m.split("/")[1]]
         problems[f"layers_{i}/{m}"] = (np.asarray(module["kernel"]), np.asarray(stats[m]["hessian"]))
-    batches.map(lambda b, params=params: runner.forward(params, b))
+    batches.map(lambda _, b, params=params: runner.forward(params, b))
   return problems
 
 
