@@ -7,14 +7,13 @@ Example:
 
 import json
 
-import jax
 import numpy as np
 from absl import flags
 
 from qjax.calib import text as texts
 from qjax.eval.metrics import evaluate
 from qjax.formats.loading import load_model
-from qjax.models.llama import LlamaForCausalLM
+from qjax.pipeline import logits_fn
 
 _MODEL = flags.DEFINE_string(
     "model", "default", "Model to evaluate: 'default' (built-in), a Hugging Face directory, a .gguf file, or a qjax "
@@ -38,11 +37,8 @@ _JSON = flags.DEFINE_string("json", None, "Also write the results as JSON to thi
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Windows per forward pass. Example: --batch_size=4.")
 
 
-def logits_fn(model):
-  """A jitted ``ids -> logits`` for a loaded model (params passed as an argument, not baked in)."""
-  net = LlamaForCausalLM(model.config)
-  apply = jax.jit(lambda params, ids: net.apply({"params": params}, ids))
-  return lambda ids: apply(model.params, ids)
+def _logits(model):
+  return logits_fn(model.config, model.params)
 
 
 def run_eval(model_spec: str, text: str, seqlen: int, *, reference: str | None, max_windows=None, batch_size=1):
@@ -50,8 +46,8 @@ def run_eval(model_spec: str, text: str, seqlen: int, *, reference: str | None, 
   tokens = texts.tokenize(model.tokenizer, texts.load_text(text, "evaluation"))
   windows = texts.eval_windows(tokens, seqlen, max_windows=max_windows)
   reference = reference or model.reference
-  ref_fn = None if reference is None else logits_fn(load_model(reference))
-  result = evaluate(logits_fn(model), windows, reference_fn=ref_fn, batch_size=batch_size)
+  ref_fn = None if reference is None else _logits(load_model(reference))
+  result = evaluate(_logits(model), windows, reference_fn=ref_fn, batch_size=batch_size)
   return {"model": model_spec, "text": text, "seqlen": seqlen, "reference": reference, **result.as_dict()}
 
 

@@ -1,0 +1,70 @@
+"""AWQ and the composed recipes on the default model: RTN, AWQ, AWQ+GPTQ, GPTQ, rotations, learned clipping.
+
+  .venv/bin/python experiments/awq_recipes.py        # writes experiments/awq_recipes.{json,md}
+
+4- and 3-bit groups of 128 with a zero point (AutoAWQ's setting; the 576-wide inputs end in a
+64-wide group), the same calibration windows for every calibrated method, the same evaluation
+windows for every model, KL divergence against the float model.
+"""
+
+import json
+import time
+
+import jax
+from absl import app, flags
+
+from qjax.calib import text as texts
+from qjax.eval.metrics import evaluate
+from qjax.formats import open_checkpoint
+from qjax.pipeline import QuantizeJob, calibration_windows, logits_fn, quantize_model
+
+_NSAMPLES = flags.DEFINE_integer("nsamples", 16, "Calibration windows.")
+_SEQLEN = flags.DEFINE_integer("seqlen", 256, "Tokens per calibration window.")
+_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows of 512 tokens.")
+_BITS = flags.DEFINE_list("bits", ["4", "3"], "Bit widths.")
+_OUT = flags.DEFINE_string("out", "experiments/awq_recipes", "Output path prefix (.json, .md).")
+
+METHODS = ["rtn", "awq", "gptq", "awq+gptq", "rotate+rtn", "rotate+gptq", "lwc"]
+
+
+def main(argv):
+  del argv
+  checkpoint = open_checkpoint("default")
+  tokenizer = checkpoint.tokenizer()
+  windows = calibration_windows(QuantizeJob(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value), tokenizer)
+  eval_windows = texts.eval_windows(
+    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=_EVAL_WINDOWS.value
+  )
+  float_fn = logits_fn(checkpoint.config, checkpoint.params())
+  rows = []
+  for bits in map(int, _BITS.value):
+    for method in METHODS:
+      job = QuantizeJob(method=method, bits=bits, group_size=128, sym=False, nsamples=_NSAMPLES.value,
+                        seqlen=_SEQLEN.value)  # fmt: skip
+      start = time.perf_counter()
+      params = jax.block_until_ready(quantize_model(job, checkpoint, windows=windows, show_progress=False))
+      seconds = time.perf_counter() - start
+      config = job.output_config(checkpoint.config)
+      result = evaluate(logits_fn(config, params), eval_windows, reference_fn=float_fn, label=f"w{bits} {method}")
+      rows.append(dict(bits=bits, method=method, perplexity=result.perplexity, kl=result.kl_divergence,
+                       top1=result.top1_agreement, seconds=seconds))  # fmt: skip
+      print(f"w{bits}g128 {method:12s} ppl {result.perplexity:9.3f}  KL {result.kl_divergence:.4f}  {seconds:.0f}s",
+            flush=True)  # fmt: skip
+  lines = [
+    f"SmolLM2-135M-Instruct, groups of 128 with a zero point, {len(windows)} x {windows.shape[1]} calibration "
+    f"tokens, {result.tokens} evaluation tokens (float perplexity {result.reference_perplexity:.3f}).",
+    "",
+    "| bits | method | perplexity | KL | top-1 | seconds |",
+    "|---|---|---|---|---|---|",
+  ]
+  lines += [f"| {r['bits']} | {r['method']} | {r['perplexity']:.3f} | {r['kl']:.4f} | {100 * r['top1']:.1f}% | "
+            f"{r['seconds']:.0f} |" for r in rows]  # fmt: skip
+  with open(f"{_OUT.value}.md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(f"{_OUT.value}.json", "w") as f:
+    json.dump({"float_perplexity": result.reference_perplexity, "rows": rows}, f, indent=2)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)

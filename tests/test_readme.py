@@ -1,0 +1,18 @@
+"""The README quotes the experiment tables exactly as the experiments wrote them, and keeps its two commands."""
+
+import pathlib
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def test_readme_quotes_the_method_comparison():
+  table = (ROOT / "experiments" / "compare_methods.md").read_text().strip()
+  assert table in (ROOT / "README.md").read_text()
+
+
+def test_readme_has_the_two_setup_commands():
+  readme = (ROOT / "README.md").read_text()
+  assert "scripts/env.sh qjax quantize" in readme and "scripts/env.sh test" in readme
+  assert (
+    "scripts/env.sh test" in (ROOT / ".ci" / "run").read_text() or "env.sh test" in (ROOT / ".ci" / "run").read_text()
+  )
