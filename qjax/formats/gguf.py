@@ -7,7 +7,9 @@ path beside the target and renamed when complete, so an interrupted write leaves
 """
 
 import hashlib
+import json
 import os
+import pathlib
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -105,11 +107,15 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> list[KeyValue]:
       ]
       scores = None
     else:
-      vocab = gguf.LlamaHfVocab(tmp)
+      vocab = gguf.LlamaHfVocab(pathlib.Path(tmp))
+      merge_scores = _merge_scores(tokenizer)
       tokens, scores, types = [], [], []
       for text, score, toktype in vocab.all_tokens():
         tokens.append(text)
-        scores.append(float(score))
+        # gguf's LlamaHfVocab scores every token -1000; llama.cpp's SentencePiece tokenizer merges the
+        # highest-scoring pair first, so score each merge product by its BPE rank.
+        normal = toktype == gguf.TokenType.NORMAL
+        scores.append(merge_scores.get(text.decode("utf-8", "replace"), 0.0) if normal else float(score))
         types.append(int(toktype))
       for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]".encode())
@@ -127,6 +133,16 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> list[KeyValue]:
       entries.append(KeyValue("tokenizer.ggml.scores", scores, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32))
     entries += _special_vocab(tmp, vocab_size, load_merges=kind == "gpt2")
   return entries
+
+
+def _merge_scores(tokenizer) -> dict[str, float]:
+  """``-rank`` of the BPE merge that produces each token (tokens no merge produces are absent)."""
+  model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+  scores = {}
+  for rank, merge in enumerate(model.get("merges", [])):
+    left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+    scores.setdefault(left + right, -float(rank))
+  return scores
 
 
 def _bpe_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:

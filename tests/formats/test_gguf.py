@@ -169,3 +169,45 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     write_gguf(str(path), checkpoint.config, checkpoint.params(), [])
   assert os.listdir(tmp_path) == []
+
+
+def _sentencepiece_style_tokenizer():
+  """A Llama-2 style tokenizer: BPE with byte fallback and '▁' for spaces, trained on the built-in text."""
+  from pydoc_data.topics import topics
+
+  from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+  from transformers import LlamaTokenizerFast
+
+  tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+  tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+  specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+  tok.train_from_iterator(list(topics.values())[:20], trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+  return LlamaTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True, legacy=False
+  )
+
+
+def test_sentencepiece_style_tokenizer_tokenizes_the_same_in_llama_cpp(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from pydoc_data.topics import topics
+
+  from qjax.models import SafetensorsCheckpoint
+
+  tokenizer = _sentencepiece_style_tokenizer()
+  config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)  # fmt: skip
+  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+  tokenizer.save_pretrained(tmp_path)
+  checkpoint = SafetensorsCheckpoint(str(tmp_path))
+  entries = tokenizer_metadata(checkpoint.tokenizer(), checkpoint.config.vocab_size)
+  assert {e.key: e.value for e in entries}["tokenizer.ggml.model"] == "llama"
+  path = str(tmp_path / "spm.gguf")
+  write_gguf(path, checkpoint.config, checkpoint.params(), entries)
+  lines = [line for text in list(topics.values())[30:34] for line in text.splitlines() if line[:1].isalpha()]
+  llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+  try:
+    for line in lines:
+      assert llm.tokenize(line.encode(), add_bos=True) == checkpoint.tokenizer()(line).input_ids, line
+  finally:
+    llm.close()
