@@ -334,11 +334,28 @@ class GgufCheckpoint(Checkpoint):
     return head
 
   def tokenizer(self):
-    from transformers import AutoTokenizer
+    """The tokenizer the GGUF metadata describes, built by transformers' GGUF tokenizer converters.
 
-    directory, name = os.path.split(os.path.abspath(self.source))
+    `AutoTokenizer.from_pretrained(gguf_file=...)` reads the file with a reader that needs torch;
+    the metadata is read here with `gguf`, so only the converters (which do not) are used.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+    fields = {k: self._field(k) for k in self._reader.fields if k.startswith("tokenizer.")}
+    grouped = {
+      group: {name: fields[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in fields}
+      for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+      tokenizer_config.setdefault("add_bos_token", True)  # llama.cpp's default for a SentencePiece vocabulary
+    for name, key in mapping._SPECIAL_TOKENS.items():
+      token_id = fields.get(f"tokenizer.ggml.{key}")
+      tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
     try:
-      tok = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+      backend, extra = mapping.convert_gguf_tokenizer(self._arch, tokenizer_dict)
+    except (KeyError, ValueError, NotImplementedError) as e:
       raise ValueError(f"{self.source}: cannot build a tokenizer from the GGUF metadata ({e}).") from e
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
     return _check_tokenizer(tok, self.config, self.source)

@@ -83,11 +83,20 @@ def write_hf_directory(checkpoint, out_dir: str) -> None:
       shutil.rmtree(tmp)
 
 
+def _content_key(path: str) -> str:
+  """A key of the file's contents (size, head and tail), the same wherever the package is installed."""
+  digest = hashlib.sha256(f"{os.path.getsize(path)}:{CONVERSION_VERSION}".encode())
+  with open(path, "rb") as f:
+    digest.update(f.read(1 << 20))
+    f.seek(-min(1 << 20, os.path.getsize(path)), os.SEEK_END)
+    digest.update(f.read())
+  return digest.hexdigest()
+
+
 def default_model_dir() -> str:
   """The float32 Hugging Face directory of the default model, converted on first use."""
   gguf_path = default_gguf_path()
-  stat = os.stat(gguf_path)
-  key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}".encode()).hexdigest()
+  key = _content_key(gguf_path)
   out_dir = os.path.join(cache_root(), f"smollm2-135m-instruct-f32-{key[:12]}")
   if not os.path.exists(out_dir):
     try:
