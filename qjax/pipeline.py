@@ -419,5 +419,9 @@ def estimate(job: QuantizeJob, config, *, gflops_per_second: float | None = None
   )
   awq_flops = 20 * 2 * tokens * block if "awq" in job.scheme.preparations else 0
   quantize_flops = n_layers * (2 * tokens * block * 2.2 + hessian_flops + gptq_flops + awq_flops)
-  eval_flops = 2 * windows * job.seqlen * 2 * (model - v * d + v * d)
-  return Estimate(float(max(calibration, evaluation)), quantize_flops / gflops / 1e9, eval_flops / gflops / 1e9, gflops)
+  eval_flops = 2 * windows * job.seqlen * 2 * model
+  # Beyond the flops: compilation, and GPTQ's column sweep, sequential in the input channels.
+  columns = n_layers * (5 * d + q_out + f) if job.scheme.rounding == "gptq" else 0
+  quantize_seconds = quantize_flops / gflops / 1e9 + 25e-6 * columns + (15.0 if job.needs_calibration else 5.0)
+  eval_seconds = eval_flops / gflops / 1e9 + 5.0 if windows else 0.0
+  return Estimate(float(max(calibration, evaluation)), quantize_seconds, eval_seconds, gflops)
