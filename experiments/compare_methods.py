@@ -2,7 +2,8 @@
 
   .venv/bin/python experiments/compare_methods.py          # writes experiments/compare_methods.{json,md,png}
 
-Rows: RTN, GPTQ (group-aware order), GPTQ act-order, AWQ, AWQ+GPTQ at 4 bits in groups of 128,
+Rows: RTN, GPTQ (group-aware order), GPTQ act-order, AWQ, AWQ+GPTQ at 4 bits in groups of 128
+(calibrated on 16 x 256 tokens),
 and GGUF recipes (Q8_0, Q6_K, Q5_K_M, Q4_K_M with and without an importance matrix, Q3_K_M,
 Q2_K) encoded by qjax (byte for byte what llama-quantize writes) and *run by llama.cpp*. Every row
 is scored on the same evaluation windows; KL divergence is against qjax's float model on them.
@@ -23,8 +24,9 @@ from qjax.formats import open_checkpoint
 from qjax.pipeline import QuantizeJob, calibration_windows, logits_fn, quantize_model, write_gguf_export
 from qjax.transforms.base import leaves_with_paths
 
-_NSAMPLES = flags.DEFINE_integer("nsamples", 32, "Calibration windows.")
-_SEQLEN = flags.DEFINE_integer("seqlen", 512, "Tokens per calibration and evaluation window.")
+_NSAMPLES = flags.DEFINE_integer("nsamples", 16, "Calibration windows.")
+_SEQLEN = flags.DEFINE_integer("seqlen", 256, "Tokens per calibration window.")
+_EVAL_SEQLEN = flags.DEFINE_integer("eval_seqlen", 512, "Tokens per evaluation window.")
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows.")
 _OUT = flags.DEFINE_string("out", "experiments/compare_methods", "Output path prefix (.json, .md, .png).")
 
@@ -76,7 +78,9 @@ def main(argv):
   base = QuantizeJob(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, group_size=128)
   windows = calibration_windows(base, tokenizer)
   eval_windows = texts.eval_windows(
-    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), _SEQLEN.value, max_windows=_EVAL_WINDOWS.value
+    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")),
+    _EVAL_SEQLEN.value,
+    max_windows=_EVAL_WINDOWS.value,
   )
   float_fn = logits_fn(checkpoint.config, checkpoint.params())
   rows = []
@@ -93,7 +97,7 @@ def main(argv):
                         seqlen=_SEQLEN.value, out=os.path.join(tmp, f"{recipe}-{imatrix}"))  # fmt: skip
       params = quantize_model(job, checkpoint, windows=windows)
       path = write_gguf_export(job, checkpoint.config, params, tokenizer)
-      fn, llm = llama_cpp_fn(path, _SEQLEN.value)
+      fn, llm = llama_cpp_fn(path, _EVAL_SEQLEN.value)
       try:
         result = evaluate(fn, eval_windows, reference_fn=float_fn, label=job.label)
       finally:
@@ -103,7 +107,7 @@ def main(argv):
                        perplexity=result.perplexity, kl=result.kl_divergence, top1=result.top1_agreement, bpw=bpw,
                        size_mb=os.path.getsize(path) / 2**20))  # fmt: skip
   float_ppl = result.reference_perplexity
-  write_outputs(rows, float_ppl, len(eval_windows) * (_SEQLEN.value - 1))
+  write_outputs(rows, float_ppl, len(eval_windows) * (_EVAL_SEQLEN.value - 1))
 
 
 def write_outputs(rows, float_ppl: float, tokens: int) -> None:
