@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from qjax.calib.awq import ScaleGroup
 from qjax.models.checkpoint import Checkpoint
-from qjax.models.llama import DecoderLayer, Embed, RMSNorm
+from qjax.models.llama import DecoderLayer, Embed
 
 # Linear modules of a block in GPTQ's true-sequential order: each group's inputs depend on the groups before it.
 SEQUENTIAL_GROUPS = (
@@ -70,11 +70,6 @@ class LlamaBlocks:
       self._embed_params = self.checkpoint.embed_params()
     embed = Embed(self.config.vocab_size, self.config.hidden_size, self.dtype)
     return embed.apply({"params": self._embed_params}, ids)
-
-  def final_norm(self, head_params, h: jax.Array) -> jax.Array:
-    """The input of ``lm_head``: the final RMSNorm of the last block's output."""
-    norm = RMSNorm(self.config.rms_norm_eps, self.dtype)
-    return norm.apply({"params": head_params["norm"]}, h)
 
   def assemble(self, qblocks: list):
     """The full parameter tree: the quantized blocks plus the checkpoint's embedding, norm and head."""
