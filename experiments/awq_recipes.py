@@ -1,6 +1,7 @@
 """AWQ and the composed recipes on the default model: RTN, AWQ, AWQ+GPTQ, GPTQ, rotations, learned clipping.
 
   .venv/bin/python experiments/awq_recipes.py        # writes experiments/awq_recipes.{json,md}
+  .venv/bin/python experiments/awq_recipes.py --methods=awq+gptq   # reruns those rows, keeps the others
 
 4- and 3-bit groups of 128 with a zero point (AutoAWQ's setting; the 576-wide inputs end in a
 64-wide group), the same calibration windows for every calibrated method, the same evaluation
@@ -8,6 +9,7 @@ windows for every model, KL divergence against the float model.
 """
 
 import json
+import os
 import time
 
 import jax
@@ -25,6 +27,7 @@ _BITS = flags.DEFINE_list("bits", ["4", "3"], "Bit widths.")
 _OUT = flags.DEFINE_string("out", "experiments/awq_recipes", "Output path prefix (.json, .md).")
 
 METHODS = ["rtn", "awq", "gptq", "awq+gptq", "rotate+rtn", "rotate+gptq", "lwc"]
+_METHODS = flags.DEFINE_list("methods", METHODS, "Methods to run; the other rows of an existing --out JSON are kept.")
 
 
 def main(argv):
@@ -38,7 +41,7 @@ def main(argv):
   float_fn = logits_fn(checkpoint.config, checkpoint.params())
   rows = []
   for bits in map(int, _BITS.value):
-    for method in METHODS:
+    for method in _METHODS.value:
       job = QuantizeJob(method=method, bits=bits, group_size=128, sym=False, nsamples=_NSAMPLES.value,
                         seqlen=_SEQLEN.value)  # fmt: skip
       start = time.perf_counter()
@@ -50,6 +53,7 @@ def main(argv):
                        top1=result.top1_agreement, seconds=seconds))  # fmt: skip
       print(f"w{bits}g128 {method:12s} ppl {result.perplexity:9.3f}  KL {result.kl_divergence:.4f}  {seconds:.0f}s",
             flush=True)  # fmt: skip
+  rows = merge_rows(f"{_OUT.value}.json", rows, key=lambda r: (r["bits"], r["method"]))
   lines = [
     f"SmolLM2-135M-Instruct, groups of 128 with a zero point, {len(windows)} x {windows.shape[1]} calibration "
     f"tokens, {result.tokens} evaluation tokens (float perplexity {result.reference_perplexity:.3f}).",
@@ -64,6 +68,17 @@ def main(argv):
   with open(f"{_OUT.value}.json", "w") as f:
     json.dump({"float_perplexity": result.reference_perplexity, "rows": rows}, f, indent=2)
   print("\n".join(lines))
+
+
+def merge_rows(path: str, rows: list[dict], key) -> list[dict]:
+  """`rows` replacing the rows with the same key in the JSON at `path` (if any), in that file's order."""
+  if not os.path.exists(path):
+    return rows
+  with open(path) as f:
+    kept = json.load(f)["rows"]
+  fresh = {key(r): r for r in rows}
+  merged = [fresh.pop(key(r), r) for r in kept]
+  return merged + list(fresh.values())
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""AWQ side by side: qjax vs gptqmodel's AWQ on the same calibration tokens, on the default model cut to a few layers.
+"""AWQ side by side: qjax vs gptqmodel's AWQ on the same calibration tokens and the same model.
 
-gptqmodel's AWQ takes minutes per layer on a 2-core CPU, so both sides quantize the same
-first --layers blocks of SmolLM2-135M-Instruct (the cut model keeps the embedding, final
-norm and tied head). Both use 4-bit groups with a zero point; both resulting models are
-scored on the same evaluation windows; KL divergence is against the cut float model.
+Both sides quantize the first --layers decoder blocks of SmolLM2-135M-Instruct (a cut model
+keeps the embedding, final norm and tied head; a cut model's perplexity is meaningless, so
+compare KL there). Both use 4-bit groups with a zero point; both resulting models are scored
+on the same evaluation windows; KL divergence is against the (cut) float model. gptqmodel
+refuses groups of 128 on the 576-wide inputs (it wants the width divisible by the group), so
+the recorded runs use groups of 64:
 
-  GPTQMODEL_CPU_WORKERS=2 .venv/bin/python experiments/awq_vs_gptqmodel.py --out=experiments/awq_vs_gptqmodel.json
+  GPTQMODEL_CPU_WORKERS=2 .venv/bin/python experiments/awq_vs_gptqmodel.py --layers=30 --group_size=64 \
+      --out=experiments/awq_vs_gptqmodel.json
+  GPTQMODEL_CPU_WORKERS=2 .venv/bin/python experiments/awq_vs_gptqmodel.py --layers=3 --group_size=64 \
+      --out=experiments/awq_vs_gptqmodel_3layers.json
 """
 
 import dataclasses

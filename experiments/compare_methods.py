@@ -1,6 +1,7 @@
 """One table of methods on the built-in default model and text: qjax's and llama.cpp's recipes side by side.
 
   .venv/bin/python experiments/compare_methods.py          # writes experiments/compare_methods.{json,md,png}
+  .venv/bin/python experiments/compare_methods.py --rows=AWQ+GPTQ,Q4_K_M   # reruns those rows, keeps the others
 
 Rows: RTN, GPTQ (group-aware order), GPTQ act-order, AWQ, AWQ+GPTQ at 4 bits in groups of 128
 (calibrated on 16 x 256 tokens),
@@ -29,6 +30,9 @@ _SEQLEN = flags.DEFINE_integer("seqlen", 256, "Tokens per calibration window.")
 _EVAL_SEQLEN = flags.DEFINE_integer("eval_seqlen", 512, "Tokens per evaluation window.")
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows.")
 _OUT = flags.DEFINE_string("out", "experiments/compare_methods", "Output path prefix (.json, .md, .png).")
+_ROWS = flags.DEFINE_list(
+  "rows", None, "Only these rows (qjax row names or GGUF recipes); the other rows of an existing JSON are kept."
+)
 
 QJAX_ROWS = [
   ("RTN", dict(method="rtn")),
@@ -83,8 +87,12 @@ def main(argv):
     max_windows=_EVAL_WINDOWS.value,
   )
   float_fn = logits_fn(checkpoint.config, checkpoint.params())
+
+  def wanted(name):
+    return _ROWS.value is None or name in _ROWS.value
+
   rows = []
-  for name, kw in QJAX_ROWS:
+  for name, kw in filter(lambda row: wanted(row[0]), QJAX_ROWS):
     job = QuantizeJob(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, group_size=128, **kw)
     params = quantize_model(job, checkpoint, windows=windows)
     result = evaluate(logits_fn(checkpoint.config, params), eval_windows, reference_fn=float_fn, label=name)
@@ -92,7 +100,7 @@ def main(argv):
     rows.append(dict(method=f"{name} w4g128", runtime="qjax", perplexity=result.perplexity,
                      kl=result.kl_divergence, top1=result.top1_agreement, bpw=bpw, size_mb=mb))  # fmt: skip
   with tempfile.TemporaryDirectory() as tmp:
-    for recipe, imatrix in GGUF_ROWS:
+    for recipe, imatrix in filter(lambda row: wanted(row[0]), GGUF_ROWS):
       job = QuantizeJob(method="none", export=f"gguf:{recipe}", imatrix=imatrix, nsamples=_NSAMPLES.value,
                         seqlen=_SEQLEN.value, out=os.path.join(tmp, f"{recipe}-{imatrix}"))  # fmt: skip
       params = quantize_model(job, checkpoint, windows=windows)
@@ -107,6 +115,10 @@ def main(argv):
                        perplexity=result.perplexity, kl=result.kl_divergence, top1=result.top1_agreement, bpw=bpw,
                        size_mb=os.path.getsize(path) / 2**20))  # fmt: skip
   float_ppl = result.reference_perplexity
+  if _ROWS.value is not None:  # keep the rows not rerun, in the table's order
+    with open(f"{_OUT.value}.json") as f:
+      fresh = {r["method"]: r for r in rows}
+      rows = [fresh.pop(r["method"], r) for r in json.load(f)["rows"]] + list(fresh.values())
   write_outputs(rows, float_ppl, len(eval_windows) * (_EVAL_SEQLEN.value - 1))
 
 

@@ -4,13 +4,13 @@ A scheme is zero or more transforms that prepare the float weights, then one rou
 
 * ``rotate``: a randomized Hadamard rotation of the residual stream folded into the weights
   (QuaRot), applied to the checkpoint as it streams (`qjax.models.rotate.RotatedCheckpoint`);
-* ``awq``: activation-aware scales and clipping (`qjax.calib.awq.awq`);
+* ``awq``: activation-aware scales and clipping (`qjax.calib.awq.awq`; scales only before ``gptq``);
 * ``lwc``: clipping ranges learned with optax (`qjax.calib.lwc.learned_clipping`);
 * the rounding: ``rtn`` (the default when only preparations are named), ``gptq``, or, with a
   GGUF export, llama.cpp's k-quant encoders on the recipe's per-tensor types.
 
 Each part is an ordinary transform, so the same recipes read as a few lines in a script:
-``quantize_blocks(LlamaBlocks(checkpoint), [awq(spec), rules_transform([(pattern, gptq(spec))])], windows)``.
+``quantize_blocks(LlamaBlocks(checkpoint), [awq(spec, clip=False), rules_transform([(pat, gptq(spec))])], windows)``.
 """
 
 from typing import NamedTuple

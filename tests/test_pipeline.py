@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from qjax import pipeline
 from qjax.formats.loading import load_model
 from qjax.pipeline import QuantizeJob, run_job
 from tests.model_factory import write_random_llama
@@ -69,3 +70,12 @@ def test_awq_scales_before_llama_cpp_encoders(model_dir, tmp_path):
   from qjax.pipeline import gguf_path
 
   assert os.path.exists(gguf_path(job))
+
+
+def test_awq_only_scales_before_gptq(monkeypatch):
+  # Clipping is for round-to-nearest; GPTQ should reconstruct the unclamped weights.
+  calls = []
+  monkeypatch.setattr(pipeline, "awq", lambda spec, **kw: calls.append(kw))
+  QuantizeJob(method="awq+gptq").preparations()
+  QuantizeJob(method="awq").preparations()
+  assert calls == [{"clip": False}, {"clip": True}]
