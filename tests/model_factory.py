@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+LINEARS = r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel"
+
 
 def write_random_llama(
   path: str,
@@ -61,3 +63,12 @@ def _vocab_config():
 
 def random_windows(n: int, seqlen: int, vocab: int = 1000, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, vocab, size=(n, seqlen), dtype=np.int32)
+
+
+def quantized_params(model_dir: str, spec, pattern: str = LINEARS):
+  """``(checkpoint, params)``: the model at `model_dir` with the kernels matching `pattern` rounded to `spec`."""
+  from qjax.formats import open_checkpoint
+  from qjax.transforms import Rule, quantize_params, rtn
+
+  checkpoint = open_checkpoint(model_dir)
+  return checkpoint, quantize_params(checkpoint.params(), [Rule(pattern, rtn(spec))])

@@ -6,12 +6,6 @@ import pytest
 from qjax import pipeline
 from qjax.formats.loading import load_model
 from qjax.pipeline import QuantizeJob, run_job
-from tests.model_factory import write_random_llama
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return write_random_llama(str(tmp_path_factory.mktemp("llama")), layers=2, hidden=64, intermediate=128)
 
 
 def _job(model_dir, out, **kw):

@@ -8,8 +8,6 @@ Tensor names, float16 conversion of everything not quantized, sharded safetensor
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +15,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qjax.atomic import atomic_directory
 from qjax.core import QArray, QSpec, is_qarray
 from qjax.models.checkpoint import hf_layer_tensors
 from qjax.models.config import LlamaConfig
@@ -146,11 +145,7 @@ def write_hf_directory(
       with ``model.safetensors.index.json``.
     extra_json: more files to write, name -> content (e.g. ``quantize_config.json``).
   """
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  try:
-    os.chmod(tmp, 0o755)
+  with atomic_directory(out_dir) as tmp:
     _save_weights(tmp, tensors, max_shard_bytes)
     hf = {**config.to_hf_dict(), "torch_dtype": "float16", "quantization_config": quantization_config}
     for file, content in {"config.json": hf, **(extra_json or {})}.items():
@@ -158,12 +153,6 @@ def write_hf_directory(
         json.dump(content, f, indent=2)
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
 
 
 def read_quantization_config(model_dir: str) -> dict[str, Any] | None:

@@ -13,8 +13,6 @@ The directory is complete or absent: it is written beside its final name and ren
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -22,6 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qjax.atomic import atomic_directory
 from qjax.core import QArray, QSpec, is_qarray
 from qjax.models.config import LlamaConfig
 from qjax.transforms.base import leaves_with_paths
@@ -104,23 +103,13 @@ def save_quantized(
     metadata: JSON-serialisable facts recorded under ``config.json["qjax"]`` (source model, method, flags).
   """
   tensors, manifest = flatten_params(params)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  try:
-    os.chmod(tmp, 0o755)
+  with atomic_directory(out_dir) as tmp:
     save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "qjax"})
     with open(os.path.join(tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump({**config.to_hf_dict(), "qjax": metadata or {}}, f, indent=2)
     tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
 
 
 def load_quantized(model_dir: str):

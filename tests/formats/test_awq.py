@@ -13,13 +13,11 @@ from qjax.eval.metrics import evaluate
 from qjax.formats import convert, load_model, open_checkpoint
 from qjax.formats.awq import from_awq, load_awq, save_awq, to_awq
 from qjax.pipeline import QuantizeJob, logits_fn, run_job
-from qjax.transforms import Rule, quantize_params, rtn
 from qjax.transforms.base import leaves_with_paths
-from tests.model_factory import write_random_llama
+from tests.model_factory import LINEARS, quantized_params
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
-LINEARS = r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel"
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # formats.md §2.2: channel 8c + m sits in nibble AWQ_REVERSE_ORDER[m]
 
 
@@ -86,16 +84,6 @@ def test_what_the_gemm_layout_cannot_hold_is_refused():
     to_awq(quantize(w, QSpec(bits=4, group_size=48, partial_groups=True)), name="x")
   with pytest.raises(ValueError, match="multiple of 8, got 12"):
     to_awq(quantize(w[:, :12], QSpec(bits=4, group_size=32)))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return write_random_llama(str(tmp_path_factory.mktemp("llama")), layers=2, hidden=64, intermediate=128)
-
-
-def quantized_params(model_dir, spec, pattern=LINEARS):
-  checkpoint = open_checkpoint(model_dir)
-  return checkpoint, quantize_params(checkpoint.params(), [Rule(pattern, rtn(spec))])
 
 
 def test_directory_round_trip_and_config(model_dir, tmp_path):

@@ -20,11 +20,10 @@ from qjax.pipeline import QuantizeJob, logits_fn, run_job
 from qjax.quantizers import gptq_quantize
 from qjax.transforms import Rule, quantize_params, rtn
 from qjax.transforms.base import leaves_with_paths, map_with_path
-from tests.model_factory import write_random_llama
+from tests.model_factory import LINEARS, quantized_params
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel's worker pool needs it on small machines
 
-LINEARS = r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel"
 K, N = 192, 32  # 3-bit packing needs multiples of 32 on both axes
 
 
@@ -128,16 +127,6 @@ def test_gptq_act_order_round_trips_through_the_quantizer():
     expected = canonical_act_order(q)
     assert_same_qarray(back, dataclasses.replace(expected, spec=dataclasses.replace(spec, partial_groups=True)))
     assert (back.perm is None) == static_groups
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  return write_random_llama(str(tmp_path_factory.mktemp("llama")), layers=2, hidden=64, intermediate=128)
-
-
-def quantized_params(model_dir, spec, pattern=LINEARS):
-  checkpoint = open_checkpoint(model_dir)
-  return checkpoint, quantize_params(checkpoint.params(), [Rule(pattern, rtn(spec))])
 
 
 def test_directory_round_trip_and_layout(model_dir, tmp_path):
