@@ -16,9 +16,10 @@ import jax
 from absl import app, flags
 
 from qjax.calib import text as texts
+from qjax.cli.quantize import Settings, calibration_windows, quantize_with
 from qjax.eval.metrics import evaluate
 from qjax.formats import open_checkpoint
-from qjax.pipeline import QuantizeJob, calibration_windows, logits_fn, quantize_model
+from qjax.models import logits_fn
 
 _NSAMPLES = flags.DEFINE_integer("nsamples", 16, "Calibration windows.")
 _SEQLEN = flags.DEFINE_integer("seqlen", 256, "Tokens per calibration window.")
@@ -34,7 +35,7 @@ def main(argv):
   del argv
   checkpoint = open_checkpoint("default")
   tokenizer = checkpoint.tokenizer()
-  windows = calibration_windows(QuantizeJob(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value), tokenizer)
+  windows = calibration_windows(Settings(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value), tokenizer)
   eval_windows = texts.eval_windows(
     texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=_EVAL_WINDOWS.value
   )
@@ -42,12 +43,12 @@ def main(argv):
   rows = []
   for bits in map(int, _BITS.value):
     for method in _METHODS.value:
-      job = QuantizeJob(method=method, bits=bits, group_size=128, sym=False, nsamples=_NSAMPLES.value,
-                        seqlen=_SEQLEN.value)  # fmt: skip
+      s = Settings(method=method, bits=bits, group_size=128, sym=False, nsamples=_NSAMPLES.value,
+                   seqlen=_SEQLEN.value)  # fmt: skip
       start = time.perf_counter()
-      params = jax.block_until_ready(quantize_model(job, checkpoint, windows=windows, show_progress=False))
+      _, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
+      params = jax.block_until_ready(params)
       seconds = time.perf_counter() - start
-      config = job.output_config(checkpoint.config)
       result = evaluate(logits_fn(config, params), eval_windows, reference_fn=float_fn, label=f"w{bits} {method}")
       rows.append(dict(bits=bits, method=method, perplexity=result.perplexity, kl=result.kl_divergence,
                        top1=result.top1_agreement, seconds=seconds))  # fmt: skip

@@ -25,17 +25,15 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from qjax.calib import RunnerOptions, quantize_model
 from qjax.calib import text as texts
-from qjax.calib.awq import awq
-from qjax.calib.runner import RunnerOptions, quantize_blocks
 from qjax.core import QSpec
 from qjax.eval.metrics import evaluate
 from qjax.formats import open_checkpoint
-from qjax.models.blocks import LlamaBlocks
+from qjax.formats.default_model import write_hf_directory
+from qjax.models import LlamaBlocks, logits_fn
 from qjax.models.checkpoint import Checkpoint
-from qjax.models.default import write_hf_directory
-from qjax.pipeline import logits_fn
-from qjax.transforms import quantize_params, rtn
+from qjax.transforms import awq, quantize_params, rtn
 from qjax.transforms.rules import rules_transform
 
 _LAYERS = flags.DEFINE_integer("layers", 3, "Decoder layers kept in the cut model.")
@@ -72,8 +70,8 @@ def run_qjax(checkpoint, windows, spec):
   blocks = LlamaBlocks(checkpoint)
   stages = [awq(spec), rules_transform([(KERNELS, rtn(spec))])]
   start = time.perf_counter()
-  qblocks, _ = quantize_blocks(blocks, stages, windows, options=RunnerOptions(batch_size=8))
-  params = jax.block_until_ready(blocks.assemble(qblocks))
+  params = quantize_model(blocks, stages, windows, options=RunnerOptions(batch_size=8))
+  params = jax.block_until_ready(params)
   return params, time.perf_counter() - start
 
 

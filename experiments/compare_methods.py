@@ -19,11 +19,12 @@ import numpy as np
 from absl import app, flags
 
 from qjax.calib import text as texts
+from qjax.cli.quantize import Settings, calibration_windows, quantize_with
 from qjax.core import is_qarray
+from qjax.core.tree import leaves_with_paths
 from qjax.eval.metrics import evaluate
-from qjax.formats import open_checkpoint
-from qjax.pipeline import QuantizeJob, calibration_windows, logits_fn, quantize_model, write_gguf_export
-from qjax.transforms.base import leaves_with_paths
+from qjax.formats import export, open_checkpoint, parse_target
+from qjax.models import logits_fn
 
 _NSAMPLES = flags.DEFINE_integer("nsamples", 16, "Calibration windows.")
 _SEQLEN = flags.DEFINE_integer("seqlen", 256, "Tokens per calibration window.")
@@ -79,8 +80,7 @@ def main(argv):
   del argv
   checkpoint = open_checkpoint("default")
   tokenizer = checkpoint.tokenizer()
-  base = QuantizeJob(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, group_size=128)
-  windows = calibration_windows(base, tokenizer)
+  windows = calibration_windows(Settings(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value), tokenizer)
   eval_windows = texts.eval_windows(
     texts.tokenize(tokenizer, texts.load_text("default", "evaluation")),
     _EVAL_SEQLEN.value,
@@ -93,21 +93,22 @@ def main(argv):
 
   rows = []
   for name, kw in filter(lambda row: wanted(row[0]), QJAX_ROWS):
-    job = QuantizeJob(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, group_size=128, **kw)
-    params = quantize_model(job, checkpoint, windows=windows)
-    result = evaluate(logits_fn(checkpoint.config, params), eval_windows, reference_fn=float_fn, label=name)
+    s = Settings(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, group_size=128, **kw)
+    _, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
+    result = evaluate(logits_fn(config, params), eval_windows, reference_fn=float_fn, label=name)
     bpw, mb = weight_bits(params)
     rows.append(dict(method=f"{name} w4g128", runtime="qjax", perplexity=result.perplexity,
                      kl=result.kl_divergence, top1=result.top1_agreement, bpw=bpw, size_mb=mb))  # fmt: skip
   with tempfile.TemporaryDirectory() as tmp:
     for recipe, imatrix in filter(lambda row: wanted(row[0]), GGUF_ROWS):
-      job = QuantizeJob(method="none", export=f"gguf:{recipe}", imatrix=imatrix, nsamples=_NSAMPLES.value,
-                        seqlen=_SEQLEN.value, out=os.path.join(tmp, f"{recipe}-{imatrix}"))  # fmt: skip
-      params = quantize_model(job, checkpoint, windows=windows)
-      path = write_gguf_export(job, checkpoint.config, params, tokenizer)
+      s = Settings(method="none", export=f"gguf:{recipe}", imatrix=imatrix, nsamples=_NSAMPLES.value,
+                   seqlen=_SEQLEN.value)  # fmt: skip
+      p, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
+      path = export(parse_target(s.export), os.path.join(tmp, f"{recipe}-{imatrix}"), config, params, tokenizer,
+                    name="default")  # fmt: skip
       fn, llm = llama_cpp_fn(path, _EVAL_SEQLEN.value)
       try:
-        result = evaluate(fn, eval_windows, reference_fn=float_fn, label=job.label)
+        result = evaluate(fn, eval_windows, reference_fn=float_fn, label=p.label)
       finally:
         llm.close()
       bpw, _ = weight_bits(params)

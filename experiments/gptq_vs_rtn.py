@@ -14,9 +14,10 @@ import json
 from absl import app, flags
 
 from qjax.calib import text as texts
+from qjax.cli.quantize import Settings, quantize_with
 from qjax.eval.metrics import evaluate
 from qjax.formats import open_checkpoint
-from qjax.pipeline import QuantizeJob, logits_fn, quantize_model
+from qjax.models import logits_fn
 
 _NSAMPLES = flags.DEFINE_integer("nsamples", 32, "Calibration windows.")
 _SEQLEN = flags.DEFINE_integer("seqlen", 512, "Tokens per calibration window.")
@@ -45,9 +46,9 @@ def main(argv):
   rows = []
   for bits in (4, 3):
     for name, kw in VARIANTS:
-      job = QuantizeJob(bits=bits, group_size=128, nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, **kw)
-      params = quantize_model(job, checkpoint, windows=windows)
-      result = evaluate(logits_fn(checkpoint.config, params), eval_windows, reference_fn=float_fn, label=name)
+      s = Settings(bits=bits, group_size=128, nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, **kw)
+      _, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
+      result = evaluate(logits_fn(config, params), eval_windows, reference_fn=float_fn, label=name)
       rows.append({"bits": bits, "method": name, "perplexity": result.perplexity, "kl": result.kl_divergence,
                    "top1": result.top1_agreement, "float_perplexity": result.reference_perplexity})  # fmt: skip
       print(f"w{bits}g128 {name:26s} ppl {result.perplexity:8.3f}  KL {result.kl_divergence:.4f}", flush=True)

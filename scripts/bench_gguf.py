@@ -1,6 +1,6 @@
 """Encode throughput of qjax's ggml block quantizers against llama.cpp's `ggml_quantize_chunk` on this CPU.
 
-For each type: MB of float32 weights encoded per second by the jitted `qjax.quantizers.kquants.encode` and by one
+For each type: MB of float32 weights encoded per second by the jitted `qjax.core.ggml_kquants.encode` and by one
 `ggml_quantize_chunk` call over all rows (single-threaded C from llama-cpp-python's `libggml-base`), on the same
 matrix. The bytes are checked equal first; then, after warm-up, the two are timed in alternation (so that load from
 other processes hits both alike) and the medians reported, by wall clock (`block_until_ready`) and by the CPU time
@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from qjax.core import ggml
-from qjax.quantizers import kquants
+from qjax.core import ggml_kquants as kquants
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from tests import ggml_oracle  # the ctypes wrapper the tests use

@@ -16,6 +16,7 @@ Variants: ``bf16`` (dense weights), ``xla_int4`` (`qmatmul_xla_int4`), ``hopper`
 grid of `HopperConfig`s per shape; its winners are the entries of `pallas_hopper.TUNED`.
 """
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -29,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from qjax.core import QSpec
+from qjax.core import QArray, QSpec, is_qarray
+from qjax.core.qspec import KERNEL
 from qjax.kernels.qmatmul import (
   HopperConfig,
-  KernelWeight,
   from_kernel_layout,
   pallas_hopper,
   pallas_tpu,
@@ -72,14 +73,15 @@ def peak_gbps(device) -> float | None:
   return next((v for k, v in PEAK_GBPS.items() if k in device.device_kind), None)
 
 
-def random_weight(key, k: int, n: int, spec: QSpec) -> KernelWeight:
+def random_weight(key, k: int, n: int, spec: QSpec) -> QArray:
   """Random int4 codes, scales and zeros in the kernel layout (the values do not affect timing)."""
   kc, ks, kz = jax.random.split(key, 3)
   groups = spec.num_groups(k)
   codes = jax.random.randint(kc, (n, k), -8, 8, jnp.int8).astype(jnp.int4)
   scale = jax.random.uniform(ks, (groups, n), jnp.float32, 1e-3, 1e-2).astype(spec.scale_dtype)
   zero = None if spec.symmetric else jax.random.randint(kz, (groups, n), -8, 8).astype(spec.scale_dtype)
-  return KernelWeight(codes, scale, zero, None, spec, (k, n), np.dtype(jnp.float32))
+  spec = dataclasses.replace(spec, layout=KERNEL)
+  return QArray(codes, scale, zero, None, spec, (k, n), np.dtype(jnp.float32))
 
 
 def nbytes(tree) -> int:
@@ -88,8 +90,8 @@ def nbytes(tree) -> int:
 
 def weight_bytes(w) -> float:
   """Bytes a matmul reads for the weight: int4 counts half a byte per code."""
-  if isinstance(w, KernelWeight):
-    return w.w.size / 2 + nbytes((w.scale, w.zero))
+  if is_qarray(w) and w.spec.layout == KERNEL:
+    return w.codes.size / 2 + nbytes((w.scale, w.zero))
   return nbytes(w)
 
 
@@ -141,7 +143,7 @@ def variants(device) -> dict:
   return out
 
 
-def supported(name: str, x, w: KernelWeight) -> bool:
+def supported(name: str, x, w: QArray) -> bool:
   if name == "hopper":
     return pallas_hopper.supported(x, w)
   if name == "tpu":

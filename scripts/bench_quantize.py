@@ -21,10 +21,10 @@ import numpy as np
 from absl import app, flags
 
 from qjax.calib import text as texts
+from qjax.cli.quantize import Settings, quantize_with
 from qjax.eval.metrics import evaluate
-from qjax.formats import open_checkpoint
-from qjax.models import default_model_dir
-from qjax.pipeline import QuantizeJob, logits_fn, quantize_model
+from qjax.formats import default_model_dir, open_checkpoint
+from qjax.models import logits_fn
 
 _NSAMPLES = flags.DEFINE_integer("nsamples", 32, "Calibration windows.")
 _SEQLEN = flags.DEFINE_integer("seqlen", 256, "Tokens per calibration window.")
@@ -36,11 +36,9 @@ _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 
 def run_qjax(checkpoint, windows):
-  job = QuantizeJob(
-    method="gptq", bits=_BITS.value, group_size=_GROUP.value, nsamples=len(windows), seqlen=windows.shape[1]
-  )
+  s = Settings(method="gptq", bits=_BITS.value, group_size=_GROUP.value, nsamples=len(windows), seqlen=windows.shape[1])
   start = time.perf_counter()
-  params = quantize_model(job, checkpoint, windows=windows)
+  _, _, params = quantize_with(s, checkpoint=checkpoint, windows=windows, show_progress=True)
   jax.block_until_ready(params)
   return params, time.perf_counter() - start
 

@@ -5,10 +5,11 @@
 #   scripts/env.sh test              # ruff, then the whole test suite
 #   scripts/env.sh <any command>     # e.g. python experiments/compare_methods.py
 #
-# The environment lives in $QJAX_VENV (default: .venv beside this repo). Its installed
-# dependency set is keyed by a hash of pyproject.toml and this script, so an unchanged
-# checkout reuses it and a changed one updates it in place; pip's cache keeps built
-# wheels (llama-cpp-python compiles llama.cpp once per machine).
+# The environment lives in $QJAX_VENV (default: .venv beside this repo). Versions are pinned by
+# constraints.txt (the set CI last passed with; scripts/lock.sh regenerates it). The installed set
+# is keyed by a hash of pyproject.toml, constraints.txt and this script, so an unchanged checkout
+# reuses it and a changed one updates it in place; pip's cache keeps built wheels (llama-cpp-python
+# compiles llama.cpp once per machine).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,13 +30,15 @@ find_python() {
   exit 2
 }
 
-# The test extra needs the heavy interop packages (torch, llama.cpp, gptqmodel).
+# The test extra needs the heavy interop packages (torch, llama.cpp, gptqmodel); scripts/lock.sh wants it too.
 case "${1:-}" in
   test) extra="test" ;;
-  *) extra="default" ;;
+  *) extra="${QJAX_EXTRA:-default}" ;;
 esac
+constraints=("-c" "$repo/constraints.txt")
+[[ "${QJAX_CONSTRAINTS:-}" == "none" ]] && { constraints=(); extra="test"; }
 
-key="$(cat "$repo/pyproject.toml" "$repo/scripts/env.sh" | sha256sum | cut -c1-16)"
+key="$(cat "$repo/pyproject.toml" "$repo/constraints.txt" "$repo/scripts/env.sh" | sha256sum | cut -c1-16)"
 stamp="$venv/.qjax-installed-$extra-$key"
 if [[ ! -f "$stamp" ]]; then
   if [[ ! -x "$venv/bin/python" ]]; then
@@ -45,7 +48,7 @@ if [[ ! -f "$stamp" ]]; then
     "$venv/bin/python" -m pip install -q --upgrade pip
   fi
   echo "qjax: installing dependencies ($extra) into $venv" >&2
-  pip_install=("$venv/bin/python" -m pip install -q)
+  pip_install=("$venv/bin/python" -m pip install -q "${constraints[@]}")
   if [[ "$extra" == "test" ]]; then
     # A portable llama.cpp build, so pip's cached wheel serves any x86-64 machine of this kind.
     export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF}"

@@ -2,7 +2,7 @@
 default model's GGUF tensors as real test data.
 
 The library is built without FMA instructions, so it is plain IEEE float32 arithmetic in the C loops' order:
-the reference that `qjax.quantizers.kquants` reproduces byte for byte.
+the reference that `qjax.core.ggml_kquants` reproduces byte for byte.
 """
 
 import ctypes
@@ -82,7 +82,8 @@ def dequantize(codes: np.ndarray, type_name: str) -> np.ndarray:
   codes = np.ascontiguousarray(codes, np.uint8)
   n, row_bytes = codes.shape
   k = row_bytes // info.type_size * info.block_size
-  fn = getattr(lib, f"dequantize_row_{type_name[0].lower()}{type_name[1:]}")
+  c_name = type_name.lower() if type_name.startswith("IQ") else f"{type_name[0].lower()}{type_name[1:]}"
+  fn = getattr(lib, f"dequantize_row_{c_name}")
   fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
   fn.restype = None
   out = np.zeros((n, k), np.float32)

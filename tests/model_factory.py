@@ -26,7 +26,8 @@ def write_random_llama(
   import torch
   import transformers
 
-  from qjax.models import SafetensorsCheckpoint, default_model_dir
+  from qjax.formats import default_model_dir
+  from qjax.models import SafetensorsCheckpoint
 
   tokenizer = SafetensorsCheckpoint.load_tokenizer(default_model_dir(), _vocab_config())
   config = transformers.LlamaConfig(
@@ -72,3 +73,14 @@ def quantized_params(model_dir: str, spec, pattern: str = LINEARS):
 
   checkpoint = open_checkpoint(model_dir)
   return checkpoint, quantize_params(checkpoint.params(), [Rule(pattern, rtn(spec))])
+
+
+def quantize_like_cli(settings, *, checkpoint=None, windows=None):
+  """``(checkpoint, config, params)``: the model of `settings` (`qjax.cli.quantize.Settings`) run through the recipe
+  its flags name, calibrated on the flags' text as `qjax quantize` does, without writing or evaluating anything."""
+  from qjax.cli.quantize import quantize_with
+  from qjax.formats import open_checkpoint
+
+  checkpoint = checkpoint or open_checkpoint(settings.model)
+  _, config, params = quantize_with(settings, checkpoint=checkpoint, windows=windows)
+  return checkpoint, config, params

@@ -3,9 +3,11 @@
 import pytest
 
 from qjax.calib import text as texts
+from qjax.cli.quantize import Settings
 from qjax.eval.metrics import evaluate
 from qjax.formats import open_checkpoint
-from qjax.pipeline import QuantizeJob, logits_fn, quantize_model
+from qjax.models import logits_fn
+from tests.model_factory import quantize_like_cli
 
 
 @pytest.mark.slow
@@ -18,8 +20,8 @@ def test_gptq_is_clearly_better_than_rtn_at_4_and_3_bits():
   ppl = {}
   for bits in (4, 3):
     for method in ("rtn", "gptq"):
-      job = QuantizeJob(method=method, bits=bits, group_size=128, nsamples=16, seqlen=256)
-      params = quantize_model(job, checkpoint, windows=calib, show_progress=False)
+      s = Settings(method=method, bits=bits, group_size=128, nsamples=16, seqlen=256)
+      _, _, params = quantize_like_cli(s, checkpoint=checkpoint, windows=calib)
       ppl[method, bits] = evaluate(logits_fn(checkpoint.config, params), evaluation, show_progress=False).perplexity
   for bits in (4, 3):
     assert ppl["gptq", bits] < 0.9 * ppl["rtn", bits], ppl

@@ -1,10 +1,27 @@
-"""Calibration: text and token windows, input statistics, the blockwise runner, and the transforms that run blocks."""
+"""Calibration: text and token windows, the statistics registry, the blockwise runner, the whole-model loop."""
 
-from qjax.calib.awq import ScaleGroup as ScaleGroup
-from qjax.calib.awq import awq as awq
-from qjax.calib.lwc import learned_clipping as learned_clipping
+from qjax.calib.quantize import quantize_model as quantize_model
 from qjax.calib.runner import BlockModel as BlockModel
 from qjax.calib.runner import RunnerOptions as RunnerOptions
 from qjax.calib.runner import quantize_blocks as quantize_blocks
+from qjax.calib.stats import STATISTICS as STATISTICS
+from qjax.calib.stats import Statistic as Statistic
+from qjax.calib.stats import register as register_statistic
+from qjax.calib.text import calibration_windows as calibration_windows
+from qjax.calib.text import eval_windows as eval_windows
+from qjax.calib.text import load_text as load_text
+from qjax.calib.text import tokenize as tokenize
 
-__all__ = ["BlockModel", "RunnerOptions", "ScaleGroup", "awq", "learned_clipping", "quantize_blocks"]
+__all__ = [
+  "STATISTICS",
+  "BlockModel",
+  "RunnerOptions",
+  "Statistic",
+  "calibration_windows",
+  "eval_windows",
+  "load_text",
+  "quantize_blocks",
+  "quantize_model",
+  "register_statistic",
+  "tokenize",
+]

@@ -4,12 +4,13 @@ GPTQ and AWQ quantize a decoder block from the inputs it sees *after* the blocks
 it were quantized. The runner embeds the calibration windows once, then for each block:
 
 1. reads the block's float params (only this block is resident);
-2. for each stage (a `Transform` over the block's params), collects the statistics the
-   stage asks for from the inputs of the block's linears, in jitted code, and applies the
-   stage. Stages that need only per-input statistics (``hessian``, ``imatrix``, ``abs_mean``)
+2. for each stage (a `Transform` over the block's params; a chain counts as its members),
+   collects the statistics the stage asks for (`qjax.calib.stats.STATISTICS`) from the inputs
+   of the block's linears, in jitted code, and applies the stage. Stages that read statistics
    run *true-sequentially*: group by group in the block's order (q/k/v, then o, then
    gate/up, then down), each group's inputs computed with the groups before it already
-   quantized; a stage that names ``block_inputs`` (AWQ) gets the whole block at once;
+   quantized; a stage that runs the block itself (``whole_block``: AWQ) gets the whole block
+   at once;
 3. runs the quantized block on the inputs to get the next block's inputs;
 4. checkpoints the quantized block and the activations with orbax, so a killed run
    resumes from the last finished block and ends with the identical result.
@@ -17,7 +18,8 @@ it were quantized. The runner embeds the calibration windows once, then for each
 The runner knows nothing of a particular architecture: a `BlockModel` supplies the
 pieces (see `qjax.models.blocks.LlamaBlocks`). With a `jax.sharding.Mesh`, calibration
 windows are split over its ``data`` axis and the statistics are reduced across devices
-by XLA.
+by XLA. `qjax.calib.quantize.quantize_model` runs the whole model (embedding, blocks, head)
+through a recipe.
 """
 
 import dataclasses
@@ -34,10 +36,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qjax.calib import stats as calib_stats
-from qjax.progress import progress
-from qjax.transforms.base import Transform, map_with_path, masked
+from qjax.core.errors import InputError
+from qjax.core.progress import progress
+from qjax.core.tree import flatten_params, map_with_path, nest, unflatten_params
+from qjax.transforms.base import Transform, flatten_stages, masked
+from qjax.transforms.capture import capture_linear_inputs, shared_inputs
 
-PER_INPUT_STATS = frozenset(calib_stats.STAT_NAMES)
 Params = Any
 
 
@@ -48,9 +52,10 @@ class BlockModel(Protocol):
   sequential_groups: tuple[tuple[str, ...], ...]  # linear module paths inside a block, in true-sequential order
 
   def layer_prefix(self, i: int) -> str: ...  # e.g. "model/layers_3"
-  def layer_params(self, i: int) -> Params: ...
+  def layer_params(self, i: int) -> Params: ...  # the block's params, relative to its prefix
   def apply_layer(self, params: Params, h: jax.Array) -> jax.Array: ...  # (b, t, d) -> (b, t, d)
-  def embed(self, ids: jax.Array) -> jax.Array: ...  # (b, t) -> (b, t, d)
+  def embed_params(self) -> Params: ...  # the embedding part, full paths: {"model": {"embed_tokens": ...}}
+  def embed(self, params: Params, ids: jax.Array) -> jax.Array: ...  # embedding part, (b, t) -> (b, t, d)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +91,7 @@ class Interrupted(RuntimeError):
 
 def _stage_groups(stage: Transform, model: BlockModel, options: RunnerOptions) -> list[tuple[str, ...] | None]:
   """Module groups a stage is applied to in turn; None means the whole block at once."""
-  if stage.stats and stage.stats <= PER_INPUT_STATS and options.true_sequential and not options.float_inputs:
+  if stage.stats and not stage.whole_block and options.true_sequential and not options.float_inputs:
     return list(model.sequential_groups)
   return [None]
 
@@ -140,6 +145,55 @@ class _Batches:
     return np.asarray(self.h).reshape(-1, *self.h.shape[2:])
 
 
+CHECKPOINT_MARKER = "qjax_checkpoint.json"
+"""In every checkpoint directory qjax writes: the run's description and whether qjax created the directory."""
+_CHECKPOINT_PARTS = ("blocks", "activations")
+
+
+def _read_marker(directory: str) -> dict | None:
+  try:
+    with open(os.path.join(directory, CHECKPOINT_MARKER)) as f:
+      marker = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return marker if isinstance(marker, dict) and "run" in marker else None
+
+
+def check_checkpoint_dir(directory: str, run: dict[str, Any] | None = None) -> None:
+  """Raises unless `directory` may hold this run's checkpoints: absent, empty, or a qjax checkpoint of the same run.
+
+  Raises:
+    InputError: naming the directory and the way out.
+  """
+  if os.path.lexists(directory) and not os.path.isdir(directory):
+    raise InputError(f"{directory}: the checkpoint directory exists and is not a directory.")
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    return
+  marker = _read_marker(directory)
+  if marker is None:
+    raise InputError(f"{directory}: holds files that are not a qjax checkpoint; use another --checkpoint_dir.")
+  if run is not None:
+    previous, run = marker["run"], json.loads(json.dumps(run))  # normalise tuples etc. as JSON would
+    if previous != run:
+      diff = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
+      raise InputError(
+        f"{directory} holds a run with a different configuration (differs in {diff}); "
+        "use another --checkpoint_dir, or remove it to start over."
+      )
+
+
+def remove_checkpoints(directory: str) -> None:
+  """Removes a qjax checkpoint directory: only what qjax wrote, and the directory itself if qjax created it."""
+  marker = _read_marker(directory)
+  if marker is None:
+    return
+  for part in _CHECKPOINT_PARTS:
+    shutil.rmtree(os.path.join(directory, part), ignore_errors=True)
+  os.remove(os.path.join(directory, CHECKPOINT_MARKER))
+  if marker.get("created_directory") and not os.listdir(directory):
+    os.rmdir(directory)
+
+
 class _Checkpoints:
   """Orbax checkpoints of finished blocks (all kept) and the latest activations (one kept)."""
 
@@ -148,21 +202,12 @@ class _Checkpoints:
 
     self.ocp = ocp
     self.directory = os.path.abspath(directory)
-    os.makedirs(self.directory, exist_ok=True)
-    run_file = os.path.join(self.directory, "run.json")
-    run = json.loads(json.dumps(run))  # normalise tuples etc. as JSON would
-    if os.path.exists(run_file):
-      with open(run_file) as f:
-        previous = json.load(f)
-      if previous != run:
-        diff = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
-        raise ValueError(
-          f"{self.directory} holds a run with a different configuration (differs in {diff}); "
-          "use another --checkpoint_dir or delete it to start over."
-        )
-    else:
-      with open(run_file, "w") as f:
-        json.dump(run, f, indent=1)
+    check_checkpoint_dir(self.directory, run)
+    if _read_marker(self.directory) is None:
+      created = not os.path.isdir(self.directory)
+      os.makedirs(self.directory, exist_ok=True)
+      with open(os.path.join(self.directory, CHECKPOINT_MARKER), "w") as f:
+        json.dump({"run": json.loads(json.dumps(run)), "created_directory": created}, f, indent=1)
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     self.blocks = ocp.CheckpointManager(os.path.join(self.directory, "blocks"), options=options)
     self.activations = ocp.CheckpointManager(
@@ -176,8 +221,6 @@ class _Checkpoints:
     return 0 if latest is None else latest + 1
 
   def save(self, i: int, qblock: Params, h: np.ndarray) -> None:
-    from qjax.formats.native import flatten_params
-
     tensors, manifest = flatten_params(qblock)
     names = sorted(tensors)
     ocp = self.ocp
@@ -193,8 +236,6 @@ class _Checkpoints:
     self.activations.save(i, args=ocp.args.Composite(h=ocp.args.StandardSave({"h": h})))
 
   def restore(self, n_blocks: int) -> tuple[list[Params], np.ndarray]:
-    from qjax.formats.native import unflatten_params
-
     ocp = self.ocp
     blocks = []
     for i in range(n_blocks):
@@ -206,9 +247,6 @@ class _Checkpoints:
       blocks.append(unflatten_params(tensors, restored["meta"]["manifest"], source=self.directory))
     h = self.activations.restore(n_blocks - 1, args=ocp.args.Composite(h=ocp.args.StandardRestore()))["h"]["h"]
     return blocks, np.asarray(h)
-
-  def remove(self) -> None:
-    shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class _OutputCache:
@@ -245,7 +283,7 @@ class _BlockRunner:
     self._jitted: dict = {}
 
   def _apply_cached(self, params, h, cached):
-    return calib_stats.capture_linear_inputs(self.model.apply_layer, params, h, cached=cached)[0]
+    return capture_linear_inputs(self.model.apply_layer, params, h, cached=cached)[0]
 
   def forward(self, params, h, cached=None):
     if "forward" not in self._jitted:
@@ -255,41 +293,45 @@ class _BlockRunner:
   def input_stats(
     self, params, batches, modules, names, cache: _OutputCache | None = None, capture: tuple[str, ...] = ()
   ):
-    """{module: {stat: mean}} over all batches; linears reading one input share one dict.
+    """{module: {stat: value, "tokens": n}} over all batches; linears reading one input share one dict.
 
     Outputs of the `capture` modules are added to `cache`; cached outputs are reused.
     """
     cache = cache or _OutputCache(0)
-    aliases = calib_stats.shared_inputs(self.model.apply_layer, modules, params, next(iter(batches)))
+    aliases = shared_inputs(self.model.apply_layer, modules, params, next(iter(batches)))
     reps = tuple(dict.fromkeys(aliases.values()))
-    key = ("stats", reps, tuple(sorted(names)), capture)
+    names = tuple(sorted(names))
+    key = ("stats", reps, names, capture)
     if key not in self._jitted:
-      names_list = sorted(names)
 
-      def fn(p, h, cached):
-        return calib_stats.linear_input_sums(
-          self.model.apply_layer, reps, names_list, p, h, cached=cached, capture=capture
-        )
+      def step(p, h, cached, states):
+        _, inputs, outputs = capture_linear_inputs(self.model.apply_layer, p, h, cached=cached, capture=capture)
+        return {m: calib_stats.update_states(states[m], inputs[m]) for m in reps}, outputs
 
-      self._jitted[key] = jax.jit(fn)
-    total = None
+      self._jitted[key] = jax.jit(step)
+    widths = _in_widths(params, reps)
+    states = {m: calib_stats.init_states(names, widths[m]) for m in reps}
     for j, batch in enumerate(batches):
-      sums, outputs = self._jitted[key](params, batch, cache.batch(j))
+      states, outputs = self._jitted[key](params, batch, cache.batch(j), states)
       cache.add(outputs)
-      total = calib_stats.add_sums(total, sums)
     # On the host: transforms may place them on a mesh of their own (e.g. GPTQ's output-channel split).
-    finals = {rep: jax.device_get(calib_stats.finalize(total[rep])) for rep in reps}
+    finals = {rep: jax.device_get(calib_stats.finalize(states[rep])) for rep in reps}
     return {m: finals[aliases[m]] for m in modules}
 
 
+def _in_widths(block: Params, modules: Sequence[str]) -> dict[str, int]:
+  return {m: int(_module(block, m)["kernel"].shape[0]) for m in modules}
+
+
+def _module(block: Params, path: str) -> Params:
+  node = block
+  for key in path.split("/"):
+    node = node[key]
+  return node
+
+
 def _out_bytes(block: Params, modules: Sequence[str], tokens: int) -> dict[str, int]:
-  sizes = {}
-  for m in modules:
-    node = block
-    for key in m.split("/"):
-      node = node[key]
-    sizes[m] = tokens * int(node["kernel"].shape[1]) * 4
-  return sizes
+  return {m: tokens * int(_module(block, m)["kernel"].shape[1]) * 4 for m in modules}
 
 
 def quantize_blocks(
@@ -299,23 +341,33 @@ def quantize_blocks(
   *,
   options: RunnerOptions = RunnerOptions(),
   run_id: dict[str, Any] | None = None,
+  embed_params: Params | None = None,
 ) -> tuple[list[Params], np.ndarray]:
   """Quantizes every decoder block sequentially on calibration windows.
 
   Args:
     model: the block pieces (`BlockModel`).
     stages: transforms applied in order to each block's params (full paths, e.g.
-      ``model/layers_3/mlp/up_proj/kernel``); each gets ``stats=`` keyed by kernel path and
-      ``block_inputs=``, ``block_fn=``, ``block_model=`` and ``block_prefix=`` for transforms
-      that run the block themselves (AWQ).
+      ``model/layers_3/mlp/up_proj/kernel``); a chain is applied as its members. Each gets
+      ``stats=`` keyed by kernel path (the statistics it names, measured just before it runs)
+      and ``block_inputs=``, ``block_fn=``, ``block_model=`` and ``block_prefix=`` for
+      transforms that run the block themselves (AWQ).
     windows: (nsamples, seqlen) int calibration token windows.
     options: batching, true-sequential order, checkpoints, mesh.
     run_id: JSON-serialisable description of the run; a checkpoint directory written by a
       run with another description is refused.
+    embed_params: the embedding part the windows are embedded with (default: the model's own).
 
   Returns:
     (the quantized params of every block, the final hidden states (nsamples, seqlen, d)).
+
+  Raises:
+    ValueError: for statistics no `Statistic` is registered under, or a chain nested where
+      its members cannot run one by one.
   """
+  stages = flatten_stages(stages)
+  for stage in stages:
+    calib_stats.check_names(stage.stats)
   checkpoints = None
   if options.checkpoint_dir:
     checkpoints = _Checkpoints(options.checkpoint_dir, run_id or {})
@@ -324,7 +376,8 @@ def quantize_blocks(
     qblocks, h = checkpoints.restore(done)
   else:
     qblocks = []
-    h = np.concatenate([np.asarray(model.embed(jnp.asarray(w[None]))) for w in windows])
+    embed_params = model.embed_params() if embed_params is None else embed_params
+    h = np.concatenate([np.asarray(model.embed(embed_params, jnp.asarray(w[None]))) for w in windows])
   batches = _Batches(h, options)
   runner = _BlockRunner(model)
   label = "block" if done == 0 else f"block (resumed after {done})"
@@ -340,15 +393,15 @@ def quantize_blocks(
     out_bytes = _out_bytes(block, linears, batches.tokens_per_batch)
     for k, (stage, group) in enumerate(steps):
       extra = {"block_inputs": batches, "block_fn": model.apply_layer, "block_model": model, "block_prefix": prefix}
-      if stage.stats & PER_INPUT_STATS:
+      if stage.stats:
         modules = group or linears
         # Linears no step from here on changes are final: capture their outputs for later passes.
         changing = {m for _, g in steps[k:] for m in (g or linears)}
         capture = cache.plan([m for m in linears if m not in changing], out_bytes)
         source = float_block if options.float_inputs else block
-        module_stats = runner.input_stats(source, batches, modules, stage.stats & PER_INPUT_STATS, cache, capture)
+        module_stats = runner.input_stats(source, batches, modules, stage.stats, cache, capture)
         extra["stats"] = {f"{prefix}/{m}/kernel": s for m, s in module_stats.items()}
-      tree = _nest(prefix, block)
+      tree = nest(prefix, block)
       t = masked(stage, _group_mask(prefix, group))
       tree, _ = t.update(tree, t.init(tree), **extra)
       # On the host, uncommitted: a stage may return arrays placed on a mesh of its own.
@@ -359,13 +412,6 @@ def quantize_blocks(
     if checkpoints:
       checkpoints.save(i, block, batches.numpy())
   return qblocks, batches.numpy()
-
-
-def _nest(prefix: str, block: Params) -> Params:
-  tree = block
-  for key in reversed(prefix.split("/")):
-    tree = {key: tree}
-  return tree
 
 
 def _unnest(prefix: str, tree: Params) -> Params:

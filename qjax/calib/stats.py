@@ -1,128 +1,91 @@
-"""Calibration statistics of the inputs of a block's linear layers, accumulated in jitted code.
+"""Statistics of the inputs of a block's linear layers, as a registry of accumulators run in jitted code.
 
-The inputs are captured with Flax's own method interception (`flax.linen.intercept_methods`):
-every call of a module that owns a 2-D ``kernel`` records its first argument. Linears that
-read the same input (q/k/v read one normed hidden state, gate/up another) receive the very
-same traced array, so their statistics are computed once and shared.
-
-Statistics (per linear, over all calibration tokens ``x`` of its ``in`` inputs):
-
-* ``hessian``: ``XᵀX / n``, (in, in) float32 (GPTQ's H up to a factor 2).
-* ``imatrix``: ``mean(x²)`` per input column, (in,) float32 (llama.cpp's importance matrix).
-* ``abs_mean``: ``mean(|x|)`` per input column, (in,) float32 (AWQ's activation salience).
+A transform names the statistics it reads (``Transform.stats``); the runner looks them up here, accumulates each
+over the calibration batches (``update`` on each batch of inputs, inside the same jitted step that runs the
+block) and hands the transform ``finalize``'s result, keyed by kernel path, plus the token count as ``"tokens"``.
+Linears that read the same input (q/k/v, gate/up) share one accumulator. A new statistic is one `Statistic`
+value: add it to `STATISTICS` (`register`), and any transform can name it.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-STAT_NAMES = ("hessian", "imatrix", "abs_mean")
-BLOCK_INPUTS = "block_inputs"
-"""Not a statistic: a transform that names it runs the block on its inputs itself, on the whole block at once."""
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _is_linear(module: nn.Module) -> bool:
-  params = module.variables.get("params", {}) if module.scope is not None else {}
-  return "kernel" in params
+class Statistic(NamedTuple):
+  """An accumulator over the inputs ``x`` (tokens, d) of a linear.
 
-
-def capture_linear_inputs(
-  apply_fn: Callable, *args, cached: dict[str, Array] | None = None, capture: Sequence[str] = (), **kwargs
-) -> tuple[object, dict[str, Array], dict[str, Array]]:
-  """Runs `apply_fn(*args, **kwargs)`, recording the input of every linear it calls.
-
-  Args:
-    apply_fn: a function that applies a Flax module.
-    *args, **kwargs: its arguments.
-    cached: linear module path -> output to use instead of calling that linear (its
-      params are final and its input unchanged, so its output is known).
-    capture: linear module paths whose outputs to record.
-
-  Returns:
-    (the function's result, {module path: input (..., in)}, {captured module path: output}).
+  Attributes:
+    init: ``d -> state``, the empty accumulator (float32 arrays).
+    update: ``(state, x) -> state`` for one batch of inputs, x float32 (tokens, d).
+    finalize: ``(state, tokens) -> value``, tokens the float32 count of all inputs seen.
   """
-  cached = cached or {}
-  inputs: dict[str, Array] = {}
-  outputs: dict[str, Array] = {}
 
-  def interceptor(next_fun, fn_args, fn_kwargs, context):
-    if context.method_name != "__call__" or not _is_linear(context.module):
-      return next_fun(*fn_args, **fn_kwargs)
-    path = "/".join(context.module.path)
-    inputs[path] = fn_args[0]
-    out = cached[path] if path in cached else next_fun(*fn_args, **fn_kwargs)
-    if path in capture:
-      outputs[path] = out
-    return out
-
-  with nn.intercept_methods(interceptor):
-    out = apply_fn(*args, **kwargs)
-  return out, inputs, outputs
+  init: Callable[[int], Any]
+  update: Callable[[Any, Float[Array, "tokens d"]], Any]
+  finalize: Callable[[Any, Float[Array, ""]], Any]
 
 
-def input_sums(x: Float[Array, "... d"], names: Sequence[str]) -> dict[str, Array]:
-  """Sums over tokens of one input: ``{"count", "hessian", "imatrix", "abs_mean"}`` as requested."""
-  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  sums = {"count": jnp.asarray(x.shape[0], jnp.float32)}
-  if "hessian" in names:
-    sums["hessian"] = jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
-  if "imatrix" in names:
-    sums["imatrix"] = jnp.sum(x * x, axis=0)
-  if "abs_mean" in names:
-    sums["abs_mean"] = jnp.sum(jnp.abs(x), axis=0)
-  return sums
+def _mean(term: Callable[[Array], Array], shape: Callable[[int], tuple[int, ...]]) -> Statistic:
+  return Statistic(
+    init=lambda d: jnp.zeros(shape(d), jnp.float32),
+    update=lambda s, x: s + term(x),
+    finalize=lambda s, n: s / n,
+  )
 
 
-def shared_inputs(apply_fn: Callable, modules: Sequence[str], *args, **kwargs) -> dict[str, str]:
-  """Maps each of `modules` to the first module reading the same input (traced abstractly, no compute).
+STATISTICS: dict[str, Statistic] = {
+  # XᵀX / n, (d, d): GPTQ's Hessian up to a factor 2.
+  "hessian": _mean(lambda x: jnp.dot(x.T, x, precision=_HIGHEST), lambda d: (d, d)),
+  # mean x² per input channel, (d,): llama.cpp's importance matrix.
+  "imatrix": _mean(lambda x: jnp.sum(x * x, axis=0), lambda d: (d,)),
+  # mean |x| per input channel, (d,): AWQ's activation salience.
+  "abs_mean": _mean(lambda x: jnp.sum(jnp.abs(x), axis=0), lambda d: (d,)),
+  # max |x| per input channel, (d,): SmoothQuant's activation range.
+  "abs_max": Statistic(
+    init=lambda d: jnp.zeros((d,), jnp.float32),
+    update=lambda s, x: jnp.maximum(s, jnp.max(jnp.abs(x), axis=0)),
+    finalize=lambda s, n: s,
+  ),
+}
+
+
+def register(name: str, statistic: Statistic) -> None:
+  """Adds a statistic transforms can name.
 
   Raises:
-    ValueError: naming modules the block never calls.
+    ValueError: if `name` is taken.
   """
-  aliases: dict[str, str] = {}
-
-  def trace(*a, **kw):
-    _, captured, _ = capture_linear_inputs(apply_fn, *a, **kw)
-    missing = [m for m in modules if m not in captured]
-    if missing:
-      raise ValueError(f"linear modules {missing} were not called; the block calls {sorted(captured)}.")
-    first: dict[int, str] = {}
-    for module in modules:
-      aliases[module] = first.setdefault(id(captured[module]), module)
-
-  jax.eval_shape(trace, *args, **kwargs)
-  return aliases
+  if name in STATISTICS or name == "tokens":
+    raise ValueError(f"`register` expected a new statistic name, got {name!r}; taken: {sorted(STATISTICS)}.")
+  STATISTICS[name] = statistic
 
 
-def linear_input_sums(
-  apply_fn: Callable,
-  representatives: Sequence[str],
-  names: Sequence[str],
-  *args,
-  cached: dict[str, Array] | None = None,
-  capture: Sequence[str] = (),
-) -> tuple[dict[str, dict[str, Array]], dict[str, Array]]:
-  """Statistic sums of the inputs of `representatives` (one module per distinct input) for one batch.
-
-  Under jit, everything the requested inputs do not depend on is pruned, so collecting
-  the inputs of ``o_proj`` costs only the attention half of a block, and linears whose
-  outputs are `cached` are not computed at all.
-
-  Returns:
-    ({module: sums}, {captured module: output}).
-  """
-  _, inputs, outputs = capture_linear_inputs(apply_fn, *args, cached=cached, capture=capture)
-  return {m: input_sums(inputs[m], names) for m in representatives}, outputs
+def check_names(names, *, who: str = "a transform") -> None:
+  """Raises naming the statistics `who` asks for that the registry does not hold."""
+  unknown = sorted(set(names) - set(STATISTICS))
+  if unknown:
+    raise ValueError(f"{who} asks for statistics {unknown}; known statistics: {sorted(STATISTICS)} (see `register`).")
 
 
-def add_sums(total: dict | None, batch: dict) -> dict:
-  return batch if total is None else jax.tree.map(jnp.add, total, batch)
+def init_states(names, d: int) -> dict[str, Any]:
+  """Empty accumulators of `names` for inputs of width `d`, plus the token count."""
+  return {"tokens": jnp.zeros((), jnp.float32), **{n: STATISTICS[n].init(d) for n in names}}
 
 
-def finalize(sums: dict[str, Array]) -> dict[str, Array]:
-  """Sums -> means (``hessian`` = XᵀX / n, ``imatrix`` = mean x², ``abs_mean`` = mean |x|)."""
-  n = sums["count"]
-  return {k: v / n for k, v in sums.items() if k != "count"} | {"tokens": n}
+def update_states(states: dict[str, Any], x: Float[Array, "... d"]) -> dict[str, Any]:
+  """Every accumulator of `states` updated with one batch of inputs (flattened to (tokens, d), float32)."""
+  x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  new = {n: STATISTICS[n].update(s, x) for n, s in states.items() if n != "tokens"}
+  return {"tokens": states["tokens"] + x.shape[0], **new}
+
+
+def finalize(states: dict[str, Any]) -> dict[str, Any]:
+  """Accumulators -> statistics, e.g. ``hessian`` = XᵀX / n; ``tokens`` is the count itself."""
+  n = states["tokens"]
+  return {"tokens": n, **{name: STATISTICS[name].finalize(s, n) for name, s in states.items() if name != "tokens"}}

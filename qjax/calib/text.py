@@ -7,10 +7,14 @@ the two never share a passage. Any UTF-8 text file can replace either part.
 """
 
 import os
+import stat
 
 import numpy as np
 
+from qjax.core.errors import InputError
+
 DEFAULT = "default"
+MAX_TEXT_BYTES = 1 << 30  # a larger text is a mistake (or a device); it would be read whole into memory
 
 
 def default_text() -> tuple[str, str]:
@@ -24,14 +28,42 @@ def default_text() -> tuple[str, str]:
 
 
 def load_text(source: str, part: str) -> str:
-  """The text named by `source`: ``"default"`` (its `part`, "calibration" or "evaluation") or a file path."""
+  """The text named by `source`: ``"default"`` (its `part`, "calibration" or "evaluation") or a file path.
+
+  Raises:
+    FileNotFoundError: if the file does not exist.
+    InputError: naming the file when it is not a regular file (a directory, FIFO or device is never opened), is
+      larger than 1 GiB, is not UTF-8 (with the offset of the first bad byte), or holds no text.
+  """
   if source == DEFAULT:
     calibration, evaluation = default_text()
     return {"calibration": calibration, "evaluation": evaluation}[part]
-  if not os.path.isfile(source):
-    raise FileNotFoundError(f"{source}: no such text file (use a UTF-8 text file, or 'default').")
-  with open(source, encoding="utf-8") as f:
-    return f.read()
+  try:
+    st = os.stat(source)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{source}: no such text file (use a UTF-8 text file, or 'default').") from e
+  except (OSError, ValueError) as e:
+    raise InputError(f"{source}: cannot be examined ({type(e).__name__}).") from e
+  if not stat.S_ISREG(st.st_mode):
+    raise InputError(f"{source}: expected a regular text file, got a directory, FIFO, socket or device.")
+  if st.st_size > MAX_TEXT_BYTES:
+    raise InputError(f"{source}: expected a text of at most {MAX_TEXT_BYTES} bytes, got {st.st_size}.")
+  try:
+    with open(os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+      if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced since the stat above
+        raise InputError(f"{source}: expected a regular text file, got something else.")
+      data = f.read(MAX_TEXT_BYTES + 1)
+  except OSError as e:
+    raise InputError(f"{source}: cannot be read ({type(e).__name__}).") from e
+  if len(data) > MAX_TEXT_BYTES:
+    raise InputError(f"{source}: expected a text of at most {MAX_TEXT_BYTES} bytes, got more (it grew while read).")
+  try:
+    text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # newlines as text mode reads them
+  except UnicodeDecodeError as e:
+    raise InputError(f"{source}: expected UTF-8 text, got byte 0x{data[e.start]:02x} at offset {e.start}.") from e
+  if not text.strip():
+    raise InputError(f"{source}: expected some text, got {'an empty file' if not text else 'only whitespace'}.")
+  return text
 
 
 def tokenize(tokenizer, text: str) -> np.ndarray:

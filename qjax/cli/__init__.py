@@ -5,6 +5,7 @@ only the chosen subcommand's module is imported and only its flags exist.
 """
 
 import importlib
+import os
 import sys
 import traceback
 
@@ -16,13 +17,24 @@ COMMANDS = {
   "convert": ("qjax.cli.convert", "convert a GPTQ, AWQ or qjax model to GGUF, GPTQ or AWQ"),
   "bench": ("qjax.cli.bench", "time a model's prefill and decode on this device"),
 }
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, OSError)
+
+
+class Interrupted(Exception):
+  """Ctrl-C during a command: its message says what was kept and how to go on."""
 
 
 def usage() -> str:
   lines = ["usage: qjax <command> [--flags]   (qjax <command> --help for its flags)", "", "commands:"]
   lines += [f"  {name:10s} {summary}" for name, (_, summary) in COMMANDS.items()]
   return "\n".join(lines)
+
+
+def _describe(e: Exception) -> str:
+  """One line for an error: the message, or for an OSError its file and cause (e.g. a full disk)."""
+  if isinstance(e, OSError) and e.strerror:
+    return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+  return str(e)
 
 
 def _fail(command: str, message: str, hint: str) -> None:
@@ -52,6 +64,9 @@ def run(argv: list[str] | None = None) -> None:
     print(usage())
     sys.exit(0 if len(argv) >= 2 else 2)
   command = argv[1]
+  # transformers' advice (e.g. that PyTorch is not installed, which qjax does not need) is not for our users.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   if command not in COMMANDS:
     _fail("", f"unknown command {command!r}", f"one of: {', '.join(COMMANDS)}")
   module = importlib.import_module(COMMANDS[command][0])
@@ -62,9 +77,12 @@ def run(argv: list[str] | None = None) -> None:
     logging.set_verbosity(logging.INFO if flags.FLAGS.verbose else logging.WARNING)
     try:
       module.main(args)
+    except (Interrupted, KeyboardInterrupt) as e:
+      sys.stderr.write(f"\nqjax {command}: {e or 'interrupted.'}\n")
+      sys.exit(130)
     except USER_ERRORS as e:
       if flags.FLAGS.verbose:
         traceback.print_exc()
-      _fail(command, str(e), "run with --verbose for the full traceback")
+      _fail(command, _describe(e), "run with --verbose for the full traceback")
 
   app.run(main, argv=[f"qjax {command}", *argv[2:]], flags_parser=_parse(command, module))

@@ -18,10 +18,10 @@ import numpy as np
 from absl import flags
 
 from qjax.core import is_qarray
+from qjax.core.tree import leaves_with_paths
 from qjax.formats.loading import load_model
 from qjax.kernels import BACKENDS, qmatmul_mode
 from qjax.models import LlamaForCausalLM, generate
-from qjax.transforms.base import leaves_with_paths
 
 _MODEL = flags.DEFINE_string("model", "default", "Model to time (same forms as `qjax eval --model`).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per call. Example: --batch=4.")

@@ -13,7 +13,7 @@ from absl import flags
 from qjax.calib import text as texts
 from qjax.eval.metrics import evaluate
 from qjax.formats.loading import load_model
-from qjax.pipeline import logits_fn
+from qjax.models import logits_fn
 
 _MODEL = flags.DEFINE_string(
     "model", "default", "Model to evaluate: 'default' (built-in), a Hugging Face directory, a .gguf file, or a qjax "

@@ -1,8 +1,8 @@
 """Quantize a model, measure what it cost, and write it out.
 
-Runs the chosen method block by block on calibration text (GPTQ) or directly (RTN),
-then prints perplexity and KL divergence before and after, size, bits per weight and
-time, and writes the quantized model to --out (readable by `qjax eval --model=DIR`).
+Runs a recipe (--method, or your own with --recipe) over the model block by block on calibration text, then
+prints perplexity and KL divergence before and after, size, bits per weight and time, and writes the quantized
+model to --out (readable by `qjax eval --model=DIR`) or exports it (--export).
 
 Example:
   qjax quantize                                        # GPTQ 4-bit g128 on the built-in default model
@@ -10,70 +10,131 @@ Example:
   qjax quantize --model=path/to/hf_model --method=rtn --bits=4 --group_size=128
   qjax quantize --method=none --export=gguf:Q4_K_M --imatrix --out=runs/q4km   # llama.cpp's encoders, in JAX
   qjax quantize --bits=4 --group_size=64 --export=gptq --out=runs/gptq4-hf       # for vLLM, TGI, transformers
-  qjax quantize --method=rtn --nosym --group_size=64 --export=awq --out=runs/awq4
+  qjax quantize --recipe=experiments/new_scheme.py:recipe --group_size=64         # your own scheme
 """
 
 import dataclasses
+import inspect
 import os
+import shutil
 import time
 
 from absl import flags
 
-from qjax.eval.report import write_report
+from qjax.calib import text as texts
+from qjax.calib.quantize import needs_calibration, quantize_model
+from qjax.calib.runner import RunnerOptions, check_checkpoint_dir, remove_checkpoints
+from qjax.cli import Interrupted
+from qjax.cli import recipes as cli_recipes
+from qjax.cli.estimate import estimate, estimate_sizes
+from qjax.core import ClipSearch, InputError, ggml
+from qjax.core.qspec import QSpec
+from qjax.eval import TensorLog, evaluate, sizes, write_report
+from qjax.eval.report import RunReport
 from qjax.formats import open_checkpoint
-from qjax.pipeline import ALLOWED_GROUP_SIZES, METHOD_EXAMPLES, QuantizeJob, estimate, gguf_path, run_job
+from qjax.formats.output import atomic_directory, check_output
+from qjax.formats.targets import Target, check_shapes, check_spec, export, output_path, parse_target
+from qjax.models import LlamaBlocks, LlamaConfig, logits_fn
+from qjax.quantizers import GptqConfig
+from qjax.transforms import observe, recipes
+from qjax.transforms.gguf_recipes import RECIPES
+from qjax.transforms.recipes import Recipe
 
-_MODEL = flags.DEFINE_string(
-    "model", "default", "Float model to quantize: 'default' (built-in SmolLM2-135M-Instruct), a Hugging Face "
+ALLOWED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's list
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+  """The values of `qjax quantize`'s flags (the defaults are the flags' defaults; see `qjax quantize --help`)."""
+
+  model: str = "default"
+  method: str = "gptq"
+  recipe: str | None = None
+  bits: int = 4
+  group_size: int = 128
+  sym: bool = True
+  desc_act: bool = False
+  act_group_aware: bool = True
+  static_groups: bool = False
+  damp_percent: float = 0.01
+  mse: bool = False
+  true_sequential: bool = True
+  nsamples: int = 32
+  seqlen: int = 512
+  calib: str = "default"
+  seed: int = 0
+  eval_text: str = "default"
+  eval_windows: int = 16
+  batch_size: int = 8
+  out: str | None = None
+  export: str | None = None
+  imatrix: bool = False
+  checkpoint_dir: str | None = None
+  overwrite: bool = False
+
+  @classmethod
+  def from_flags(cls) -> "Settings":
+    values = {f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(cls)}
+    return cls(**{**values, "bits": int(values["bits"])})
+
+
+_D = Settings()
+flags.DEFINE_string(
+    "model", _D.model, "Float model to quantize: 'default' (built-in SmolLM2-135M-Instruct), a Hugging Face "
     "directory, or a .gguf file. Example: --model=~/models/Llama-3.2-1B."
 )  # fmt: skip
-_METHOD = flags.DEFINE_string(
-  "method", "gptq", "Quantization scheme: a rounding (rtn, gptq) after optional preparations (rotate, awq, lwc), "
-  f"joined by '+'; 'none' with --export=gguf:TYPE encodes the float weights as llama.cpp would. Examples: "
-  f"{', '.join(METHOD_EXAMPLES)}."
+flags.DEFINE_enum(
+  "method", _D.method, list(cli_recipes.METHODS), "Quantization recipe: a rounding (rtn, gptq) after optional "
+  "preparations (rotate, awq, lwc); 'none' with --export=gguf:TYPE encodes the float weights as llama.cpp would. "
+  "Each name is a function in qjax.transforms.recipes."
 )  # fmt: skip
-_BITS = flags.DEFINE_enum("bits", "4", ["2", "3", "4", "5", "6", "8"], "Bits per weight code. Example: --bits=3.")
-_GROUP = flags.DEFINE_integer(
-    "group_size", 128, f"Input channels sharing a scale, one of {ALLOWED_GROUP_SIZES} (-1: per output channel). "
+flags.DEFINE_string(
+  "recipe", _D.recipe, "Your own recipe instead of --method: FILE.py:function or module:function, a function returning "
+  "a qjax.Recipe; it is called with the parameters it names among spec, gptq_config, clip, rounding, model_config, "
+  "seed. Example: --recipe=experiments/new_scheme.py:recipe."
+)  # fmt: skip
+flags.DEFINE_enum("bits", str(_D.bits), ["2", "3", "4", "5", "6", "8"], "Bits per weight code. Example: --bits=3.")
+flags.DEFINE_integer(
+    "group_size", _D.group_size, f"Input channels sharing a scale, one of {ALLOWED_GROUP_SIZES} (-1: per output "
+    "channel). "
     "Where it does not divide a layer's input width the last group is shorter, as in GPTQ checkpoints. "
     "Example: --group_size=64."
 )  # fmt: skip
-_SYM = flags.DEFINE_bool("sym", True, "Symmetric grid (fixed zero point); --nosym stores a zero point per group.")
-_DESC_ACT = flags.DEFINE_bool(
-  "desc_act", False, "GPTQ act-order: quantize input channels by decreasing Hessian diagonal."
-)
-_GAR = flags.DEFINE_bool(
-  "act_group_aware", True, "GPTQ group-aware reordering (GPTQModel's default): quantize whole groups by decreasing "
-  "Hessian diagonal, needing no g_idx. Ignored with --desc_act; --noact_group_aware for plain GPTQ order."
+flags.DEFINE_bool("sym", _D.sym, "Symmetric grid (fixed zero point); --nosym stores a zero point per group.")
+flags.DEFINE_bool("desc_act", _D.desc_act, "GPTQ act-order: quantize input channels by decreasing Hessian diagonal.")
+flags.DEFINE_bool(
+  "act_group_aware", _D.act_group_aware, "GPTQ group-aware reordering (GPTQModel's default): quantize whole "
+  "groups by decreasing Hessian diagonal, needing no g_idx. Ignored with --desc_act; --noact_group_aware for "
+  "plain GPTQ order."
 )  # fmt: skip
-_STATIC_GROUPS = flags.DEFINE_bool(
-  "static_groups", False, "With --desc_act, keep groups in the original channel order."
+flags.DEFINE_bool("static_groups", _D.static_groups, "With --desc_act, keep groups in the original channel order.")
+flags.DEFINE_float(
+  "damp_percent", _D.damp_percent, "GPTQ dampening, a fraction of mean(diag(H)). Example: --damp_percent=0.05."
 )
-_DAMP = flags.DEFINE_float(
-  "damp_percent", 0.01, "GPTQ dampening, a fraction of mean(diag(H)). Example: --damp_percent=0.05."
+flags.DEFINE_bool("mse", _D.mse, "Search a clipping range per group that minimises the rounding error (RTN and GPTQ).")
+flags.DEFINE_bool(
+  "true_sequential",
+  _D.true_sequential,
+  "Quantize q/k/v, then o, then gate/up, then down, each from inputs after the previous.",
 )
-_MSE = flags.DEFINE_bool(
-  "mse", False, "Search a clipping range per group that minimises the rounding error (RTN and GPTQ)."
-)
-_TRUE_SEQ = flags.DEFINE_bool(
-  "true_sequential", True, "Quantize q/k/v, then o, then gate/up, then down, each from inputs after the previous."
-)
-_NSAMPLES = flags.DEFINE_integer("nsamples", 32, "Calibration windows. Example: --nsamples=128.")
-_SEQLEN = flags.DEFINE_integer("seqlen", 512, "Tokens per calibration and evaluation window. Example: --seqlen=2048.")
-_CALIB = flags.DEFINE_string(
-    "calib", "default", "Calibration text: 'default' (the calibration part of Python's documentation topics) or a "
+flags.DEFINE_integer("nsamples", _D.nsamples, "Calibration windows. Example: --nsamples=128.")
+flags.DEFINE_integer("seqlen", _D.seqlen, "Tokens per calibration and evaluation window. Example: --seqlen=2048.")
+flags.DEFINE_string(
+    "calib", _D.calib, "Calibration text: 'default' (the calibration part of Python's documentation topics) or a "
     "UTF-8 file. Example: --calib=c4_sample.txt."
 )  # fmt: skip
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for choosing calibration windows.")
-_EVAL_TEXT = flags.DEFINE_string("eval_text", "default", "Evaluation text ('default' or a UTF-8 file).")
-_EVAL_WINDOWS = flags.DEFINE_integer(
-  "eval_windows", 16, "Evaluation windows before and after (0 skips evaluation). Example: --eval_windows=64."
+flags.DEFINE_integer("seed", _D.seed, "Seed for choosing calibration windows and for a rotation's signs.")
+flags.DEFINE_string("eval_text", _D.eval_text, "Evaluation text ('default' or a UTF-8 file).")
+flags.DEFINE_integer(
+  "eval_windows",
+  _D.eval_windows,
+  "Evaluation windows before and after (0 skips evaluation). Example: --eval_windows=64.",
 )
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Calibration windows per step (bounds activation memory).")
-_OUT = flags.DEFINE_string("out", None, "Directory for the quantized model (default: runs/<method>-w<bits>g<group>).")
-_EXPORT = flags.DEFINE_string(
-  "export", None, "Write the model in another format instead of a qjax directory: gguf:<TYPE>, TYPE a llama.cpp "
-  "recipe (Q4_K_M, Q5_K_M, Q8_0, Q4_0, Q2_K, Q3_K_M, …) or F32/F16/BF16 (with --method=none); or a Hugging Face "
+flags.DEFINE_integer("batch_size", _D.batch_size, "Calibration windows per step (bounds activation memory).")
+flags.DEFINE_string("out", _D.out, "Directory for the quantized model (default: runs/<method>-w<bits>g<group>).")
+flags.DEFINE_string(
+  "export", _D.export, "Write the model in another format instead of a qjax directory: gguf:<TYPE>, TYPE a llama.cpp "
+  "file type (Q4_K_M, Q5_K_M, Q8_0, Q4_0, Q2_K, Q3_K_M, …) or F32/F16/BF16 (with --method=none); or a Hugging Face "
   "directory for vLLM, TGI and transformers (with --method=gptq or rtn): gptq (GPTQ v1 zero points, read by "
   "every loader), gptq_v2 (v2 zero points, for GPTQModel and vLLM; stores a zero point of 0, which v1 cannot), "
   "awq (AutoAWQ gemm layout: --bits=4, no --desc_act, a group size dividing every input width). A GPTQ group size "
@@ -81,58 +142,287 @@ _EXPORT = flags.DEFINE_string(
   "kernel (backend='torch'), not in vLLM. "
   "Example: --export=gguf:Q4_K_M, --export=gptq."
 )  # fmt: skip
-_IMATRIX = flags.DEFINE_bool(
-  "imatrix", False, "With a GGUF recipe: weight the block searches by an importance matrix (mean x² of each "
+flags.DEFINE_bool(
+  "imatrix", _D.imatrix, "With a GGUF recipe: weight the block searches by an importance matrix (mean x² of each "
   "linear's inputs) measured on the calibration text, as llama.cpp's imatrix tool does."
 )  # fmt: skip
-_CKPT = flags.DEFINE_string(
-    "checkpoint_dir", None, "Where finished blocks are checkpointed; a rerun with the same flags resumes there. "
+flags.DEFINE_string(
+    "checkpoint_dir", _D.checkpoint_dir, "Where finished blocks are checkpointed; a rerun with the same flags "
+    "resumes there. "
     "Default: <out>.checkpoint, removed after success."
+)  # fmt: skip
+flags.DEFINE_bool(
+  "overwrite", _D.overwrite, "Replace a previous qjax output of another kind in --out. A directory of files qjax "
+  "did not write is never replaced; a previous output of the same kind is replaced without it."
 )  # fmt: skip
 
 
-def job_from_flags() -> QuantizeJob:
-  bits, group = int(_BITS.value), _GROUP.value
-  default_name = f"{_METHOD.value}-w{bits}g{group}"
-  if _EXPORT.value:
-    kind, _, type_name = _EXPORT.value.partition(":")
-    default_name = f"gguf-{type_name}" if kind == "gguf" else f"{default_name}-{kind}"
-  out = _OUT.value or os.path.join("runs", default_name)
-  return QuantizeJob(
-    model=_MODEL.value,
-    method=_METHOD.value,
-    bits=bits,
-    group_size=group,
-    sym=_SYM.value,
-    desc_act=_DESC_ACT.value,
-    act_group_aware=_GAR.value,
-    static_groups=_STATIC_GROUPS.value,
-    damp_percent=_DAMP.value,
-    mse=_MSE.value,
-    true_sequential=_TRUE_SEQ.value,
-    nsamples=_NSAMPLES.value,
-    seqlen=_SEQLEN.value,
-    calib=_CALIB.value,
-    seed=_SEED.value,
-    eval_text=_EVAL_TEXT.value,
-    eval_windows=_EVAL_WINDOWS.value,
-    batch_size=_BATCH.value,
-    out=out,
-    checkpoint_dir=_CKPT.value or out.rstrip("/") + ".checkpoint",
-    export=_EXPORT.value,
-    imatrix=_IMATRIX.value,
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the settings ask for, checked: the recipe, where it goes, and how it is labelled."""
+
+  recipe: Recipe
+  target: Target
+  spec: QSpec
+  label: str
+  recipe_id: str
+  out: str
+  checkpoint_dir: str
+
+
+def _gptq_config(s: Settings) -> GptqConfig:
+  if not 0.0 <= s.damp_percent < 1.0:
+    raise ValueError(f"--damp_percent must be in [0, 1), got {s.damp_percent}.")
+  return GptqConfig(
+    damp=s.damp_percent,
+    act_order=s.desc_act,
+    static_groups=s.static_groups,
+    clip=ClipSearch() if s.mse else None,
+    group_aware=s.act_group_aware and not s.desc_act,
   )
+
+
+def _search_spec(target: Target, spec: QSpec) -> QSpec:
+  """The grid AWQ and learned clipping aim at: --bits/--group_size, or a GGUF recipe's main type's sub-blocks."""
+  if not target.quantizes:
+    return spec
+  info = ggml.BLOCK_TYPES[RECIPES[target.gguf_type]]
+  return QSpec(bits=info.bits, group_size=32, symmetric=info.symmetric)
+
+
+def _rounding(s: Settings, target: Target, spec: QSpec, clip, config) -> Recipe:
+  if target.quantizes:
+    return recipes.gguf(target.gguf_type, config, imatrix=s.imatrix)
+  if target.is_gguf:
+    return Recipe(())  # a float GGUF: nothing rounds
+  return recipes.rtn(spec, clip=clip)
+
+
+def _gptq_rounding(target: Target, spec: QSpec, gptq_config: GptqConfig, config) -> Recipe:
+  if target.quantizes:
+    return recipes.gguf(target.gguf_type, config, gptq_config=gptq_config)
+  if target.is_gguf:
+    raise ValueError(f"--export={target} stores float weights; GPTQ has nothing to round into (use a GGUF recipe).")
+  return recipes.gptq(spec, gptq_config)
+
+
+def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Plan:
+  """Checks the settings against each other and the model's config, before any work, and builds the recipe.
+
+  Raises:
+    ValueError, NotImplementedError, FileNotFoundError: naming the flag.
+  """
+  if s.group_size not in ALLOWED_GROUP_SIZES:
+    raise ValueError(f"--group_size must be one of {ALLOWED_GROUP_SIZES}, got {s.group_size}.")
+  if s.nsamples < 1 or s.seqlen < 2:
+    raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {s.nsamples} and {s.seqlen}.")
+  if s.recipe and method_given:
+    raise ValueError("give --method or --recipe, not both.")
+  target = parse_target(s.export)
+  spec = QSpec(bits=s.bits, group_size=s.group_size, symmetric=s.sym, partial_groups=True)
+  gptq_config = _gptq_config(s)
+  if s.recipe:
+    fn, recipe_id = cli_recipes.load_function(s.recipe)
+    name = s.recipe
+  elif s.method in cli_recipes.METHODS:
+    fn, recipe_id, name = cli_recipes.METHODS[s.method], s.method, s.method
+  else:
+    raise ValueError(f"--method={s.method}: unknown; one of {', '.join(cli_recipes.METHODS)}, or --recipe.")
+  if s.imatrix and not target.quantizes:
+    raise ValueError("--imatrix applies to GGUF recipes (--export=gguf:<TYPE>, e.g. gguf:Q4_K_M).")
+  if target.quantizes and "gptq" in name and s.desc_act and not s.static_groups:
+    raise ValueError(
+      f"--desc_act with --export={target}: a GGUF file has no g_idx, so GPTQ must keep each block's columns "
+      "together; drop --desc_act (group-aware order is the default) or add --static_groups."
+    )
+  if target.is_hf and name == "none":
+    raise ValueError(f"--export={target} writes linears rounded by RTN or GPTQ; use a --method that rounds.")
+  if name == "none" and not target.is_gguf:
+    raise ValueError("--method=none quantizes nothing by itself; give --export=gguf:<TYPE> (e.g. gguf:Q4_K_M).")
+  if target.is_hf:
+    act_order = "gptq" in name and s.desc_act and not s.static_groups and s.group_size != -1
+    check_spec(target, spec, act_order=act_order)
+    check_shapes(target, spec, config)
+  values = {
+    "spec": _search_spec(target, spec),
+    "gptq_config": gptq_config,
+    "clip": gptq_config.clip,
+    "rounding": _rounding(s, target, spec, gptq_config.clip, config),
+    "model_config": config,
+    "seed": s.seed,
+  }
+  if "gptq_rounding" in inspect.signature(fn).parameters:
+    values["gptq_rounding"] = _gptq_rounding(target, spec, gptq_config, config)
+  recipe = cli_recipes.call(fn, values, name=name)
+  if target.quantizes:
+    method = "" if name in ("none", "rtn") else f"{name.rpartition(':')[2]} "
+    label = f"{method}gguf {target.gguf_type}" + (" imatrix" if s.imatrix else "")
+  else:
+    label = f"{name.rpartition(':')[2]} w{s.bits}g{s.group_size}"
+  default_name = f"gguf-{target.gguf_type}" if target.is_gguf else f"{s.method}-w{s.bits}g{s.group_size}"
+  if target.is_hf:
+    default_name += f"-{target.kind}"
+  out = s.out or os.path.join("runs", default_name)
+  return Plan(recipe, target, spec, label, recipe_id, out, s.checkpoint_dir or out.rstrip("/") + ".checkpoint")
+
+
+def run_id(s: Settings, p: Plan) -> dict:
+  """What a checkpoint directory must have been written with to be resumed."""
+  skip = {"out", "checkpoint_dir", "eval_windows", "eval_text", "method", "recipe"}
+  settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
+  return {"recipe": p.recipe_id, **settings}
+
+
+def calibration_windows(s: Settings, tokenizer):
+  """The (nsamples, seqlen) calibration windows the settings name."""
+  tokens = texts.tokenize(tokenizer, texts.load_text(s.calib, "calibration"))
+  return texts.calibration_windows(tokens, s.nsamples, s.seqlen, seed=s.seed)
+
+
+def quantize_with(
+  s: Settings,
+  *,
+  checkpoint=None,
+  windows=None,
+  log: TensorLog | None = None,
+  checkpoint_dir: str | None = None,
+  show_progress: bool = False,
+) -> tuple[Plan, LlamaConfig, dict]:
+  """The settings' plan, and the model quantized by it: ``(plan, config of the result, params)``.
+
+  Args:
+    s: the settings.
+    checkpoint: the float checkpoint (default: opened from ``s.model``).
+    windows: calibration windows (default: the settings' text, when the recipe needs them).
+    log: records each quantized tensor's error.
+    checkpoint_dir: where to checkpoint finished blocks (None: no checkpoints).
+    show_progress: print the runner's progress.
+  """
+  checkpoint = checkpoint or open_checkpoint(s.model)
+  p = plan(s, checkpoint.config)
+  if windows is None and needs_calibration(p.recipe):
+    windows = calibration_windows(s, checkpoint.tokenizer())
+  recipe = p.recipe
+  if log is not None:
+    recipe = dataclasses.replace(recipe, stages=tuple(observe(stage, log.record) for stage in recipe.stages))
+  options = RunnerOptions(batch_size=s.batch_size, true_sequential=s.true_sequential,
+                          checkpoint_dir=checkpoint_dir, show_progress=show_progress)  # fmt: skip
+  qparams = quantize_model(LlamaBlocks(checkpoint), recipe, windows, options=options, run_id=run_id(s, p))
+  return p, dataclasses.replace(checkpoint.config, tie_word_embeddings="lm_head" not in qparams), qparams
+
+
+def output_kind(target: Target) -> str:
+  """What an output directory of `target` holds, as its marker records it."""
+  return "qjax" if target.kind == "qjax" else target.kind
+
+
+def _estimated_bytes(s: Settings, p: Plan, config: LlamaConfig, calibrate: bool) -> tuple[int, int]:
+  """Generous upper bounds of the output's and the checkpoints' sizes, in bytes."""
+  est = estimate_sizes(config)
+  bits = 32.0 if p.target.is_gguf and not p.target.quantizes else 8.5 if p.target.is_gguf else p.spec.bits_per_weight(
+    config.hidden_size
+  )  # fmt: skip
+  dense_bits = 32 if p.target.is_gguf and p.target.gguf_type == "F32" else 16
+  output = int(est.linear_params * bits / 8 + est.other_params * dense_bits / 8) + (64 << 20)
+  activations = 2 * s.nsamples * s.seqlen * config.hidden_size * 4
+  return output, (output + activations if calibrate else 0)
+
+
+def preflight(s: Settings, p: Plan, config: LlamaConfig, *, calibrate: bool) -> None:
+  """Checks every output path and the free disk before any work (inputs were read by then).
+
+  Raises:
+    InputError: naming the path: an output that may not be written, a checkpoint directory that is not qjax's or
+      overlaps the model or the output, or too little free disk for the estimated output and checkpoints.
+  """
+  inputs = [s.model] if s.model != "default" else []
+  inputs += [t for t in (s.calib, s.eval_text) if t != "default"]
+  check_output(p.out, output_kind(p.target), overwrite=s.overwrite, inputs=inputs)
+  if calibrate:
+    ckpt, out = os.path.realpath(p.checkpoint_dir), os.path.realpath(p.out)
+    for other, what in ((out, "--out"), *((os.path.realpath(i), i) for i in inputs)):
+      if ckpt == other or ckpt.startswith(other + os.sep) or other.startswith(ckpt + os.sep):
+        raise InputError(f"--checkpoint_dir={p.checkpoint_dir}: overlaps {what}; choose a directory beside them.")
+    check_checkpoint_dir(p.checkpoint_dir, run_id(s, p))
+  output, checkpoints = _estimated_bytes(s, p, config, calibrate)
+  for path, need in ((p.out, output + checkpoints),):
+    parent = os.path.dirname(os.path.realpath(path))
+    while not os.path.isdir(parent):  # check_output made sure the nearest existing ancestor is a directory
+      parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+      raise InputError(
+        f"{path}: {free / 2**30:.1f} GiB free in {parent}, the output and checkpoints need about "
+        f"{need / 2**30:.1f} GiB; free some space or choose another --out / --checkpoint_dir."
+      )
+
+
+def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) -> tuple[RunReport, str, Plan]:
+  """Quantizes, evaluates before and after on the same windows, and writes the output with its report.
+
+  Every input is read and every output checked before the first block is calibrated; the output directory
+  appears complete (model, ``report.json``, ``errors.png``) or not at all.
+
+  Returns:
+    (the report, the path of the written model, the plan).
+  """
+  checkpoint = open_checkpoint(s.model)
+  config = checkpoint.config
+  p = plan(s, config, method_given=method_given)
+  calibrate = needs_calibration(p.recipe)
+  tokenizer = checkpoint.tokenizer()
+  windows = calibration_windows(s, tokenizer) if calibrate else None
+  eval_windows = None
+  if s.eval_windows:
+    tokens = texts.tokenize(tokenizer, texts.load_text(s.eval_text, "evaluation"))
+    eval_windows = texts.eval_windows(tokens, s.seqlen, max_windows=s.eval_windows)
+  preflight(s, p, config, calibrate=calibrate)
+  if show_progress:
+    tokens = s.nsamples * s.seqlen if calibrate else 0
+    cost = estimate(config, p.recipe, calibration_tokens=tokens, seqlen=s.seqlen, batch_size=s.batch_size,
+                    eval_windows=s.eval_windows)  # fmt: skip
+    print(cost, flush=True)
+  log = TensorLog()
+  with atomic_directory(p.out, output_kind(p.target), overwrite=s.overwrite) as tmp:
+    tick = time.perf_counter()
+    p, out_config, qparams = quantize_with(
+      s, checkpoint=checkpoint, windows=windows, log=log, show_progress=show_progress,
+      checkpoint_dir=p.checkpoint_dir if calibrate else None,
+    )  # fmt: skip
+    quantize_seconds = time.perf_counter() - tick
+    metadata = {"source_model": s.model, "recipe": p.recipe_id, "settings": dataclasses.asdict(s)}
+    export(p.target, tmp, out_config, qparams, tokenizer, name=s.model, metadata=metadata, description=p.label,
+           atomic=False)  # fmt: skip
+    evaluation = None
+    tick = time.perf_counter()
+    if eval_windows is not None:
+      reference = logits_fn(config, checkpoint.params())
+      evaluation = evaluate(logits_fn(out_config, qparams), eval_windows, reference_fn=reference, label="evaluate",
+                            show_progress=show_progress)  # fmt: skip
+    report = RunReport(p.label, evaluation, sizes(qparams), quantize_seconds, time.perf_counter() - tick, log.rows)
+    write_report(tmp, {"job": dataclasses.asdict(s), **report.as_dict()})
+  if calibrate:
+    remove_checkpoints(p.checkpoint_dir)
+  return report, output_path(p.target, p.out), p
 
 
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
-  job = job_from_flags()
   start = time.perf_counter()
-  print(estimate(job, open_checkpoint(job.model).config), flush=True)
-  report = run_job(job)
+  s = Settings.from_flags()
+  try:
+    report, written, p = run(s, method_given=flags.FLAGS["method"].present)
+  except KeyboardInterrupt:
+    raise Interrupted(_interrupted_message(s)) from None
   print(report.table())
-  written = gguf_path(job) if job.gguf_type else job.out
-  files = write_report(job.out, {"job": dataclasses.asdict(job), **report.as_dict()})
   print(f"\nwrote {written}  (evaluate: qjax eval --model={written})")
-  print(f"report: {', '.join(files)}  total {time.perf_counter() - start:.0f}s")
+  print(f"report: {os.path.join(p.out, 'report.json')}  total {time.perf_counter() - start:.0f}s")
+
+
+def _interrupted_message(s: Settings) -> str:
+  out = s.out or "the output"
+  ckpt = s.checkpoint_dir or f"{out.rstrip('/')}.checkpoint"
+  if os.path.isdir(ckpt):
+    return f"interrupted; finished blocks are checkpointed in {ckpt}; rerun the same command to resume."
+  return f"interrupted; nothing was written to {out}."

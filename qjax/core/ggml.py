@@ -38,4 +38,10 @@ BLOCK_TYPES: dict[str, BlockType] = {
   "Q4_K": BlockType(12, QK_K, 144, 4, False),
   "Q5_K": BlockType(13, QK_K, 176, 5, False),
   "Q6_K": BlockType(14, QK_K, 210, 6, True),
+  # Non-linear: codes index a fixed table of 16 levels (`qjax.core.ggml_iq4`).
+  "IQ4_NL": BlockType(20, 32, 18, 4, True),
+  "IQ4_XS": BlockType(23, QK_K, 136, 4, True),
 }
+NON_LINEAR = ("IQ4_NL", "IQ4_XS")
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+"""``kvalues_iq4nl`` (ggml-common.h): the 16 levels of an IQ4 code, in units of the block's scale."""

@@ -154,6 +154,30 @@ def _q6_k(b):
   return _per_sub_block(q, fp16_field(b, 208) * sc, None, 16)
 
 
+def _iq4_levels(qs: UInt8[Array, "nb 16*subs"]) -> Float[Array, "nb 32*subs"]:
+  """Table levels of IQ4 codes: per 32 weights, the first 16 in the low nibbles, the next 16 in the high ones."""
+  q = qs.astype(jnp.int32).reshape(qs.shape[0], -1, 1, 16)
+  codes = jnp.concatenate([q & 0xF, q >> 4], axis=2).reshape(qs.shape[0], -1)
+  return jnp.asarray(ggml.IQ4_LEVELS, jnp.float32)[codes]
+
+
+def _iq4_nl(b):
+  return fp16_field(b, 0) * _iq4_levels(b[:, 2:18])
+
+
+def iq4_xs_sub_scales(b: UInt8[Array, "nb bytes"]) -> Int[Array, "nb 8"]:
+  """The 8 signed 6-bit sub-block scales of IQ4_XS blocks: low nibbles in ``scales_l``, high bits in ``scales_h``."""
+  low = b[:, 4:8].astype(jnp.int32)
+  low = jnp.stack([low & 0xF, low >> 4], axis=-1).reshape(-1, 8)
+  high = (b[:, 2].astype(jnp.int32) | (b[:, 3].astype(jnp.int32) << 8))[:, None] >> (2 * jnp.arange(8))[None]
+  return (low | ((high & 3) << 4)) - 32
+
+
+def _iq4_xs(b):
+  dl = fp16_field(b, 0) * iq4_xs_sub_scales(b).astype(jnp.float32)
+  return _per_sub_block(_iq4_levels(b[:, 8:136]), dl, None, 32)
+
+
 _DECODERS: dict[str, Callable[[Array], Array]] = {
   "Q4_0": _q4_0,
   "Q4_1": _q4_1,
@@ -165,6 +189,8 @@ _DECODERS: dict[str, Callable[[Array], Array]] = {
   "Q4_K": _q4_k,
   "Q5_K": _q5_k,
   "Q6_K": _q6_k,
+  "IQ4_NL": _iq4_nl,
+  "IQ4_XS": _iq4_xs,
 }
 
 
@@ -174,7 +200,7 @@ def decode(codes: UInt8[Array, "n bytes"], type_name: str) -> Float[Array, "n k"
 
   Args:
     codes: (n, k / block_size * type_size) uint8: one row of ggml blocks per output channel, as in a GGUF file.
-    type_name: one of ``Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K``.
+    type_name: one of ``Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS``.
 
   Returns:
     (n, k) float32.

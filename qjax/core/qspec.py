@@ -1,56 +1,63 @@
 """`QSpec`: how a weight matrix is quantized (static configuration, hashable under jit)."""
 
 import dataclasses
-from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
 
 from qjax.core import ggml
+from qjax.core.affine import AffineGrid
+from qjax.core.ggml_grid import GgmlGrid
+from qjax.core.grid import Grid
 from qjax.core.packing import SUPPORTED_BITS
 
 PACKED = "packed"
-"""Layout of affine codes packed as uint32 words along the contraction axis (GPTQ's qweight order)."""
+"""Codes bit-packed as uint32 words along the contraction axis (GPTQ's qweight order), parameters beside them."""
 
-Layout = Literal["packed", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-LAYOUTS = (PACKED, *ggml.BLOCK_TYPES)
+KERNEL = "kernel_int4"
+"""4-bit codes as a (n, k) `jnp.int4` array of ``q - 8``, the zero point as ``z - 8`` in the scale dtype: the layout
+the GPU kernels and XLA's int4 path read (`qjax.kernels.to_kernel_layout`)."""
+
+LAYOUTS = (PACKED, KERNEL, *ggml.BLOCK_TYPES)
 _FLOAT16 = np.dtype(np.float16)
 SCALE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(jnp.bfloat16))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class QSpec:
-  """How to quantize one weight matrix.
+  """How to quantize one weight matrix: which grid, how wide its groups are, how the codes are stored.
 
   Attributes:
     bits: code width, one of 2, 3, 4, 5, 6, 8.
-    group_size: number of consecutive input channels sharing a scale (and zero);
-      -1 means one group per output channel (per-channel quantization).
-    symmetric: if True, codes are centred on the fixed zero ``2**(bits-1)`` and no
-      zero point is stored; if False, each group has an integer zero point.
-    scale_dtype: dtype scales are stored in (float16 by default, as GPTQ and AWQ
-      checkpoints store them); codes are computed against the rounded scale so that
-      dequantization is exactly what an exporter writes.
-    layout: ``"packed"`` for affine codes in uint32 words (see `qjax.core.packing`),
-      or a ggml block type (``"Q4_K"`` …) whose codes are the ggml block bytes
-      themselves. Use `QSpec.ggml` for the latter.
-    partial_groups: allow a group size that does not divide the input dimension; the
-      last group is then shorter (``ceil(in / group_size)`` groups, input ``i`` in group
-      ``i // group_size``), as GPTQ checkpoints define it (AutoGPTQ, GPTQModel and
-      transformers accept it; vLLM's GPTQ kernels and AWQ do not). Off by default so a
+    group_size: number of consecutive input channels sharing the grid's parameters; -1 means one group per
+      output channel (per-channel quantization).
+    symmetric: for the affine grid: codes centred on the fixed zero ``2**(bits-1)`` and no zero point stored;
+      if False, each group has an integer zero point.
+    scale_dtype: dtype the affine grid's scales are stored in (float16 by default, as GPTQ and AWQ checkpoints
+      store them); codes are computed against the rounded scale so that dequantization is exactly what an
+      exporter writes.
+    layout: how codes are stored: ``"packed"`` (`PACKED`), ``"kernel_int4"`` (`KERNEL`), or a ggml block type
+      (``"Q4_K"`` …) whose codes are the ggml block bytes themselves (use `QSpec.ggml`).
+    partial_groups: allow a group size that does not divide the input dimension; the last group is then shorter
+      (``ceil(in / group_size)`` groups, input ``i`` in group ``i // group_size``), as GPTQ checkpoints define it
+      (AutoGPTQ, GPTQModel and transformers accept it; vLLM's GPTQ kernels and AWQ do not). Off by default so a
       mismatched group size is reported rather than silently producing a short group.
+    grid: the rounding grid (`qjax.core.grid.Grid`). Left out, it is the affine grid of `bits`, `symmetric` and
+      `scale_dtype`, or the ggml layout's block grid; give one to round into another number format (its codes
+      must be `bits` wide; a custom grid's parameters are stored in the `QArray`'s ``scale`` and ``zero``).
 
   Examples:
-    >>> QSpec(bits=4, group_size=128)
-    QSpec(bits=4, group_size=128, symmetric=True, scale_dtype=dtype('float16'), layout='packed', partial_groups=False)
+    >>> QSpec(bits=4, group_size=128).grid
+    AffineGrid(bits=4, symmetric=True, scale_dtype=dtype('float16'), clip=None)
   """
 
   bits: int = 4
   group_size: int = 128
   symmetric: bool = True
   scale_dtype: np.dtype = _FLOAT16
-  layout: Layout = PACKED
+  layout: str = PACKED
   partial_groups: bool = False
+  grid: Grid | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "scale_dtype", np.dtype(self.scale_dtype))
@@ -63,13 +70,24 @@ class QSpec:
     if self.scale_dtype not in SCALE_DTYPES:
       names = [str(d) for d in SCALE_DTYPES]
       raise ValueError(f"`QSpec` expected scale_dtype in {names}, got {self.scale_dtype}.")
-    if self.layout != PACKED:
+    if self.layout == KERNEL and self.bits != 4:
+      raise ValueError(f"`QSpec` layout {KERNEL} holds 4-bit codes, got {self.bits=}.")
+    if self.is_ggml:
       info = ggml.BLOCK_TYPES[self.layout]
       if (self.bits, self.group_size, self.symmetric) != (info.bits, info.block_size, info.symmetric):
         raise ValueError(
           f"`QSpec` layout {self.layout} has bits={info.bits}, group_size={info.block_size}, "
           f"symmetric={info.symmetric}; build it with `QSpec.ggml({self.layout!r})`."
         )
+    if self.grid is None:
+      default = GgmlGrid(self.layout) if self.is_ggml else AffineGrid(
+        bits=self.bits, symmetric=self.symmetric, scale_dtype=self.scale_dtype
+      )  # fmt: skip
+      object.__setattr__(self, "grid", default)
+    elif not isinstance(self.grid, Grid):
+      raise TypeError(f"`QSpec` expected a grid with fit, round and dequantize, got {type(self.grid).__name__}.")
+    elif self.grid.bits != self.bits and not self.is_ggml:
+      raise ValueError(f"`QSpec` expected a grid of {self.bits}-bit codes, got {self.grid.bits=}.")
 
   @staticmethod
   def ggml(type_name: str) -> "QSpec":
@@ -78,6 +96,15 @@ class QSpec:
       raise ValueError(f"`QSpec.ggml` expected one of {tuple(ggml.BLOCK_TYPES)}, got {type_name!r}.")
     info = ggml.BLOCK_TYPES[type_name]
     return QSpec(bits=info.bits, group_size=info.block_size, symmetric=info.symmetric, layout=type_name)
+
+  @property
+  def is_ggml(self) -> bool:
+    return self.layout in ggml.BLOCK_TYPES
+
+  @property
+  def has_default_grid(self) -> bool:
+    """Whether the grid is the one `bits`, `symmetric`, `scale_dtype` and `layout` imply (it need not be saved)."""
+    return self.grid == dataclasses.replace(self, grid=None).grid
 
   def check_divides(self, fn: str, in_features: int, shape: tuple[int, ...]) -> None:
     """Raises the standard error when the group size does not divide `in_features` (and may not)."""
@@ -88,10 +115,6 @@ class QSpec:
       f"shape={tuple(shape)} (in={in_features}); use a divisor of {in_features}, group_size=-1 (per channel), "
       "or partial_groups=True for a shorter last group (GPTQ checkpoints allow it)."
     )
-
-  @property
-  def is_ggml(self) -> bool:
-    return self.layout != PACKED
 
   def num_groups(self, in_features: int) -> int:
     """Number of groups along an input (contraction) axis of length `in_features` (the last may be shorter)."""

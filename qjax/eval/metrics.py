@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from qjax.progress import progress
+from qjax.core.progress import progress
 
 LogitsFn = Callable[[Int[Array, "b t"]], Float[Array, "b t v"]]
 

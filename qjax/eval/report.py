@@ -1,10 +1,12 @@
-"""A run directory's report: ``report.json`` and plots of the quantization error per layer and per tensor type."""
+"""What a run cost and where: ``report.json`` (versions, sizes, quality, per-tensor errors) and plots of the
+quantization error per layer and per tensor type."""
 
+import dataclasses
 import json
 import os
 import re
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -63,3 +65,123 @@ def plot_errors(tensors: dict[str, dict[str, Any]], path: str, *, title: str = "
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def versions() -> dict[str, str]:
+  """Versions of qjax, Python and the packages a result depends on, and the device."""
+  import importlib.metadata
+  import platform
+
+  import jax
+
+  names = ("qjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "gguf", "numpy")
+  found = {}
+  for name in names:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      found[name] = "not installed"
+  return {**found, "python": platform.python_version(), "device": jax.devices()[0].device_kind}
+
+
+class TensorLog:
+  """Per quantized tensor: its format, bits per weight, and the rounding's relative error ``‖Ŵ - W‖ / ‖W‖``.
+
+  ``W`` is what the rounding saw (after a rotation or AWQ scaling), so the error is the rounding's own. Pass
+  `record` to `qjax.transforms.observe` around each stage.
+  """
+
+  def __init__(self):
+    self.rows: dict[str, dict[str, Any]] = {}
+
+  def record(self, path: str, before, after) -> None:
+    from qjax.core import dequantize, is_qarray
+
+    if not is_qarray(after):
+      return
+    w = np.asarray(before, np.float32)
+    err = np.linalg.norm(np.asarray(dequantize(after), np.float32) - w) / max(np.linalg.norm(w), 1e-30)
+    layout = after.spec.layout if after.spec.is_ggml else f"int{after.spec.bits} g{after.spec.group_size}"
+    self.rows[path] = {"format": layout, "bits_per_weight": after.bits_per_weight, "relative_error": float(err)}
+
+
+class Sizes(NamedTuple):
+  """Bytes of a parameter tree: its quantized tensors as stored and in float16, the rest in float16."""
+
+  quantized: int
+  quantized_float16: int
+  dense_float16: int
+
+  @property
+  def bits_per_weight(self) -> float:
+    """Of the quantized tensors (codes, scales, zeros, permutations)."""
+    return 16.0 * self.quantized / max(self.quantized_float16, 1)
+
+
+def sizes(params) -> Sizes:
+  from qjax.core import is_qarray
+  from qjax.core.tree import leaves_with_paths
+
+  quantized = quantized_f16 = dense_f16 = 0
+  for _, leaf in leaves_with_paths(params):
+    if is_qarray(leaf):
+      quantized += leaf.nbytes
+      quantized_f16 += 2 * int(np.prod(leaf.shape))
+    else:
+      dense_f16 += 2 * int(np.size(leaf))
+  return Sizes(quantized, quantized_f16, dense_f16)
+
+
+@dataclasses.dataclass
+class RunReport:
+  """What a quantize run cost: quality before and after, size, bits per weight, time, per-tensor errors."""
+
+  method: str
+  evaluation: Any  # `qjax.eval.EvalResult` of the quantized model against the float one, or None
+  sizes: Sizes
+  quantize_seconds: float
+  eval_seconds: float
+  tensors: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def bits_per_weight(self) -> float:
+    return self.sizes.bits_per_weight
+
+  def as_dict(self) -> dict[str, Any]:
+    return {
+      "method": self.method,
+      "evaluation": None if self.evaluation is None else self.evaluation._asdict(),
+      "quantized_bytes": self.sizes.quantized,
+      "quantized_float16_bytes": self.sizes.quantized_float16,
+      "dense_float16_bytes": self.sizes.dense_float16,
+      "bits_per_weight": self.bits_per_weight,
+      "quantize_seconds": self.quantize_seconds,
+      "eval_seconds": self.eval_seconds,
+      "tensors": self.tensors,
+      "versions": versions(),
+    }
+
+  def table(self) -> str:
+    mb = 1 / 2**20
+    s = self.sizes
+    total_f16 = (s.quantized_float16 + s.dense_float16) * mb
+    total_q = (s.quantized + s.dense_float16) * mb
+    lines = [f"{'':14s} {'perplexity':>11s} {'KL vs float':>12s} {'top-1':>7s} {'size MB':>9s} {'bits/w':>7s}"]
+    qe = self.evaluation
+    float_ppl = qe and qe.reference_perplexity
+    lines.append(f"{'float (fp16)':14s} {_fmt(float_ppl, 11, 3)} {'-':>12s} {'-':>7s} {total_f16:9.1f} {16:7.2f}")
+    kl = qe and qe.kl_divergence
+    top1 = None if qe is None else 100 * qe.top1_agreement
+    lines.append(
+      f"{self.method:14s} {_fmt(qe and qe.perplexity, 11, 3)} {_fmt(kl, 12, 5)} {_fmt(top1, 7, 2)} "
+      f"{total_q:9.1f} {self.bits_per_weight:7.2f}"
+    )
+    lines.append(
+      f"(quantized linears: {s.quantized_float16 * mb:.1f} MB fp16 -> {s.quantized * mb:.1f} MB; "
+      f"quantize {self.quantize_seconds:.0f}s, evaluate {self.eval_seconds:.0f}s)"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(value, width, digits):
+  return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"

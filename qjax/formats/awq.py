@@ -23,9 +23,12 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.core import AffineParams, QArray, QSpec, is_qarray
+from qjax.core import GroupParams, QArray, QSpec, is_qarray
+from qjax.core.errors import InputError
 from qjax.formats import gptq, hf_quantized
-from qjax.models.config import LlamaConfig
+from qjax.formats.output import atomic_directory
+from qjax.models.checkpoint import check_finite
+from qjax.models.config import MAX_SIZE, LlamaConfig, show
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 VERSIONS = ("gemm",)
@@ -126,17 +129,17 @@ def from_awq(t: AwqTensors, *, group_size: int, zero_point: bool, dtype=np.float
     A ``packed`` QArray with ``QSpec(bits=4, group_size, symmetric=not zero_point, scale_dtype=scales.dtype)``.
 
   Raises:
-    ValueError: for ``zero_point: false`` with zero points other than 8 (loaders would disagree).
+    InputError: for ``zero_point: false`` with zero points other than 8 (loaders would disagree).
   """
   scales = np.asarray(t.scales)
   zeros = _unpack(t.qzeros)
   if not zero_point and not (zeros == SYMMETRIC_ZERO).all():
-    raise ValueError(
+    raise InputError(
       f"{name}: the config says zero_point=false but the zero points are not all {SYMMETRIC_ZERO}; loaders "
       "disagree on such a checkpoint (Marlin kernels ignore qzeros). Set zero_point=true if they are meant."
     )
   spec = QSpec(bits=BITS, group_size=group_size, symmetric=not zero_point, scale_dtype=scales.dtype)
-  params = AffineParams(jnp.asarray(scales), jnp.asarray(zeros) if zero_point else None)
+  params = GroupParams(jnp.asarray(scales), jnp.asarray(zeros) if zero_point else None)
   return gptq.build_qarray(_unpack(t.qweight), params, spec=spec, dtype=np.dtype(dtype))
 
 
@@ -154,7 +157,13 @@ def awq_quantization_config(spec: QSpec) -> dict[str, Any]:
 
 
 def save_awq(
-  out_dir: str, config: LlamaConfig, params, tokenizer, *, max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES
+  out_dir: str,
+  config: LlamaConfig,
+  params,
+  tokenizer,
+  *,
+  max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES,
+  overwrite: bool = False,
 ) -> None:
   """Writes quantized params as an AWQ (gemm) checkpoint directory that vLLM, TGI and transformers load.
 
@@ -162,51 +171,77 @@ def save_awq(
   dense (no AWQ runtime quantizes it). Everything else is written in float16.
 
   Args:
-    out_dir: the directory to create (written beside it and renamed when complete).
+    out_dir: the directory to create (written beside it and renamed when complete; see `qjax.formats.output`).
     config: the model config.
     params: the Flax parameter tree.
     tokenizer: a `transformers` tokenizer, or None.
     max_shard_bytes: largest safetensors file before sharding.
+    overwrite: replace a previous qjax output of another kind.
 
   Raises:
     ValueError: for params an AWQ config cannot describe.
+    InputError: if `out_dir` may not be written.
   """
+  with atomic_directory(out_dir, "awq", overwrite=overwrite) as tmp:
+    write_awq(tmp, config, params, tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def write_awq(
+  directory: str, config: LlamaConfig, params, tokenizer, *, max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES
+) -> None:
+  """`save_awq`'s files, written into the existing `directory`."""
   spec = hf_quantized.model_spec(params, "AWQ")
   if "lm_head" in params and is_qarray(params["lm_head"]["kernel"]):
     raise ValueError("an AWQ checkpoint keeps lm_head dense (no AWQ runtime quantizes it); got a quantized lm_head.")
   tensors = hf_quantized.hf_tensors(params, lambda module, q: to_awq(q, name=module)._asdict())
   hf_quantized.write_hf_directory(
-    out_dir, config, tensors, awq_quantization_config(spec), tokenizer, max_shard_bytes=max_shard_bytes
+    directory, config, tensors, awq_quantization_config(spec), tokenizer, max_shard_bytes=max_shard_bytes
   )
 
 
-def check_awq_tensors(t: AwqTensors, shape: tuple[int, int], group_size: int, name: str) -> None:
-  """Raises naming the tensor when a layer's AWQ tensors do not have the shapes the config implies."""
+def check_awq_tensors(
+  t: AwqTensors, shape: tuple[int, int], group_size: int, name: str, *, source: str | None = None
+) -> None:
+  """Raises naming the tensor when a layer's AWQ tensors do not have the shapes the config implies, or a scale is
+  NaN or Inf.
+
+  Raises:
+    InputError: naming `source` (the directory) and the tensor.
+  """
   k, n = shape
-  check_awq_shape(k, n, group_size, name, "load_awq")
+  try:
+    check_awq_shape(k, n, group_size, name, "load_awq")
+  except ValueError as e:
+    raise InputError(f"{source + ': ' if source else ''}{e}") from e
   groups = 1 if group_size == -1 else k // group_size
   described = f"4-bit group_size={group_size} AWQ gemm of a ({n}, {k}) linear"
-  hf_quantized.check_tensor(f"{name}.qweight", t.qweight, (k, n // 8), (np.int32,), described)
-  hf_quantized.check_tensor(f"{name}.qzeros", t.qzeros, (groups, n // 8), (np.int32,), described)
-  hf_quantized.check_tensor(f"{name}.scales", t.scales, (groups, n), (np.float16, np.float32, jnp.bfloat16), described)
+  hf_quantized.check_tensor(f"{name}.qweight", t.qweight, (k, n // 8), (np.int32,), described, source=source)
+  hf_quantized.check_tensor(f"{name}.qzeros", t.qzeros, (groups, n // 8), (np.int32,), described, source=source)
+  scale_dtypes = (np.float16, np.float32, jnp.bfloat16)
+  hf_quantized.check_tensor(f"{name}.scales", t.scales, (groups, n), scale_dtypes, described, source=source)
+  check_finite(f"{name}.scales", t.scales, source or name)
 
 
 def awq_settings(qc: dict[str, Any], source: str) -> tuple[int, bool]:
   """``(group_size, zero_point)`` of an AWQ ``quantization_config`` (synonyms ``w_bit``, ``q_group_size``).
 
   Raises:
-    ValueError: naming `source` for other bit widths, group sizes or versions (gemv, marlin, …).
+    InputError: naming `source` for other bit widths, group sizes or versions (gemv, marlin, …), or a non-boolean
+      zero_point.
   """
   bits = qc.get("bits", qc.get("w_bit"))
   group_size = qc.get("group_size", qc.get("q_group_size"))
   version = str(qc.get("version") or qc.get("format") or "gemm").lower()
-  if bits != BITS:
-    raise ValueError(f"{source}: AWQ bits must be 4, got {bits!r}.")
-  if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
-    raise ValueError(f"{source}: AWQ group_size must be -1 or positive, got {group_size!r}.")
+  if type(bits) is not int or bits != BITS:
+    raise InputError(f"{source}: AWQ bits must be 4, got {show(bits)}.")
+  if type(group_size) is not int or not (group_size == -1 or 0 < group_size < MAX_SIZE):
+    raise InputError(f"{source}: AWQ group_size must be -1 or in [1, 2**31), got {show(group_size)}.")
   if version not in VERSIONS:
-    raise ValueError(f"{source}: unknown AWQ version {version!r}; qjax reads {VERSIONS} (AutoAWQ's GEMM layout).")
-  return group_size, bool(qc.get("zero_point", True))
+    raise InputError(f"{source}: unknown AWQ version {show(version)}; qjax reads {VERSIONS} (AutoAWQ's GEMM layout).")
+  zero_point = qc.get("zero_point", True)
+  if not isinstance(zero_point, bool):
+    raise InputError(f"{source}: AWQ zero_point must be true or false, got {show(zero_point)}.")
+  return group_size, zero_point
 
 
 def load_awq(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
@@ -221,19 +256,21 @@ def load_awq(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
     ``modules_to_not_convert`` are stored dense and read as such.
 
   Raises:
-    ValueError: naming the file or tensor for an unknown version, or tensors that do not match the config.
+    FileNotFoundError: naming a missing config or weights file.
+    InputError: naming the file or tensor for an unknown version, tensors that do not match the config, NaN or Inf
+      scales or weights, or a truncated file.
   """
   config = LlamaConfig.from_pretrained(model_dir)
   qc = hf_quantized.read_quantization_config(model_dir)
   if qc is None:
-    raise ValueError(f"{model_dir}: config.json has no quantization_config.")
+    raise InputError(f"{model_dir}: config.json has no quantization_config.")
   group_size, zero_point = awq_settings(qc, os.path.join(model_dir, "config.json"))
   tensors = hf_quantized.HfTensors(model_dir)
 
   def quantized(module: str, shape: tuple[int, int]) -> QArray:
     got = tensors.get_many([f"{module}.{f}" for f in AwqTensors._fields])
     t = AwqTensors(*(got[f"{module}.{f}"] for f in AwqTensors._fields))
-    check_awq_tensors(t, shape, group_size, module)
-    return from_awq(t, group_size=group_size, zero_point=zero_point, dtype=dtype, name=module)
+    check_awq_tensors(t, shape, group_size, module, source=model_dir)
+    return from_awq(t, group_size=group_size, zero_point=zero_point, dtype=dtype, name=f"{model_dir}: {module}")
 
   return config, hf_quantized.read_hf_params(tensors, config, quantized, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Conversion between formats: quantized params (from GPTQ, AWQ or qjax directories) to GGUF, and exports by name.
+"""Conversion between formats: quantized params (from GPTQ, AWQ or qjax directories) to GGUF, GPTQ or AWQ.
 
 GGUF's 32-element block types hold an affine group exactly when the grids agree: a block of 32 inputs
 inside one group has a single fp16 scale and zero point, and
@@ -12,9 +12,12 @@ inside one group has a single fp16 scale and zero point, and
 Everything else is requantized from the dequantized weights with llama.cpp's own encoders
 (`qjax.quantizers.kquants`): the k-quants (their sub-block scales are 6-bit multiples of a super-scale),
 grids that do not fit, and act-order groups, which are not contiguous runs of inputs. Each tensor's added
-error against the source's dequantized weights is reported. Rows that are not whole 256-blocks take
-llama.cpp's fallback type (`qjax.formats.gguf_recipes.fallback`). Dense 2-D tensors are written as F16
-(GPTQ and AWQ store them so), norms as F32.
+error against the source's dequantized weights is reported.
+
+``gguf:<TYPE>`` means what it means everywhere in qjax: a llama.cpp file type, whose recipe gives each
+quantized tensor its ggml type (with llama.cpp's fallback for rows that are not whole 256-blocks). Tensors the
+source keeps dense stay dense (a conversion adds no rounding the source did not have): 2-D ones as F16 (GPTQ
+and AWQ store them so), norms as F32.
 """
 
 import os
@@ -24,47 +27,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.core import QArray, QSpec, ggml, is_qarray
+from qjax.core import QArray, QSpec, is_qarray
+from qjax.core.ggml_legacy import fifth_bits, fp16_bytes, nibbles_by_halves, to_blocks, to_rows
 from qjax.core.qarray import dequantize, dequantize_canonical
-from qjax.formats import awq, gguf, gguf_recipes, gptq, hf_quantized
+from qjax.core.tree import map_with_path
+from qjax.formats import gguf, gptq
+from qjax.formats.gguf import FLOAT_TYPES
 from qjax.formats.loading import load_model
+from qjax.formats.output import check_file_output, check_output
+from qjax.formats.targets import Target, export
 from qjax.models.config import LlamaConfig
-from qjax.quantizers.ggml_legacy import fifth_bits, fp16_bytes, nibbles_by_halves, to_blocks, to_rows
 from qjax.quantizers.kquants import kquant_quantize
-from qjax.transforms.base import map_with_path
+from qjax.transforms.gguf_recipes import fallback, tensor_types
 
-HF_FORMATS = ("gptq", "gptq_v2", "awq")
-FLOAT_TYPES = ("F32", "F16")
 # ggml type -> (code bits, fixed zero or None for a stored minimum)
 LEGACY_GRIDS = {"Q4_0": (4, 8), "Q4_1": (4, None), "Q5_0": (5, 16), "Q5_1": (5, None), "Q8_0": (8, 0)}
-# `general.file_type` labels for types that are not themselves a llama.cpp file type
-_FILE_TYPE_LABELS = {"Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}
 
 _dequantize_canonical = jax.jit(dequantize_canonical)  # once per shape, not op by op for every tensor
-
-TARGET_MSG = "{flag} must be gguf:<TYPE> (TYPE one of {types}) or one of {formats}, got {value!r}."
-
-
-class Target(NamedTuple):
-  """Where a model goes: ``kind`` "gguf" with a ggml or float ``type_name``, or a Hugging Face format."""
-
-  kind: str
-  type_name: str | None = None
-
-
-def parse_target(value: str, *, flag: str = "--to") -> Target:
-  """``"gguf:Q4_1"`` -> ``Target("gguf", "Q4_1")``; ``"gptq"``, ``"gptq_v2"``, ``"awq"`` -> ``Target(kind)``.
-
-  Raises:
-    ValueError: naming `flag` and the allowed values.
-  """
-  kind, _, type_name = value.partition(":")
-  if kind in HF_FORMATS and not type_name:
-    return Target(kind)
-  if kind == "gguf" and (type_name in ggml.BLOCK_TYPES or type_name in FLOAT_TYPES):
-    return Target(kind, type_name)
-  types = ", ".join([*ggml.BLOCK_TYPES, *FLOAT_TYPES])
-  raise ValueError(TARGET_MSG.format(flag=flag, types=types, formats=", ".join(HF_FORMATS), value=value))
 
 
 class TensorConversion(NamedTuple):
@@ -169,7 +148,7 @@ def to_ggml(q: QArray, type_name: str, *, path: str = "weight") -> tuple[QArray,
   """
   if q.spec.is_ggml:
     return q, TensorConversion(path, describe(q), q.spec.layout, True, 0.0, 0.0)
-  type_name = gguf_recipes.fallback(type_name, q.canonical_shape[0])
+  type_name = fallback(type_name, q.canonical_shape[0])
   rows = exact_blocks(q, type_name)
   if rows is None:
     out = kquant_quantize(dequantize(q), type_name=type_name, axis=q.axis)
@@ -183,23 +162,28 @@ def to_ggml(q: QArray, type_name: str, *, path: str = "weight") -> tuple[QArray,
 
 def _to_float(q: QArray, type_name: str, path: str) -> tuple[np.ndarray, TensorConversion]:
   w = np.asarray(dequantize(q), np.float32)
-  stored = w.astype(np.float16).astype(np.float32) if type_name == "F16" else w
+  stored = w.astype({"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}[type_name]).astype(np.float32)
   canonical = stored if q.axis == 0 else stored.T
   return w, _error(path, q, jnp.asarray(canonical), type_name, type_name == "F32")
 
 
-def convert_params(params, type_name: str) -> tuple[dict, list[TensorConversion]]:
-  """Every `QArray` leaf of `params` as ggml type `type_name` (see `to_ggml`), or dequantized for F32/F16.
+def convert_params(params, gguf_type: str, config: LlamaConfig) -> tuple[dict, list[TensorConversion]]:
+  """Every `QArray` leaf of `params` as the ggml type llama.cpp's recipe `gguf_type` gives it (see `to_ggml`), or
+  dequantized for a float type; dense leaves unchanged.
 
   Returns:
-    The new parameter tree (dense leaves unchanged) and one `TensorConversion` per quantized leaf.
+    The new parameter tree and one `TensorConversion` per quantized leaf.
   """
+  types = {} if gguf_type in FLOAT_TYPES else tensor_types(gguf_type, config)
   report = []
 
   def convert(path, leaf):
     if not is_qarray(leaf):
       return leaf
-    out, row = _to_float(leaf, type_name, path) if type_name in FLOAT_TYPES else to_ggml(leaf, type_name, path=path)
+    if gguf_type in FLOAT_TYPES:
+      out, row = _to_float(leaf, gguf_type, path)
+    else:
+      out, row = to_ggml(leaf, types.get(path, gguf_type), path=path)
     report.append(row)
     return out
 
@@ -220,52 +204,15 @@ def summary(report: list[TensorConversion]) -> str:
   return "\n".join(lines)
 
 
-def check_export_spec(fmt: str, spec: QSpec, *, act_order: bool) -> None:
-  """Raises for quantization settings a `fmt` checkpoint cannot hold (checked before quantizing).
-
-  Args:
-    fmt: one of `HF_FORMATS`.
-    spec: the quantization spec.
-    act_order: whether the result will carry an act-order permutation (GPTQ ``desc_act`` with dynamic groups).
-  """
-  if fmt not in HF_FORMATS:
-    raise ValueError(f"expected an export format in {HF_FORMATS}, got {fmt!r}.")
-  if fmt == "awq":
-    if spec.bits != awq.BITS:
-      raise ValueError(f"--export=awq stores 4-bit codes, got --bits={spec.bits}; use --bits=4 or --export=gptq.")
-    if act_order:
-      raise ValueError("--export=awq has no g_idx for act-order; drop --desc_act (or add --static_groups).")
-  elif spec.bits not in gptq.BITS:
-    raise ValueError(f"--export={fmt} stores bits {gptq.BITS}, got --bits={spec.bits} (no GPTQ loader reads it).")
-
-
-def check_export_shapes(fmt: str, spec: QSpec, config: LlamaConfig) -> None:
-  """Raises when a `fmt` checkpoint of a model with `config` cannot hold `spec` (checked before quantizing)."""
-  modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-  for module in modules:
-    k, n = hf_quantized.linear_shape(config, module)
-    if fmt == "awq":
-      awq.check_awq_shape(k, n, spec.group_size, module, "--export=awq")
-    else:
-      for what, length in (("the input width", k), ("the output width", n)):
-        gptq.check_packable(length, spec.bits, what, module, f"--export={fmt}")
-
-
-def save_hf(fmt: str, out_dir: str, config: LlamaConfig, params, tokenizer) -> None:
-  """Writes quantized params as a GPTQ ("gptq", "gptq_v2") or AWQ ("awq") Hugging Face directory."""
-  if fmt == "awq":
-    awq.save_awq(out_dir, config, params, tokenizer)
-  else:
-    gptq.save_gptq(out_dir, config, params, tokenizer, checkpoint_format=fmt)
-
-
-def convert_model(source: str, target: Target, out: str) -> list[TensorConversion]:
+def convert_model(source: str, target: Target, out: str, *, overwrite: bool = False) -> list[TensorConversion]:
   """Converts the model at `source` (GPTQ, AWQ or qjax directory; anything `load_model` reads) to `target`.
 
   Args:
     source: the model to read.
     target: a GGUF type (written to the file `out`) or a Hugging Face format (the directory `out`).
-    out: the output path.
+    out: the output path: a GGUF file, or a Hugging Face directory; checked before the model is read (see
+      `qjax.formats.output`: files qjax did not write are never replaced).
+    overwrite: replace a previous qjax output.
 
   Returns:
     For GGUF, one `TensorConversion` per quantized tensor; for Hugging Face formats, an empty list (the
@@ -275,14 +222,18 @@ def convert_model(source: str, target: Target, out: str) -> list[TensorConversio
     ValueError, FileNotFoundError: for unreadable sources, params the target cannot hold, or a missing
       output directory.
   """
+  if target.is_gguf:
+    check_file_output(out, overwrite=overwrite, is_ours=gguf.written_by_qjax, inputs=[source])
+  else:
+    check_output(out, target.kind, overwrite=overwrite, inputs=[source])
   model = load_model(source)
-  if target.kind in HF_FORMATS:
-    save_hf(target.kind, out, model.config, model.params, model.tokenizer)
-    return []
-  params, report = convert_params(model.params, target.type_name)
-  float_type = target.type_name if target.type_name in FLOAT_TYPES else "F16"
-  label = _FILE_TYPE_LABELS.get(target.type_name, target.type_name)
-  entries = gguf.tokenizer_metadata(model.tokenizer, model.config.vocab_size)
   name = os.path.basename(os.path.normpath(source))
-  gguf.write_gguf(out, model.config, params, entries, float_type=float_type, file_type=label, name=name)
+  if not target.is_gguf:
+    export(target, out, model.config, model.params, model.tokenizer, name=name, overwrite=overwrite)
+    return []
+  params, report = convert_params(model.params, target.gguf_type, model.config)
+  float_type = target.gguf_type if target.gguf_type in FLOAT_TYPES else "F16"
+  entries = gguf.tokenizer_metadata(model.tokenizer, model.config.vocab_size)
+  gguf.write_gguf(out, model.config, params, entries, float_type=float_type, file_type=target.gguf_type, name=name,
+                  overwrite=overwrite)  # fmt: skip
   return report

@@ -8,7 +8,6 @@ path beside the target and renamed when complete, so an interrupted write leaves
 
 import hashlib
 import json
-import os
 import pathlib
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,20 +18,25 @@ import numpy as np
 
 from qjax.core import QArray, is_qarray
 from qjax.core import ggml as ggml_types
+from qjax.core.tree import leaves_with_paths
 from qjax.formats.gguf_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
-from qjax.models.checkpoint import GGUF_LAYER_NAMES, rope_permute
+from qjax.formats.gguf_reader import GGUF_LAYER_NAMES, rope_permute
+from qjax.formats.output import atomic_file, check_file_output
 from qjax.models.config import LlamaConfig
 
 GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-FLOAT_TYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16 goes through gguf.quants
+FLOAT_TYPES = ("F32", "F16", "BF16")
+"""The float storage types of a GGUF tensor qjax writes (BF16 goes through `gguf.quants`)."""
 
 # llama_ftype values for `general.file_type` (a label; llama.cpp loads any mixture).
 FILE_TYPES = {
     "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
-    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32,
+    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25,
+    "IQ4_XS": 30, "BF16": 32,
 }  # fmt: skip
 
 _HF_MODULE_TO_GGUF = {v: k for k, v in GGUF_LAYER_NAMES.items()}
+QUANTIZED_BY = "general.quantized_by"
 
 
 class KeyValue(NamedTuple):
@@ -195,12 +199,15 @@ def _special_vocab(tokenizer_dir: str, vocab_size: int, *, load_merges: bool) ->
   return collector.entries
 
 
-def model_metadata(config: LlamaConfig, *, file_type: str, name: str) -> list[KeyValue]:
+def model_metadata(config: LlamaConfig, *, file_type: str, name: str, description: str = "") -> list[KeyValue]:
   """``general.*`` and ``{arch}.*`` entries with the types llama.cpp's loader expects."""
+  from qjax import __version__
+
   arch = GGUF_ARCH[config.architecture]
   u32, f32, string = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.STRING
   entries = [
     KeyValue("general.name", name, string),
+    KeyValue(QUANTIZED_BY, f"qjax {__version__}" + (f": {description}" if description else ""), string),
     KeyValue("general.file_type", FILE_TYPES[file_type], u32),
     KeyValue("general.quantization_version", gguf.GGML_QUANT_VERSION, u32),
     KeyValue(f"{arch}.vocab_size", config.vocab_size, u32),
@@ -285,10 +292,8 @@ def gguf_tensors(config: LlamaConfig, params, *, float_type: str = "F32") -> Ite
     params: the Flax parameter tree; leaves dense or ggml-layout `QArray`s.
     float_type: "F32", "F16" or "BF16" for dense 2-D leaves (1-D leaves are always F32).
   """
-  from qjax.transforms.base import leaves_with_paths
-
   if float_type not in FLOAT_TYPES:
-    raise ValueError(f"float_type must be one of {sorted(FLOAT_TYPES)}, got {float_type!r}.")
+    raise ValueError(f"`gguf_tensors` expected float_type in {FLOAT_TYPES}, got {float_type!r}.")
   leaves = dict(leaves_with_paths(params))
   order = ["model/embed_tokens/embedding"]
   for i in range(config.num_hidden_layers):
@@ -323,31 +328,34 @@ def write_gguf(
   float_type: str = "F32",
   file_type: str | None = None,
   name: str = "qjax",
+  description: str = "",
+  overwrite: bool = False,
 ) -> None:
   """Writes a GGUF file llama.cpp loads.
 
   Args:
-    path: the output file; written to a temporary file in the same directory and renamed.
+    path: the output file; written to a temporary file in the same directory and renamed. An existing file is
+      replaced only if qjax wrote it and `overwrite` is set.
     config: the model config.
     params: Flax parameter tree (dense leaves, or ggml-layout `QArray`s for quantized tensors).
     tokenizer_entries: the ``tokenizer.*`` metadata (see `tokenizer_metadata`).
     float_type: storage of dense 2-D tensors: "F32", "F16" or "BF16".
     file_type: the recipe name for ``general.file_type`` (defaults to `float_type`).
     name: ``general.name``.
+    description: how the file was made, after qjax's version in ``general.quantized_by``.
+    overwrite: replace a GGUF file qjax wrote before.
 
   Raises:
     FileNotFoundError: if the output directory does not exist.
+    InputError: if `path` exists and may not be replaced.
     ValueError: for leaves with no GGUF name or no GGUF type.
   """
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{path}: the output directory {directory} does not exist.")
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=directory)
-  os.close(fd)
-  try:
+  check_file_output(path, overwrite=overwrite, is_ours=written_by_qjax)
+  with atomic_file(path) as tmp:
     writer = gguf.GGUFWriter(tmp, GGUF_ARCH[config.architecture])
     try:
-      for entry in model_metadata(config, file_type=file_type or float_type, name=name) + tokenizer_entries:
+      metadata = model_metadata(config, file_type=file_type or float_type, name=name, description=description)
+      for entry in metadata + tokenizer_entries:
         writer.add_key_value(entry.key, entry.value, entry.type, entry.sub_type)
       for tensor in gguf_tensors(config, params, float_type=float_type):
         _add_tensor(writer, tensor)
@@ -356,8 +364,15 @@ def write_gguf(
       writer.write_tensors_to_file()
     finally:
       writer.close()
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+
+
+def written_by_qjax(path: str) -> bool:
+  """Whether the GGUF file at `path` says qjax wrote it (``general.quantized_by``), from its first megabyte."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(1 << 20)
+  except OSError:
+    return False
+  key = QUANTIZED_BY.encode()
+  at = head.find(key)
+  return head.startswith(b"GGUF") and at >= 0 and b"qjax " in head[at + len(key) : at + len(key) + 32]

@@ -30,10 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.core import AffineParams, QArray, QSpec, from_codes, is_qarray, packing
+from qjax.core import GroupParams, QArray, QSpec, from_codes, is_qarray, packing
+from qjax.core.errors import InputError
+from qjax.core.tree import leaves_with_paths
 from qjax.formats import hf_quantized
-from qjax.models.config import LlamaConfig
-from qjax.transforms.base import leaves_with_paths
+from qjax.formats.output import atomic_directory
+from qjax.models.checkpoint import check_finite, check_group_length
+from qjax.models.config import MAX_SIZE, LlamaConfig, show
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 BITS = (2, 3, 4, 8)
@@ -226,7 +229,7 @@ def perm_from_group_index(g_idx: np.ndarray, spec: QSpec, name: str) -> np.ndarr
   """qjax's act-order ``perm`` of a GPTQ ``g_idx`` (None for contiguous groups); channels within a group ascend.
 
   Raises:
-    ValueError: if `g_idx` does not give every group ``group_size`` channels (the last one the rest).
+    InputError: if `g_idx` does not give every group ``group_size`` channels (the last one the rest).
   """
   k = g_idx.shape[0]
   expected = np.arange(k) // spec.group_length(k)
@@ -235,7 +238,7 @@ def perm_from_group_index(g_idx: np.ndarray, spec: QSpec, name: str) -> np.ndarr
   perm = np.argsort(g_idx, kind="stable")
   if not np.array_equal(g_idx[perm], expected):
     counts = np.bincount(np.clip(g_idx, 0, None), minlength=spec.num_groups(k))
-    raise ValueError(
+    raise InputError(
       f"{name}: g_idx does not assign group_size={spec.group_size} input channels to each of its "
       f"{spec.num_groups(k)} groups (counts {counts[:8].tolist()}…); the config's group_size does not describe "
       "this tensor."
@@ -271,7 +274,7 @@ def from_gptq(
     `canonical_act_order`.
 
   Raises:
-    ValueError: for symmetric configs whose zero points are not ``2**(bits-1)``, or a ``g_idx`` that does
+    InputError: for symmetric configs whose zero points are not ``2**(bits-1)``, or a ``g_idx`` that does
       not match the group size.
 
   Warns:
@@ -287,7 +290,7 @@ def from_gptq(
     hint = ""
     if checkpoint_format == "gptq" and (as_v2 == symmetric_zero).all():
       hint = " They equal it read as gptq_v2: the config's checkpoint_format is probably wrong."
-    raise ValueError(
+    raise InputError(
       f"{name}: the config says sym=true but the zero points are not the symmetric {symmetric_zero}; loaders "
       f"disagree on such a checkpoint (Marlin kernels ignore qzeros).{hint}"
     )
@@ -303,7 +306,7 @@ def from_gptq(
   codes = np.asarray(unpack_codes(np.asarray(t.qweight).view(np.uint32), bits=bits, axis=0))
   if perm is not None:
     codes = codes[perm]
-  params = AffineParams(jnp.asarray(scales), None if symmetric else jnp.asarray(zeros))
+  params = GroupParams(jnp.asarray(scales), None if symmetric else jnp.asarray(zeros))
   return build_qarray(codes, params, spec=spec, perm=perm, dtype=np.dtype(dtype))
 
 
@@ -336,6 +339,7 @@ def save_gptq(
   *,
   checkpoint_format: str = "gptq",
   max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES,
+  overwrite: bool = False,
 ) -> None:
   """Writes quantized params as a GPTQ checkpoint directory that vLLM, TGI and transformers load.
 
@@ -344,16 +348,32 @@ def save_gptq(
   ``config.json`` carries ``quantization_config`` and ``quantize_config.json`` the same keys.
 
   Args:
-    out_dir: the directory to create (written beside it and renamed when complete).
+    out_dir: the directory to create (written beside it and renamed when complete; see `qjax.formats.output`).
     config: the model config.
     params: the Flax parameter tree.
     tokenizer: a `transformers` tokenizer, or None.
     checkpoint_format: "gptq" (v1, for every loader) or "gptq_v2" (GPTQModel and vLLM only).
     max_shard_bytes: largest safetensors file before sharding.
+    overwrite: replace a previous qjax output of another kind.
 
   Raises:
     ValueError: for params a GPTQ config cannot describe (see `model_spec`, `to_gptq`).
+    InputError: if `out_dir` may not be written.
   """
+  with atomic_directory(out_dir, checkpoint_format, overwrite=overwrite) as tmp:
+    write_gptq(tmp, config, params, tokenizer, checkpoint_format=checkpoint_format, max_shard_bytes=max_shard_bytes)
+
+
+def write_gptq(
+  directory: str,
+  config: LlamaConfig,
+  params,
+  tokenizer,
+  *,
+  checkpoint_format: str = "gptq",
+  max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES,
+) -> None:
+  """`save_gptq`'s files, written into the existing `directory`."""
   spec = hf_quantized.model_spec(params, "GPTQ")
   tensors = hf_quantized.hf_tensors(
     params, lambda module, q: to_gptq(q, checkpoint_format=checkpoint_format, name=module)._asdict()
@@ -362,7 +382,7 @@ def save_gptq(
   lm_head = "lm_head.qweight" in tensors
   qc = gptq_quantization_config(spec, desc_act=desc_act, lm_head=lm_head, checkpoint_format=checkpoint_format)
   hf_quantized.write_hf_directory(
-    out_dir, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes, extra_json={QUANTIZE_CONFIG: qc}
+    directory, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes, extra_json={QUANTIZE_CONFIG: qc}
   )
 
 
@@ -379,45 +399,61 @@ def gptq_settings(qc: dict[str, Any], source: str) -> GptqSettings:
   """Parses and checks a GPTQ ``quantization_config`` (synonyms ``w_bit``, ``q_group_size``; v1 by default).
 
   Raises:
-    ValueError: naming `source` for unsupported bits, group size, packing or an unknown checkpoint_format.
-    NotImplementedError: for GPTQModel per-module ``dynamic`` overrides.
+    InputError: naming `source` for unsupported bits, group size, packing, an unknown checkpoint_format, a
+      non-boolean sym, or GPTQModel per-module ``dynamic`` overrides (not supported).
   """
   bits = qc.get("bits", qc.get("w_bit"))
   group_size = qc.get("group_size", qc.get("q_group_size"))
   fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
-  if bits not in BITS:
-    raise ValueError(f"{source}: GPTQ bits must be one of {BITS}, got {bits!r}.")
-  if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
-    raise ValueError(f"{source}: GPTQ group_size must be -1 or positive, got {group_size!r}.")
+  if type(bits) is not int or bits not in BITS:
+    raise InputError(f"{source}: GPTQ bits must be one of {BITS}, got {show(bits)}.")
+  if type(group_size) is not int or not (group_size == -1 or 0 < group_size < MAX_SIZE):
+    raise InputError(f"{source}: GPTQ group_size must be -1 or in [1, 2**31), got {show(group_size)}.")
   if fmt not in CHECKPOINT_FORMATS:
-    raise ValueError(
-      f"{source}: unknown GPTQ checkpoint_format {fmt!r}; qjax reads {CHECKPOINT_FORMATS} (v1 zero points stored "
-      "minus one, v2 as is)."
+    raise InputError(
+      f"{source}: unknown GPTQ checkpoint_format {show(fmt)}; qjax reads {CHECKPOINT_FORMATS} (v1 zero points "
+      "stored minus one, v2 as is)."
     )
   if qc.get("pack_dtype", "int32") != "int32":
-    raise ValueError(f"{source}: GPTQ pack_dtype must be int32, got {qc['pack_dtype']!r}.")
+    raise InputError(f"{source}: GPTQ pack_dtype must be int32, got {show(qc['pack_dtype'])}.")
   if qc.get("dynamic"):
-    raise NotImplementedError(f"{source}: GPTQModel per-module 'dynamic' overrides are not supported.")
+    raise InputError(f"{source}: GPTQModel per-module 'dynamic' overrides are not supported.")
   sym = qc.get("sym")
-  return GptqSettings(bits, group_size, None if sym is None else bool(sym), fmt)
+  if sym is not None and not isinstance(sym, bool):
+    raise InputError(f"{source}: GPTQ sym must be true or false, got {show(sym)}.")
+  return GptqSettings(bits, group_size, sym, fmt)
 
 
-def check_gptq_tensors(t: GptqTensors, shape: tuple[int, int], s: GptqSettings, name: str) -> None:
-  """Raises naming the tensor when a layer's GPTQ tensors do not have the shapes the config implies."""
+def check_gptq_tensors(
+  t: GptqTensors, shape: tuple[int, int], s: GptqSettings, name: str, *, source: str | None = None
+) -> None:
+  """Raises naming the tensor when a layer's GPTQ tensors do not have the shapes the config implies, a ``g_idx``
+  names a group that does not exist, or a scale is NaN or Inf.
+
+  Raises:
+    InputError: naming `source` (the directory) and the tensor.
+  """
   k, n = shape
   spec = QSpec(bits=s.bits, group_size=s.group_size, partial_groups=True)
   groups = spec.num_groups(k)
   described = f"{s.bits}-bit group_size={s.group_size} GPTQ of a ({n}, {k}) linear"
+  prefix = f"{source}: " if source else ""
+  check_group_length(s.group_size, k, f"{prefix}{name}")
   for length in (k, n):
-    check_packable(length, s.bits, "the width", name, "load_gptq")
-  hf_quantized.check_tensor(f"{name}.qweight", t.qweight, (packing.packed_length(k, s.bits), n), (np.int32,), described)
-  hf_quantized.check_tensor(
-    f"{name}.qzeros", t.qzeros, (groups, packing.packed_length(n, s.bits)), (np.int32,), described
-  )
-  hf_quantized.check_tensor(f"{name}.scales", t.scales, (groups, n), (np.float16, np.float32, jnp.bfloat16), described)
-  hf_quantized.check_tensor(f"{name}.g_idx", t.g_idx, (k,), (np.int32, np.int64), described)
+    try:
+      check_packable(length, s.bits, "the width", name, "load_gptq")
+    except ValueError as e:
+      raise InputError(f"{prefix}{e}") from e
+  qweight_shape = (packing.packed_length(k, s.bits), n)
+  hf_quantized.check_tensor(f"{name}.qweight", t.qweight, qweight_shape, (np.int32,), described, source=source)
+  qzeros_shape = (groups, packing.packed_length(n, s.bits))
+  hf_quantized.check_tensor(f"{name}.qzeros", t.qzeros, qzeros_shape, (np.int32,), described, source=source)
+  scale_dtypes = (np.float16, np.float32, jnp.bfloat16)
+  hf_quantized.check_tensor(f"{name}.scales", t.scales, (groups, n), scale_dtypes, described, source=source)
+  hf_quantized.check_tensor(f"{name}.g_idx", t.g_idx, (k,), (np.int32, np.int64), described, source=source)
   if (t.g_idx < 0).any() or (t.g_idx >= groups).any():
-    raise ValueError(f"{name}.g_idx: values must lie in [0, {groups}), got [{t.g_idx.min()}, {t.g_idx.max()}].")
+    raise InputError(f"{prefix}{name}.g_idx: values must lie in [0, {groups}), got [{t.g_idx.min()}, {t.g_idx.max()}].")
+  check_finite(f"{name}.scales", t.scales, source or name)
 
 
 def load_gptq(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
@@ -431,14 +467,15 @@ def load_gptq(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
     ``(config, params)``: quantized linears as `QArray` (see `from_gptq`), the rest dense.
 
   Raises:
-    ValueError: naming the file or tensor for an unknown checkpoint_format, tensors that do not match the
-      config (shapes, dtypes, a ``g_idx`` that does not fit the group size, extra tensors), or a truncated file.
-    NotImplementedError: for GPTQModel's per-module ``dynamic`` overrides.
+    FileNotFoundError: naming a missing config or weights file.
+    InputError: naming the file or tensor for a bad config or quantization_config (unknown checkpoint_format,
+      GPTQModel's per-module ``dynamic`` overrides), tensors that do not match the config (shapes, dtypes, a
+      ``g_idx`` that does not fit the group size, extra tensors), NaN or Inf scales or weights, or a truncated file.
   """
   config = LlamaConfig.from_pretrained(model_dir)
   qc = hf_quantized.read_quantization_config(model_dir)
   if qc is None:
-    raise ValueError(f"{model_dir}: no quantization_config in config.json and no {QUANTIZE_CONFIG}.")
+    raise InputError(f"{model_dir}: no quantization_config in config.json and no {QUANTIZE_CONFIG}.")
   settings = gptq_settings(qc, os.path.join(model_dir, "config.json"))
   tensors = hf_quantized.HfTensors(model_dir)
 
@@ -450,7 +487,7 @@ def load_gptq(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
       spec = QSpec(bits=settings.bits, group_size=settings.group_size, partial_groups=True)
       values["g_idx"] = (np.arange(shape[0]) // spec.group_length(shape[0])).astype(np.int32)
     t = GptqTensors(**values)
-    check_gptq_tensors(t, shape, settings, module)
+    check_gptq_tensors(t, shape, settings, module, source=model_dir)
     t = t._replace(g_idx=t.g_idx.astype(np.int32))
     return from_gptq(
       t,
@@ -459,7 +496,7 @@ def load_gptq(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
       sym=settings.sym,
       checkpoint_format=settings.checkpoint_format,
       dtype=dtype,
-      name=module,
+      name=f"{model_dir}: {module}",  # its messages name the directory too
     )
 
   return config, hf_quantized.read_hf_params(tensors, config, quantized, dtype=dtype)

@@ -12,18 +12,25 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from qjax.atomic import atomic_directory
 from qjax.core import QArray, QSpec, is_qarray
-from qjax.models.checkpoint import hf_layer_tensors
-from qjax.models.config import LlamaConfig
-from qjax.transforms.base import leaves_with_paths
+from qjax.core.errors import InputError
+from qjax.core.tree import leaves_with_paths
+from qjax.models.checkpoint import (
+  HF_LAYER,
+  WEIGHTS,
+  WEIGHTS_INDEX,
+  TensorFiles,
+  check_finite,
+  check_layer_count,
+  hf_layer_tensors,
+  hf_tensor_shapes,
+  linear_shapes,
+)
+from qjax.models.config import LlamaConfig, read_json, show
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 LINEAR_KERNEL = re.compile(r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel|lm_head/kernel")
 LAYER_LINEAR = re.compile(r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel")
 
@@ -121,7 +128,7 @@ def _save_weights(directory: str, tensors: dict[str, np.ndarray], max_shard_byte
 
 
 def write_hf_directory(
-  out_dir: str,
+  directory: str,
   config: LlamaConfig,
   tensors: dict[str, np.ndarray],
   quantization_config: dict[str, Any],
@@ -130,13 +137,11 @@ def write_hf_directory(
   max_shard_bytes: int = MAX_SHARD_BYTES,
   extra_json: dict[str, dict] | None = None,
 ) -> None:
-  """Writes a quantized Hugging Face directory: weights, ``config.json``, extra JSON files, the tokenizer.
-
-  The directory is written beside `out_dir` and renamed when complete; an existing `out_dir` is replaced
-  only then.
+  """Writes a quantized Hugging Face directory's files into the existing `directory`: weights, ``config.json``,
+  extra JSON files, the tokenizer (callers make the whole directory atomic, see `qjax.formats.output`).
 
   Args:
-    out_dir: the directory to create.
+    directory: an existing, empty directory.
     config: the model config (written with ``torch_dtype: float16`` and `quantization_config`).
     tensors: Hugging Face name -> array.
     quantization_config: the ``config.json["quantization_config"]`` block.
@@ -145,117 +150,77 @@ def write_hf_directory(
       with ``model.safetensors.index.json``.
     extra_json: more files to write, name -> content (e.g. ``quantize_config.json``).
   """
-  with atomic_directory(out_dir) as tmp:
-    _save_weights(tmp, tensors, max_shard_bytes)
-    hf = {**config.to_hf_dict(), "torch_dtype": "float16", "quantization_config": quantization_config}
-    for file, content in {"config.json": hf, **(extra_json or {})}.items():
-      with open(os.path.join(tmp, file), "w") as f:
-        json.dump(content, f, indent=2)
-    if tokenizer is not None:
-      tokenizer.save_pretrained(tmp)
+  _save_weights(directory, tensors, max_shard_bytes)
+  hf = {**config.to_hf_dict(), "torch_dtype": "float16", "quantization_config": quantization_config}
+  for file, content in {"config.json": hf, **(extra_json or {})}.items():
+    with open(os.path.join(directory, file), "w") as f:
+      json.dump(content, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(directory)
 
 
 def read_quantization_config(model_dir: str) -> dict[str, Any] | None:
-  """``config.json["quantization_config"]``, else the legacy ``quantize_config.json`` (AutoGPTQ), else None."""
-  qc = _read_json(os.path.join(model_dir, "config.json")).get("quantization_config")
-  legacy = os.path.join(model_dir, "quantize_config.json")
-  if qc is None and os.path.exists(legacy):
-    qc = {"quant_method": "gptq", **_read_json(legacy)}
-  return qc
-
-
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e}).") from e
-
-
-class HfTensors:
-  """The tensors of a Hugging Face directory (one safetensors file or an index of shards), any dtype.
+  """``config.json["quantization_config"]``, else the legacy ``quantize_config.json`` (AutoGPTQ), else None.
 
   Raises:
-    FileNotFoundError: naming the missing weights or shard.
-    ValueError: naming the file when it is unreadable or truncated.
+    InputError: naming the file when it is not JSON or the block is not an object.
   """
+  path = os.path.join(model_dir, "config.json")
+  config = read_json(path)
+  qc = config.get("quantization_config") if isinstance(config, dict) else None
+  legacy = os.path.join(model_dir, "quantize_config.json")
+  if qc is None and os.path.lexists(legacy):
+    path, qc = legacy, {"quant_method": "gptq", **_object(read_json(legacy), legacy)}
+  return None if qc is None else _object(qc, path)
+
+
+def _object(value, path: str) -> dict:
+  if not isinstance(value, dict):
+    raise InputError(f"{path}: quantization_config expected a JSON object, got {show(value)}.")
+  return value
+
+
+class HfTensors(TensorFiles):
+  """The tensors of a Hugging Face directory (see `TensorFiles`), any dtype, recording which were read."""
 
   def __init__(self, model_dir: str):
-    self.source = model_dir
-    index = os.path.join(model_dir, WEIGHTS_INDEX)
-    if os.path.exists(index):
-      with open(index) as f:
-        self.files = {name: os.path.join(model_dir, file) for name, file in json.load(f)["weight_map"].items()}
-    elif os.path.exists(os.path.join(model_dir, WEIGHTS)):
-      single = os.path.join(model_dir, WEIGHTS)
-      with self._open(single) as f:
-        self.files = dict.fromkeys(f.keys(), single)
-    else:
-      raise FileNotFoundError(f"{model_dir}: no {WEIGHTS} or {WEIGHTS_INDEX}.")
-    missing = sorted({f for f in self.files.values() if not os.path.exists(f)})
-    if missing:
-      raise FileNotFoundError(f"{index}: names missing weight files {missing}.")
-    self.read: set[str] = set()
-
-  @staticmethod
-  def _open(file: str):
-    try:
-      return safe_open(file, "flax")  # the flax framework reads bfloat16, which numpy cannot
-    except SafetensorError as e:
-      raise ValueError(f"{file}: unreadable safetensors file ({e}); is it truncated?") from e
-
-  def __contains__(self, name: str) -> bool:
-    return name in self.files
+    super().__init__(model_dir)
+    self.read_names: set[str] = set()
 
   def get_many(self, names: list[str]) -> dict[str, np.ndarray]:
     """Tensors by name, as stored (numpy; bfloat16 as ml_dtypes' bfloat16)."""
-    missing = [n for n in names if n not in self.files]
-    if missing:
-      raise ValueError(f"{self.source}: tensors {missing} are missing from the checkpoint.")
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-      by_file.setdefault(self.files[name], []).append(name)
-    out = {}
-    for file, file_names in by_file.items():
-      with self._open(file) as f:
-        for name in file_names:
-          out[name] = np.asarray(f.get_tensor(name))
-    self.read.update(names)
-    return out
+    got = self.read(names, "flax")  # the flax framework reads bfloat16 on every safetensors version
+    self.read_names.update(names)
+    return {name: np.asarray(value) for name, value in got.items()}
 
   def check_all_read(self) -> None:
     """Raises if the checkpoint holds tensors the config does not describe (they would be silently dropped)."""
-    unread = sorted(n for n in set(self.files) - self.read if not n.endswith("rotary_emb.inv_freq"))
+    unread = sorted(n for n in set(self.files) - self.read_names if not n.endswith("rotary_emb.inv_freq"))
     if unread:
-      raise ValueError(
+      raise InputError(
         f"{self.source}: tensors the config does not describe: {unread[:5]}{' …' if len(unread) > 5 else ''}."
       )
 
 
 def linear_shape(config: LlamaConfig, module: str) -> tuple[int, int]:
   """(in, out) of a linear module such as ``model.layers.0.self_attn.k_proj`` or ``lm_head``."""
-  q_width, kv_width = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-  hidden, inter = config.hidden_size, config.intermediate_size
-  shapes = {
-    "q_proj": (hidden, q_width),
-    "k_proj": (hidden, kv_width),
-    "v_proj": (hidden, kv_width),
-    "o_proj": (q_width, hidden),
-    "gate_proj": (hidden, inter),
-    "up_proj": (hidden, inter),
-    "down_proj": (inter, hidden),
-    "lm_head": (hidden, config.vocab_size),
-  }
-  return shapes[module.rsplit(".", maxsplit=1)[-1]]
+  out, inp = linear_shapes(config)[module.rsplit(".", maxsplit=1)[-1]]
+  return inp, out
 
 
-def check_tensor(name: str, value: np.ndarray, shape: tuple[int, ...], dtypes: tuple, described: str) -> None:
-  """Raises naming the tensor when its shape or dtype is not what the config implies."""
+def check_tensor(
+  name: str, value: np.ndarray, shape: tuple[int, ...], dtypes: tuple, described: str, *, source: str | None = None
+) -> None:
+  """Raises naming the tensor (and its directory, `source`) when its shape or dtype is not what the config implies.
+
+  Raises:
+    InputError: "<source>: <name>: expected shape ... for <described>, got ...".
+  """
   if tuple(value.shape) != tuple(shape) or np.dtype(value.dtype) not in [np.dtype(d) for d in dtypes]:
     allowed = "/".join(str(np.dtype(d)) for d in dtypes)
-    raise ValueError(
-      f"{name}: expected shape {tuple(shape)} {allowed} for {described}, got {tuple(value.shape)} {value.dtype}; "
-      "the checkpoint's config does not describe its tensors."
+    raise InputError(
+      f"{source + ': ' if source else ''}{name}: expected shape {tuple(shape)} {allowed} for {described}, got "
+      f"{tuple(value.shape)} {value.dtype}; the checkpoint's config does not describe its tensors."
     )
 
 
@@ -268,6 +233,9 @@ def read_hf_params(
 ) -> dict:
   """The Flax parameter tree of a quantized Hugging Face directory.
 
+  The layer count and every dense tensor's shape and dtype are checked against the config from the headers before
+  any tensor is read; each quantized linear is checked by `quantized`.
+
   Args:
     tensors: the directory's tensors.
     config: the model config.
@@ -275,11 +243,21 @@ def read_hf_params(
     dtype: dtype of the dense leaves.
 
   Raises:
-    ValueError: for missing tensors, or tensors the config does not describe.
+    InputError: for missing tensors, tensors the config does not describe, dense tensors of the wrong shape or
+      dtype, or holding NaN or Inf.
   """
+  config_path = os.path.join(tensors.source, "config.json")
+  check_layer_count(tensors.files, config, layer=HF_LAYER, config_path=config_path, source=tensors.source)
+  dense_shapes = {
+    name: shape
+    for name, shape in hf_tensor_shapes(config).items()
+    if not (name.endswith(".weight") and f"{name.removesuffix('.weight')}.qweight" in tensors)
+  }
+  tensors.check_dense(dense_shapes, config_path)
 
   def dense(name: str, transpose: bool) -> np.ndarray:
     w = tensors.get_many([name])[name].astype(dtype)
+    check_finite(name, w, tensors.files[name])
     return np.ascontiguousarray(w.T) if transpose else w
 
   def leaf(name: str, transpose: bool):

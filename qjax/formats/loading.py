@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 
 from qjax.formats import awq, gptq, hf_quantized, native
-from qjax.models.checkpoint import Checkpoint, GgufCheckpoint, SafetensorsCheckpoint
+from qjax.formats.default_model import default_model_dir
+from qjax.formats.gguf_reader import GgufCheckpoint
+from qjax.models.checkpoint import Checkpoint, SafetensorsCheckpoint
 from qjax.models.config import LlamaConfig
-from qjax.models.default import default_model_dir
 
 DEFAULT = "default"
 QUANTIZED_LOADERS = {"gptq": gptq.load_gptq, "awq": awq.load_awq}

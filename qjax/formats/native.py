@@ -10,126 +10,225 @@ Layout::
 The directory is complete or absent: it is written beside its final name and renamed.
 """
 
-import dataclasses
 import json
 import os
+import re
 from typing import Any
 
-import jax
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from qjax.atomic import atomic_directory
-from qjax.core import QArray, QSpec, is_qarray
-from qjax.models.config import LlamaConfig
-from qjax.transforms.base import leaves_with_paths
+from qjax.core import ggml, packing
+from qjax.core.errors import InputError
+from qjax.core.qspec import PACKED, QSpec
+from qjax.core.tree import FORMAT_VERSION, QARRAY_FIELDS, flatten_params, spec_from_json, unflatten_params
+from qjax.formats.output import atomic_directory
+from qjax.models.checkpoint import (
+  TensorInfo,
+  check_finite,
+  check_group_length,
+  check_layer_count,
+  check_shape,
+  model_file,
+  one_line,
+  param_shapes,
+  read_safetensors,
+  safetensors_header,
+)
+from qjax.models.config import MAX_SIZE, LlamaConfig, read_json, show
 
 MANIFEST = "qjax_quantization.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
-_QARRAY_FIELDS = ("codes", "scale", "zero", "perm")
+FLAX_LAYER = re.compile(r"model/layers_(\d+)/")
+# numpy dtype name -> safetensors dtype name, for the dtypes a QArray's tensors are stored in.
+STORED_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32", "int32": "I32", "uint8": "U8"}
+SPEC_TYPES = {"bits": int, "group_size": int, "symmetric": bool, "scale_dtype": str, "layout": str,
+              "partial_groups": bool}  # fmt: skip
 
 
 def is_qjax_dir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def _spec_to_json(spec: QSpec) -> dict:
-  d = dataclasses.asdict(spec)
-  d["scale_dtype"] = str(spec.scale_dtype)
-  return d
-
-
-def _set_path(tree: dict, path: str, value) -> None:
-  *parents, last = path.split("/")
-  for key in parents:
-    tree = tree.setdefault(key, {})
-  tree[last] = value
-
-
-def flatten_params(params) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """A parameter tree as flat named arrays plus a JSON manifest describing its `QArray` leaves."""
-  tensors, quantized = {}, {}
-  for path, leaf in leaves_with_paths(params):
-    if is_qarray(leaf):
-      quantized[path] = {"spec": _spec_to_json(leaf.spec), "shape": list(leaf.shape), "dtype": str(leaf.dtype),
-                         "axis": leaf.axis}  # fmt: skip
-      for field in _QARRAY_FIELDS:
-        value = getattr(leaf, field)
-        if value is not None:
-          tensors[f"{path}:{field}"] = np.asarray(value)
-    else:
-      tensors[path] = np.asarray(leaf)
-  return tensors, {"format_version": FORMAT_VERSION, "quantized": quantized}
-
-
-def unflatten_params(tensors: dict[str, np.ndarray], manifest: dict[str, Any], *, source: str) -> dict:
-  """Inverse of `flatten_params`.
-
-  Raises:
-    ValueError: naming `source` when a quantized leaf has no codes.
-  """
-  params: dict = {}
-  for path, info in manifest["quantized"].items():
-    fields = {k: tensors.get(f"{path}:{k}") for k in _QARRAY_FIELDS}
-    if fields["codes"] is None:
-      raise ValueError(f"{source}: quantized tensor {path!r} has no codes.")
-    spec = QSpec(**{**info["spec"], "scale_dtype": np.dtype(info["spec"]["scale_dtype"])})
-    leaf = QArray(
-      **{k: None if v is None else jax.numpy.asarray(v) for k, v in fields.items()},
-      spec=spec,
-      shape=tuple(info["shape"]),
-      dtype=np.dtype(info["dtype"]),
-      axis=info["axis"],
-    )
-    _set_path(params, path, leaf)
-  for name, value in tensors.items():
-    if ":" not in name:
-      _set_path(params, name, value)
-  return params
-
-
 def save_quantized(
-  out_dir: str, config: LlamaConfig, params, tokenizer, *, metadata: dict[str, Any] | None = None
+  out_dir: str,
+  config: LlamaConfig,
+  params,
+  tokenizer,
+  *,
+  metadata: dict[str, Any] | None = None,
+  overwrite: bool = False,
 ) -> None:
-  """Writes a quantized (or dense) parameter tree as a qjax directory.
+  """Writes a quantized (or dense) parameter tree as a qjax directory, complete or not at all.
 
   Args:
-    out_dir: the directory to create; an existing one is replaced only once the new one is complete.
+    out_dir: the directory to create (see `qjax.formats.output`: a previous qjax directory is replaced only once
+      the new one is complete; a directory of other files is refused).
     config: the model config.
     params: the Flax parameter tree with dense and `QArray` leaves.
     tokenizer: a `transformers` tokenizer, saved beside the weights.
     metadata: JSON-serialisable facts recorded under ``config.json["qjax"]`` (source model, method, flags).
+    overwrite: replace a previous qjax output of another kind.
   """
+  with atomic_directory(out_dir, "qjax", overwrite=overwrite) as tmp:
+    write_quantized(tmp, config, params, tokenizer, metadata=metadata)
+
+
+def write_quantized(directory: str, config: LlamaConfig, params, tokenizer, *, metadata=None) -> None:
+  """Writes a qjax directory's files into the existing `directory` (`save_quantized` makes it atomic)."""
   tensors, manifest = flatten_params(params)
-  with atomic_directory(out_dir) as tmp:
-    save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "qjax"})
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-      json.dump(manifest, f, indent=1)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump({**config.to_hf_dict(), "qjax": metadata or {}}, f, indent=2)
-    tokenizer.save_pretrained(tmp)
+  save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "qjax"})
+  with open(os.path.join(directory, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=1)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump({**config.to_hf_dict(), "qjax": metadata or {}}, f, indent=2)
+  tokenizer.save_pretrained(directory)
 
 
 def load_quantized(model_dir: str):
   """Reads a qjax directory: ``(config, params, metadata)``; the tokenizer loads like any HF directory.
 
+  Everything is checked before the weights are read: the manifest's entries (spec, shape, dtype, axis), each
+  quantized leaf's tensors against its entry (shapes and dtypes its spec implies), and every leaf against the
+  config's parameter shapes. Then scales and dense weights must be finite, and each ``perm`` a permutation.
+
   Raises:
-    ValueError: naming the file when the manifest and the weights disagree or a file is unreadable.
+    FileNotFoundError: naming a missing manifest, config or weights file.
+    InputError: naming the file (and tensor or manifest entry) when the manifest, the config and the weights
+      disagree, or a file is unreadable.
   """
   manifest_path = os.path.join(model_dir, MANIFEST)
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  if manifest.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{manifest_path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}.")
+  manifest = read_json(manifest_path)
+  version = manifest.get("format_version") if isinstance(manifest, dict) else None
+  if type(version) is not int or version != FORMAT_VERSION:
+    raise InputError(f"{manifest_path}: format_version expected {FORMAT_VERSION}, got {show(version)}.")
+  entries = manifest.get("quantized")
+  if not isinstance(entries, dict):
+    raise InputError(f"{manifest_path}: quantized expected an object of leaf path -> entry, got {show(entries)}.")
   config = LlamaConfig.from_pretrained(model_dir)
-  with open(os.path.join(model_dir, "config.json")) as f:
-    metadata = json.load(f).get("qjax", {})
-  weights = os.path.join(model_dir, WEIGHTS)
-  try:
-    with safe_open(weights, "numpy") as f:
-      tensors = {name: f.get_tensor(name) for name in f.keys()}
-  except SafetensorError as e:
-    raise ValueError(f"{weights}: unreadable safetensors file ({e}); is it truncated?") from e
+  config_path = os.path.join(model_dir, "config.json")
+  metadata = read_json(config_path).get("qjax", {})
+  if not isinstance(metadata, dict):
+    raise InputError(f"{config_path}: qjax expected an object, got {show(metadata)}.")
+  weights = model_file(model_dir, WEIGHTS, model_dir)
+  info = safetensors_header(weights)
+  leaves = {path: _leaf_entry(path, entry, manifest_path) for path, entry in entries.items()}
+  _check_against_config(info, leaves, config, config_path, weights)
+  for path, (spec, shape, _, axis) in leaves.items():
+    _check_qarray_tensors(path, spec, shape, axis, info, weights, manifest_path)
+  tensors = read_safetensors(weights, list(info))
+  _check_values(tensors, leaves, weights)
   return config, unflatten_params(tensors, manifest, source=weights), metadata
+
+
+def _leaf_entry(path: str, entry: Any, manifest_path: str) -> tuple[QSpec, tuple[int, int], str, int]:
+  """``(spec, shape, dtype, axis)`` of a manifest entry, every field checked (a QSpec error names the entry).
+
+  Raises:
+    InputError: naming the manifest and the entry.
+  """
+  where = f"{manifest_path}: entry {show(path)}"
+  if not isinstance(entry, dict) or set(entry) != {"spec", "shape", "dtype", "axis"}:
+    raise InputError(f"{where} expected an object with spec, shape, dtype and axis, got {show(entry)}.")
+  spec, shape, dtype, axis = entry["spec"], entry["shape"], entry["dtype"], entry["axis"]
+  if not isinstance(spec, dict) or not set(spec) <= set(SPEC_TYPES) or "scale_dtype" not in spec:
+    raise InputError(f"{where}: spec expected an object with keys among {sorted(SPEC_TYPES)}, got {show(spec)}.")
+  wrong = next((k for k, v in spec.items() if type(v) is not SPEC_TYPES[k]), None)
+  if wrong is not None:
+    raise InputError(f"{where}: spec.{wrong} expected {SPEC_TYPES[wrong].__name__}, got {show(spec[wrong])}.")
+  try:
+    spec = spec_from_json(spec)
+  except (TypeError, ValueError) as e:
+    raise InputError(f"{where}: {one_line(e)}") from e
+  if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and 0 < d < MAX_SIZE for d in shape)):
+    raise InputError(f"{where}: shape expected two integers in [1, 2**31), got {show(shape)}.")
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise InputError(f"{where}: dtype expected float32, bfloat16 or float16, got {show(dtype)}.")
+  if type(axis) is not int or axis not in (0, 1):
+    raise InputError(f"{where}: axis expected 0 or 1, got {show(axis)}.")
+  return spec, (shape[0], shape[1]), dtype, axis
+
+
+def _qarray_tensors(spec: QSpec, shape: tuple[int, int], axis: int) -> dict[str, TensorInfo | None]:
+  """The stored tensors a QArray of `spec`, `shape` and `axis` has: field -> `TensorInfo` (None: absent).
+
+  ``perm`` is listed with the shape it has when present (it is optional).
+
+  Raises:
+    ValueError: when no QArray of `spec` has this shape (the packed axis or the blocks do not fit).
+  """
+  k, n = shape if axis == 0 else shape[::-1]
+  perm = TensorInfo((k,), "I32")
+  if spec.is_ggml:
+    block = ggml.BLOCK_TYPES[spec.layout]
+    if k % block.block_size:
+      raise ValueError(f"the contraction length {k} is not a whole number of {spec.layout} blocks")
+    codes = TensorInfo((n, k // block.block_size * block.type_size), "U8")
+    return {"codes": codes, "scale": None, "zero": None, "perm": None}
+  if spec.layout != PACKED:
+    raise ValueError(f"layout {spec.layout} is not stored in a qjax directory")
+  spec.check_divides("load_quantized", k, shape)
+  check_group_length(spec.group_size, k, "the spec")
+  period = packing.codes_per_period(spec.bits)
+  if k % period:
+    raise ValueError(f"the contraction length {k} is not a multiple of {period}, as {spec.bits}-bit packing needs")
+  groups = (spec.num_groups(k), n)
+  return {
+    "codes": TensorInfo((packing.packed_length(k, spec.bits), n), "U32"),
+    "scale": TensorInfo(groups, STORED_DTYPES[str(spec.scale_dtype)]),
+    "zero": None if spec.symmetric else TensorInfo(groups, "I32"),
+    "perm": perm,
+  }
+
+
+def _check_qarray_tensors(path, spec, shape, axis, info: dict[str, TensorInfo], weights, manifest_path) -> None:
+  """Raises naming the tensor when a quantized leaf's stored tensors are not the ones its manifest entry implies."""
+  try:
+    expected = _qarray_tensors(spec, shape, axis)
+  except ValueError as e:
+    raise InputError(f"{manifest_path}: entry {show(path)}: {one_line(e)}.") from e
+  for field, want in expected.items():
+    name = f"{path}:{field}"
+    got = info.get(name)
+    if want is None and got is not None:
+      raise InputError(f"{weights}: tensor {name} is not part of a {spec.layout} QArray ({manifest_path}).")
+    if want is not None and got is None and field != "perm":
+      raise InputError(f"{weights}: tensor {name} is missing (expected by {manifest_path}).")
+    if want is not None and got is not None and got != want:
+      raise InputError(
+        f"{weights}: tensor {name} expected shape {want.shape} {want.dtype} from {manifest_path} (spec bits="
+        f"{spec.bits} group_size={spec.group_size} layout={spec.layout}, shape {shape}, axis {axis}), got "
+        f"{got.shape} {got.dtype}."
+      )
+
+
+def _check_against_config(info: dict[str, TensorInfo], leaves: dict, config, config_path: str, weights: str) -> None:
+  """Raises naming the tensor or leaf unless the dense tensors and quantized leaves are exactly the config's
+  parameters, each of its shape (dense ones of a float dtype)."""
+  dense = {name for name in info if ":" not in name}
+  check_layer_count(dense | set(leaves), config, layer=FLAX_LAYER, config_path=config_path, source=weights)
+  expected = param_shapes(config)
+  parts = [name.rpartition(":") for name in info if ":" in name]
+  stray = sorted(f"{path}:{field}" for path, _, field in parts if path not in leaves or field not in QARRAY_FIELDS)
+  extra = sorted((dense | set(leaves)) - set(expected)) + stray
+  if extra:
+    raise InputError(f"{weights}: tensors the config does not describe: {extra[:5]} (from {config_path}).")
+  both = sorted(dense & set(leaves))
+  missing = sorted(set(expected) - dense - set(leaves))
+  if both or missing:
+    what = f"stored both dense and quantized: {both[:5]}" if both else f"missing: {missing[:5]}"
+    raise InputError(f"{weights}: tensors {what} (expected by {config_path}).")
+  for name in sorted(dense):
+    check_shape(name, info[name], expected[name], config_path=config_path, source=weights)
+  for path, (_, shape, _, _) in leaves.items():
+    if shape != expected[path]:
+      raise InputError(f"{weights}: quantized {path} expected shape {expected[path]} from {config_path}, got {shape}.")
+
+
+def _check_values(tensors: dict[str, np.ndarray], leaves: dict, weights: str) -> None:
+  """Raises naming the tensor when a dense weight or a scale holds NaN or Inf, or a ``perm`` is no permutation."""
+  for name, value in tensors.items():
+    if ":" not in name or name.endswith(":scale"):
+      check_finite(name, value, weights)
+    elif name.endswith(":perm") and not np.array_equal(np.sort(value), np.arange(len(value))):
+      raise InputError(f"{weights}: tensor {name} expected a permutation of 0..{len(value) - 1}.")

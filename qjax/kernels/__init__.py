@@ -4,21 +4,19 @@ from qjax.kernels.ops import BACKENDS as BACKENDS
 from qjax.kernels.ops import choose_backend as choose_backend
 from qjax.kernels.ops import qmatmul as qmatmul
 from qjax.kernels.ops import qmatmul_mode as qmatmul_mode
-from qjax.kernels.qmatmul.layout import KernelWeight as KernelWeight
 from qjax.kernels.qmatmul.layout import from_kernel_layout as from_kernel_layout
 from qjax.kernels.qmatmul.layout import from_kernel_layout_params as from_kernel_layout_params
-from qjax.kernels.qmatmul.layout import is_kernel_weight as is_kernel_weight
+from qjax.kernels.qmatmul.layout import is_kernel_layout as is_kernel_layout
 from qjax.kernels.qmatmul.layout import to_kernel_layout as to_kernel_layout
 from qjax.kernels.qmatmul.layout import to_kernel_layout_params as to_kernel_layout_params
 from qjax.kernels.qmatmul.reference import qmatmul_reference as qmatmul_reference
 
 __all__ = [
   "BACKENDS",
-  "KernelWeight",
   "choose_backend",
   "from_kernel_layout",
   "from_kernel_layout_params",
-  "is_kernel_weight",
+  "is_kernel_layout",
   "qmatmul",
   "qmatmul_mode",
   "qmatmul_reference",

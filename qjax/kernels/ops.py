@@ -5,7 +5,7 @@
 * ``"hopper"``: on an sm90 GPU, bfloat16/float16 activations, shapes `pallas_hopper`
   supports (n a multiple of 128; groups of 32, 64, 128 or per channel);
 * ``"tpu"``: on a TPU, shapes `pallas_tpu` supports;
-* ``"xla"``: other 4-bit packed weights on GPU/TPU, and `KernelWeight`s anywhere: native
+* ``"xla"``: other 4-bit packed weights on GPU/TPU, and kernel-layout weights anywhere: native
   int4 codes dequantized and multiplied by XLA (`xla_int4`);
 * ``"reference"``: everything else (other bit widths, ggml layouts, a shorter last group,
   and every weight on CPU, where Pallas only interprets).
@@ -13,7 +13,7 @@
 `qmatmul_mode` forces a backend for the calls traced inside it, optionally in interpret
 mode, which is how the tests run the kernel path on CPU. Each choice is logged once.
 
-The Hopper kernel and the XLA path read the `KernelWeight` layout: a `QArray` given to
+The Hopper kernel and the XLA path read the kernel layout: a ``packed`` `QArray` given to
 them is converted on every call (an extra pass over the codes), so convert the params
 once with `to_kernel_layout_params` when serving on GPU.
 """
@@ -28,7 +28,7 @@ from jaxtyping import Array, Float
 
 from qjax.core import QArray
 from qjax.kernels.qmatmul import common, pallas_hopper, pallas_portable, pallas_tpu, xla_int4
-from qjax.kernels.qmatmul.layout import KernelWeight, from_kernel_layout, is_kernel_weight, to_kernel_layout
+from qjax.kernels.qmatmul.layout import from_kernel_layout, is_kernel_layout, to_kernel_layout
 from qjax.kernels.qmatmul.reference import qmatmul_reference
 
 Backend = Literal["auto", "reference", "xla", "portable", "tpu", "hopper"]
@@ -112,13 +112,13 @@ def _auto(x, q) -> str:
     return "hopper"
   if platform == "tpu" and _unsupported("tpu", x, q, False) is None:
     return "tpu"
-  if is_kernel_weight(q) or (platform in ("gpu", "tpu") and _unsupported("xla", x, q, False) is None):
+  if is_kernel_layout(q) or (platform in ("gpu", "tpu") and _unsupported("xla", x, q, False) is None):
     return "xla"
   return "reference"
 
 
 def choose_backend(
-  x, q: QArray | KernelWeight, backend: Backend = "auto", *, interpret: bool = False, config: Config | None = None
+  x, q: QArray, backend: Backend = "auto", *, interpret: bool = False, config: Config | None = None
 ) -> str:
   """The backend `qmatmul` runs for these shapes under `qmatmul_mode(backend, interpret=...)`.
 
@@ -135,12 +135,12 @@ def choose_backend(
   return chosen
 
 
-def qmatmul(x: Float[Array, "... k"], q: QArray | KernelWeight) -> Float[Array, "... n"]:
+def qmatmul(x: Float[Array, "... k"], q: QArray) -> Float[Array, "... n"]:
   """``x @ W`` for a quantized ``W`` (canonical (k, n)), by the backend `choose_backend` picks.
 
   Args:
     x: (..., k) float32|bfloat16|float16 activations.
-    q: a `QArray` (any layout), or a `KernelWeight`.
+    q: a `QArray` (any layout).
 
   Returns:
     (..., n) in `x.dtype`, accumulated in float32 (see `qmatmul_reference` for the contract).
@@ -150,11 +150,11 @@ def qmatmul(x: Float[Array, "... k"], q: QArray | KernelWeight) -> Float[Array, 
   config = mode.config if backend == mode.backend else None
   match backend:
     case "hopper":
-      w = q if is_kernel_weight(q) else to_kernel_layout(q)
+      w = to_kernel_layout(q)
       return pallas_hopper.qmatmul_hopper(x, w, config=config, interpret=mode.interpret)
     case "xla":
-      return xla_int4.qmatmul_xla_int4(x, q if is_kernel_weight(q) else to_kernel_layout(q))
-  q = from_kernel_layout(q) if is_kernel_weight(q) else q
+      return xla_int4.qmatmul_xla_int4(x, to_kernel_layout(q))
+  q = from_kernel_layout(q)
   match backend:
     case "tpu":
       return pallas_tpu.qmatmul_tpu(x, q, config=config, interpret=mode.interpret)

@@ -1,20 +1,22 @@
-"""Reading Llama-family checkpoints lazily: Hugging Face safetensors directories and GGUF files.
+"""Reading Llama-family checkpoints lazily: the `Checkpoint` interface and Hugging Face safetensors directories.
 
 A `Checkpoint` hands out one piece of the model at a time (`embed_params`,
 `layer_params(i)`, `head_params`), each read from disk only when asked, so the
 calibration runner holds one decoder block at a time. `params()` assembles the whole
-Flax parameter tree. Weights are read with safetensors or gguf only, never pickles.
+Flax parameter tree. Weights are read with safetensors only, never pickles (GGUF files: `qjax.formats.gguf_reader`).
 """
 
 import abc
-import json
 import os
 import re
+import stat
+from typing import NamedTuple
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from qjax.models.config import LlamaConfig
+from qjax.core.errors import InputError
+from qjax.models.config import LlamaConfig, read_json, show
 
 Params = dict
 
@@ -31,7 +33,27 @@ LAYER_MODULES = (
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+MAX_INDEX_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound on its JSON header
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# What qjax reads: safetensors' float8/float4/complex tensors have no numpy dtype on every version (reading one fails).
+READABLE_DTYPES = (*FLOAT_DTYPES, "BOOL", "I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")
+MAX_SHORT_GROUP = 1024  # a quantization group may exceed a small layer's input width, up to this
+HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# What reading a hostile safetensors file may raise, besides SafetensorError.
+READ_ERRORS = (SafetensorError, OSError, ValueError, OverflowError, TypeError, AttributeError, MemoryError)
+
+
+class TensorInfo(NamedTuple):
+  """A tensor as its file's header describes it: shape and safetensors dtype name (``"F32"``, ``"I32"``, …)."""
+
+  shape: tuple[int, ...]
+  dtype: str
+
+
+def set_nested(tree: dict, path: tuple[str, ...], value) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
@@ -51,6 +73,316 @@ def hf_layer_tensors(config: LlamaConfig, i: int) -> dict[str, tuple[tuple[str, 
   for norm in LAYER_NORMS:
     names[f"model.layers.{i}.{norm}.weight"] = (norm, "scale"), False
   return names
+
+
+def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+  """Hugging Face [out, in] shape of each linear module of a decoder layer, and of ``lm_head``."""
+  q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+  hidden, inter = config.hidden_size, config.intermediate_size
+  return {
+    "q_proj": (q, hidden),
+    "k_proj": (kv, hidden),
+    "v_proj": (kv, hidden),
+    "o_proj": (hidden, q),
+    "gate_proj": (inter, hidden),
+    "up_proj": (inter, hidden),
+    "down_proj": (hidden, inter),
+    "lm_head": (config.vocab_size, hidden),
+  }
+
+
+def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor a Hugging Face checkpoint of `config` holds, with its shape ([out, in] for linears).
+
+  Call `check_layer_count` first: this lists ``num_hidden_layers`` layers, however many that is.
+  """
+  linear = linear_shapes(config)
+  shapes = {"model.embed_tokens.weight": linear["lm_head"], "model.norm.weight": (config.hidden_size,)}
+  for i in range(config.num_hidden_layers):
+    for name, (path, _) in hf_layer_tensors(config, i).items():
+      out_in = linear.get(path[-2], (config.hidden_size,))
+      shapes[name] = out_in if path[-1] == "kernel" else out_in[:1]
+  if not config.tie_word_embeddings:
+    shapes["lm_head.weight"] = linear["lm_head"]
+  return shapes
+
+
+def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Every leaf of the Flax parameter tree of `config` by '/'-joined path, with its shape (kernels [in, out])."""
+  shapes = {"model/embed_tokens/embedding": (config.vocab_size, config.hidden_size)}
+  hf = hf_tensor_shapes(config)
+  for i in range(config.num_hidden_layers):
+    for name, (path, transpose) in hf_layer_tensors(config, i).items():
+      shapes["/".join(("model", f"layers_{i}", *path))] = hf[name][::-1] if transpose else hf[name]
+  shapes["model/norm/scale"] = (config.hidden_size,)
+  if not config.tie_word_embeddings:
+    shapes["lm_head/kernel"] = (config.hidden_size, config.vocab_size)
+  return shapes
+
+
+def check_layer_count(names, config: LlamaConfig, *, layer: re.Pattern, config_path: str, source: str) -> None:
+  """Raises unless the tensors hold exactly layers ``0 .. num_hidden_layers - 1``.
+
+  Checked before any per-layer list is built, so a huge ``num_hidden_layers`` is refused at once.
+
+  Raises:
+    InputError: naming `source` and `config_path`: tensors of layers beyond the config's count ("tensors the config
+      does not describe"), or the first layer the config implies that has no tensors.
+  """
+  n = config.num_hidden_layers
+  present = {int(m[1]) for name in names if (m := layer.match(name))}
+  beyond = sorted(name for name in names if (m := layer.match(name)) and int(m[1]) >= n)
+  if beyond:
+    raise InputError(
+      f"{source}: tensors the config does not describe: {beyond[:3]}{' …' if len(beyond) > 3 else ''} "
+      f"({config_path} says num_hidden_layers={n})."
+    )
+  if len(present) < n:
+    first = min(set(range(len(present) + 1)) - present)
+    raise InputError(
+      f"{source}: tensors missing from the checkpoint: layer {first} has none, but {config_path} says "
+      f"num_hidden_layers={n}."
+    )
+
+
+def check_shape(name: str, info: TensorInfo, shape: tuple[int, ...], *, config_path: str, source: str) -> None:
+  """Raises naming the tensor, its file and the config when a dense tensor's header disagrees with the config."""
+  if tuple(info.shape) != tuple(shape):
+    raise InputError(f"{source}: tensor {name} expected shape {tuple(shape)} from {config_path}, got {info.shape}.")
+  if info.dtype not in FLOAT_DTYPES:
+    raise InputError(f"{source}: tensor {name} expected a float dtype ({'/'.join(FLOAT_DTYPES)}), got {info.dtype}.")
+
+
+def check_group_length(group_size: int, k: int, what: str) -> None:
+  """Raises unless a group is at most ``max(k, MAX_SHORT_GROUP)`` long: dequantizing pads a contraction length of `k`
+  to whole groups, so a hostile group size would allocate without bound. (-1 is one group per output channel.)
+
+  Raises:
+    InputError: naming `what` (the file and tensor).
+  """
+  if group_size > max(k, MAX_SHORT_GROUP):
+    raise InputError(
+      f"{what}: group_size={group_size} expected -1 or at most max(in={k}, {MAX_SHORT_GROUP}), the input width."
+    )
+
+
+def check_finite(name: str, value: np.ndarray, source: str) -> None:
+  """Raises naming the tensor when it holds NaN or Inf (a model that would evaluate to ``perplexity nan``)."""
+  if not np.isfinite(value).all():
+    raise InputError(f"{source}: tensor {name} holds NaN or Inf values.")
+
+
+def one_line(e: BaseException) -> str:
+  """The first line of an exception's message, cut short, for a one-line error naming a file."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return text if len(text) <= 160 else text[:157] + "..."
+
+
+def regular_file(path: str, source: str) -> os.stat_result:
+  """`os.stat` of `path`, which must be a regular file; it is not opened (opening a FIFO blocks until a writer
+  comes, a device may never end).
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    InputError: naming `source` when it is a directory, FIFO, device or cannot be examined.
+  """
+  try:
+    st = os.stat(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{source}: no such file {path!r}.") from e
+  except (OSError, ValueError) as e:
+    raise InputError(f"{source}: {path!r} cannot be examined ({one_line(e)}).") from e
+  if not stat.S_ISREG(st.st_mode):
+    what = "" if path == source else f" {path!r}"
+    raise InputError(f"{source}:{what} expected a regular file, got a directory, FIFO, socket or device.")
+  return st
+
+
+def _allowed_roots(model_dir: str) -> list[str]:
+  """Where a model directory's files may resolve: inside it, and for a Hugging Face hub cache snapshot
+  (``models--X/snapshots/REV``, whose files are links into ``models--X/blobs``) inside its repository's blobs."""
+  root = os.path.realpath(model_dir)
+  roots = [root]
+  if os.path.basename(os.path.dirname(root)) == "snapshots":
+    roots.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+  return roots
+
+
+def model_file(model_dir: str, name, source: str) -> str:
+  """The path of a file an index names, confined to `model_dir` and checked to be a regular file.
+
+  A name is refused before anything is looked up when it is not a plain relative name, contains a ``..``
+  component, or resolves (following links) outside the directory; the message is the same whether or not such
+  an outside path exists, so a hostile index learns nothing about the machine.
+
+  Raises:
+    FileNotFoundError: if the (confined) file does not exist.
+    InputError: naming `source` and the entry otherwise.
+  """
+  outside = InputError(f"{source}: entry {show(name)} expected a file name inside the model directory.")
+  if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name):
+    raise outside
+  if ".." in re.split(r"[/\\]", name):
+    raise outside
+  path = os.path.normpath(os.path.join(model_dir, name))  # "./a" and "a" are one file
+  real = os.path.realpath(path)
+  if not any(os.path.commonpath([real, root]) == root for root in _allowed_roots(model_dir)):
+    raise outside
+  regular_file(path, source)
+  return path
+
+
+def safetensors_header(path: str) -> dict[str, TensorInfo]:
+  """Name -> `TensorInfo` of every tensor of a safetensors file, from its header alone (no tensor data is read).
+
+  The 8-byte header length is checked against the file size first, so a hostile length cannot make anyone
+  allocate; safetensors then checks that the tensors exactly cover the rest of the file.
+
+  Raises:
+    InputError: naming the file when it is not a regular file, its header is too long or malformed, or it is
+      truncated.
+  """
+  size = regular_file(path, path).st_size
+  fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+  try:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      raise InputError(f"{path}: expected a regular file, got something else.")
+    head = os.read(fd, 8)
+  finally:
+    os.close(fd)
+  length = int.from_bytes(head, "little") if len(head) == 8 else None
+  if length is None or length > min(size - 8, MAX_HEADER_BYTES):
+    raise InputError(
+      f"{path}: unreadable safetensors file (header length {length} for a file of {size} bytes); is it truncated?"
+    )
+  try:
+    with safe_open(path, "numpy") as f:
+      slices = {name: f.get_slice(name) for name in f.keys()}
+      return {name: TensorInfo(tuple(sl.get_shape()), sl.get_dtype()) for name, sl in slices.items()}
+  except READ_ERRORS as e:
+    raise InputError(f"{path}: unreadable safetensors file ({one_line(e)}); is it truncated?") from e
+
+
+def read_safetensors(path: str, names: list[str], framework: str = "numpy") -> dict:
+  """Tensors `names` of a safetensors file whose header was checked (`safetensors_header`).
+
+  Raises:
+    InputError: naming the file for any error safetensors raises (a file changed or truncated since).
+  """
+  try:
+    with safe_open(path, framework) as f:
+      return {name: f.get_tensor(name) for name in names}
+  except READ_ERRORS as e:
+    raise InputError(f"{path}: unreadable safetensors file ({one_line(e)}); is it truncated?") from e
+
+
+def read_weight_map(index_path: str) -> dict[str, str]:
+  """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name, as written.
+
+  Raises:
+    InputError: naming the index when it is too large, not JSON, or its weight_map is not an object of strings.
+  """
+  index = read_json(index_path, max_bytes=MAX_INDEX_BYTES)
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise InputError(
+      f"{index_path}: weight_map expected an object of tensor name -> file name, got {show(weight_map)}."
+    )
+  bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+  if bad is not None:
+    raise InputError(f"{index_path}: weight_map entry {show(bad[0])} expected a file name, got {show(bad[1])}.")
+  return weight_map
+
+
+class TensorFiles:
+  """The tensors of a Hugging Face directory: ``model.safetensors``, or the shards its index names.
+
+  Everything is checked before any tensor data is read: the index (size, JSON, every shard name confined to the
+  directory and a regular file) and every file's header; the index and the headers must agree tensor for tensor.
+
+  Attributes:
+    source: the directory, for messages.
+    files: tensor name -> path of the file holding it.
+    info: tensor name -> `TensorInfo` from the headers.
+
+  Raises:
+    FileNotFoundError: naming the missing weights, or the shards the index names that do not exist.
+    InputError: naming the index or file for anything else.
+  """
+
+  def __init__(self, model_dir: str):
+    self.source = model_dir
+    index = os.path.join(model_dir, WEIGHTS_INDEX)
+    if os.path.lexists(index):
+      weight_map = read_weight_map(index)
+      paths = self._shards(model_dir, index, set(weight_map.values()))
+      self.files = {name: paths[file] for name, file in weight_map.items()}
+      self.info = {}
+      for path in sorted(set(paths.values())):
+        self.info.update(self._agreeing_header(index, path))
+    elif os.path.lexists(os.path.join(model_dir, WEIGHTS)):
+      single = model_file(model_dir, WEIGHTS, model_dir)
+      self.info = safetensors_header(single)
+      self.files = dict.fromkeys(self.info, single)
+    else:
+      raise FileNotFoundError(f"{model_dir}: no {WEIGHTS} or {WEIGHTS_INDEX}.")
+
+  def _agreeing_header(self, index: str, path: str) -> dict[str, TensorInfo]:
+    """A shard's header, which must hold exactly the tensors the index places in it (nothing lost, nothing extra)."""
+    header = safetensors_header(path)
+    listed = {name for name, file in self.files.items() if file == path}
+    if listed - set(header):
+      raise InputError(f"{index}: names tensor {sorted(listed - set(header))[0]!r} in {path}, which does not hold it.")
+    if set(header) - listed:
+      raise InputError(f"{path}: holds tensors the index does not list: {sorted(set(header) - listed)[:3]}.")
+    return header
+
+  @staticmethod
+  def _shards(model_dir: str, index: str, names: set[str]) -> dict[str, str]:
+    """Shard file name -> path, every name confined first; then every missing one named at once."""
+    missing = []
+    paths = {}
+    for name in sorted(names):
+      try:
+        paths[name] = model_file(model_dir, name, index)
+      except FileNotFoundError:
+        missing.append(name)
+    if missing:
+      raise FileNotFoundError(f"{index}: the index names missing weight files {missing[:5]}.")
+    return paths
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.files
+
+  def read(self, names: list[str], framework: str = "numpy") -> dict:
+    """Tensors by name, as stored; each file is opened for the call only (a file kept open stays mapped)."""
+    missing = [n for n in names if n not in self.files]
+    if missing:
+      raise InputError(f"{self.source}: tensors {missing[:5]} are missing from the checkpoint.")
+    unreadable = next((n for n in names if self.info[n].dtype not in READABLE_DTYPES), None)
+    if unreadable is not None:
+      raise InputError(
+        f"{self.files[unreadable]}: tensor {unreadable} has dtype {self.info[unreadable].dtype}; qjax reads "
+        f"{'/'.join(READABLE_DTYPES)}."
+      )
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+      by_file.setdefault(self.files[name], []).append(name)
+    out = {}
+    for file, file_names in by_file.items():
+      out.update(read_safetensors(file, file_names, framework))
+    return out
+
+  def check_dense(self, expected: dict[str, tuple[int, ...]], config_path: str) -> None:
+    """Raises naming the tensor unless each of `expected` is present with that shape and a float dtype."""
+    missing = sorted(set(expected) - set(self.info))
+    if missing:
+      raise InputError(
+        f"{self.source}: tensors missing from the checkpoint (expected by {config_path}): {missing[:5]}"
+        f"{' …' if len(missing) > 5 else ''}."
+      )
+    for name, shape in expected.items():
+      check_shape(name, self.info[name], shape, config_path=config_path, source=self.files[name])
 
 
 class Checkpoint(abc.ABC):
@@ -93,9 +425,10 @@ class Checkpoint(abc.ABC):
     return params
 
 
-def _check_tokenizer(tokenizer, config: LlamaConfig, source: str):
+def check_tokenizer(tokenizer, config: LlamaConfig, source: str):
+  """Raises (InputError, naming `source`) when the tokenizer has more tokens than the embedding has rows."""
   if len(tokenizer) > config.vocab_size:
-    raise ValueError(
+    raise InputError(
       f"{source}: the tokenizer has {len(tokenizer)} tokens but the embedding has {config.vocab_size} rows; "
       "the tokenizer does not belong to this model."
     )
@@ -105,63 +438,54 @@ def _check_tokenizer(tokenizer, config: LlamaConfig, source: str):
 class SafetensorsCheckpoint(Checkpoint):
   """A Hugging Face model directory: ``config.json`` and one or more ``*.safetensors`` files.
 
+  Opening it checks, from the files' headers alone, that every tensor the config implies is present with its shape
+  and a float dtype, and that no tensor is left that the config does not describe.
+
   Args:
     model_dir: the directory.
     dtype: numpy dtype tensors are converted to (float32 by default).
 
   Raises:
     FileNotFoundError: naming the missing file (config, index entry, or weights).
-    ValueError: naming the file for unreadable or truncated safetensors and missing tensors.
+    InputError: naming the file (and tensor) for a bad config, index or safetensors file, tensors that disagree
+      with the config, and NaN or Inf weights (when read).
   """
 
   def __init__(self, model_dir: str, dtype=np.float32):
     self.source = model_dir
     self.config = LlamaConfig.from_pretrained(model_dir)
     self.dtype = np.dtype(dtype)
-    self._files = self._index(model_dir)
+    self._tensors = TensorFiles(model_dir)
+    self._check(os.path.join(model_dir, "config.json"))
 
-  @staticmethod
-  def _index(model_dir: str) -> dict[str, str]:
-    index_path = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
-      files = {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
-    else:
-      single = os.path.join(model_dir, "model.safetensors")
-      if not os.path.exists(single):
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json.")
-      files = None
-      try:
-        with safe_open(single, "numpy") as f:
-          files = dict.fromkeys(f.keys(), single)
-      except SafetensorError as e:
-        raise ValueError(f"{single}: unreadable safetensors file ({e}); is it truncated?") from e
-    missing = sorted({f for f in files.values() if not os.path.exists(f)})
-    if missing:
-      raise FileNotFoundError(f"{model_dir}: the index names missing weight files {missing}.")
-    return files
+  def _check(self, config_path: str) -> None:
+    names = set(self._tensors.info)
+    check_layer_count(names, self.config, layer=HF_LAYER, config_path=config_path, source=self.source)
+    expected = hf_tensor_shapes(self.config)
+    self._tensors.check_dense(expected, config_path)
+    extra = sorted(n for n in names - set(expected) if not n.endswith("rotary_emb.inv_freq"))
+    # Some tools save a tied head twice; the copy is unused (the embedding is the head), so only its shape matters.
+    head = self._tensors.info.get("lm_head.weight")
+    if self.config.tie_word_embeddings and head is not None and head.shape == expected["model.embed_tokens.weight"]:
+      extra.remove("lm_head.weight")
+    if extra:
+      raise InputError(
+        f"{self.source}: tensors the config does not describe: {extra[:5]}{' …' if len(extra) > 5 else ''} "
+        f"(from {config_path})."
+      )
 
   def get_many(self, names: list[str]) -> dict[str, np.ndarray]:
     """Tensors by Hugging Face name, converted to `self.dtype`.
 
     Each file is opened for the call only: a file kept open stays memory-mapped, and
     every page read would count against the process for the rest of the run.
+
+    Raises:
+      InputError: naming the tensor when it holds NaN or Inf, or the file when it cannot be read.
     """
-    missing = [n for n in names if n not in self._files]
-    if missing:
-      raise ValueError(f"{self.source}: tensors {missing} are missing from the checkpoint.")
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-      by_file.setdefault(self._files[name], []).append(name)
-    out = {}
-    for file, file_names in by_file.items():
-      try:
-        with safe_open(file, "numpy") as f:
-          for name in file_names:
-            out[name] = f.get_tensor(name).astype(self.dtype)
-      except SafetensorError as e:
-        raise ValueError(f"{file}: unreadable safetensors file ({e}); is it truncated?") from e
+    out = {name: value.astype(self.dtype) for name, value in self._tensors.read(names).items()}
+    for name, value in out.items():
+      check_finite(name, value, self._tensors.files[name])
     return out
 
   def get(self, name: str) -> np.ndarray:
@@ -169,7 +493,7 @@ class SafetensorsCheckpoint(Checkpoint):
     return self.get_many([name])[name]
 
   def names(self) -> list[str]:
-    return sorted(self._files)
+    return sorted(self._tensors.files)
 
   def embed_params(self) -> Params:
     return {"embedding": self.get("model.embed_tokens.weight")}
@@ -179,7 +503,7 @@ class SafetensorsCheckpoint(Checkpoint):
     tensors = self.get_many(list(names))
     params = {}
     for name, (path, transpose) in names.items():
-      _set(params, path, np.ascontiguousarray(tensors[name].T) if transpose else tensors[name])
+      set_nested(params, path, np.ascontiguousarray(tensors[name].T) if transpose else tensors[name])
     return params
 
   def head_params(self) -> Params:
@@ -199,163 +523,5 @@ class SafetensorsCheckpoint(Checkpoint):
     try:
       tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as e:
-      raise ValueError(f"{model_dir}: cannot load the tokenizer ({e}).") from e
-    return _check_tokenizer(tok, config, model_dir)
-
-
-# GGUF architecture -> (HF architecture, llama.cpp permuted the Q/K rows for its RoPE).
-GGUF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", True), "qwen2": ("Qwen2ForCausalLM", False)}
-
-# GGUF tensor name (inside `blk.{i}.`) -> HF module name (inside `model.layers.{i}.`).
-GGUF_LAYER_NAMES = {
-  "attn_q": "self_attn.q_proj",
-  "attn_k": "self_attn.k_proj",
-  "attn_v": "self_attn.v_proj",
-  "attn_output": "self_attn.o_proj",
-  "ffn_gate": "mlp.gate_proj",
-  "ffn_up": "mlp.up_proj",
-  "ffn_down": "mlp.down_proj",
-  "attn_norm": "input_layernorm",
-  "ffn_norm": "post_attention_layernorm",
-}
-
-
-def rope_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """llama.cpp's Q/K row order: rotate-half pairs ``(i, i + d/2)`` become adjacent ``(2i, 2i+1)``."""
-  return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def rope_unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Inverse of `rope_permute`: back to Hugging Face's rotate-half row order."""
-  return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-class GgufCheckpoint(Checkpoint):
-  """A GGUF file (llama.cpp's container): config from metadata, tensors dequantized by `gguf`.
-
-  Raises:
-    ValueError: naming the file for another architecture, missing metadata or tensors.
-  """
-
-  def __init__(self, path: str, dtype=np.float32):
-    import gguf
-
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no such GGUF file.")
-    try:
-      self._reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-      raise ValueError(f"{path}: not a readable GGUF file ({e}).") from e
-    self.source = path
-    self.dtype = np.dtype(dtype)
-    self._tensors = {t.name: t for t in self._reader.tensors}
-    arch = self._field("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-      raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; qjax reads {sorted(GGUF_ARCHITECTURES)}.")
-    self._arch = arch
-    self._permuted = GGUF_ARCHITECTURES[arch][1]
-    self.config = self._config()
-
-  def _field(self, key: str, default=...):
-    field = self._reader.fields.get(key)
-    if field is None:
-      if default is ...:
-        raise ValueError(f"{self.source}: missing GGUF metadata key {key!r}.")
-      return default
-    return field.contents()
-
-  def _config(self) -> LlamaConfig:
-    a = self._arch
-    heads = self._field(f"{a}.attention.head_count")
-    hidden = self._field(f"{a}.embedding_length")
-    vocab = self._field(f"{a}.vocab_size", None) or len(self._field("tokenizer.ggml.tokens"))
-    factors = None
-    if "rope_freqs.weight" in self._tensors:
-      factors = tuple(float(f) for f in self._tensor("rope_freqs.weight"))
-    return LlamaConfig(
-      vocab_size=int(vocab),
-      hidden_size=hidden,
-      intermediate_size=self._field(f"{a}.feed_forward_length"),
-      num_hidden_layers=self._field(f"{a}.block_count"),
-      num_attention_heads=heads,
-      num_key_value_heads=self._field(f"{a}.attention.head_count_kv", heads),
-      head_dim=self._field(f"{a}.attention.key_length", hidden // heads),
-      rms_norm_eps=float(self._field(f"{a}.attention.layer_norm_rms_epsilon")),
-      rope_theta=float(self._field(f"{a}.rope.freq_base", 10000.0)),
-      rope_freq_factors=factors,
-      max_position_embeddings=self._field(f"{a}.context_length"),
-      tie_word_embeddings="output.weight" not in self._tensors,
-      attention_bias="blk.0.attn_q.bias" in self._tensors,
-      architecture=GGUF_ARCHITECTURES[a][0],
-      bos_token_id=self._field("tokenizer.ggml.bos_token_id", None),
-      eos_token_id=self._field("tokenizer.ggml.eos_token_id", None),
-    )
-
-  def _tensor(self, name: str) -> np.ndarray:
-    import gguf
-
-    if name not in self._tensors:
-      raise ValueError(f"{self.source}: tensor {name!r} is missing.")
-    t = self._tensors[name]
-    values = gguf.quants.dequantize(t.data, t.tensor_type)
-    return np.asarray(values, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
-
-  def _hf_orientation(self, name: str) -> np.ndarray:
-    """A tensor as Hugging Face stores it ([out, in] for linears), Q/K rows un-permuted."""
-    w = self._tensor(name)
-    if self._permuted:
-      kind = re.fullmatch(r"blk\.\d+\.(attn_q|attn_k)\.(weight|bias)", name)
-      if kind:
-        heads = self.config.num_attention_heads if kind[1] == "attn_q" else self.config.num_key_value_heads
-        w = rope_unpermute(w, heads)
-    return w
-
-  def embed_params(self) -> Params:
-    return {"embedding": self._tensor("token_embd.weight").astype(self.dtype)}
-
-  def layer_params(self, i: int) -> Params:
-    params = {}
-    for gguf_name, hf_module in GGUF_LAYER_NAMES.items():
-      path = tuple(hf_module.split("."))
-      w = self._hf_orientation(f"blk.{i}.{gguf_name}.weight")
-      if hf_module.endswith("layernorm"):
-        _set(params, (*path, "scale"), w.astype(self.dtype))
-      else:
-        _set(params, (*path, "kernel"), np.ascontiguousarray(w.T).astype(self.dtype))
-        bias = f"blk.{i}.{gguf_name}.bias"
-        if bias in self._tensors:
-          _set(params, (*path, "bias"), self._hf_orientation(bias).astype(self.dtype))
-    return params
-
-  def head_params(self) -> Params:
-    head = {"norm": {"scale": self._tensor("output_norm.weight").astype(self.dtype)}}
-    if not self.config.tie_word_embeddings:
-      head["lm_head"] = {"kernel": np.ascontiguousarray(self._tensor("output.weight").T).astype(self.dtype)}
-    return head
-
-  def tokenizer(self):
-    """The tokenizer the GGUF metadata describes, built by transformers' GGUF tokenizer converters.
-
-    `AutoTokenizer.from_pretrained(gguf_file=...)` reads the file with a reader that needs torch;
-    the metadata is read here with `gguf`, so only the converters (which do not) are used.
-    """
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
-
-    fields = {k: self._field(k) for k in self._reader.fields if k.startswith("tokenizer.")}
-    grouped = {
-      group: {name: fields[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in fields}
-      for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()
-    }
-    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
-    if tokenizer_dict.get("tokenizer_type") == "llama":
-      tokenizer_config.setdefault("add_bos_token", True)  # llama.cpp's default for a SentencePiece vocabulary
-    for name, key in mapping._SPECIAL_TOKENS.items():
-      token_id = fields.get(f"tokenizer.ggml.{key}")
-      tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
-    try:
-      backend, extra = mapping.convert_gguf_tokenizer(self._arch, tokenizer_dict)
-    except (KeyError, ValueError, NotImplementedError) as e:
-      raise ValueError(f"{self.source}: cannot build a tokenizer from the GGUF metadata ({e}).") from e
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
-    return _check_tokenizer(tok, self.config, self.source)
+      raise InputError(f"{model_dir}: cannot load the tokenizer ({one_line(e)}).") from e
+    return check_tokenizer(tok, config, model_dir)

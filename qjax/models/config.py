@@ -2,8 +2,12 @@
 
 import dataclasses
 import json
+import math
 import os
+import stat
 from typing import Any, Literal
+
+from qjax.core.errors import InputError
 
 # Hugging Face architecture name -> what differs from plain Llama.
 ARCHITECTURES = {
@@ -12,6 +16,9 @@ ARCHITECTURES = {
   "Qwen2ForCausalLM": {"attention_bias": True},
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+MAX_SIZE = 2**31  # every size, count and token id a config gives must lie below it
+MAX_JSON_BYTES = 64 << 20  # config.json, an index or a manifest: megabytes at most; refused before parsing
+REQUIRED = object()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,66 +83,57 @@ class LlamaConfig:
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json") -> "LlamaConfig":
-    """Builds a config from a Hugging Face ``config.json`` dictionary.
+    """Builds a config from a Hugging Face ``config.json`` dictionary, checking every value it uses.
 
     Raises:
-      ValueError: naming `source` when the architecture is unsupported or a key is missing.
+      InputError: naming `source` and the key when the architecture is unsupported, a key is missing, or a value
+        has the wrong type or range (sizes are positive integers below 2**31, heads divide evenly).
     """
+    if not isinstance(hf, dict):
+      raise InputError(f"{source}: expected a JSON object, got {type(hf).__name__}.")
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+      raise InputError(f"{source}: architectures expected a list of names, got {show(archs)}.")
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
-      raise ValueError(
-        f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; qjax supports {sorted(ARCHITECTURES)}."
-      )
-    try:
-      heads = hf["num_attention_heads"]
-      rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-      rope_type = rope.get("rope_type", rope.get("type", "default"))
-      scaling = RopeScaling(
-        rope_type=rope_type,
-        factor=float(rope.get("factor", 1.0)),
-        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
-      )
-      theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-      sliding = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "MistralForCausalLM") else None
-      return cls(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        rope_freq_factors=tuple(hf["qjax_rope_freq_factors"]) if hf.get("qjax_rope_freq_factors") else None,
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", ARCHITECTURES[arch].get("attention_bias", False))),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        sliding_window=sliding,
-        architecture=arch,
-        bos_token_id=_first_id(hf.get("bos_token_id")),
-        eos_token_id=_first_id(hf.get("eos_token_id")),
-      )
-    except KeyError as e:
-      raise ValueError(f"{source}: missing key {e.args[0]!r} for {arch}.") from e
+      found = archs or hf.get("model_type")
+      raise InputError(f"{source}: unsupported architecture {show(found)}; qjax supports {sorted(ARCHITECTURES)}.")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+      raise InputError(f"{source}: rope_scaling expected an object, got {show(rope)}.")
+    sliding = None
+    if config_bool(hf, "use_sliding_window", source, default=arch == "MistralForCausalLM"):
+      sliding = config_int(hf, "sliding_window", source, default=None)
+    factors = hf.get("qjax_rope_freq_factors")
+    fields = dict(
+      architecture=arch,
+      rope_scaling=rope_scaling(rope, source),
+      rope_theta=config_float(hf, "rope_theta", source, default=config_float(rope, "rope_theta", source, 10000.0)),
+      rms_norm_eps=config_float(hf, "rms_norm_eps", source, default=1e-6),
+      max_position_embeddings=config_int(hf, "max_position_embeddings", source, default=4096),
+      tie_word_embeddings=config_bool(hf, "tie_word_embeddings", source, default=False),
+      attention_bias=config_bool(hf, "attention_bias", source, ARCHITECTURES[arch].get("attention_bias", False)),
+      mlp_bias=config_bool(hf, "mlp_bias", source, default=False),
+      sliding_window=sliding,
+      rope_freq_factors=float_list(factors, "qjax_rope_freq_factors", source) if factors else None,
+      bos_token_id=token_id(hf, "bos_token_id", source),
+      eos_token_id=token_id(hf, "eos_token_id", source),
+    )
+    keys = {"num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim"}
+    return checked_config(hf, keys | {f: f for f in SIZE_FIELDS}, source, **fields)
 
   @classmethod
   def from_pretrained(cls, model_dir: str) -> "LlamaConfig":
-    """Reads ``config.json`` from a Hugging Face model directory."""
+    """Reads ``config.json`` from a Hugging Face model directory.
+
+    Raises:
+      FileNotFoundError: if there is no ``config.json``.
+      InputError: naming ``config.json`` when it is not a regular file, too large, not JSON, or not a valid config.
+    """
     path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
       raise FileNotFoundError(f"{path}: no config.json; is {model_dir!r} a Hugging Face model directory?")
-    with open(path) as f:
-      try:
-        hf = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}).") from e
-    return cls.from_hf_dict(hf, source=path)
+    return cls.from_hf_dict(read_json(path), source=path)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The Hugging Face ``config.json`` dictionary of this config."""
@@ -170,7 +168,153 @@ class LlamaConfig:
     return hf
 
 
-def _first_id(value):
-  if isinstance(value, list):
-    return value[0] if value else None
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def show(value: Any) -> str:
+  """A value for a one-line message: its repr, cut short (a hostile file's value may be long)."""
+  try:
+    text = repr(value)
+  except ValueError:  # an int beyond Python's digit limit
+    text = f"<{type(value).__name__}>"
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _given(values: dict, key: str, source: str, default: Any) -> tuple[bool, Any]:
+  """``(True, values[key])``, or ``(False, default)`` when the key is missing or null (JSON configs write null)."""
+  value = values.get(key)
+  if value is not None:
+    return True, value
+  if default is REQUIRED:
+    raise InputError(f"{source}: missing key {key!r}.")
+  return False, default
+
+
+def config_int(values: dict, key: str, source: str, default: Any = REQUIRED, *, minimum: int = 1) -> Any:
+  """``values[key]``, an integer in ``[minimum, 2**31)``: a size a tensor shape is built from.
+
+  Raises:
+    InputError: naming `source` and `key` when the key is missing (no default) or the value is not such an integer.
+  """
+  given, value = _given(values, key, source, default)
+  if given and (isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < MAX_SIZE):
+    raise InputError(f"{source}: {key} expected an integer in [{minimum}, 2**31), got {show(value)}.")
   return value
+
+
+def config_float(values: dict, key: str, source: str, default: Any = REQUIRED) -> float:
+  """``values[key]``, a positive finite number (norm epsilon, RoPE base or factor).
+
+  Raises:
+    InputError: naming `source` and `key` when the key is missing (no default) or the value is not such a number.
+  """
+  given, value = _given(values, key, source, default)
+  if given and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf):
+    raise InputError(f"{source}: {key} expected a positive finite number, got {show(value)}.")
+  return float(value)
+
+
+def config_bool(values: dict, key: str, source: str, default: bool) -> bool:
+  """``values[key]``, a JSON boolean (a string such as "false" would otherwise read as true).
+
+  Raises:
+    InputError: naming `source` and `key` for any other value.
+  """
+  given, value = _given(values, key, source, default)
+  if given and not isinstance(value, bool):
+    raise InputError(f"{source}: {key} expected true or false, got {show(value)}.")
+  return value
+
+
+def float_list(value: Any, key: str, source: str) -> tuple[float, ...]:
+  """A list of positive finite numbers (per-frequency RoPE factors)."""
+  if not isinstance(value, list) or len(value) >= MAX_SIZE:
+    raise InputError(f"{source}: {key} expected a list of positive numbers, got {show(value)}.")
+  return tuple(config_float({key: v}, key, source) for v in value)
+
+
+def token_id(values: dict, key: str, source: str) -> int | None:
+  """A special token id (Hugging Face allows a list of them; the first is used), or None."""
+  value = values.get(key)
+  if isinstance(value, list):
+    value = value[0] if value else None
+  return None if value is None else config_int({key: value}, key, source, minimum=0)
+
+
+def rope_scaling(rope: dict[str, Any], source: str) -> RopeScaling:
+  """`RopeScaling` of a ``rope_scaling`` (or ``rope_parameters``) block.
+
+  Raises:
+    InputError: naming `source` for an unsupported rope type or a value of the wrong type.
+  """
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise InputError(f"{source}: rope_scaling.rope_type expected one of {ROPE_TYPES}, got {show(rope_type)}.")
+  return RopeScaling(
+    rope_type=rope_type,
+    factor=config_float(rope, "factor", source, 1.0),
+    low_freq_factor=config_float(rope, "low_freq_factor", source, 1.0),
+    high_freq_factor=config_float(rope, "high_freq_factor", source, 4.0),
+    original_max_position_embeddings=config_int(rope, "original_max_position_embeddings", source, 8192),
+  )
+
+
+def checked_config(values: dict, keys: dict[str, str], source: str, **fields) -> LlamaConfig:
+  """A `LlamaConfig` whose sizes are read from `values` and checked, so any shape built from it is sane.
+
+  Args:
+    values: the file's key -> value (a ``config.json`` object, or GGUF metadata).
+    keys: config field -> key in `values` for the sizes: `SIZE_FIELDS`, ``num_key_value_heads`` and ``head_dim``
+      (these two may be absent: all heads share keys and values, and ``head_dim = hidden_size / heads``).
+    source: the file, for messages.
+    **fields: the other `LlamaConfig` fields, already read.
+
+  Raises:
+    InputError: naming `source` and the key of a missing size, a size that is not an integer in [1, 2**31), or
+      heads that do not divide evenly.
+  """
+  sizes = {field: config_int(values, keys[field], source) for field in SIZE_FIELDS}
+  heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+  kv_heads = config_int(values, keys["num_key_value_heads"], source, default=heads)
+  if heads % kv_heads:
+    raise InputError(
+      f"{source}: {keys['num_attention_heads']}={heads} expected a multiple of {keys['num_key_value_heads']}="
+      f"{kv_heads}."
+    )
+  head_dim = config_int(values, keys["head_dim"], source, default=hidden // heads or None)
+  if head_dim is None:
+    heads_key = keys["num_attention_heads"]
+    raise InputError(f"{source}: {keys['hidden_size']}={hidden} expected at least {heads_key}={heads}.")
+  if head_dim % 2:
+    raise InputError(f"{source}: {keys['head_dim']} expected an even number (RoPE rotates pairs), got {head_dim}.")
+  try:
+    return LlamaConfig(**sizes, num_key_value_heads=kv_heads, head_dim=head_dim, **fields)
+  except (ValueError, TypeError, NotImplementedError) as e:
+    raise InputError(f"{source}: {e}") from e
+
+
+def read_json(path: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+  """The JSON value of a small file (config, index, manifest), refused before parsing when it is not a regular
+  file or is larger than `max_bytes` (a FIFO would block the open, a huge file would fill memory).
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    InputError: naming `path` when it is not a regular file, too large, not UTF-8 or not JSON.
+  """
+  try:
+    st = os.stat(path)
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError) as e:
+    raise InputError(f"{path}: cannot be read ({type(e).__name__}).") from e
+  if not stat.S_ISREG(st.st_mode):
+    raise InputError(f"{path}: expected a regular file, got something else (a directory, FIFO or device).")
+  if st.st_size > max_bytes:
+    raise InputError(f"{path}: expected at most {max_bytes} bytes of JSON, got {st.st_size}.")
+  try:
+    with open(path, "rb") as f:
+      data = f.read(max_bytes + 1)
+    return json.loads(data)
+  except (ValueError, RecursionError, OSError) as e:
+    detail = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+    raise InputError(f"{path}: not valid JSON ({detail}).") from e

@@ -5,9 +5,8 @@ checkpoint conversion is a rename: ``model/layers_3/self_attn/q_proj/kernel`` is
 ``model.layers.3.self_attn.q_proj.weight`` transposed (Flax kernels are ``[in, out]``).
 
 Any linear kernel (and the embedding table) may be a `QArray`: linears go through
-`qjax.kernels.qmatmul`, so the same forward runs dense or quantized. A linear kernel may
-also be a `qjax.kernels.KernelWeight` (a 4-bit `QArray` converted to the GPU kernels'
-layout at quantize time).
+`qjax.kernels.qmatmul`, so the same forward runs dense or quantized, in any `QArray` layout
+(the GPU kernels' layout included, `qjax.kernels.to_kernel_layout_params`).
 
 The model is split into the pieces the calibration runner drives one at a time:
 `embed`, `DecoderLayer` (one block) and `head`; `LlamaForCausalLM` chains them.
@@ -23,7 +22,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from qjax.core import QArray, dequantize, is_qarray
-from qjax.kernels import is_kernel_weight, qmatmul
+from qjax.kernels import qmatmul
 from qjax.models.config import LlamaConfig
 
 
@@ -57,7 +56,7 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
     kernel = _weight(self, "kernel", (x.shape[-1], self.features), nn.initializers.normal(0.02), self.dtype)
-    if is_qarray(kernel) or is_kernel_weight(kernel):
+    if is_qarray(kernel):
       y = qmatmul(x, kernel)
     else:
       y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
@@ -289,3 +288,11 @@ def init_caches(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32
   """Empty KV caches for every layer."""
   shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
   return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)]
+
+
+def logits_fn(config: LlamaConfig, params, *, dtype=jnp.float32):
+  """A jitted ``ids (b, t) -> logits (b, t, vocab)`` with `params` passed as an argument (not folded into the
+  program as constants), dense or quantized."""
+  net = LlamaForCausalLM(config, dtype)
+  apply = jax.jit(lambda p, ids: net.apply({"params": p}, ids))
+  return lambda ids: apply(params, ids)

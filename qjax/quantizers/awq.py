@@ -22,13 +22,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from qjax.core import QSpec, affine
+from qjax.core import QSpec
+from qjax.core.qarray import grid_values, group_view, round_to_grid, ungroup
 
 
 def fake_quantize(w: Float[Array, "in out"], spec: QSpec) -> Float[Array, "in out"]:
-  """``dequantize(quantize(w))`` on `spec`'s affine grid, float32."""
-  codes, params = affine.quantize(w, spec)
-  return affine.dequantize(codes, params, spec)
+  """``dequantize(quantize(w))`` on `spec`'s grid, float32."""
+  codes, params = round_to_grid(w, spec)
+  return grid_values(codes, params, spec)
 
 
 def weight_salience(ws: list[Float[Array, "in out"]], group: int) -> Float[Array, " in"]:
@@ -111,7 +112,7 @@ def search_clip(
   """
   w = jnp.asarray(w, jnp.float32)
   x = jnp.asarray(x, jnp.float32)
-  wg = affine.group_view(w, spec)  # (groups, group, out)
+  wg = group_view(w, spec)  # (groups, group, out)
   k, g = w.shape[0], wg.shape[1]
   xg = jnp.pad(x, ((0, 0), (0, wg.shape[0] * g - k))).reshape(x.shape[0], -1, g)  # (tokens, groups, group)
   reference = jnp.einsum("tgj,gjo->tgo", xg, wg)
@@ -120,7 +121,7 @@ def search_clip(
   def error(i):
     bound = max_abs * (1.0 - i.astype(jnp.float32) / n_grid)
     clipped = jnp.clip(wg, -bound[:, None], bound[:, None])
-    q = affine.group_view(fake_quantize(affine.ungroup(clipped, k), spec), spec)
+    q = group_view(fake_quantize(ungroup(clipped, k), spec), spec)
     return jnp.mean((jnp.einsum("tgj,gjo->tgo", xg, q) - reference) ** 2, axis=0), bound
 
   errors, bounds = jax.lax.map(error, jnp.arange(max(1, int(max_shrink * n_grid))))
@@ -130,5 +131,5 @@ def search_clip(
 
 def apply_clip(w: Float[Array, "in out"], bounds: Float[Array, "groups out"], spec: QSpec) -> Float[Array, "in out"]:
   """Clamps each (group, output channel) of `w` to ``±bound``."""
-  wg = affine.group_view(jnp.asarray(w, jnp.float32), spec)
-  return affine.ungroup(jnp.clip(wg, -bounds[:, None], bounds[:, None]), w.shape[0]).astype(w.dtype)
+  wg = group_view(jnp.asarray(w, jnp.float32), spec)
+  return ungroup(jnp.clip(wg, -bounds[:, None], bounds[:, None]), w.shape[0]).astype(w.dtype)

@@ -8,20 +8,26 @@ to the rest of the matrix once per block as a single matmul.
 
 The core (`gptq_core`) is one jitted function whose loops are `jax.lax` loops, so its
 trace does not grow with ``in_features``; `gptq_quantize` wraps it and raises when the
-Hessian could not be inverted.
+Hessian could not be inverted. Codes are chosen on the spec's rounding grid through the
+`qjax.core.grid.Grid` protocol alone (``fit`` when the sweep enters a group, ``round`` per
+column), so GPTQ rounds into any grid: affine, a llama.cpp block type, a codebook.
 """
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, Integer
 
-from qjax.core import ClipSearch, QArray, QSpec, affine, from_codes
+from qjax.core import ClipSearch, QArray, QSpec, from_codes
+from qjax.core.grid import Grid, GroupParams, empty_params, group_params, set_group_params
+from qjax.core.qarray import clipped_grid, group_view
 
 DAMP_STEP = 0.01
 """How much the relative dampening grows per failed Cholesky (GPTQModel's `damp_auto_increment`)."""
@@ -63,18 +69,48 @@ class GptqInfo(NamedTuple):
   dead: Array
 
 
-def _check_args(w, h, spec: QSpec, block_size: int, damp: float) -> None:
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GptqConfig:
+  """How GPTQ sweeps and dampens (GPTQModel's names in parentheses); static under jit.
+
+  Attributes:
+    block_size: input channels per lazy batch; affects speed only.
+    damp: initial dampening, relative to ``mean(diag h)``, in ``[0, MAX_DAMP)`` (``damp_percent``).
+    act_order: sweep the channels by decreasing ``h[i, i]`` (``desc_act``).
+    group_aware: group-aware reordering (``act_group_aware``): sweep whole groups by decreasing max ``h[i, i]``
+      and the channels inside each likewise; grids are fitted per group as the sweep reaches it and the result
+      needs no permutation. Excludes `act_order`.
+    static_groups: with `act_order`, keep groups (and their grids) in the original channel order, so the result
+      needs no permutation (``static_groups``).
+    clip: optional MSE clipping search for the affine group grids (``mse``).
+
+  Examples:
+    >>> GptqConfig(act_order=True).damp
+    0.01
+  """
+
+  block_size: int = 128
+  damp: float = 0.01
+  act_order: bool = False
+  group_aware: bool = False
+  static_groups: bool = False
+  clip: ClipSearch | None = None
+
+  def __post_init__(self):
+    if self.block_size <= 0:
+      raise ValueError(f"`GptqConfig` expected block_size > 0, got {self.block_size=}.")
+    if not 0.0 <= self.damp < MAX_DAMP:
+      raise ValueError(f"`GptqConfig` expected 0 <= damp < {MAX_DAMP}, got {self.damp=}.")
+    if self.group_aware and self.act_order:
+      raise ValueError("`GptqConfig` expected at most one of act_order and group_aware, got both.")
+
+
+def _check_args(w, h, spec: QSpec) -> None:
   if w.ndim != 2:
     raise ValueError(f"`gptq_quantize` expected a 2-D (in, out) kernel, got {w.shape=}.")
-  if spec.is_ggml:
-    raise NotImplementedError(f"`gptq_quantize` expected the packed affine layout, got ggml layout {spec.layout}.")
   spec.check_divides("gptq_quantize", w.shape[0], w.shape)
   if h.shape != (w.shape[0], w.shape[0]):
     raise ValueError(f"`gptq_quantize` expected an (in, in) Hessian for w (in, out), got {h.shape=} and {w.shape=}.")
-  if block_size <= 0:
-    raise ValueError(f"`gptq_quantize` expected block_size > 0, got {block_size=}.")
-  if not 0.0 <= damp < MAX_DAMP:
-    raise ValueError(f"`gptq_quantize` expected 0 <= damp < {MAX_DAMP}, got {damp=}.")
 
 
 def hessian_inverse(h: Float[Array, "in in"], *, damp: float) -> tuple[Float[Array, "in in"], Array, Bool[Array, ""]]:
@@ -120,12 +156,11 @@ def hessian_inverse(h: Float[Array, "in in"], *, damp: float) -> tuple[Float[Arr
 
 
 def _round_column(
-  x: Float[Array, " out"], params: affine.AffineParams, g: Int[Array, ""], bits: int
+  grid: Grid, x: Float[Array, " out"], params: GroupParams, g: Int[Array, ""], position: Int[Array, ""]
 ) -> tuple[Integer[Array, " out"], Float[Array, " out"]]:
-  """Code and value of one input channel on group `g`'s grid (`qjax.core.affine` conventions)."""
-  col = affine.AffineParams(params.scale[g][None], None if params.zero is None else params.zero[g][None])
-  code = affine.quantize_groups(x[None, None], col, bits)
-  return code[0, 0], affine.dequantize_groups(code, col, bits)[0, 0]
+  """Code and value of one input channel, at `position` inside group `g`, on that group's grid."""
+  code, value = grid.round(x[None, None], group_params(params, g), position[None])
+  return code[0, 0], value[0, 0]
 
 
 def _group_window(
@@ -155,32 +190,36 @@ def _group_window(
 def _sweep(
   w: Float[Array, "k out"],
   u: Float[Array, "k k"],
-  params: affine.AffineParams,
+  params: GroupParams,
   col_group: Int[Array, " k"],
+  position: Int[Array, " k"],
+  importance: Float[Array, " k"],
   *,
-  spec: QSpec,
+  grid: Grid,
+  group: int,
   block: int,
   n: int,
   dynamic: bool,
-  clip: ClipSearch | None,
-) -> tuple[Integer[Array, "k out"], affine.AffineParams, Float[Array, ""]]:
+) -> tuple[Integer[Array, "k out"], GroupParams, Float[Array, ""]]:
   """GPTQ's lazy-batch sweep over the rows (input channels) of `w`, in order.
 
   Args:
     w: (k, out) float32, k a multiple of `block`; rows ``>= n`` are zero padding.
     u: (k, k) float32 upper Cholesky factor of ``H⁻¹`` (identity on the padding).
-    params: (groups, out) grid of each group; with `dynamic`, filled in by the sweep.
+    params: the grid's parameters of each group; with `dynamic`, filled in by the sweep.
     col_group: (k,) int32 group of each row.
-    spec: bits, group size, symmetry and scale dtype.
+    position: (k,) int32 place of each row inside its group in the original order (a block grid's sub-blocks
+      are fixed runs of it, whatever order the sweep visits them in).
+    importance: (k,) float32 importance of each row (``H_ii``), for grids whose fit weighs it.
+    grid: the rounding grid.
+    group: rows per group.
     block: rows per lazy batch.
     n: number of real rows.
-    dynamic: find each group's grid when the sweep reaches its first row.
-    clip: optional MSE clipping search for those grids.
+    dynamic: fit each group's grid when the sweep reaches its first row.
 
   Returns:
-    (k, out) uint8 codes, the (groups, out) params, and the loss ``½ Σ err²``.
+    (k, out) uint8 codes, the grid's params, and the loss ``½ Σ err²``.
   """
-  group = spec.group_length(n)
 
   def block_body(b, carry):
     w, codes, params, loss = carry
@@ -195,12 +234,14 @@ def _sweep(
       if dynamic:
 
         def refresh(params):
-          new = affine.find_params(_group_window(w, w1, err1, u_rows, col, i1, group)[None], spec, clip=clip)
-          put = lambda buf, row: None if buf is None else jax.lax.dynamic_update_index_in_dim(buf, row, col // group, 0)
-          return affine.AffineParams(*map(put, params, new))
+          window = _group_window(w, w1, err1, u_rows, col, i1, group)
+          # The grid sees the group's rows in their original places.
+          back = jnp.argsort(jax.lax.dynamic_slice_in_dim(position, col, group))
+          new = grid.fit(window[back][None], jax.lax.dynamic_slice_in_dim(importance, col, group)[back][None])
+          return set_group_params(params, col // group, new)
 
         params = jax.lax.cond((col % group == 0) & (col < n), refresh, lambda p: p, params)
-      code, value = _round_column(w1[i], params, col_group[col], spec.bits)
+      code, value = _round_column(grid, w1[i], params, col_group[col], position[col])
       err = (w1[i] - value) / u11[i, i]
       # Row i of u11 is zero left of the diagonal, so rows already swept are left unchanged.
       w1 = w1 - u11[i][:, None] * err[None, :]
@@ -217,12 +258,6 @@ def _sweep(
   init = (w, jnp.zeros_like(w, jnp.uint8), params, jnp.zeros_like(w, shape=()))
   _, codes, params, loss = jax.lax.fori_loop(0, w.shape[0] // block, block_body, init)
   return codes, params, loss
-
-
-def _empty_params(w: Float[Array, "in out"], groups: int, spec: QSpec) -> affine.AffineParams:
-  shape = (groups, w.shape[1])  # zeros_like: see `_sweep`.
-  zero = None if spec.symmetric else jnp.zeros_like(w, jnp.int32, shape=shape)
-  return affine.AffineParams(jnp.zeros_like(w, spec.scale_dtype, shape=shape), zero)
 
 
 def _keeps_perm(spec: QSpec, *, act_order: bool, static_groups: bool) -> bool:
@@ -248,8 +283,10 @@ def group_aware_order(diag: Float[Array, " n"], group: int) -> Int[Array, " n"]:
   return order
 
 
-def _gptq_arrays(w, h, *, spec, block_size, damp, act_order, static_groups, clip, group_aware=False):
+def _gptq_arrays(w, h, *, spec: QSpec, config: GptqConfig):
   """GPTQ on (in, out) `w`; returns (in, out) uint8 codes, params, perm or None, `GptqInfo`."""
+  act_order, group_aware, static_groups = config.act_order, config.group_aware, config.static_groups
+  grid = clipped_grid(spec, config.clip)
   n = w.shape[0]
   group, groups = spec.group_length(n), spec.num_groups(n)
   w, h = w.astype(jnp.float32), h.astype(jnp.float32)
@@ -259,9 +296,13 @@ def _gptq_arrays(w, h, *, spec, block_size, damp, act_order, static_groups, clip
   dynamic = spec.group_size != -1 and not static_groups
   # Static groups (and the single per-channel group) take their grid from the weights
   # before any update, in the original channel order.
-  params = (
-    _empty_params(w, groups, spec) if dynamic else affine.find_params(affine.group_view(w, spec), spec, clip=clip)
-  )
+  # A grid that weighs its fit (llama.cpp's block searches) weighs each input by H_ii, the mean x² of its
+  # calibration inputs: llama.cpp's importance matrix of the same data.
+  importance = jnp.diagonal(h)
+  if dynamic:
+    params = empty_params(grid, w, groups, group)
+  else:
+    params = grid.fit(group_view(w, spec), group_view(importance[:, None], spec)[..., 0])
   if group_aware and dynamic:
     order = group_aware_order(jnp.diagonal(h), group)
   elif act_order:
@@ -269,16 +310,20 @@ def _gptq_arrays(w, h, *, spec, block_size, damp, act_order, static_groups, clip
   else:
     order = jnp.arange(n)
   w, h = w[order], h[order][:, order]
-  u, lam, ok = hessian_inverse(h, damp=damp)
+  u, lam, ok = hessian_inverse(h, damp=config.damp)
 
-  block = min(block_size, n)
+  block = min(config.block_size, n)
   # Whole blocks, and whole groups: a shorter last group (`spec.partial_groups`) reads zero rows.
   k = -(-max(n, groups * group) // block) * block
   # Padding rows are dead inputs with an identity Hessian block: zero weights, no coupling.
   w = jnp.pad(w, ((0, k - n), (0, 0)))
   u = jnp.pad(u, ((0, k - n), (0, k - n))) + jnp.diag((jnp.arange(k) >= n).astype(jnp.float32))
   col_group = jnp.minimum(jnp.arange(k) if dynamic else jnp.pad(order, (0, k - n)), n - 1) // group
-  codes, params, loss = _sweep(w, u, params, col_group, spec=spec, block=block, n=n, dynamic=dynamic, clip=clip)
+  importance = jnp.pad(importance[order], (0, k - n))
+  position = jnp.concatenate([order % group, jnp.arange(n, k) % group])
+  codes, params, loss = _sweep(
+    w, u, params, col_group, position, importance, grid=grid, group=group, block=block, n=n, dynamic=dynamic
+  )
   codes = codes[:n]
   keep_perm = _keeps_perm(spec, act_order=act_order, static_groups=static_groups)
   if (act_order or group_aware) and not keep_perm:
@@ -286,7 +331,7 @@ def _gptq_arrays(w, h, *, spec, block_size, damp, act_order, static_groups, clip
   if group_aware and dynamic:
     # The sweep met whole groups in a new order; put their grids back in group order.
     group_order = order[::group][:groups] // group
-    params = affine.AffineParams(*(None if a is None else a[jnp.argsort(group_order)] for a in params))
+    params = jax.tree.map(lambda a: a[jnp.argsort(group_order)], params)
   info = GptqInfo(damp=lam, loss=loss, ok=ok, dead=jnp.sum(dead, dtype=jnp.int32))
   return codes, params, order if keep_perm else None, info
 
@@ -299,7 +344,7 @@ def _mesh_axes(mesh: Mesh, mesh_axis: str | tuple[str, ...] | None) -> tuple[str
   return axes
 
 
-def _sharded_arrays(w, h, *, mesh, mesh_axis, **config):
+def _sharded_arrays(w, h, *, mesh, mesh_axis, spec: QSpec, config: GptqConfig):
   """`_gptq_arrays` with the output channels split over `mesh_axis`; H is replicated."""
   axes = _mesh_axes(mesh, mesh_axis)
   shards = math.prod(mesh.shape[a] for a in axes)
@@ -311,66 +356,47 @@ def _sharded_arrays(w, h, *, mesh, mesh_axis, **config):
   split = P(None, axes)
 
   def shard(w, h):
-    codes, params, perm, info = _gptq_arrays(w, h, **config)
+    codes, params, perm, info = _gptq_arrays(w, h, spec=spec, config=config)
     # The Hessian, hence damp, ok, dead and the permutation, are the same on every shard.
     return codes, params, perm, info._replace(loss=jax.lax.psum(info.loss, axes))
 
   if any(mesh.axis_types[mesh.axis_names.index(a)] == AxisType.Explicit for a in axes):
     # shard_map over explicit axes takes inputs already laid out as in_specs says.
     w, h = jax.reshard(w, NamedSharding(mesh, split)), jax.reshard(h, NamedSharding(mesh, P()))
-  zero = None if config["spec"].symmetric else split
-  perm = (
-    P() if _keeps_perm(config["spec"], act_order=config["act_order"], static_groups=config["static_groups"]) else None
-  )
-  out_specs = (split, affine.AffineParams(split, zero), perm, GptqInfo(P(), P(), P(), P()))
+  # Every parameter of a grid ends in the output axis, which is what is split.
+  k, n = w.shape
+  grouped = jax.ShapeDtypeStruct((spec.num_groups(k), 1, n), jnp.float32)
+  shapes = jax.eval_shape(clipped_grid(spec, config.clip).fit, grouped)
+  params_spec = jax.tree.map(lambda s: P(*([None] * (s.ndim - 1)), axes), shapes)
+  keep_perm = _keeps_perm(spec, act_order=config.act_order, static_groups=config.static_groups)
+  out_specs = (split, params_spec, P() if keep_perm else None, GptqInfo(P(), P(), P(), P()))
   return jax.shard_map(shard, mesh=mesh, in_specs=(split, P()), out_specs=out_specs)(w, h)
 
 
-@functools.partial(
-  jax.jit,
-  static_argnames=(
-    "spec",
-    "block_size",
-    "damp",
-    "act_order",
-    "static_groups",
-    "clip",
-    "mesh",
-    "mesh_axis",
-    "group_aware",
-  ),
-)
+@functools.partial(jax.jit, static_argnames=("spec", "config", "mesh", "mesh_axis"))
 def gptq_core(
   w: Float[Array, "in out"],
   h: Float[Array, "in in"],
   *,
   spec: QSpec,
-  block_size: int = 128,
-  damp: float = 0.01,
-  act_order: bool = False,
-  static_groups: bool = False,
-  clip: ClipSearch | None = None,
+  config: GptqConfig = GptqConfig(),
   mesh: Mesh | None = None,
   mesh_axis: str | tuple[str, ...] | None = None,
-  group_aware: bool = False,
 ) -> tuple[QArray, GptqInfo]:
   """Jitted GPTQ; like `gptq_quantize` but returns ``info.ok`` instead of raising (usable under jit)."""
-  _check_args(w, h, spec, block_size, damp)
-  if group_aware and act_order:
-    raise ValueError("`gptq_quantize` expected at most one of act_order and group_aware, got both.")
-  config = dict(
-    spec=spec,
-    block_size=block_size,
-    damp=damp,
-    act_order=act_order,
-    static_groups=static_groups,
-    clip=clip,
-    group_aware=group_aware,
-  )
+  _check_args(w, h, spec)
+  if spec.is_ggml and _keeps_perm(spec, act_order=config.act_order, static_groups=config.static_groups):
+    raise ValueError(
+      f"`gptq_quantize` into ggml {spec.layout} blocks expected an order that keeps each block's columns together "
+      "(a GGUF file has no g_idx), got act_order; use group_aware, or act_order with static_groups."
+    )
   if mesh is None:
-    codes, params, perm, info = _gptq_arrays(w, h, **config)
+    codes, params, perm, info = _gptq_arrays(w, h, spec=spec, config=config)
   else:
-    codes, params, perm, info = _sharded_arrays(w, h, mesh=mesh, mesh_axis=mesh_axis, **config)
+    codes, params, perm, info = _sharded_arrays(w, h, mesh=mesh, mesh_axis=mesh_axis, spec=spec, config=config)
+  if spec.is_ggml:  # the codes and scales become llama.cpp's block bytes
+    blocks = spec.grid.pack(group_view(codes, spec), params)
+    return QArray(blocks, None, None, None, spec, tuple(w.shape), np.dtype(w.dtype)), info
   return from_codes(codes, params, spec, perm=perm, dtype=w.dtype), info
 
 
@@ -379,14 +405,9 @@ def gptq_quantize(
   h: Float[Array, "in in"],
   *,
   spec: QSpec,
-  block_size: int = 128,
-  damp: float = 0.01,
-  act_order: bool = False,
-  static_groups: bool = False,
-  clip: ClipSearch | None = None,
+  config: GptqConfig = GptqConfig(),
   mesh: Mesh | None = None,
   mesh_axis: str | tuple[str, ...] | None = None,
-  group_aware: bool = False,
 ) -> tuple[QArray, GptqInfo]:
   """Quantizes a Flax kernel with GPTQ, given the Hessian of its inputs.
 
@@ -401,31 +422,23 @@ def gptq_quantize(
   factor ``U`` of ``H⁻¹`` holds ``[H_F⁻¹]_{q,F} / sqrt([H_F⁻¹]_qq)`` for every step, so the
   sweep needs one factorisation. Dead inputs (``H_qq = 0``) get ``H_qq = 1`` and zero weight;
   ``damp · mean(diag H)`` is added to the diagonal, and `damp` is raised by `DAMP_STEP`
-  while the Cholesky fails. A group's grid (`qjax.core.affine` conventions, with the
-  optional `clip` search) is found when the sweep reaches its first channel, on that
-  group's updated weights; with `static_groups`, or per-channel grids, it is found up front
-  from the original weights. Rows are independent given ``H``: with `mesh`, the output
+  while the Cholesky fails. A group's grid parameters (``spec.grid.fit``; the affine grid's
+  range, with ``config.clip`` its MSE search) are fitted when the sweep reaches the group's first
+  channel, on its updated weights; with `static_groups`, or per-channel grids, up front from the
+  original weights. Rows are independent given ``H``: with `mesh`, the output
   channels are split over devices (``jax.shard_map``, ``H`` replicated) with identical results.
 
   Args:
     w: (in, out) float32|bfloat16|float16 Flax kernel (contraction axis 0).
     h: (in, in) float32 Hessian ``2XᵀX/n`` or ``XᵀX`` of the inputs of `w` (its scale
       does not matter).
-    spec: bits, group size (dividing ``in``, or -1), symmetry, scale dtype; ``packed`` layout.
-    block_size: input channels per lazy batch; affects speed only.
-    damp: initial dampening, relative to ``mean(diag h)``, in ``[0, MAX_DAMP)``.
-    act_order: sweep the channels by decreasing ``h[i, i]`` (GPTQ's ``desc_act``).
-    group_aware: GPTQModel's group-aware reordering (``act_group_aware``): sweep whole groups
-      by decreasing max ``h[i, i]`` and the channels inside each likewise; grids are found per
-      group as the sweep reaches it and the result needs no permutation. Excludes `act_order`.
-    static_groups: with `act_order`, keep groups (and their grids) in the original
-      channel order, so the result needs no permutation.
-    clip: optional MSE clipping search for the group grids.
+    spec: the grid and group size (dividing ``in``, or -1); ``packed`` layout.
+    config: the sweep order, dampening and block size (`GptqConfig`).
     mesh: optional device mesh; ``out`` must be divisible by the size of `mesh_axis`.
     mesh_axis: mesh axis name(s) to split ``out`` over; default all axes of `mesh`.
 
   Returns:
-    A `QArray` with the shape and dtype of `w`. With `act_order` and dynamic groups
+    A `QArray` with the shape and dtype of `w`. With ``config.act_order`` and dynamic groups
     (``group_size != -1``, not `static_groups`) its ``perm`` is the sweep order and its
     codes and groups are in that order (GPTQ's ``g_idx = argsort(perm) // group_size``);
     otherwise ``perm`` is None.
@@ -454,19 +467,7 @@ def gptq_quantize(
     >>> q.scale.shape, bool(info.ok), round(float(info.damp), 4)
     ((2, 8), True, 0.01)
   """
-  q, info = gptq_core(
-    w,
-    h,
-    spec=spec,
-    block_size=block_size,
-    damp=damp,
-    act_order=act_order,
-    static_groups=static_groups,
-    clip=clip,
-    mesh=mesh,
-    mesh_axis=mesh_axis,
-    group_aware=group_aware,
-  )
+  q, info = gptq_core(w, h, spec=spec, config=config, mesh=mesh, mesh_axis=mesh_axis)
   try:
     ok = bool(info.ok)
   except jax.errors.ConcretizationTypeError as e:

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from qjax.core import QSpec, affine
+from qjax.core import QSpec
+from qjax.core.qarray import group_view, ungroup
 
 INIT_LOGIT = 4.0
 
@@ -33,7 +34,7 @@ def init_logits(w: Float[Array, "in out"], spec: QSpec) -> dict[str, Array]:
 
 def clip_range(w: Float[Array, "in out"], logits: dict[str, Array], spec: QSpec) -> tuple[Array, Array]:
   """The learned (lo, hi) of every (group, output channel)."""
-  g = affine.group_view(jnp.asarray(w, jnp.float32), spec)
+  g = group_view(jnp.asarray(w, jnp.float32), spec)
   if spec.symmetric:
     hi = jax.nn.sigmoid(logits["gamma"]) * jnp.abs(g).max(axis=1)
     return -hi, hi
@@ -47,14 +48,14 @@ def fake_quantize(w: Float[Array, "in out"], logits: dict[str, Array], spec: QSp
   lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
   scale = jnp.maximum(hi - lo, 1e-8) / maxq
   zero = 2 ** (spec.bits - 1) if spec.symmetric else round_ste(-lo / scale)
-  g = affine.group_view(jnp.asarray(w, jnp.float32), spec)
+  g = group_view(jnp.asarray(w, jnp.float32), spec)
   q = jnp.clip(round_ste(g / scale[:, None]) + (zero if spec.symmetric else zero[:, None]), 0, maxq)
   deq = (q - (zero if spec.symmetric else zero[:, None])) * scale[:, None]
-  return affine.ungroup(deq, w.shape[0])
+  return ungroup(deq, w.shape[0])
 
 
 def apply_clip(w: Float[Array, "in out"], logits: dict[str, Array], spec: QSpec) -> Float[Array, "in out"]:
   """`w` clamped to its learned ranges, for a rounding transform that follows."""
   lo, hi = clip_range(w, logits, spec)
-  g = affine.group_view(jnp.asarray(w, jnp.float32), spec)
-  return affine.ungroup(jnp.clip(g, lo[:, None], hi[:, None]), w.shape[0]).astype(w.dtype)
+  g = group_view(jnp.asarray(w, jnp.float32), spec)
+  return ungroup(jnp.clip(g, lo[:, None], hi[:, None]), w.shape[0]).astype(w.dtype)

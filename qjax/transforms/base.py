@@ -3,8 +3,9 @@
 A `Transform` is a pair of pure functions, ``init(params) -> state`` and
 ``update(params, state, **extra) -> (new_params, state)``. ``extra`` carries what a
 caller has: ``stats`` (calibration statistics keyed by '/'-joined parameter path) and,
-inside the calibration runner, the block function and its inputs. Each transform
-reads the keywords it knows and ignores the rest, so any transforms can be chained.
+inside the calibration runner, the block model, the block's prefix, function and inputs.
+Each transform reads the keywords it knows and ignores the rest, so any transforms can be
+chained.
 """
 
 from collections.abc import Callable, Hashable, Mapping
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from qjax.core import is_qarray
+from qjax.core.tree import MaskedNode, get_path, leaves_with_paths, map_with_path, replace_path
 
 Params = Any
 State = Any
@@ -27,21 +29,27 @@ class Transform(NamedTuple):
   Attributes:
     init: ``(params) -> state``.
     update: ``(params, state, **extra) -> (params, state)``.
-    stats: names of the calibration statistics `update` reads from ``extra["stats"]``
-      (e.g. ``{"hessian"}``); the calibration runner collects their union.
+    stats: names of the calibration statistics `update` reads from ``extra["stats"]`` (e.g. ``{"hessian"}``;
+      see `qjax.calib.stats.STATISTICS`); the calibration runner collects them just before it applies the
+      transform.
+    whole_block: `update` works on a whole decoder block at once (it rewrites several modules together, or runs
+      the block itself: AWQ, SmoothQuant, learned clipping), so the runner applies it to the whole block, with
+      every linear's statistics measured before it, and passes the block's function and inputs.
+    members: the transforms this one composes (`chain`, `masked`, `partition`).
+    sequential: the members run one after the other (`chain`): the runner applies them as separate stages, so
+      each one's statistics are measured after the members before it ran.
   """
 
   init: Callable[[Params], State]
   update: Callable[..., tuple[Params, State]]
   stats: frozenset[str] = frozenset()
+  whole_block: bool = False
+  members: tuple["Transform", ...] = ()
+  sequential: bool = False
 
 
 class EmptyState(NamedTuple):
   """State of a stateless transform."""
-
-
-class MaskedNode(NamedTuple):
-  """Stands in for a leaf a masked transform must not see (as `optax.MaskedNode`)."""
 
 
 CHAIN_MISMATCH_MSG = (
@@ -50,39 +58,15 @@ CHAIN_MISMATCH_MSG = (
 )
 
 
-def path_str(path: tuple) -> str:
-  """'/'-joined keys of a pytree key path, e.g. ``'model/layers/0/mlp/up_proj/kernel'``."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
-def leaves_with_paths(params: Params) -> list[tuple[str, Any]]:
-  """``(path, leaf)`` pairs, treating `QArray` as a leaf."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
-  return [(path_str(p), leaf) for p, leaf in flat]
-
-
-def map_with_path(fn: Callable[[str, Any], Any], tree: Params, *rest: Params) -> Params:
-  """`jax.tree.map` whose function also gets the leaf's '/'-joined path; QArrays are leaves."""
-  return jax.tree_util.tree_map_with_path(
-    lambda p, *xs: fn(path_str(p), *xs), tree, *rest, is_leaf=lambda x: is_qarray(x) or isinstance(x, MaskedNode)
-  )
-
-
-def stateless(update_fn: Callable[..., Params], *, stats: frozenset[str] = frozenset()) -> Transform:
+def stateless(
+  update_fn: Callable[..., Params], *, stats: frozenset[str] = frozenset(), whole_block: bool = False
+) -> Transform:
   """A transform from ``update_fn(params, **extra) -> params``."""
 
   def update(params, state, **extra):
     return update_fn(params, **extra), state
 
-  return Transform(lambda _: EmptyState(), update, frozenset(stats))
+  return Transform(lambda _: EmptyState(), update, frozenset(stats), whole_block)
 
 
 def per_leaf(quantize_leaf: Callable[[Any, LeafStats], Any], *, stats: frozenset[str] = frozenset()) -> Transform:
@@ -120,6 +104,41 @@ def per_leaf(quantize_leaf: Callable[[Any, LeafStats], Any], *, stats: frozenset
   return stateless(update_fn, stats=stats)
 
 
+OUTSIDE_RUNNER_MSG = (
+  "{name} runs inside the calibration runner, one decoder block at a time, which passes the block ({missing}); "
+  "apply it with `qjax.calib.quantize_model` (or `quantize_blocks`), not `quantize_params`."
+)
+
+
+def per_block(
+  update_block: Callable[..., Params], *, stats: frozenset[str] = frozenset(), name: str = "a block transform"
+) -> Transform:
+  """Lifts a function on one decoder block to a transform the calibration runner applies to each block.
+
+  Args:
+    update_block: ``(block, *, stats, block_model, block_prefix, block_inputs, block_fn) -> block`` on the
+      block's params (paths relative to the block, e.g. ``mlp/up_proj/kernel``); ``stats`` holds the statistics
+      it names, keyed by relative kernel path; ``block_model`` says where the block's scale groups are,
+      ``block_fn`` and ``block_inputs`` run it.
+    stats: the statistics `update_block` reads (measured on the block before it runs).
+    name: for the error raised outside the runner.
+
+  Raises (from update):
+    ValueError: outside the calibration runner.
+  """
+
+  def update_fn(params, *, block_prefix=None, stats=None, block_model=None, **extra):
+    if block_prefix is None or block_model is None:
+      raise ValueError(OUTSIDE_RUNNER_MSG.format(name=name, missing="block_prefix, block_model"))
+    prefix = f"{block_prefix}/"
+    local = {k.removeprefix(prefix): v for k, v in (stats or {}).items() if k.startswith(prefix)}
+    block = get_path(params, block_prefix)
+    block = update_block(block, stats=local, block_model=block_model, block_prefix=block_prefix, **extra)
+    return replace_path(params, block_prefix, jax.device_get(block))
+
+  return stateless(update_fn, stats=frozenset(stats), whole_block=True)
+
+
 def observe(inner: Transform, callback: Callable[[str, Any, Any], None]) -> Transform:
   """`inner`, calling ``callback(path, before, after)`` for every leaf it changed (e.g. to record errors)."""
 
@@ -131,21 +150,24 @@ def observe(inner: Transform, callback: Callable[[str, Any, Any], None]) -> Tran
         callback(path, before[path], after)
     return new, state
 
-  return Transform(inner.init, update, inner.stats)
-
-
-def identity() -> Transform:
-  """Leaves params unchanged."""
-  return stateless(lambda params, **_: params)
+  if inner.sequential:  # observe each stage, so the runner can still run them one by one
+    return chain(*(observe(t, callback) for t in inner.members))
+  return inner._replace(update=update)
 
 
 def chain(*transforms: Transform) -> Transform:
   """Applies transforms in order; the state is a tuple in member order.
 
+  The calibration runner runs a chain as its members, one stage each, so that a member's statistics are
+  measured after the members before it changed the block (``chain(awq(...), gptq_rules)`` as one stage equals
+  the two stages in a list).
+
   Examples:
-    >>> t = chain(identity(), identity())
-    >>> len(t.init({}))
-    2
+    >>> from qjax.transforms.methods import rtn
+    >>> from qjax.core import QSpec
+    >>> t = chain(rtn(QSpec(bits=4, group_size=32)), rtn(QSpec(bits=8, group_size=32)))
+    >>> len(t.init({})), t.sequential
+    (2, True)
   """
 
   def init(params):
@@ -160,7 +182,9 @@ def chain(*transforms: Transform) -> Transform:
       new_state.append(s)
     return params, tuple(new_state)
 
-  return Transform(init, update, frozenset().union(*(t.stats for t in transforms)))
+  stats = frozenset().union(*(t.stats for t in transforms))
+  whole_block = any(t.whole_block for t in transforms)
+  return Transform(init, update, stats, whole_block, tuple(transforms), sequential=True)
 
 
 def _resolve(tree_or_fn, params):
@@ -191,7 +215,7 @@ def masked(inner: Transform, mask: Params | Callable[[Params], Params]) -> Trans
     )
     return merged, state
 
-  return Transform(init, update, inner.stats)
+  return Transform(init, update, inner.stats, inner.whole_block, (inner,))
 
 
 def partition(transforms: Mapping[Hashable, Transform], labels: Params | Callable[[Params], Params]) -> Transform:
@@ -217,4 +241,39 @@ def partition(transforms: Mapping[Hashable, Transform], labels: Params | Callabl
       params, new_state[k] = masked(t, masks[k]).update(params, state[k], **extra)
     return params, new_state
 
-  return Transform(init, update, frozenset().union(*(t.stats for t in transforms.values())))
+  members = tuple(transforms.values())
+  stats = frozenset().union(*(t.stats for t in members))
+  return Transform(init, update, stats, any(t.whole_block for t in members), members)
+
+
+NESTED_CHAIN_MSG = (
+  "a chain inside {where} cannot run as one calibration stage: its member {index} reads statistics ({stats}) that "
+  "the runner would measure before the members ahead of it ran. Chain at the top level (the runner runs a chain's "
+  "members one by one), or pass the members as separate stages."
+)
+
+
+def flatten_stages(stages: tuple[Transform, ...] | list[Transform]) -> list[Transform]:
+  """The stages a runner applies one by one: chains expanded into their members, in order.
+
+  Raises:
+    ValueError: for a chain nested in a `masked` or `partition` whose later members read statistics or run the
+      block (they would see statistics measured too early).
+  """
+  flat = []
+  for stage in stages:
+    if stage.sequential:
+      flat.extend(flatten_stages(stage.members))
+    else:
+      _check_nested(stage, "a masked or partition transform")
+      flat.append(stage)
+  return flat
+
+
+def _check_nested(t: Transform, where: str) -> None:
+  for member in t.members:
+    if member.sequential:
+      for i, inner in enumerate(member.members[1:], 1):
+        if inner.stats or inner.whole_block:
+          raise ValueError(NESTED_CHAIN_MSG.format(where=where, index=i, stats=", ".join(sorted(inner.stats))))
+    _check_nested(member, where)

@@ -4,7 +4,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qjax.core import ClipSearch, QSpec
-from qjax.quantizers.gptq import gptq_quantize
+from qjax.quantizers.gptq import GptqConfig, gptq_quantize
 from qjax.quantizers.kquants import kquant_quantize
 from qjax.quantizers.rtn import rtn_quantize
 from qjax.transforms.base import Transform, per_leaf
@@ -29,17 +29,7 @@ def rtn(spec: QSpec, *, clip: ClipSearch | None = None) -> Transform:
   return per_leaf(lambda w, _: rtn_quantize(w, spec=spec, clip=clip))
 
 
-def gptq(
-  spec: QSpec,
-  *,
-  block_size: int = 128,
-  damp: float = 0.01,
-  act_order: bool = False,
-  static_groups: bool = False,
-  clip: ClipSearch | None = None,
-  mesh: Mesh | None = None,
-  group_aware: bool = False,
-) -> Transform:
+def gptq(spec: QSpec, config: GptqConfig = GptqConfig(), *, mesh: Mesh | None = None) -> Transform:
   """GPTQ on every visible 2-D leaf, with the leaf's ``"hessian"`` statistic (see `gptq_quantize`).
 
   With `mesh`, each weight's output channels are split over all of its devices for the
@@ -61,18 +51,8 @@ def gptq(
   def quantize_leaf(w, leaf_stats):
     if "hessian" not in leaf_stats:
       raise ValueError(MISSING_HESSIAN_MSG.format(shape=np.shape(w), got=sorted(leaf_stats)))
-    q, _ = gptq_quantize(
-      w,
-      leaf_stats["hessian"],
-      spec=spec,
-      block_size=block_size,
-      damp=damp,
-      act_order=act_order,
-      static_groups=static_groups,
-      clip=clip,
-      mesh=mesh if mesh is not None and np.shape(w)[1] % mesh.size == 0 else None,
-      group_aware=group_aware,
-    )
+    split = mesh if mesh is not None and np.shape(w)[1] % mesh.size == 0 else None
+    q, _ = gptq_quantize(w, leaf_stats["hessian"], spec=spec, config=config, mesh=split)
     return q
 
   return per_leaf(quantize_leaf, stats=frozenset({"hessian"}))

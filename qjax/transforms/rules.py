@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from qjax.core import QArray, is_qarray
-from qjax.transforms.base import Params, Transform, leaves_with_paths, map_with_path, partition
+from qjax.core import is_qarray
+from qjax.core.tree import leaves_with_paths, map_with_path
+from qjax.transforms.base import Params, Transform, partition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +179,3 @@ def quantize_params(params: Params, rules: Sequence[Rule | tuple[str, Transform 
   transform = rules_transform(the_plan.rules)
   new_params, _ = transform.update(params, transform.init(params), **extra)
   return new_params
-
-
-def quantized_leaves(params: Params) -> dict[str, QArray]:
-  """path -> QArray for every quantized leaf."""
-  return {path: leaf for path, leaf in leaves_with_paths(params) if is_qarray(leaf)}

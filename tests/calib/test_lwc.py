@@ -2,13 +2,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.calib.lwc import learned_clipping
 from qjax.calib.runner import RunnerOptions, quantize_blocks
 from qjax.core import QSpec, affine
+from qjax.core.qarray import group_view, ungroup
 from qjax.models import SafetensorsCheckpoint
 from qjax.models.blocks import LlamaBlocks
 from qjax.quantizers import lwc
-from qjax.transforms import rtn
+from qjax.transforms import learned_clipping, rtn
 from qjax.transforms.rules import rules_transform
 from tests.model_factory import random_windows, write_random_llama
 
@@ -19,10 +19,11 @@ def test_fake_quantize_is_differentiable_and_starts_near_rtn():
   logits = lwc.init_logits(w, spec)
   fq = lwc.fake_quantize(w, logits, spec)
   # At init every range is the RTN range shrunk by sigmoid(INIT_LOGIT): the same grid as RTN on that range.
-  g = affine.group_view(w, spec)
+  g = group_view(w, spec)
   shrink = jax.nn.sigmoid(lwc.INIT_LOGIT)
-  params = affine.params_from_range(shrink * g.min(axis=1), shrink * g.max(axis=1), spec)
-  expected = affine.ungroup(affine.dequantize_groups(affine.quantize_groups(g, params, 3), params, 3), 64)
+  params = affine.params_from_range(shrink * g.min(axis=1), shrink * g.max(axis=1), bits=3, symmetric=False,
+                                    scale_dtype=spec.scale_dtype)  # fmt: skip
+  expected = ungroup(affine.dequantize_groups(affine.quantize_groups(g, params, 3), params, 3), 64)
   assert np.mean(np.abs(np.asarray(fq) - np.asarray(expected)) > 1e-4) < 0.01
   grads = jax.grad(lambda lg: jnp.sum((lwc.fake_quantize(w, lg, spec) - w) ** 2))(logits)
   assert all(np.isfinite(g).all() and np.abs(g).sum() > 0 for g in jax.tree.leaves(grads))

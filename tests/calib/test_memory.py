@@ -11,9 +11,10 @@ from tests.model_factory import write_random_llama
 PROBE = """
 import resource, sys
 from qjax.formats import open_checkpoint
-from qjax.pipeline import QuantizeJob, quantize_model
-job = QuantizeJob(model=sys.argv[1], method="gptq", group_size=128, nsamples=2, seqlen=32, batch_size=2)
-params = quantize_model(job, open_checkpoint(sys.argv[1]), show_progress=False)
+from qjax.cli.quantize import Settings
+from tests.model_factory import quantize_like_cli
+s = Settings(model=sys.argv[1], method="gptq", group_size=128, nsamples=2, seqlen=32, batch_size=2)
+quantize_like_cli(s)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 

@@ -52,7 +52,7 @@ def test_statistics_are_the_true_sequential_inputs(model_dir):
   quantize_blocks(blocks, [stage], windows[:, :], options=RunnerOptions(batch_size=2, show_progress=False))
   # Recompute the first block's q_proj input by hand: the embedded windows through the input norm.
   params = blocks.layer_params(0)
-  h = np.concatenate([np.asarray(blocks.embed(w[None])) for w in windows])
+  h = np.concatenate([np.asarray(blocks.embed(blocks.embed_params(), w[None])) for w in windows])
   x = h / np.sqrt(np.mean(h**2, -1, keepdims=True) + blocks.config.rms_norm_eps) * params["input_layernorm"]["scale"]
   x = x.reshape(-1, x.shape[-1])
   first = next(iter(seen.values()))

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qjax.core import ClipSearch, QSpec, affine
+from qjax.core import ClipSearch, QSpec, grid_values, round_to_grid
 
 
 def _spec(bits, group_size, symmetric):
@@ -23,8 +23,8 @@ def test_error_within_half_a_step(bits, group_size, symmetric, groups, cols, see
   rows = groups * (32 if group_size == -1 else group_size)
   w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
   spec = _spec(bits, group_size, symmetric)
-  codes, params = affine.quantize(w, spec)
-  deq = np.asarray(affine.dequantize(codes, params, spec))
+  codes, params = round_to_grid(w, spec)
+  deq = np.asarray(grid_values(codes, params, spec))
   step = np.repeat(np.asarray(params.scale), spec.group_length(rows), axis=0)
   # The grid spans [lo, hi]; every value within half a step of it rounds to within half a step,
   # and the range search guarantees that every value of the group is.
@@ -40,10 +40,10 @@ def test_group_boundaries():
   rng = np.random.default_rng(0)
   w = rng.standard_normal((128, 4)).astype(np.float32)
   spec = _spec(4, 32, False)
-  _, before = affine.quantize(w, spec)
+  _, before = round_to_grid(w, spec)
   w2 = w.copy()
   w2[64:96, 2] *= 10.0  # group 2 of column 2 only
-  _, after = affine.quantize(w2, spec)
+  _, after = round_to_grid(w2, spec)
   changed = np.asarray(before.scale) != np.asarray(after.scale)
   expected = np.zeros((4, 4), bool)
   expected[2, 2] = True
@@ -59,16 +59,16 @@ def test_values_on_the_grid_are_exact():
   codes[1], codes[17] = 15, 15
   zero = np.array([[3, 8, 12], [0, 15, 7]])
   w = np.repeat(scale, 16, 0) * (codes - np.repeat(zero, 16, 0))
-  q, params = affine.quantize(w.astype(np.float32), spec)
-  np.testing.assert_allclose(affine.dequantize(q, params, spec), w, rtol=1e-6, atol=1e-7)
+  q, params = round_to_grid(w.astype(np.float32), spec)
+  np.testing.assert_allclose(grid_values(q, params, spec), w, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_mse_clipping_beats_plain_rtn_on_heavy_tails(bits):
   w = np.random.default_rng(bits).standard_t(df=3, size=(1024, 64)).astype(np.float32)
   spec = _spec(bits, 128, True)
-  plain = affine.dequantize(*affine.quantize(w, spec), spec)
-  clipped = affine.dequantize(*affine.quantize(w, spec, clip=ClipSearch()), spec)
+  plain = grid_values(*round_to_grid(w, spec), spec)
+  clipped = grid_values(*round_to_grid(w, spec, clip=ClipSearch()), spec)
   mse_plain, mse_clip = np.mean((plain - w) ** 2), np.mean((clipped - w) ** 2)
   assert mse_clip < 0.9 * mse_plain, (mse_clip, mse_plain)
 
@@ -76,18 +76,18 @@ def test_mse_clipping_beats_plain_rtn_on_heavy_tails(bits):
 def test_quantize_under_jit_and_vmap():
   w = np.random.default_rng(0).standard_normal((5, 64, 8)).astype(np.float32)
   spec = _spec(4, 32, False)
-  fn = jax.jit(jax.vmap(lambda x: affine.dequantize(*affine.quantize(x, spec, clip=ClipSearch(grid=10)), spec)))
+  fn = jax.jit(jax.vmap(lambda x: grid_values(*round_to_grid(x, spec, clip=ClipSearch(grid=10)), spec)))
   out = fn(w)
-  np.testing.assert_allclose(out[2], affine.dequantize(*affine.quantize(w[2], spec, clip=ClipSearch(grid=10)), spec))
+  np.testing.assert_allclose(out[2], grid_values(*round_to_grid(w[2], spec, clip=ClipSearch(grid=10)), spec))
 
 
 def test_zero_group_is_exact():
   w = np.zeros((32, 2), np.float32)
   spec = _spec(4, 32, False)
-  codes, params = affine.quantize(w, spec)
-  np.testing.assert_array_equal(affine.dequantize(codes, params, spec), w)
+  codes, params = round_to_grid(w, spec)
+  np.testing.assert_array_equal(grid_values(codes, params, spec), w)
 
 
 def test_bad_group_size():
   with pytest.raises(ValueError, match="group_size to divide the input dimension"):
-    affine.quantize(np.zeros((100, 4), np.float32), _spec(4, 32, True))
+    round_to_grid(np.zeros((100, 4), np.float32), _spec(4, 32, True))

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from qjax.calib import text as texts
-from qjax.core import QSpec, affine, dequantize, from_codes, is_qarray, quantize
+from qjax.cli.quantize import Settings, plan, run
+from qjax.core import QSpec, dequantize, from_codes, is_qarray, quantize, round_to_grid
+from qjax.core.tree import leaves_with_paths
 from qjax.eval.metrics import evaluate
-from qjax.formats import convert, load_model, open_checkpoint
+from qjax.formats import load_model, open_checkpoint
 from qjax.formats.awq import from_awq, load_awq, save_awq, to_awq
-from qjax.pipeline import QuantizeJob, logits_fn, run_job
-from qjax.transforms.base import leaves_with_paths
+from qjax.models import logits_fn
 from tests.model_factory import LINEARS, quantized_params
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -75,7 +76,7 @@ def test_what_the_gemm_layout_cannot_hold_is_refused():
   rng = np.random.default_rng(0)
   w = rng.standard_normal((128, 48)).astype(np.float32)
   spec = QSpec(bits=4, group_size=32, symmetric=False)
-  codes, params = affine.quantize(w, spec)
+  codes, params = round_to_grid(w, spec)
   with pytest.raises(ValueError, match="AWQ has no g_idx"):
     to_awq(from_codes(codes, params, spec, perm=rng.permutation(128)))
   with pytest.raises(ValueError, match="AWQ's gemm layout is 4-bit"):
@@ -128,16 +129,17 @@ def test_bad_inputs(model_dir, tmp_path):
 
 
 def test_export_flags_are_checked_before_quantizing(model_dir):
+  config = open_checkpoint(model_dir).config
   with pytest.raises(ValueError, match="--export=awq stores 4-bit codes, got --bits=3"):
-    QuantizeJob(method="rtn", bits=3, export="awq")
+    plan(Settings(method="rtn", bits=3, group_size=32, export="awq"), config)
   with pytest.raises(ValueError, match="no g_idx for act-order"):
-    QuantizeJob(method="gptq", desc_act=True, export="awq")
-  QuantizeJob(method="gptq", desc_act=True, static_groups=True, export="awq")  # static groups need no g_idx
-  job = QuantizeJob(model=model_dir, method="rtn", group_size=128, export="awq", eval_windows=0)
+    plan(Settings(method="gptq", desc_act=True, group_size=32, export="awq"), config)
+  plan(Settings(method="gptq", desc_act=True, static_groups=True, group_size=32, export="awq"), config)
+  s = Settings(model=model_dir, method="rtn", group_size=128, export="awq", eval_windows=0)
   with pytest.raises(ValueError, match="AWQ has no partial groups"):
-    convert.check_export_shapes(job.export, job.spec, open_checkpoint(model_dir).config)
+    plan(s, config)
   with pytest.raises(ValueError, match="AWQ has no partial groups"):
-    run_job(job, show_progress=False)
+    run(s, show_progress=False)
 
 
 def hf_logits(model, windows):
@@ -163,9 +165,9 @@ def test_transformers_loads_the_export(model, group_size, sym, model_dir, tmp_pa
 
   out = str(tmp_path / "awq")
   source = "default" if model == "default" else model_dir
-  job = QuantizeJob(model=source, method="rtn", bits=4, group_size=group_size, sym=sym, export="awq", eval_windows=0,
-                    out=out)  # fmt: skip
-  run_job(job, show_progress=False)
+  s = Settings(model=source, method="rtn", bits=4, group_size=group_size, sym=sym, export="awq", eval_windows=0,
+               out=out)  # fmt: skip
+  run(s, show_progress=False)
   ours = load_model(out)
   tokens = texts.tokenize(ours.tokenizer, texts.load_text("default", "evaluation"))
   windows = texts.eval_windows(tokens, 64, max_windows=2)

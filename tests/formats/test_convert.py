@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from qjax.calib import text as texts
-from qjax.core import QSpec, affine, dequantize, from_codes, quantize
+from qjax.cli.quantize import Settings, run
+from qjax.core import QSpec, dequantize, from_codes, quantize, round_to_grid
+from qjax.core.ggml_kquants import encode
 from qjax.eval.metrics import evaluate
-from qjax.formats import convert, load_model
-from qjax.formats.convert import Target, convert_model, convert_params, exact_blocks, parse_target, to_ggml
-from qjax.models import GgufCheckpoint
-from qjax.pipeline import QuantizeJob, logits_fn, run_job
-from qjax.quantizers.kquants import encode
+from qjax.formats import GgufCheckpoint, convert, load_model
+from qjax.formats.convert import convert_model, convert_params, exact_blocks, to_ggml
+from qjax.formats.targets import Target, parse_target
+from qjax.models import logits_fn
 from tests.model_factory import write_random_llama
 
 
@@ -68,7 +69,7 @@ def test_act_order_and_k_quants_are_requantized_with_llama_cpp_encoders():
   w = rng.standard_normal((256, 48)).astype(np.float32)
   spec = QSpec(bits=4, group_size=32, symmetric=False)
   perm = rng.permutation(256)
-  codes, params = affine.quantize(w[perm], spec)
+  codes, params = round_to_grid(w[perm], spec)
   act_order = from_codes(codes, params, spec, perm=perm)
   assert exact_blocks(act_order, "Q4_1") is None
   out, row = to_ggml(act_order, "Q4_1", path="blk")
@@ -82,12 +83,14 @@ def test_act_order_and_k_quants_are_requantized_with_llama_cpp_encoders():
 
 
 def test_parse_target():
-  assert parse_target("gguf:Q4_1") == Target("gguf", "Q4_1")
+  assert parse_target("gguf:Q4_1", flag="--to") == Target("gguf", "Q4_1")
   assert parse_target("gptq_v2") == Target("gptq_v2")
   assert parse_target("gguf:F16") == Target("gguf", "F16")
-  for bad in ("gguf:Q4_K_M", "gguf", "exl2", "awq:gemm"):
-    with pytest.raises(ValueError, match=r"--to must be gguf:<TYPE> \(TYPE one of Q4_0, .*\) or one of gptq"):
-      parse_target(bad)
+  assert parse_target("gguf:Q4_K_M") == Target("gguf", "Q4_K_M")  # one meaning: what llama-quantize takes
+  assert parse_target(None) == Target("qjax")
+  for bad in ("gguf:Q4_K", "gguf", "exl2", "awq:gemm"):
+    with pytest.raises(ValueError, match=r"--to expected gguf:<TYPE> \(TYPE one of Q4_0, .*\) or one of gptq"):
+      parse_target(bad, flag="--to")
 
 
 def qjax_cli(*args):
@@ -126,7 +129,7 @@ def test_convert_gptq_to_gguf_and_awq(gptq_dir, tmp_path):
   )
   np.testing.assert_array_equal(back.embed_params()["embedding"], source.params["model"]["embed_tokens"]["embedding"])
   assert "copied" in convert.summary(report)
-  dequantized, report = convert_params(source.params, "F32")
+  dequantized, report = convert_params(source.params, "F32", source.config)
   assert all(r.max_abs == 0 for r in report) and isinstance(dequantized["lm_head"]["kernel"], np.ndarray)
   awq_dir = str(tmp_path / "awq")
   convert_model(gptq_dir, Target("awq"), awq_dir)
@@ -141,7 +144,7 @@ def test_cli(gptq_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "4-bit g32 asym" in result.stdout and "requantized" in result.stdout and os.path.exists(out)
   result = qjax_cli("convert", f"--from={gptq_dir}", "--to=gguf:Q4_X")
-  assert result.returncode == 2 and result.stderr.startswith("qjax convert: error: --to must be gguf:<TYPE>")
+  assert result.returncode == 2 and result.stderr.startswith("qjax convert: error: --to expected gguf:<TYPE>")
 
 
 @pytest.mark.slow
@@ -151,8 +154,8 @@ def test_gptq_w4g32_to_q4_1_in_llama_cpp(tmp_path):
   model's up to fp16 rounding of the block minima (and llama.cpp's own 8-bit activations)."""
   llama_cpp = pytest.importorskip("llama_cpp")
   source = str(tmp_path / "gptq")
-  job = QuantizeJob(method="rtn", bits=4, group_size=32, sym=False, export="gptq", eval_windows=0, out=source)
-  run_job(job, show_progress=False)
+  run(Settings(method="rtn", bits=4, group_size=32, sym=False, export="gptq", eval_windows=0, out=source),
+      show_progress=False)  # fmt: skip
   path = str(tmp_path / "model-Q4_1.gguf")
   report = convert_model(source, Target("gguf", "Q4_1"), path)
   assert all(r.exact for r in report) and len(report) == 30 * 7

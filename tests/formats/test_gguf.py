@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 from qjax.calib import text as texts
+from qjax.cli.quantize import Settings, plan, run
 from qjax.core import dequantize
 from qjax.eval.metrics import evaluate
+from qjax.formats import GgufCheckpoint, open_checkpoint
 from qjax.formats import gguf as gguf_format
-from qjax.formats import gguf_recipes, open_checkpoint
 from qjax.formats.gguf import tokenizer_metadata, write_gguf
-from qjax.models import GgufCheckpoint
-from qjax.pipeline import QuantizeJob, gguf_path, logits_fn, quantize_model, run_job
-from qjax.transforms import quantize_params
-from tests.model_factory import write_random_llama
+from qjax.formats.targets import export, parse_target
+from qjax.models import logits_fn
+from qjax.transforms import gguf_recipes, quantize_params
+from tests.model_factory import quantize_like_cli, write_random_llama
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -59,20 +60,15 @@ def llama_cpp_perplexity(path: str, windows: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def f32_export(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("f32"))
-  job = QuantizeJob(method="none", export="gguf:F32", eval_windows=0, out=out)
-  run_job(job, show_progress=False)
-  return gguf_path(job)
+  return run(Settings(method="none", export="gguf:F32", eval_windows=0, out=out), show_progress=False)[1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0"])
 def test_default_model_export_is_llama_quantize_byte_for_byte(recipe, f32_export, tmp_path):
-  job = QuantizeJob(method="none", export=f"gguf:{recipe}", eval_windows=0, out=str(tmp_path / recipe))
-  checkpoint = open_checkpoint("default")
-  params = quantize_model(job, checkpoint, show_progress=False)
-  from qjax.pipeline import write_gguf_export
-
-  ours = write_gguf_export(job, checkpoint.config, params, checkpoint.tokenizer())
+  checkpoint, config, params = quantize_like_cli(Settings(method="none", export=f"gguf:{recipe}"))
+  target = parse_target(f"gguf:{recipe}")
+  ours = export(target, str(tmp_path / recipe), config, params, checkpoint.tokenizer(), name="default")
   theirs = str(tmp_path / f"llama-{recipe}.gguf")
   llama_quantize(f32_export, theirs, recipe)
   assert_same_tensors(ours, theirs)
@@ -90,38 +86,37 @@ def wide_model(tmp_path_factory):
   path = write_random_llama(str(tmp_path_factory.mktemp("wide")), layers=8, hidden=256, intermediate=768, heads=4,
                             kv_heads=1)  # fmt: skip
   out = str(tmp_path_factory.mktemp("wide_f32"))
-  job = QuantizeJob(model=path, method="none", export="gguf:F32", eval_windows=0, out=out)
-  run_job(job, show_progress=False)
-  return path, gguf_path(job)
+  s = Settings(model=path, method="none", export="gguf:F32", eval_windows=0, out=out)
+  return path, run(s, show_progress=False)[1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(gguf_recipes.RECIPES))
 def test_every_recipe_matches_llama_quantize_on_k_quant_widths(recipe, wide_model, tmp_path):
   model, f32 = wide_model
-  job = QuantizeJob(model=model, method="none", export=f"gguf:{recipe}", eval_windows=0, out=str(tmp_path / "q"))
-  run_job(job, show_progress=False)
+  s = Settings(model=model, method="none", export=f"gguf:{recipe}", eval_windows=0, out=str(tmp_path / "q"))
+  ours = run(s, show_progress=False)[1]
   theirs = str(tmp_path / "llama.gguf")
   llama_quantize(f32, theirs, recipe)
-  assert_same_tensors(gguf_path(job), theirs)
+  assert_same_tensors(ours, theirs)
 
 
 def test_imatrix_export_uses_float_model_statistics(wide_model, tmp_path):
   model, _ = wide_model
-  job = QuantizeJob(model=model, method="none", export="gguf:Q4_K_M", imatrix=True, nsamples=4, seqlen=64,
-                    eval_windows=0, out=str(tmp_path / "imat"))  # fmt: skip
-  plain = QuantizeJob(model=model, method="none", export="gguf:Q4_K_M", eval_windows=0, out=str(tmp_path / "plain"))
+  s = Settings(model=model, method="none", export="gguf:Q4_K_M", imatrix=True, nsamples=4, seqlen=64,
+               eval_windows=0, out=str(tmp_path / "imat"))  # fmt: skip
+  plain = Settings(model=model, method="none", export="gguf:Q4_K_M", eval_windows=0, out=str(tmp_path / "plain"))
   checkpoint = open_checkpoint(model)
-  with_imatrix = quantize_model(job, checkpoint, show_progress=False)
-  without = quantize_model(plain, checkpoint, show_progress=False)
+  _, _, with_imatrix = quantize_like_cli(s, checkpoint=checkpoint)
+  _, _, without = quantize_like_cli(plain, checkpoint=checkpoint)
   a = with_imatrix["model"]["layers_3"]["mlp"]["up_proj"]["kernel"]
   b = without["model"]["layers_3"]["mlp"]["up_proj"]["kernel"]
   assert a.spec.layout == b.spec.layout == "Q4_K"
   assert not np.array_equal(np.asarray(a.codes), np.asarray(b.codes))
   # The embedding and output never take an importance matrix (llama.cpp does not collect one for them).
   np.testing.assert_array_equal(with_imatrix["lm_head"]["kernel"].codes, without["lm_head"]["kernel"].codes)
-  assert run_job(job, show_progress=False).evaluation is None
-  assert os.path.exists(gguf_path(job))
+  report, written, _ = run(s, show_progress=False)
+  assert report.evaluation is None and os.path.exists(written)
 
 
 def test_gguf_reads_back_as_the_dequantized_params(wide_model, tmp_path):
@@ -138,12 +133,13 @@ def test_gguf_reads_back_as_the_dequantized_params(wide_model, tmp_path):
 
 
 def test_bad_inputs(tmp_path):
-  with pytest.raises(ValueError, match="unknown GGUF recipe 'Q4_K_X'"):
-    QuantizeJob(method="none", export="gguf:Q4_K_X")
+  config = open_checkpoint("default").config
+  with pytest.raises(ValueError, match=r"--export expected gguf:<TYPE> \(TYPE one of .*Q4_K_M.*got 'gguf:Q4_K_X'"):
+    plan(Settings(method="none", export="gguf:Q4_K_X"), config)
   with pytest.raises(ValueError, match="fits no ggml block size"):
     gguf_recipes.fallback("Q4_K", 100)
-  with pytest.raises(NotImplementedError, match="rounding into ggml block grids is not built"):
-    QuantizeJob(method="gptq", export="gguf:Q4_K_M")
+  with pytest.raises(ValueError, match="a GGUF file has no g_idx"):
+    plan(Settings(method="gptq", desc_act=True, export="gguf:Q4_K_M"), config)
   checkpoint = open_checkpoint("default")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     write_gguf(str(tmp_path / "missing" / "m.gguf"), checkpoint.config, {}, [])

@@ -12,14 +12,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from qjax.calib import text as texts
-from qjax.core import QSpec, affine, dequantize, from_codes, is_qarray, quantize
+from qjax.cli.quantize import Settings, plan, run
+from qjax.core import QSpec, dequantize, from_codes, is_qarray, quantize, round_to_grid
+from qjax.core.tree import leaves_with_paths, map_with_path
 from qjax.eval.metrics import evaluate
 from qjax.formats import hf_quantized, load_model, open_checkpoint
 from qjax.formats.gptq import canonical_act_order, from_gptq, load_gptq, save_gptq, to_gptq
-from qjax.pipeline import QuantizeJob, logits_fn, run_job
-from qjax.quantizers import gptq_quantize
+from qjax.models import logits_fn
+from qjax.quantizers import GptqConfig, gptq_quantize
 from qjax.transforms import Rule, quantize_params, rtn
-from qjax.transforms.base import leaves_with_paths, map_with_path
 from tests.model_factory import LINEARS, quantized_params
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel's worker pool needs it on small machines
@@ -39,7 +40,7 @@ def assert_same_qarray(a, b):
 
 def act_order_qarray(w, spec, perm):
   """An act-order QArray as GPTQ makes it: codes and groups in `perm` order (row r holds input perm[r])."""
-  codes, params = affine.quantize(w[perm], spec)
+  codes, params = round_to_grid(w[perm], spec)
   return from_codes(codes, params, spec, perm=perm)
 
 
@@ -122,7 +123,7 @@ def test_gptq_act_order_round_trips_through_the_quantizer():
   x = rng.standard_normal((512, K)).astype(np.float32) * np.linspace(0.1, 3, K, dtype=np.float32)
   for static_groups in (False, True):
     spec = QSpec(bits=4, group_size=64, symmetric=False)
-    q, _ = gptq_quantize(w, x.T @ x, spec=spec, act_order=True, static_groups=static_groups)
+    q, _ = gptq_quantize(w, x.T @ x, spec=spec, config=GptqConfig(act_order=True, static_groups=static_groups))
     back = from_gptq(to_gptq(q), bits=4, group_size=64, sym=False)
     expected = canonical_act_order(q)
     assert_same_qarray(back, dataclasses.replace(expected, spec=dataclasses.replace(spec, partial_groups=True)))
@@ -259,13 +260,14 @@ def test_truncated_or_extra_tensors(exported):
     load_model(exported)
 
 
-def test_quantize_job_export_flags():
+def test_export_settings_are_checked_before_quantizing(model_dir):
+  config = open_checkpoint(model_dir).config
   with pytest.raises(ValueError, match=r"--export=gptq stores bits \(2, 3, 4, 8\), got --bits=5"):
-    QuantizeJob(method="rtn", bits=5, export="gptq")
-  with pytest.raises(ValueError, match="use a --method that ends in one"):
-    QuantizeJob(method="none", export="gptq_v2")
-  with pytest.raises(ValueError, match=r"--export must be gguf:<TYPE> or one of \('gptq', 'gptq_v2', 'awq'\)"):
-    QuantizeJob(method="rtn", export="exl2")
+    plan(Settings(method="rtn", bits=5, export="gptq"), config)
+  with pytest.raises(ValueError, match="use a --method that rounds"):
+    plan(Settings(method="none", export="gptq_v2"), config)
+  with pytest.raises(ValueError, match=r"--export expected gguf:<TYPE> .* or one of gptq, gptq_v2, awq, got 'exl2'"):
+    plan(Settings(method="rtn", export="exl2"), config)
 
 
 def test_a_quantized_directory_is_not_quantized_again(exported):
@@ -314,7 +316,7 @@ def test_transformers_loads_the_default_model_export(tmp_path):
   pytest.importorskip("optimum")
   pytest.importorskip("gptqmodel")
   out = str(tmp_path / "gptq")
-  run_job(QuantizeJob(method="rtn", bits=4, group_size=64, export="gptq", eval_windows=0, out=out), show_progress=False)
+  run(Settings(method="rtn", bits=4, group_size=64, export="gptq", eval_windows=0, out=out), show_progress=False)
   windows = default_windows(load_model(out).tokenizer)
   diff, scale, ppl_theirs, ppl_ours = compare_with_transformers(out, windows, dtype=torch.float32)
   print(f"default model GPTQ w4g64: max |Δlogit| {diff:.4f} (max |logit| {scale:.1f}); "

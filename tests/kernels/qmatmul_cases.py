@@ -5,7 +5,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.core import QArray, QSpec, affine, from_codes
+from qjax.core import QArray, QSpec, from_codes, round_to_grid
 
 # max |out - ref| / max |ref| per activation dtype. Kernels that dequantize like the reference
 # differ only in f32 summation order, then in the output's rounding (1 ulp: 2^-8 for bfloat16,
@@ -32,7 +32,7 @@ class Case:
     w = rng.standard_normal((self.k, self.n)).astype(np.float32)
     spec = QSpec(bits=4, group_size=self.group, symmetric=self.symmetric, scale_dtype=self.scale_dtype)
     perm = rng.permutation(self.k) if self.act_order else None
-    codes, params = affine.quantize(w if perm is None else w[perm], spec)
+    codes, params = round_to_grid(w if perm is None else w[perm], spec)
     q = from_codes(codes, params, spec, perm=perm)
     x = jnp.asarray(rng.standard_normal((*self.lead, self.k)), self.dtype)
     return x, q

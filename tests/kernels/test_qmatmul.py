@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from qjax.core import QSpec, affine, from_codes, quantize
+from qjax.core import QSpec, from_codes, quantize, round_to_grid
 from qjax.kernels import (
-  KernelWeight,
   choose_backend,
   from_kernel_layout,
   from_kernel_layout_params,
+  is_kernel_layout,
   qmatmul,
   qmatmul_mode,
   qmatmul_reference,
@@ -144,10 +144,10 @@ def test_xla_int4_matches_reference(name):
 )
 def test_kernel_layout_round_trips_exactly(spec, axis):
   rng = np.random.default_rng(0)
-  codes, params = affine.quantize(rng.standard_normal((128, 24)).astype(np.float32), spec)
+  codes, params = round_to_grid(rng.standard_normal((128, 24)).astype(np.float32), spec)
   q = from_codes(codes, params, spec, perm=rng.permutation(128), axis=axis)
   kw = to_kernel_layout(q)
-  assert kw.w.dtype == jnp.int4 and kw.w.shape == (24, 128) and kw.canonical_shape == q.canonical_shape
+  assert kw.codes.dtype == jnp.int4 and kw.codes.shape == (24, 128) and kw.canonical_shape == q.canonical_shape
   back = from_kernel_layout(kw)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(q), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -161,7 +161,7 @@ def test_kernel_layout_params_convert_only_4bit_packed():
     "c": jnp.ones(3),
   }
   converted = to_kernel_layout_params(params)
-  assert isinstance(converted["a"], KernelWeight) and not isinstance(converted["b"], KernelWeight)
+  assert is_kernel_layout(converted["a"]) and not is_kernel_layout(converted["b"])
   back = from_kernel_layout_params(converted)
   np.testing.assert_array_equal(back["a"].codes, params["a"].codes)
   with pytest.raises(ValueError, match="4-bit packed QArray with whole groups: only 4-bit"):

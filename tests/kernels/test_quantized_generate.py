@@ -7,7 +7,7 @@ import pytest
 
 from qjax.core import QSpec
 from qjax.formats import open_checkpoint
-from qjax.kernels import KernelWeight, qmatmul_mode, to_kernel_layout_params
+from qjax.kernels import is_kernel_layout, qmatmul_mode, to_kernel_layout_params
 from qjax.kernels.qmatmul import PortableConfig
 from qjax.models import LlamaConfig, LlamaForCausalLM, generate
 from qjax.transforms import quantize_params, rtn
@@ -53,7 +53,7 @@ def test_model_runs_kernel_layout_params(fresh_traces):
   params = model.init(jax.random.key(0), ids)["params"]
   quantized = quantize_params(params, [(PROJECTIONS, rtn(QSpec(bits=4, group_size=32, symmetric=False)))])
   converted = to_kernel_layout_params(quantized)
-  assert isinstance(converted["model"]["layers_0"]["mlp"]["up_proj"]["kernel"], KernelWeight)
+  assert is_kernel_layout(converted["model"]["layers_0"]["mlp"]["up_proj"]["kernel"])
   reference = model.apply({"params": quantized}, ids)
-  kernel = model.apply({"params": converted}, ids)  # KernelWeight leaves: the XLA int4 path on CPU
+  kernel = model.apply({"params": converted}, ids)  # kernel-layout leaves: the XLA int4 path on CPU
   np.testing.assert_allclose(kernel, reference, rtol=1e-5, atol=1e-5)

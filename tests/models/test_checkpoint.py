@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qjax.formats.default_model import default_gguf_path
 from qjax.formats.gguf import tokenizer_metadata, write_gguf
-from qjax.models import GgufCheckpoint, LlamaForCausalLM, SafetensorsCheckpoint, default_gguf_path, generate
-from qjax.models.checkpoint import rope_permute, rope_unpermute
+from qjax.formats.gguf_reader import GgufCheckpoint, rope_permute, rope_unpermute
+from qjax.models import LlamaForCausalLM, SafetensorsCheckpoint, generate
 from tests.model_factory import write_random_llama
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qjax.core import ClipSearch, QSpec, dequantize, unpack
-from qjax.quantizers import GptqInfo, gptq_quantize, rtn_quantize
+from qjax.quantizers import GptqConfig, GptqInfo, gptq_quantize, rtn_quantize
 from qjax.quantizers.gptq import gptq_core
 from qjax.transforms import gptq
 
@@ -179,7 +179,7 @@ CASES = [
 def test_matches_float64_reference(spec, config):
   w, x = _problem(0, 320, 48)
   h = _hessian(x)
-  q, info = gptq_quantize(w, h, spec=spec, **config)
+  q, info = gptq_quantize(w, h, spec=spec, config=GptqConfig(**config))
   numpy_config = {k: v for k, v in config.items() if k != "block_size"}
   free_codes, perm, *_ = gptq_numpy(w, h, spec, **numpy_config)
   got = _codes_in_sweep_order(q, perm)
@@ -210,7 +210,7 @@ def test_matches_float64_reference(spec, config):
 
 def test_loss_is_output_error_without_damping():
   w, x = _problem(1, 256, 32)
-  q, info = gptq_quantize(w, 2 * _hessian(x) / len(x), spec=QSpec(bits=4, group_size=64), damp=0.0)
+  q, info = gptq_quantize(w, 2 * _hessian(x) / len(x), spec=QSpec(bits=4, group_size=64), config=GptqConfig(damp=0.0))
   err = x @ (np.asarray(dequantize(q)) - w)
   np.testing.assert_allclose(float(info.loss), np.sum(err**2) / len(x), rtol=1e-3)
 
@@ -239,7 +239,7 @@ def test_act_order_helps_on_heavy_tailed_activations():
   for seed in range(3):
     w, x = _problem(10 + seed, 256, 64, heavy=True)
     plain, _ = gptq_quantize(w, _hessian(x), spec=spec)
-    ordered, _ = gptq_quantize(w, _hessian(x), spec=spec, act_order=True)
+    ordered, _ = gptq_quantize(w, _hessian(x), spec=spec, config=GptqConfig(act_order=True))
     gains.append(_output_error(x, w, ordered) / _output_error(x, w, plain))
   assert np.mean(gains) < 0.97, gains
 
@@ -251,7 +251,8 @@ def test_act_order_helps_on_heavy_tailed_activations():
 def test_dead_inputs_quantize_to_zero():
   w, x = _problem(3, 128, 16)
   x[:, [5, 77]] = 0.0
-  q, info = gptq_quantize(w, _hessian(x), spec=QSpec(bits=4, group_size=32, symmetric=False), act_order=True)
+  spec = QSpec(bits=4, group_size=32, symmetric=False)
+  q, info = gptq_quantize(w, _hessian(x), spec=spec, config=GptqConfig(act_order=True))
   deq = np.asarray(dequantize(q))
   assert int(info.dead) == 2 and np.isfinite(deq).all()
   np.testing.assert_array_equal(deq[[5, 77]], 0.0)
@@ -269,7 +270,7 @@ def test_damp_is_raised_until_cholesky_succeeds():
 
 def test_rank_deficient_hessian_without_damping_is_rescued():
   w, x = _problem(5, 128, 16, n_samples=32)  # rank 32 < 128
-  q, info = gptq_quantize(w, _hessian(x), spec=QSpec(bits=4, group_size=32), damp=0.0)
+  q, info = gptq_quantize(w, _hessian(x), spec=QSpec(bits=4, group_size=32), config=GptqConfig(damp=0.0))
   assert bool(info.ok) and np.isfinite(np.asarray(dequantize(q))).all()
   assert _output_error(x, w, q) < _output_error(x, w, rtn_quantize(w, spec=QSpec(bits=4, group_size=32)))
 
@@ -315,7 +316,7 @@ def _count_eqns(jaxpr) -> int:
 
 def test_trace_size_does_not_grow_with_in_features():
   spec = QSpec(bits=4, group_size=64, symmetric=False)
-  trace = jax.make_jaxpr(lambda w, h: gptq_core(w, h, spec=spec, act_order=True))
+  trace = jax.make_jaxpr(lambda w, h: gptq_core(w, h, spec=spec, config=GptqConfig(act_order=True)))
   sizes = [_count_eqns(trace(np.zeros((n, 32), np.float32), np.eye(n, dtype=np.float32)).jaxpr) for n in (256, 1024)]
   assert abs(sizes[0] - sizes[1]) <= 0.05 * sizes[0], sizes
 
@@ -338,17 +339,17 @@ _SHARDED_SCRIPT = textwrap.dedent(
   """
   import numpy as np, jax
   from qjax.core import QSpec
-  from qjax.quantizers import gptq_quantize
+  from qjax.quantizers import GptqConfig, gptq_quantize
   assert jax.device_count() == 8
   rng = np.random.default_rng(0)
   x = (rng.standard_normal((512, 256)) @ (np.eye(256) + rng.standard_normal((256, 256)) / 16)).astype(np.float32)
   w = rng.standard_normal((256, 64)).astype(np.float32)
   h = x.T @ x
   spec = QSpec(bits=4, group_size=32, symmetric=False)
-  one, one_info = gptq_quantize(w, h, spec=spec, act_order=True)
+  one, one_info = gptq_quantize(w, h, spec=spec, config=GptqConfig(act_order=True))
   for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
     mesh = jax.make_mesh((8,), ("out",), axis_types=(axis_type,))
-    sharded, info = gptq_quantize(w, h, spec=spec, act_order=True, mesh=mesh)
+    sharded, info = gptq_quantize(w, h, spec=spec, config=GptqConfig(act_order=True), mesh=mesh)
     assert sharded.scale.sharding.spec == jax.P(None, "out"), sharded.scale.sharding
     assert jax.tree.structure(one) == jax.tree.structure(sharded)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(sharded), strict=True):

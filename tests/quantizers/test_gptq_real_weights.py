@@ -10,7 +10,7 @@ from qjax.calib.runner import RunnerOptions, _Batches, _BlockRunner
 from qjax.core import QSpec, dequantize
 from qjax.formats import open_checkpoint
 from qjax.models.blocks import LlamaBlocks
-from qjax.quantizers import gptq_quantize, rtn_quantize
+from qjax.quantizers import GptqConfig, gptq_quantize, rtn_quantize
 
 LINEARS = tuple(m for group in LlamaBlocks.sequential_groups for m in group)
 
@@ -22,7 +22,7 @@ def layer_problems():
   blocks = LlamaBlocks(checkpoint)
   tokens = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "calibration"))
   windows = texts.calibration_windows(tokens, 8, 256)
-  h = np.concatenate([np.asarray(blocks.embed(jnp.asarray(w[None]))) for w in windows])
+  h = np.concatenate([np.asarray(blocks.embed(blocks.embed_params(), jnp.asarray(w[None]))) for w in windows])
   batches, runner = _Batches(h, RunnerOptions(batch_size=8)), _BlockRunner(blocks)
   problems = {}
   for i in range(7):
@@ -49,7 +49,7 @@ def test_gptq_beats_rtn_on_every_linear_and_act_order_helps(layer_problems, bits
   for name, (w, h) in layer_problems.items():
     rtn_err = output_error(w, rtn_quantize(w, spec=spec), h)
     plain = output_error(w, gptq_quantize(w, h, spec=spec)[0], h)
-    act = output_error(w, gptq_quantize(w, h, spec=spec, act_order=True)[0], h)
+    act = output_error(w, gptq_quantize(w, h, spec=spec, config=GptqConfig(act_order=True))[0], h)
     ratios[name] = plain / rtn_err
     act_gains.append(act / plain)
   assert max(ratios.values()) < 1.0, ratios  # ‖XWᵀ − XŴᵀ‖² below RTN's for every linear

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from qjax.core import QSpec, dequantize, ggml
-from qjax.quantizers import kquants
-from qjax.quantizers.kquants import encode, kquant_quantize
+from qjax.core import ggml_kquants as kquants
+from qjax.core.ggml_kquants import encode
+from qjax.quantizers.kquants import kquant_quantize
 from tests import ggml_oracle
 
 ROW = 1536  # SmolLM2's ffn_down row: 6 super-blocks of 256, 48 blocks of 32
@@ -151,7 +152,7 @@ def test_kquant_quantize_under_jit_and_no_recompilation():
 def test_encode_validates_its_input():
   rows = np.zeros((2, 256), np.float32)
   with pytest.raises(ValueError, match=r"type_name in \('Q4_0', 'Q4_1'"):
-    encode(rows, "IQ4_NL")
+    encode(rows, "IQ2_XXS")
   with pytest.raises(ValueError, match=r"Q4_K block size 256, got rows.shape=\(2, 96\)"):
     encode(rows[:, :96], "Q4_K")
   with pytest.raises(ValueError, match=r"Q8_0 block size 32, got rows.shape=\(256,\)"):

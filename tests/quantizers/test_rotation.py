@@ -1,11 +1,13 @@
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax.models import SafetensorsCheckpoint
-from qjax.models.rotate import RotatedCheckpoint
-from qjax.pipeline import logits_fn
+from qjax.calib import quantize_model
+from qjax.models import LlamaBlocks, SafetensorsCheckpoint, logits_fn
 from qjax.quantizers.rotation import hadamard, paley, random_rotation
+from qjax.transforms import rotate
 from tests.model_factory import random_windows, write_random_llama
 
 
@@ -30,11 +32,12 @@ def test_paley_and_fallback():
 def test_rotation_folded_into_the_model_leaves_it_unchanged(tmp_path, tie):
   path = write_random_llama(str(tmp_path / "m"), layers=2, hidden=64, intermediate=128, tie=tie)
   checkpoint = SafetensorsCheckpoint(path)
-  rotated = RotatedCheckpoint(checkpoint, random_rotation(64, seed=0))
-  assert not rotated.config.tie_word_embeddings
-  w = rotated.layer_params(0)["self_attn"]["q_proj"]["kernel"]
+  rotated = quantize_model(LlamaBlocks(checkpoint), [rotate(seed=0)])
+  assert "lm_head" in rotated  # a rotation unties a tied output embedding
+  w = rotated["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
   assert not np.allclose(w, checkpoint.layer_params(0)["self_attn"]["q_proj"]["kernel"])
   ids = jnp.asarray(random_windows(2, 16))
   before = np.asarray(logits_fn(checkpoint.config, checkpoint.params())(ids))
-  after = np.asarray(logits_fn(rotated.config, rotated.params())(ids))
+  untied = dataclasses.replace(checkpoint.config, tie_word_embeddings=False)
+  after = np.asarray(logits_fn(untied, rotated)(ids))
   np.testing.assert_allclose(after, before, atol=1e-5 * np.abs(before).max() + 1e-5)

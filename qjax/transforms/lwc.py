@@ -10,21 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qjax.calib.stats import BLOCK_INPUTS
 from qjax.core import QSpec
+from qjax.core.tree import get_path, replace_path
 from qjax.quantizers import lwc as lwc_core
-from qjax.transforms.base import Transform, stateless
-
-
-def _get(tree, path):
-  for key in path.split("/"):
-    tree = tree[key]
-  return tree
-
-
-def _replace(tree, path, value):
-  key, _, rest = path.partition("/")
-  return {**tree, key: value if not rest else _replace(tree[key], rest, value)}
+from qjax.transforms.base import Transform, per_block
 
 
 def learned_clipping(spec: QSpec, *, steps: int = 40, learning_rate: float = 5e-3) -> Transform:
@@ -42,10 +31,7 @@ def learned_clipping(spec: QSpec, *, steps: int = 40, learning_rate: float = 5e-
   optimizer = optax.adam(learning_rate)
   compiled = {}
 
-  def update_fn(params, *, block_inputs=None, block_fn=None, block_model=None, block_prefix=None, **_):
-    if block_inputs is None or block_fn is None or block_model is None:
-      raise ValueError("`learned_clipping` runs inside the calibration runner (it needs the block and its inputs).")
-    block = _get(params, block_prefix)
+  def clip_block(block, *, block_model, block_inputs=None, block_fn=None, **_):
     linears = tuple(f"{m}/kernel" for g in block_model.sequential_groups for m in g)
     batches = list(block_inputs)
     key = (block_fn, linears)
@@ -57,16 +43,16 @@ def learned_clipping(spec: QSpec, *, steps: int = 40, learning_rate: float = 5e-
     for i in range(steps):
       logits, opt_state, _ = step(logits, opt_state, block, batches[i % len(batches)], targets[i % len(batches)])
     for path in linears:
-      block = _replace(block, path, lwc_core.apply_clip(_get(block, path), logits[path], spec))
-    return _replace(params, block_prefix, jax.device_get(block))
+      block = replace_path(block, path, lwc_core.apply_clip(get_path(block, path), logits[path], spec))
+    return block
 
-  return stateless(update_fn, stats=frozenset({BLOCK_INPUTS}))
+  return per_block(clip_block, name="`learned_clipping`")
 
 
 def _compile(block_fn, linears, spec, optimizer):
   def quantized(block, logits):
     for path in linears:
-      block = _replace(block, path, lwc_core.fake_quantize(_get(block, path), logits[path], spec))
+      block = replace_path(block, path, lwc_core.fake_quantize(get_path(block, path), logits[path], spec))
     return block
 
   def loss(logits, block, h, target):
@@ -74,7 +60,7 @@ def _compile(block_fn, linears, spec, optimizer):
     return jnp.mean((out.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)
 
   def init(block):
-    logits = {path: lwc_core.init_logits(_get(block, path), spec) for path in linears}
+    logits = {path: lwc_core.init_logits(get_path(block, path), spec) for path in linears}
     return logits, optimizer.init(logits)
 
   @jax.jit

@@ -1,62 +1,29 @@
 """The AWQ transform: activation-aware scales folded into a block's params, then clipping.
 
-It lives with the calibration runner because it runs parts of the block itself.
+AWQ works across several leaves of a block: a scale group (`qjax.transforms.equivalence.ScaleGroup`) is the
+operation that produces an input (a norm, or a linear) and the linears that read it. For each group it searches
+the scales (`qjax.quantizers.awq.search_scale`) on the error of the block part the group feeds, folds ``s`` into
+the linears and ``1/s`` into the producer (`fold_scales`), so the float model computes the same function, then
+searches clipping bounds for the linears (`search_clip`). Rounding is left to the next stage (RTN, GPTQ,
+llama.cpp's encoders).
 
-AWQ works across several leaves of a block: a scale group is the operation that produces
-an input (a norm, or a linear) and the linears that read it. For each group it searches
-the scales (`qjax.quantizers.awq.search_scale`) on the error of the block part the group
-feeds, folds ``s`` into the linears and ``1/s`` into the producer, so the float model
-computes the same function, then searches clipping bounds for the linears
-(`search_clip`). Rounding is left to the next transform in the chain (RTN, GPTQ, k-quants).
-
-It runs inside the calibration runner, which passes the block's inputs and function and a
-`BlockModel` that names the block's scale groups (`awq_scale_groups`).
+It runs the block itself, inside the calibration runner, which passes the block's inputs and function and a
+block model that names the block's scale groups (``scale_groups``).
 """
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.calib.stats import BLOCK_INPUTS, capture_linear_inputs
 from qjax.core import QSpec
+from qjax.core.tree import get_path, replace_path
 from qjax.quantizers import awq as awq_core
-from qjax.transforms.base import Transform, stateless
-
-MISSING_EXTRA_MSG = (
-  "`awq` runs inside the calibration runner, which passes the block ({missing}); apply it with "
-  "`qjax.calib.runner.quantize_blocks`, not `quantize_params`."
-)
-
-
-class ScaleGroup(NamedTuple):
-  """Linears that read one input, and where AWQ folds and measures their scales.
-
-  Attributes:
-    prev: path (inside the block) of the module producing the input: a norm, whose
-      ``scale`` absorbs ``1/s``, or a linear, whose output channels absorb it.
-    linears: paths of the linears reading that input.
-    inspect: path of the module whose output measures the error (e.g. the attention).
-  """
-
-  prev: str
-  linears: tuple[str, ...]
-  inspect: str
-
-
-def _get(tree, path: str):
-  for key in path.split("/"):
-    tree = tree[key]
-  return tree
-
-
-def _replace(tree, path: str, value):
-  key, _, rest = path.partition("/")
-  return {**tree, key: value if not rest else _replace(tree[key], rest, value)}
+from qjax.transforms.base import Transform, per_block
+from qjax.transforms.capture import capture_linear_inputs, module_call
+from qjax.transforms.equivalence import ScaleGroup, fold_scales
 
 
 class _Jitted:
@@ -71,20 +38,7 @@ class _Jitted:
     """``(block, h) -> (args, kwargs, out)`` of the module at `inspect`, and a holder for that module."""
     key = ("capture", block_fn, inspect)
     if key not in self._fns:
-      found = {}
-
-      def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and "/".join(context.module.path) == inspect:
-          found.setdefault("module", context.module.clone(parent=None))
-          found["call"] = (args, kwargs, out)
-        return out
-
-      def run(block, h):
-        with nn.intercept_methods(interceptor):
-          block_fn(block, h)
-        return found["call"]
-
+      run, found = module_call(block_fn, inspect)
       self._fns[key] = (jax.jit(run), found)
     return self._fns[key]
 
@@ -98,7 +52,7 @@ class _Jitted:
         candidate = sub
         for rel, w in zip(relative, kernels, strict=True):
           fq = awq_core.fake_quantize(jnp.asarray(w, jnp.float32) * s[:, None], spec) / s[:, None]
-          candidate = _replace(candidate, "kernel" if rel == "" else f"{rel}/kernel", fq.astype(w.dtype))
+          candidate = replace_path(candidate, "kernel" if rel == "" else f"{rel}/kernel", fq.astype(w.dtype))
         err = 0.0
         for args, kwargs, ref in calls:
           out = module.apply({"params": candidate}, *args, **kwargs)
@@ -115,28 +69,13 @@ class _Jitted:
     return self._fns[key]
 
 
-def _fold(block, group: ScaleGroup, s):
-  """Multiplies the group's kernel rows by `s` and divides the producer's output by it."""
-  for linear in group.linears:
-    kernel = _get(block, f"{linear}/kernel")
-    block = _replace(block, f"{linear}/kernel", (kernel * s[:, None]).astype(kernel.dtype))
-  producer = _get(block, group.prev)
-  if "scale" in producer:  # a norm
-    block = _replace(block, f"{group.prev}/scale", (producer["scale"] / s).astype(producer["scale"].dtype))
-  else:  # a linear: its output channels
-    block = _replace(block, f"{group.prev}/kernel", (producer["kernel"] / s[None, :]).astype(producer["kernel"].dtype))
-    if "bias" in producer:
-      block = _replace(block, f"{group.prev}/bias", (producer["bias"] / s).astype(producer["bias"].dtype))
-  return block
-
-
 def _search_group(jitted: _Jitted, block, group: ScaleGroup, batches, block_fn, x_mean, duo: bool):
   capture, found = jitted.capture(block_fn, group.inspect)
   calls = [capture(block, h) for h in batches]
   relative = tuple(m.removeprefix(f"{group.inspect}/") if m != group.inspect else "" for m in group.linears)
-  kernels = [_get(block, f"{m}/kernel") for m in group.linears]
+  kernels = [get_path(block, f"{m}/kernel") for m in group.linears]
   search = jitted.search(found["module"], relative, duo)
-  return search(_get(block, group.inspect), kernels, jnp.asarray(x_mean), calls)
+  return search(get_path(block, group.inspect), kernels, jnp.asarray(x_mean), calls)
 
 
 def awq(
@@ -170,38 +109,32 @@ def awq(
 
   jitted = _Jitted(spec, n_grid, max_shrink)
 
-  def update_fn(params, *, stats=None, block_inputs=None, block_fn=None, block_model=None, block_prefix=None, **_):
-    given = {"block_inputs": block_inputs, "block_fn": block_fn, "block_model": block_model, "stats": stats}
-    missing = [k for k, v in given.items() if v is None]
-    if missing:
-      raise ValueError(MISSING_EXTRA_MSG.format(missing=", ".join(missing)))
-    groups = getattr(block_model, "awq_scale_groups", None)
+  def awq_block(block, *, stats, block_model, block_inputs=None, block_fn=None, block_prefix=None, **_):
+    groups = getattr(block_model, "scale_groups", None)
     if groups is None:
       raise ValueError(
         f"`awq` does not know the scale groups of block {block_prefix!r} ({type(block_model).__name__} names "
-        "none); add `awq_scale_groups` to its BlockModel rather than skipping AWQ silently."
+        "none); add `scale_groups` to its block model rather than skipping AWQ silently."
       )
-    block = _get(params, block_prefix)
     batches = list(block_inputs)
     for group in groups(block):
-      x_mean = stats[f"{block_prefix}/{group.linears[0]}/kernel"]["abs_mean"]
+      x_mean = stats[f"{group.linears[0]}/kernel"]["abs_mean"]
       s = _search_group(jitted, block, group, batches, block_fn, x_mean, duo_scaling)
-      block = _fold(block, group, s)
+      block = fold_scales(block, group, s)
     if clip:
       block = _clip_block(jitted, block, batches, block_fn, block_model, clip_tokens)
-    return _replace(params, block_prefix, jax.device_get(block))
+    return block
 
-  # "block_inputs": it runs the block itself, so the runner hands it the whole block at once.
-  return stateless(update_fn, stats=frozenset({"abs_mean", BLOCK_INPUTS}))
+  return per_block(awq_block, stats=frozenset({"abs_mean"}), name="`awq`")
 
 
 def _clip_block(jitted: _Jitted, block, batches, block_fn, block_model, clip_tokens: int):
-  skip = set(getattr(block_model, "awq_no_clip", ()))
+  skip = set(getattr(block_model, "no_clip", ()))
   linears = [m for g in block_model.sequential_groups for m in g if m not in skip]
   samples = _sample_inputs(jitted, block, batches, block_fn, clip_tokens)
   for m in linears:
-    w = _get(block, f"{m}/kernel")
-    block = _replace(block, f"{m}/kernel", awq_core.apply_clip(w, jitted.clip(w, samples[m]), jitted.spec))
+    w = get_path(block, f"{m}/kernel")
+    block = replace_path(block, f"{m}/kernel", awq_core.apply_clip(w, jitted.clip(w, samples[m]), jitted.spec))
   return block
 
 

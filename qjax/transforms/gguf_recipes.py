@@ -11,11 +11,16 @@ facts follow llama.cpp's ``src/llama-quant.cpp`` (``llama_tensor_get_type_impl``
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from qjax.core import ggml
-from qjax.models.config import LlamaConfig
-from qjax.transforms import Rule
+from qjax.transforms.base import Transform
 from qjax.transforms.methods import kquant
+from qjax.transforms.rules import Rule
+
+if TYPE_CHECKING:  # the config is read by attribute; transforms do not import the models layer
+  from qjax.models.config import LlamaConfig
 
 # recipe -> its default ggml type (llama_ftype_get_default_type)
 RECIPES = {
@@ -33,10 +38,12 @@ RECIPES = {
   "Q5_K_S": "Q5_K",
   "Q5_K_M": "Q5_K",
   "Q6_K": "Q6_K",
+  "IQ4_NL": "IQ4_NL",
+  "IQ4_XS": "IQ4_XS",
 }
 
 # 256-block types and the 32-block type llama.cpp uses when a row is not whole 256-blocks
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 # Flax module inside a layer -> llama.cpp tensor category
 CATEGORIES = {
@@ -61,7 +68,7 @@ def use_more_bits(i: int, n: int) -> bool:
   return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _layer_type(recipe: str, category: str, i: int, config: LlamaConfig, *, imatrix: bool) -> str:
+def _layer_type(recipe: str, category: str, i: int, config: "LlamaConfig", *, imatrix: bool) -> str:
   """The type llama.cpp picks for a decoder-layer tensor before the shape fallback."""
   t, n = RECIPES[recipe], config.num_hidden_layers
   if category == "attn_v":
@@ -70,6 +77,8 @@ def _layer_type(recipe: str, category: str, i: int, config: LlamaConfig, *, imat
     elif recipe == "Q3_K_M":
       t = "Q5_K" if i < 2 else "Q4_K"
     elif recipe == "Q3_K_L":
+      t = "Q5_K"
+    elif recipe in ("IQ4_NL", "IQ4_XS") and config.num_attention_heads // config.num_key_value_heads >= 4:
       t = "Q5_K"
     elif recipe in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
       t = "Q6_K"
@@ -86,6 +95,8 @@ def _layer_type(recipe: str, category: str, i: int, config: LlamaConfig, *, imat
       t = "Q5_K"
     elif recipe in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
       t = "Q6_K"
+    elif recipe in ("IQ4_NL", "IQ4_XS") and i < n // 8 and not imatrix:
+      t = "Q5_K"
     elif recipe == "Q4_K_S" and i < n // 8:
       t = "Q5_K"
     elif recipe in ("Q4_0", "Q5_0") and imatrix and i < n // 8:
@@ -95,7 +106,7 @@ def _layer_type(recipe: str, category: str, i: int, config: LlamaConfig, *, imat
   return t
 
 
-def _is_70b(config: LlamaConfig) -> bool:
+def _is_70b(config: "LlamaConfig") -> bool:
   # llama.cpp's LLM_TYPE_70B for the llama architecture: 80 layers.
   return config.architecture != "Qwen2ForCausalLM" and config.num_hidden_layers == 80
 
@@ -123,7 +134,7 @@ def fallback(type_name: str, row_length: int) -> str:
   return fitted
 
 
-def tensor_types(recipe: str, config: LlamaConfig, *, imatrix: bool = False) -> dict[str, str]:
+def tensor_types(recipe: str, config: "LlamaConfig", *, imatrix: bool = False) -> dict[str, str]:
   """Flax parameter path -> ggml type of every quantized tensor, as ``llama-quantize`` chooses it.
 
   Norms and other 1-D tensors are not listed (they stay F32).
@@ -149,11 +160,20 @@ def tensor_types(recipe: str, config: LlamaConfig, *, imatrix: bool = False) -> 
   for i in range(config.num_hidden_layers):
     for module, category in CATEGORIES.items():
       chosen = _layer_type(recipe, category, i, config, imatrix=imatrix)
-      types[f"model/layers_{i}/{module}/kernel"] = fallback(chosen, rows[module])
+      try:
+        types[f"model/layers_{i}/{module}/kernel"] = fallback(chosen, rows[module])
+      except ValueError as e:
+        raise ValueError(f"model/layers_{i}/{module}/kernel ({category}, {chosen} in {recipe}): {e}") from None
   return types
 
 
-def gguf_recipe(recipe: str, config: LlamaConfig, *, imatrix: bool = False) -> list[Rule]:
+def gguf_recipe(
+  recipe: str,
+  config: "LlamaConfig",
+  *,
+  imatrix: bool = False,
+  linear: Callable[[str], Transform] | None = None,
+) -> list[Rule]:
   """The recipe as rules: one rule per (tensor kind, type), its layers in the pattern.
 
   Args:
@@ -161,8 +181,11 @@ def gguf_recipe(recipe: str, config: LlamaConfig, *, imatrix: bool = False) -> l
     config: the model's config (layer count, widths, heads, tied embeddings).
     imatrix: whether block linears are quantized with an importance matrix (the runner's
       ``imatrix`` statistic); the embedding and output never are, as in llama.cpp.
+    linear: ``type name -> transform`` rounding the block linears into their types (e.g. GPTQ into the block
+      grid); by default llama.cpp's own encoders (`kquant`).
 
   Examples:
+    >>> from qjax.models import LlamaConfig
     >>> cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
     ...                   num_attention_heads=32, num_key_value_heads=32, head_dim=128)
     >>> [r.name for r in gguf_recipe("Q4_K_M", cfg)][:3]
@@ -180,5 +203,6 @@ def gguf_recipe(recipe: str, config: LlamaConfig, *, imatrix: bool = False) -> l
       by_kind[module, type_name].append(int(layer))
   for (module, type_name), layers in by_kind.items():
     pattern = f"model/layers_({'|'.join(map(str, layers))})/{module}/kernel"
-    rules.append(Rule(pattern, kquant(type_name, imatrix=imatrix), name=f"{CATEGORIES[module]} {type_name}"))
+    transform = kquant(type_name, imatrix=imatrix) if linear is None else linear(type_name)
+    rules.append(Rule(pattern, transform, name=f"{CATEGORIES[module]} {type_name}"))
   return rules

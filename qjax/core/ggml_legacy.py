@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Float, Int, UInt8
 
-from qjax.quantizers.ggml_exact import Exact, make_qkx_quants, make_qx_quants, running_extreme, signed_abs_max
+from qjax.core.ggml_exact import Exact, make_qkx_quants, make_qx_quants, running_extreme, signed_abs_max
 
 ByteRows = list[Int[Array, "bytes nb"]]
 SEARCH_CHUNK = 8  # blocks per step of an encoder with a search: small enough for L1 (measured 4 to 64)

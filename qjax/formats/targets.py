@@ -1,0 +1,159 @@
+"""Where a model goes: one parser for ``--export`` / ``--to`` values, the checks made before any work, and
+the dispatch to each format's writer.
+
+A target is a qjax directory (the default), a Hugging Face directory a GPU runtime loads (``gptq``,
+``gptq_v2``, ``awq``), or ``gguf:<TYPE>`` where TYPE is what ``llama-quantize`` takes: a llama.cpp file type
+(``Q4_K_M`` … `RECIPES`, its per-tensor types) or a float type (`FLOAT_TYPES`).
+"""
+
+import os
+from typing import NamedTuple
+
+from qjax.core import QSpec
+from qjax.formats import awq, gguf, gptq, hf_quantized, native
+from qjax.formats.gguf import FLOAT_TYPES
+from qjax.formats.output import atomic_directory
+from qjax.kernels import from_kernel_layout_params
+from qjax.models.config import LlamaConfig
+from qjax.transforms.gguf_recipes import RECIPES
+
+HF_FORMATS = ("gptq", "gptq_v2", "awq")
+QJAX = "qjax"
+
+TARGET_MSG = "{flag} expected gguf:<TYPE> (TYPE one of {types}) or one of {formats}, got {value!r}."
+
+
+class Target(NamedTuple):
+  """A parsed target.
+
+  Attributes:
+    kind: ``"qjax"``, ``"gguf"``, or a Hugging Face format (`HF_FORMATS`).
+    gguf_type: for ``"gguf"``: a llama.cpp file type (`RECIPES`) or a float type (`FLOAT_TYPES`).
+  """
+
+  kind: str
+  gguf_type: str | None = None
+
+  @property
+  def is_gguf(self) -> bool:
+    return self.kind == "gguf"
+
+  @property
+  def is_hf(self) -> bool:
+    return self.kind in HF_FORMATS
+
+  @property
+  def quantizes(self) -> bool:
+    """Whether the target's format rounds the weights itself (a GGUF file type rather than a float type)."""
+    return self.is_gguf and self.gguf_type not in FLOAT_TYPES
+
+  def __str__(self) -> str:
+    return f"gguf:{self.gguf_type}" if self.is_gguf else self.kind
+
+
+def parse_target(value: str | None, *, flag: str = "--export") -> Target:
+  """``None`` -> the qjax directory; ``"gguf:Q4_K_M"``, ``"gguf:F16"``, ``"gptq"``, ``"gptq_v2"``, ``"awq"``.
+
+  Raises:
+    ValueError: naming `flag` and the allowed values.
+
+  Examples:
+    >>> parse_target("gguf:Q4_K_M"), parse_target("awq").is_hf
+    (Target(kind='gguf', gguf_type='Q4_K_M'), True)
+  """
+  if value is None or value == QJAX:
+    return Target(QJAX)
+  kind, _, type_name = value.partition(":")
+  if kind in HF_FORMATS and not type_name:
+    return Target(kind)
+  if kind == "gguf" and (type_name in RECIPES or type_name in FLOAT_TYPES):
+    return Target(kind, type_name)
+  types = ", ".join([*RECIPES, *FLOAT_TYPES])
+  raise ValueError(TARGET_MSG.format(flag=flag, types=types, formats=", ".join(HF_FORMATS), value=value))
+
+
+def output_path(target: Target, out: str) -> str:
+  """What a target writes under `out`: the directory itself, or ``<out>/model-<TYPE>.gguf``."""
+  return os.path.join(out, f"model-{target.gguf_type}.gguf") if target.is_gguf else out
+
+
+def check_spec(target: Target, spec: QSpec, *, act_order: bool) -> None:
+  """Raises for quantization settings a Hugging Face target cannot hold (checked before quantizing).
+
+  Args:
+    target: the target.
+    spec: the grid of every quantized linear.
+    act_order: whether the result will carry an act-order permutation (GPTQ ``desc_act`` with dynamic groups).
+  """
+  if target.kind == "awq":
+    if spec.bits != awq.BITS:
+      raise ValueError(f"--export=awq stores 4-bit codes, got --bits={spec.bits}; use --bits=4 or --export=gptq.")
+    if act_order:
+      raise ValueError("--export=awq has no g_idx for act-order; drop --desc_act (or add --static_groups).")
+  elif target.is_hf and spec.bits not in gptq.BITS:
+    raise ValueError(f"--export={target} stores bits {gptq.BITS}, got --bits={spec.bits} (no GPTQ loader reads it).")
+
+
+def check_shapes(target: Target, spec: QSpec, config: LlamaConfig) -> None:
+  """Raises when a Hugging Face target cannot hold `spec` on a model with `config` (checked before quantizing)."""
+  if not target.is_hf:
+    return
+  for module in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+    k, n = hf_quantized.linear_shape(config, module)
+    if target.kind == "awq":
+      awq.check_awq_shape(k, n, spec.group_size, module, "--export=awq")
+    else:
+      for what, length in (("the input width", k), ("the output width", n)):
+        gptq.check_packable(length, spec.bits, what, module, f"--export={target}")
+
+
+def export(
+  target: Target,
+  out: str,
+  config: LlamaConfig,
+  params,
+  tokenizer,
+  *,
+  name: str,
+  metadata=None,
+  description: str = "",
+  overwrite: bool = False,
+  atomic: bool = True,
+) -> str:
+  """Writes quantized params to `target` in the directory `out` and returns the path of the model written.
+
+  Args:
+    target: where to.
+    out: the output directory (a GGUF file goes inside it, see `output_path`).
+    config: the config of the quantized model.
+    params: its parameter tree (`QArray` leaves in any layout).
+    tokenizer: its `transformers` tokenizer.
+    name: the model's name (GGUF ``general.name``).
+    metadata: JSON facts recorded in a qjax directory's config (source model, recipe, flags).
+    description: how the model was made, for a GGUF file's ``general.quantized_by``.
+    overwrite: replace a previous qjax output of another kind (see `qjax.formats.output`).
+    atomic: write to a temporary sibling and rename (False: write into `out`, an existing directory the caller
+      made, e.g. its own temporary one).
+
+  Raises:
+    InputError: if `out` may not be written (it holds files qjax did not write, …).
+  """
+  if atomic:
+    with atomic_directory(out, target.kind, overwrite=overwrite) as tmp:
+      export(target, tmp, config, params, tokenizer, name=name, metadata=metadata, description=description,
+             atomic=False)  # fmt: skip
+    return output_path(target, out)
+  params = from_kernel_layout_params(params)
+  if target.is_gguf:
+    float_type = target.gguf_type if target.gguf_type in FLOAT_TYPES else "F32"
+    entries = gguf.tokenizer_metadata(tokenizer, config.vocab_size)
+    path = output_path(target, out)
+    gguf.write_gguf(path, config, params, entries, float_type=float_type, file_type=target.gguf_type, name=name,
+                    description=description)  # fmt: skip
+  elif target.kind == "awq":
+    awq.write_awq(out, config, params, tokenizer)
+  elif target.is_hf:
+    gptq.write_gptq(out, config, params, tokenizer, checkpoint_format=target.kind)
+  else:
+    native.write_quantized(out, config, params, tokenizer, metadata=metadata)
+  return output_path(target, out)
