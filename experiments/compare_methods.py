@@ -70,7 +70,7 @@ def llama_cpp_fn(path: str, seqlen: int):
     for window in np.asarray(ids):
       llm.reset()
       llm.eval(window.tolist())
-      out.append(np.asarray(llm.scores[: len(window)], np.float32))
+      out.append(np.array(llm.scores[: len(window)], np.float32))  # a copy: `scores` is llama.cpp's reused buffer
     return np.stack(out)
 
   return logits, llm

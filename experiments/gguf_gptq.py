@@ -1,6 +1,7 @@
 """GGUF files better than llama.cpp makes: GPTQ rounding into llama.cpp's own block grids, evaluated by llama.cpp.
 
   .venv/bin/python experiments/gguf_gptq.py          # writes experiments/gguf_gptq.{json,md,png}
+  .venv/bin/python experiments/gguf_gptq.py --recipes=Q3_K_M --rows="qjax GPTQ"   # rerun some rows, keep the rest
 
 For each recipe, four files of exactly the same types and size: llama.cpp's plain file and its importance-matrix
 file (qjax's encoders, byte for byte what llama-quantize writes), and qjax's GPTQ and AWQ+GPTQ files (GPTQ's
@@ -22,12 +23,14 @@ from qjax.calib import text as texts
 from qjax.cli.quantize import Settings, calibration_windows, quantize_with
 from qjax.formats import export, open_checkpoint, parse_target
 
-_NSAMPLES = flags.DEFINE_integer("nsamples", 32, "Calibration windows.")
-_SEQLEN = flags.DEFINE_integer("seqlen", 512, "Tokens per calibration window.")
-_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows of 512 tokens per text.")
+# --nsamples, --seqlen, --damp_percent and --eval_windows (of 512 tokens, per text) are `qjax quantize`'s own
+# flags, defined when qjax.cli.quantize is imported.
+FLAGS = flags.FLAGS
 _RECIPES = flags.DEFINE_list("recipes", ["Q4_K_M", "Q3_K_M", "IQ4_XS"], "llama.cpp recipes.")
-_DAMP = flags.DEFINE_float("damp_percent", 0.01, "GPTQ's dampening.")
-_OUT = flags.DEFINE_string("out", "experiments/gguf_gptq", "Output path prefix (.json, .md, .png).")
+_ROWS = flags.DEFINE_list(
+  "rows", None, "Rows to run (default: all); the other rows of an existing <prefix>.json are kept."
+)
+_PREFIX = flags.DEFINE_string("prefix", "experiments/gguf_gptq", "Output path prefix (.json, .md, .png).")
 
 ROWS = {  # row -> settings beyond the recipe
   "llama.cpp": dict(method="none"),
@@ -52,7 +55,7 @@ def llama_logits(path: str, windows: np.ndarray) -> np.ndarray:
     for window in windows:
       llm.reset()
       llm.eval(window.tolist())
-      out.append(np.asarray(llm.scores[: len(window)], np.float32))
+      out.append(np.array(llm.scores[: len(window)], np.float32))  # a copy: `scores` is llama.cpp's reused buffer
     return np.stack(out)
   finally:
     llm.close()
@@ -78,13 +81,13 @@ def main(argv):
   del argv
   checkpoint = open_checkpoint("default")
   tokenizer = checkpoint.tokenizer()
-  base = Settings(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, damp_percent=_DAMP.value)
+  base = Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, damp_percent=FLAGS.damp_percent)
   windows = calibration_windows(base, tokenizer)
   texts_ = {
     "built-in": texts.eval_windows(texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512,
-                                   max_windows=_EVAL_WINDOWS.value),
+                                   max_windows=FLAGS.eval_windows),
     "LICENSE.txt": texts.eval_windows(texts.tokenize(tokenizer, texts.load_text(ood_text(), "evaluation")), 512,
-                                      max_windows=_EVAL_WINDOWS.value),
+                                      max_windows=FLAGS.eval_windows),
   }  # fmt: skip
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +96,8 @@ def main(argv):
     reference = {name: llama_logits(f32, w) for name, w in texts_.items()}
     for recipe in _RECIPES.value:
       for row, kw in ROWS.items():
+        if _ROWS.value is not None and row not in _ROWS.value:
+          continue
         s = Settings(**{**base.__dict__, **kw, "export": f"gguf:{recipe}"})
         p, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows, show_progress=True)
         path = export(p.target, os.path.join(tmp, f"{recipe}-{row}".replace(" ", "_")), config, params, tokenizer,
@@ -104,7 +109,22 @@ def main(argv):
           result[name] = compare(llama_logits(path, w), reference[name], w)
         rows.append(result)
         print(json.dumps(result), flush=True)
-  write_outputs(rows, {name: int(w[:, 1:].size) for name, w in texts_.items()})
+  write_outputs(merged(rows), {name: int(w[:, 1:].size) for name, w in texts_.items()})
+
+
+def merged(rows: list[dict]) -> list[dict]:
+  """`rows` and the rows of the previous run at the same settings that were not rerun, by recipe then row."""
+  path = f"{_PREFIX.value}.json"
+  kept = []
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    same = [previous.get(k) for k in ("nsamples", "seqlen", "damp_percent")] == [
+      FLAGS.nsamples, FLAGS.seqlen, FLAGS.damp_percent]  # fmt: skip
+    new = {(r["recipe"], r["row"]) for r in rows}
+    kept = [r for r in previous["rows"] if same and (r["recipe"], r["row"]) not in new]
+  recipes = list(dict.fromkeys([*_RECIPES.value, *(r["recipe"] for r in kept)]))
+  return sorted(rows + kept, key=lambda r: (recipes.index(r["recipe"]), list(ROWS).index(r["row"])))
 
 
 def _gguf_2d(path: str):
@@ -114,15 +134,15 @@ def _gguf_2d(path: str):
 
 
 def write_outputs(rows: list[dict], tokens: dict[str, int]) -> None:
-  out = _OUT.value
+  out = _PREFIX.value
   with open(f"{out}.json", "w") as f:
-    json.dump({"nsamples": _NSAMPLES.value, "seqlen": _SEQLEN.value, "damp_percent": _DAMP.value, "tokens": tokens,
+    json.dump({"nsamples": FLAGS.nsamples, "seqlen": FLAGS.seqlen, "damp_percent": FLAGS.damp_percent, "tokens": tokens,
                "rows": rows}, f, indent=2)  # fmt: skip
   names = list(tokens)
   head = " | ".join(f"{what} ({n})" for n in names for what in ("KL", "KL p99", "top-1", "ppl"))
   lines = [
     f"SmolLM2-135M-Instruct, every file run by llama.cpp and compared with llama.cpp running the F32 file; "
-    f"calibration {_NSAMPLES.value} x {_SEQLEN.value} tokens of the built-in text; "
+    f"calibration {FLAGS.nsamples} x {FLAGS.seqlen} tokens of the built-in text; "
     + ", ".join(f"{n}: {t} scored tokens" for n, t in tokens.items())
     + ".",
     "",
@@ -150,7 +170,8 @@ def plot(rows: list[dict], names: list[str], path: str) -> None:
   for ax, name in zip(np.atleast_1d(axes), names, strict=True):
     for row, marker in markers.items():
       pts = [(r["bpw"], r[name]["kl"]) for r in rows if r["row"] == row]
-      ax.scatter(*zip(*pts, strict=True), marker=marker, label=row)
+      if pts:
+        ax.scatter(*zip(*pts, strict=True), marker=marker, label=row)
     ax.set(xlabel="bits per weight (2-D tensors)", ylabel="mean KL divergence vs F32 (llama.cpp)", yscale="log",
            title=f"{name} text")  # fmt: skip
     ax.legend(fontsize=8)

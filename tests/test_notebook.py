@@ -20,4 +20,4 @@ def test_quickstart_notebook_executes(tmp_path):
   client.execute()
   outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
   assert "Paris" in outputs
-  assert (tmp_path / "runs" / "quickstart-Q4_K_M.gguf").exists()
+  assert [p.name for p in (tmp_path / "runs" / "quickstart-gguf").glob("*.gguf")] == ["model-Q4_K_M.gguf"]

@@ -206,31 +206,28 @@ def _gptq_rounding(target: Target, spec: QSpec, gptq_config: GptqConfig, config)
   return recipes.gptq(spec, gptq_config)
 
 
-def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Plan:
-  """Checks the settings against each other and the model's config, before any work, and builds the recipe.
+def _recipe_function(s: Settings, method_given: bool):
+  """``(function, identity, name)`` of the recipe the settings name."""
+  if s.recipe and method_given:
+    raise ValueError("give --method or --recipe, not both.")
+  if s.recipe:
+    fn, recipe_id = cli_recipes.load_function(s.recipe)
+    return fn, recipe_id, s.recipe
+  if s.method not in cli_recipes.METHODS:
+    raise ValueError(f"--method={s.method}: unknown; one of {', '.join(cli_recipes.METHODS)}, or --recipe.")
+  return cli_recipes.METHODS[s.method], s.method, s.method
 
-  Raises:
-    ValueError, NotImplementedError, FileNotFoundError: naming the flag.
-  """
+
+def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, name: str, uses_gptq: bool) -> None:
+  """Raises for settings that contradict each other, the target or the model (naming the flag)."""
   if s.group_size not in ALLOWED_GROUP_SIZES:
     raise ValueError(f"--group_size must be one of {ALLOWED_GROUP_SIZES}, got {s.group_size}.")
   if s.nsamples < 1 or s.seqlen < 2:
     raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {s.nsamples} and {s.seqlen}.")
-  if s.recipe and method_given:
-    raise ValueError("give --method or --recipe, not both.")
-  target = parse_target(s.export)
-  spec = QSpec(bits=s.bits, group_size=s.group_size, symmetric=s.sym, partial_groups=True)
-  gptq_config = _gptq_config(s)
-  if s.recipe:
-    fn, recipe_id = cli_recipes.load_function(s.recipe)
-    name = s.recipe
-  elif s.method in cli_recipes.METHODS:
-    fn, recipe_id, name = cli_recipes.METHODS[s.method], s.method, s.method
-  else:
-    raise ValueError(f"--method={s.method}: unknown; one of {', '.join(cli_recipes.METHODS)}, or --recipe.")
   if s.imatrix and not target.quantizes:
     raise ValueError("--imatrix applies to GGUF recipes (--export=gguf:<TYPE>, e.g. gguf:Q4_K_M).")
-  if target.quantizes and "gptq" in name and s.desc_act and not s.static_groups:
+  act_order = uses_gptq and s.desc_act and not s.static_groups and s.group_size != -1
+  if target.quantizes and act_order:
     raise ValueError(
       f"--desc_act with --export={target}: a GGUF file has no g_idx, so GPTQ must keep each block's columns "
       "together; drop --desc_act (group-aware order is the default) or add --static_groups."
@@ -240,9 +237,22 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
   if name == "none" and not target.is_gguf:
     raise ValueError("--method=none quantizes nothing by itself; give --export=gguf:<TYPE> (e.g. gguf:Q4_K_M).")
   if target.is_hf:
-    act_order = "gptq" in name and s.desc_act and not s.static_groups and s.group_size != -1
     check_spec(target, spec, act_order=act_order)
     check_shapes(target, spec, config)
+
+
+def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Plan:
+  """Checks the settings against each other and the model's config, before any work, and builds the recipe.
+
+  Raises:
+    ValueError, NotImplementedError, FileNotFoundError: naming the flag.
+  """
+  target = parse_target(s.export)
+  spec = QSpec(bits=s.bits, group_size=s.group_size, symmetric=s.sym, partial_groups=True)
+  gptq_config = _gptq_config(s)
+  fn, recipe_id, name = _recipe_function(s, method_given)
+  parameters = inspect.signature(fn).parameters
+  _check(s, target, spec, config, name=name, uses_gptq=bool({"gptq_rounding", "gptq_config"} & set(parameters)))
   values = {
     "spec": _search_spec(target, spec),
     "gptq_config": gptq_config,
@@ -251,14 +261,15 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
     "model_config": config,
     "seed": s.seed,
   }
-  if "gptq_rounding" in inspect.signature(fn).parameters:
+  if "gptq_rounding" in parameters:
     values["gptq_rounding"] = _gptq_rounding(target, spec, gptq_config, config)
   recipe = cli_recipes.call(fn, values, name=name)
+  short = name.rpartition(":")[2]
   if target.quantizes:
-    method = "" if name in ("none", "rtn") else f"{name.rpartition(':')[2]} "
-    label = f"{method}gguf {target.gguf_type}" + (" imatrix" if s.imatrix else "")
+    label = ("" if name in ("none", "rtn") else f"{short} ") + f"gguf {target.gguf_type}"
+    label += " imatrix" if s.imatrix else ""
   else:
-    label = f"{name.rpartition(':')[2]} w{s.bits}g{s.group_size}"
+    label = f"{short} w{s.bits}g{s.group_size}"
   default_name = f"gguf-{target.gguf_type}" if target.is_gguf else f"{s.method}-w{s.bits}g{s.group_size}"
   if target.is_hf:
     default_name += f"-{target.kind}"
@@ -311,18 +322,14 @@ def quantize_with(
   return p, dataclasses.replace(checkpoint.config, tie_word_embeddings="lm_head" not in qparams), qparams
 
 
-def output_kind(target: Target) -> str:
-  """What an output directory of `target` holds, as its marker records it."""
-  return "qjax" if target.kind == "qjax" else target.kind
-
-
 def _estimated_bytes(s: Settings, p: Plan, config: LlamaConfig, calibrate: bool) -> tuple[int, int]:
   """Generous upper bounds of the output's and the checkpoints' sizes, in bytes."""
   est = estimate_sizes(config)
-  bits = 32.0 if p.target.is_gguf and not p.target.quantizes else 8.5 if p.target.is_gguf else p.spec.bits_per_weight(
-    config.hidden_size
-  )  # fmt: skip
-  dense_bits = 32 if p.target.is_gguf and p.target.gguf_type == "F32" else 16
+  if p.target.is_gguf:  # the largest llama.cpp type of a recipe is 8.5 bits per weight (Q8_0)
+    bits = 8.5 if p.target.quantizes else 32.0
+    dense_bits = 32 if p.target.gguf_type == "F32" else 16
+  else:
+    bits, dense_bits = p.spec.bits_per_weight(config.hidden_size), 16
   output = int(est.linear_params * bits / 8 + est.other_params * dense_bits / 8) + (64 << 20)
   activations = 2 * s.nsamples * s.seqlen * config.hidden_size * 4
   return output, (output + activations if calibrate else 0)
@@ -337,7 +344,7 @@ def preflight(s: Settings, p: Plan, config: LlamaConfig, *, calibrate: bool) -> 
   """
   inputs = [s.model] if s.model != "default" else []
   inputs += [t for t in (s.calib, s.eval_text) if t != "default"]
-  check_output(p.out, output_kind(p.target), overwrite=s.overwrite, inputs=inputs)
+  check_output(p.out, p.target.kind, overwrite=s.overwrite, inputs=inputs)
   if calibrate:
     ckpt, out = os.path.realpath(p.checkpoint_dir), os.path.realpath(p.out)
     for other, what in ((out, "--out"), *((os.path.realpath(i), i) for i in inputs)):
@@ -383,7 +390,7 @@ def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) 
                     eval_windows=s.eval_windows)  # fmt: skip
     print(cost, flush=True)
   log = TensorLog()
-  with atomic_directory(p.out, output_kind(p.target), overwrite=s.overwrite) as tmp:
+  with atomic_directory(p.out, p.target.kind, overwrite=s.overwrite) as tmp:
     tick = time.perf_counter()
     p, out_config, qparams = quantize_with(
       s, checkpoint=checkpoint, windows=windows, log=log, show_progress=show_progress,

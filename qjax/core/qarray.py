@@ -107,11 +107,12 @@ def ungroup(x: Array, in_features: int) -> Array:
 
 def clipped_grid(spec: QSpec, clip: ClipSearch | None) -> Grid:
   """`spec`'s grid, with `clip`'s MSE clipping search in its fit (affine grids only)."""
+  grid = spec.rounding_grid
   if clip is None:
-    return spec.grid
-  if not hasattr(spec.grid, "clip"):
-    raise ValueError(f"a clip search applies to the affine grid, got {type(spec.grid).__name__}.")
-  return dataclasses.replace(spec.grid, clip=clip)
+    return grid
+  if not hasattr(grid, "clip"):
+    raise ValueError(f"a clip search applies to the affine grid, got {type(grid).__name__}.")
+  return dataclasses.replace(grid, clip=clip)
 
 
 def _check_groups(fn: str, w: Array, spec: QSpec) -> None:
@@ -159,7 +160,7 @@ def round_to_grid(
 def grid_values(codes: Integer[Array, "k n"], params: GroupParams, spec: QSpec) -> Float[Array, "k n"]:
   """Inverse of `round_to_grid`: the float32 values of (k, n) codes on `spec`'s grid."""
   grouped = group_view(codes, spec)
-  return ungroup(spec.grid.dequantize(grouped, params, jnp.arange(grouped.shape[1])), codes.shape[0])
+  return ungroup(spec.rounding_grid.dequantize(grouped, params, jnp.arange(grouped.shape[1])), codes.shape[0])
 
 
 def from_codes(

@@ -42,12 +42,14 @@ class QSpec:
       (``ceil(in / group_size)`` groups, input ``i`` in group ``i // group_size``), as GPTQ checkpoints define it
       (AutoGPTQ, GPTQModel and transformers accept it; vLLM's GPTQ kernels and AWQ do not). Off by default so a
       mismatched group size is reported rather than silently producing a short group.
-    grid: the rounding grid (`qjax.core.grid.Grid`). Left out, it is the affine grid of `bits`, `symmetric` and
-      `scale_dtype`, or the ggml layout's block grid; give one to round into another number format (its codes
-      must be `bits` wide; a custom grid's parameters are stored in the `QArray`'s ``scale`` and ``zero``).
+    grid: a rounding grid (`qjax.core.grid.Grid`) other than the default; give one to round into another number
+      format (its codes must be `bits` wide; a custom grid's parameters are stored in the `QArray`'s ``scale`` and
+      ``zero``). None (the default, and what a grid equal to the default is stored as) means the grid that
+      `bits`, `symmetric`, `scale_dtype` and `layout` imply, so ``dataclasses.replace(spec, bits=3)`` gives the
+      3-bit grid rather than keeping the 4-bit one. Read the grid in use from `rounding_grid`.
 
   Examples:
-    >>> QSpec(bits=4, group_size=128).grid
+    >>> QSpec(bits=4, group_size=128).rounding_grid
     AffineGrid(bits=4, symmetric=True, scale_dtype=dtype('float16'), clip=None)
   """
 
@@ -80,14 +82,23 @@ class QSpec:
           f"symmetric={info.symmetric}; build it with `QSpec.ggml({self.layout!r})`."
         )
     if self.grid is None:
-      default = GgmlGrid(self.layout) if self.is_ggml else AffineGrid(
-        bits=self.bits, symmetric=self.symmetric, scale_dtype=self.scale_dtype
-      )  # fmt: skip
-      object.__setattr__(self, "grid", default)
-    elif not isinstance(self.grid, Grid):
+      return
+    if not isinstance(self.grid, Grid):
       raise TypeError(f"`QSpec` expected a grid with fit, round and dequantize, got {type(self.grid).__name__}.")
-    elif self.grid.bits != self.bits and not self.is_ggml:
+    if self.grid.bits != self.bits and not self.is_ggml:
       raise ValueError(f"`QSpec` expected a grid of {self.bits}-bit codes, got {self.grid.bits=}.")
+    if self.grid == self._default_grid():
+      object.__setattr__(self, "grid", None)  # one spelling per spec: equal specs hash and compare equal
+
+  def _default_grid(self) -> Grid:
+    if self.is_ggml:
+      return GgmlGrid(self.layout)
+    return AffineGrid(bits=self.bits, symmetric=self.symmetric, scale_dtype=self.scale_dtype)
+
+  @property
+  def rounding_grid(self) -> Grid:
+    """The grid codes are rounded into: `grid` if one was given, else the one the other fields imply."""
+    return self._default_grid() if self.grid is None else self.grid
 
   @staticmethod
   def ggml(type_name: str) -> "QSpec":
@@ -104,7 +115,7 @@ class QSpec:
   @property
   def has_default_grid(self) -> bool:
     """Whether the grid is the one `bits`, `symmetric`, `scale_dtype` and `layout` imply (it need not be saved)."""
-    return self.grid == dataclasses.replace(self, grid=None).grid
+    return self.grid is None
 
   def check_divides(self, fn: str, in_features: int, shape: tuple[int, ...]) -> None:
     """Raises the standard error when the group size does not divide `in_features` (and may not)."""

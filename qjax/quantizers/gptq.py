@@ -395,7 +395,7 @@ def gptq_core(
   else:
     codes, params, perm, info = _sharded_arrays(w, h, mesh=mesh, mesh_axis=mesh_axis, spec=spec, config=config)
   if spec.is_ggml:  # the codes and scales become llama.cpp's block bytes
-    blocks = spec.grid.pack(group_view(codes, spec), params)
+    blocks = spec.rounding_grid.pack(group_view(codes, spec), params)
     return QArray(blocks, None, None, None, spec, tuple(w.shape), np.dtype(w.dtype)), info
   return from_codes(codes, params, spec, perm=perm, dtype=w.dtype), info
 
@@ -422,7 +422,7 @@ def gptq_quantize(
   factor ``U`` of ``H⁻¹`` holds ``[H_F⁻¹]_{q,F} / sqrt([H_F⁻¹]_qq)`` for every step, so the
   sweep needs one factorisation. Dead inputs (``H_qq = 0``) get ``H_qq = 1`` and zero weight;
   ``damp · mean(diag H)`` is added to the diagonal, and `damp` is raised by `DAMP_STEP`
-  while the Cholesky fails. A group's grid parameters (``spec.grid.fit``; the affine grid's
+  while the Cholesky fails. A group's grid parameters (``spec.rounding_grid.fit``; the affine grid's
   range, with ``config.clip`` its MSE search) are fitted when the sweep reaches the group's first
   channel, on its updated weights; with `static_groups`, or per-channel grids, up front from the
   original weights. Rows are independent given ``H``: with `mesh`, the output

@@ -151,19 +151,22 @@ def tensor_types(recipe: str, config: "LlamaConfig", *, imatrix: bool = False) -
     "mlp/up_proj": hidden,
     "mlp/down_proj": inter,
   }
-  types = {}
+  chosen = {}  # path -> (category, type before the fallback, row length)
   output = _output_type(recipe, hidden)
   embed = output if config.tie_word_embeddings else RECIPES[recipe]
-  types["model/embed_tokens/embedding"] = fallback(embed, hidden)
+  chosen["model/embed_tokens/embedding"] = ("token_embd", embed, hidden)
   if not config.tie_word_embeddings:
-    types["lm_head/kernel"] = fallback(output, hidden)
+    chosen["lm_head/kernel"] = ("output", output, hidden)
   for i in range(config.num_hidden_layers):
     for module, category in CATEGORIES.items():
-      chosen = _layer_type(recipe, category, i, config, imatrix=imatrix)
-      try:
-        types[f"model/layers_{i}/{module}/kernel"] = fallback(chosen, rows[module])
-      except ValueError as e:
-        raise ValueError(f"model/layers_{i}/{module}/kernel ({category}, {chosen} in {recipe}): {e}") from None
+      layer_type = _layer_type(recipe, category, i, config, imatrix=imatrix)
+      chosen[f"model/layers_{i}/{module}/kernel"] = (category, layer_type, rows[module])
+  types = {}
+  for path, (category, type_name, row_length) in chosen.items():
+    try:
+      types[path] = fallback(type_name, row_length)
+    except ValueError as e:
+      raise ValueError(f"{path} ({category}, {type_name} in {recipe}): {e}") from None
   return types
 
 

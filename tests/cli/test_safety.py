@@ -180,9 +180,12 @@ def test_convert_never_replaces_what_qjax_did_not_write(model_dir, tmp_path):
 
 
 def _cli(*args, **kwargs):
+  # Python keeps SIGINT ignored if its parent ignored it (as pytest started in the background by a shell does);
+  # the child installs the usual KeyboardInterrupt handler so that Ctrl-C is tested as a terminal delivers it.
+  main = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from qjax.cli import run; run()"
   return subprocess.Popen(
-    [sys.executable, "-c", "from qjax.cli import run; run()", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, **kwargs,
+    [sys.executable, "-c", main, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"}, **kwargs,
   )  # fmt: skip
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax.core import GgmlGrid, GroupParams, QSpec, dequantize, ggml, quantize
+from qjax.core import AffineGrid, GgmlGrid, GroupParams, QSpec, dequantize, ggml, quantize
 from qjax.core.ggml_decode import decode
 from qjax.core.ggml_kquants import encode
 from qjax.core.qarray import group_view
@@ -56,7 +56,7 @@ def test_a_codebook_grid_plugs_into_gptq_and_beats_rtn_on_it(q_proj_problem):
   spec = QSpec(bits=2, group_size=64, grid=Codebook())
   rtn = rtn_quantize(w, spec=spec)
   gptq, info = gptq_quantize(w, h, spec=spec)
-  assert bool(info.ok) and gptq.spec.grid == Codebook()
+  assert bool(info.ok) and gptq.spec.rounding_grid == Codebook()
   # Every value lies on its group's codebook, as the grid defines it.
   groups = group_view(jnp.asarray(dequantize(gptq)), spec) / gptq.scale[:, None, :]
   assert np.abs(np.abs(np.asarray(groups))[..., None] - np.array([0.25, 1.0])).min(-1).max() < 1e-5
@@ -102,7 +102,7 @@ def test_gptq_rounds_into_a_llama_cpp_grid_through_the_protocol(q_proj_problem):
 
   spec = QSpec(bits=4, group_size=32, grid=GgmlGrid("Q4_0"))
   codes, params, _, info = _gptq_arrays(jnp.asarray(w), jnp.asarray(h), spec=spec, config=_config())
-  values = np.asarray(spec.grid.dequantize(group_view(codes, spec), params, jnp.arange(32))).reshape(w.shape)
+  values = np.asarray(spec.rounding_grid.dequantize(group_view(codes, spec), params, jnp.arange(32))).reshape(w.shape)
   d = values.astype(np.float64) - w
   gptq_err = float(np.einsum("io,ij,jo->", d, h, d))
   llama = np.asarray(decode(encode(w.T, "Q4_0"), "Q4_0")).T.astype(np.float64) - w
@@ -119,9 +119,16 @@ def _config():
 def test_rtn_into_the_default_grid_is_unchanged():
   w = np.random.default_rng(0).standard_normal((128, 8)).astype(np.float32)
   spec = QSpec(bits=4, group_size=32)
-  explicit = QSpec(bits=4, group_size=32, grid=spec.grid)
+  explicit = QSpec(bits=4, group_size=32, grid=spec.rounding_grid)
   assert explicit == spec and explicit.has_default_grid
   np.testing.assert_array_equal(quantize(w, spec).codes, quantize(w, explicit).codes)
+
+
+def test_a_replaced_spec_derives_its_grid_again():
+  three = dataclasses.replace(QSpec(bits=4, group_size=32, symmetric=False), bits=3)
+  assert three.rounding_grid == AffineGrid(bits=3, symmetric=False, scale_dtype=np.float16)
+  with pytest.raises(ValueError, match="3-bit codes"):
+    QSpec(bits=3, grid=AffineGrid(bits=4, symmetric=True, scale_dtype=np.float16))
 
 
 @pytest.mark.parametrize("type_name", list(ggml.BLOCK_TYPES))
@@ -141,7 +148,7 @@ def test_gptq_into_a_block_grid_writes_the_values_it_chose(type_name):
   spec, config = QSpec.ggml(type_name), GptqConfig(group_aware=True)
   q, info = gptq_quantize(w, h, spec=spec, config=config)
   codes, params, _, _ = _gptq_arrays(jnp.asarray(w), jnp.asarray(h), spec=spec, config=config)
-  chosen = spec.grid.dequantize(group_view(codes, spec), params, jnp.arange(spec.group_size))
+  chosen = spec.rounding_grid.dequantize(group_view(codes, spec), params, jnp.arange(spec.group_size))
   chosen = np.asarray(chosen).reshape(w.shape)
   decoded = gguf.quants.dequantize(np.asarray(q.codes), gguf.GGMLQuantizationType[type_name]).T
   np.testing.assert_array_equal(decoded, chosen)

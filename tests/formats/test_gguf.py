@@ -64,7 +64,7 @@ def f32_export(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("recipe", ["Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "IQ4_XS"])
 def test_default_model_export_is_llama_quantize_byte_for_byte(recipe, f32_export, tmp_path):
   checkpoint, config, params = quantize_like_cli(Settings(method="none", export=f"gguf:{recipe}"))
   target = parse_target(f"gguf:{recipe}")
@@ -207,3 +207,35 @@ def test_sentencepiece_style_tokenizer_tokenizes_the_same_in_llama_cpp(tmp_path)
       assert llm.tokenize(line.encode(), add_bos=True) == checkpoint.tokenizer()(line).input_ids, line
   finally:
     llm.close()
+
+
+@pytest.mark.slow
+def test_gptq_rounded_gguf_loads_in_llama_cpp_with_the_perplexity_qjax_computes(tmp_path):
+  """GPTQ into llama.cpp's Q4_K_M types: the file has llama.cpp's types and size, and llama.cpp's perplexity of it
+  is qjax's forward's on the same dequantized weights."""
+  s = Settings(method="gptq", export="gguf:Q4_K_M", nsamples=8, seqlen=128)
+  checkpoint, config, params = quantize_like_cli(s)
+  ours = export(parse_target(s.export), str(tmp_path / "gptq"), config, params, checkpoint.tokenizer(), name="default",
+                description="gptq gguf Q4_K_M")  # fmt: skip
+  plain = export(parse_target(s.export), str(tmp_path / "plain"), config,
+                 quantize_like_cli(Settings(method="none", export="gguf:Q4_K_M"), checkpoint=checkpoint)[2],
+                 checkpoint.tokenizer(), name="default")  # fmt: skip
+  types = lambda path: {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+  assert types(ours) == types(plain) and os.path.getsize(ours) == pytest.approx(os.path.getsize(plain), abs=256)
+  assert gguf_format.written_by_qjax(ours)
+  tokens = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))
+  windows = texts.eval_windows(tokens, 256, max_windows=3)
+  ours_ppl = evaluate(logits_fn(config, params), windows, show_progress=False).perplexity
+  theirs_ppl = llama_cpp_perplexity(ours, windows)
+  assert abs(ours_ppl - theirs_ppl) / theirs_ppl < 0.01, (ours_ppl, theirs_ppl)
+
+
+def test_a_width_no_block_holds_names_the_tensor_and_llama_cpps_fallback():
+  from qjax.models import LlamaConfig
+
+  config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=100, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=16)  # fmt: skip
+  message = (r"model/layers_0/mlp/down_proj/kernel \(ffn_down, Q6_K in Q4_K_M\): a row of 100 elements "
+             r"fits no ggml block size \(32 or 256\); llama.cpp would keep it in F16")  # fmt: skip
+  with pytest.raises(ValueError, match=message):
+    plan(Settings(method="gptq", export="gguf:Q4_K_M"), config)

@@ -41,7 +41,7 @@ def layout_reason(q) -> str | None:
   if spec.layout != PACKED:
     return f"layout {spec.layout} has no kernel layout"
   if spec.bits != 4 or not spec.has_default_grid:
-    return f"only 4-bit codes on the affine grid have a kernel layout, got bits={spec.bits}, grid {spec.grid}"
+    return f"only 4-bit codes on the affine grid have a kernel layout, got bits={spec.bits}, grid {spec.rounding_grid}"
   if spec.group_size != -1 and k % spec.group_size:
     return f"a shorter last group (k={k}, group_size={spec.group_size}) has no kernel layout"
   return None
