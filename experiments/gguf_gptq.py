@@ -3,9 +3,10 @@
   .venv/bin/python experiments/gguf_gptq.py          # writes experiments/gguf_gptq.{json,md,png}
   .venv/bin/python experiments/gguf_gptq.py --recipes=Q3_K_M --rows="qjax GPTQ"   # rerun some rows, keep the rest
 
-For each recipe, four files of exactly the same types and size: llama.cpp's plain file and its importance-matrix
-file (qjax's encoders, byte for byte what llama-quantize writes), and qjax's GPTQ and AWQ+GPTQ files (GPTQ's
-error feedback inside llama.cpp's block grids, the embedding and output encoded as llama.cpp would). Every file
+For each recipe, four files: llama.cpp's plain file and its importance-matrix file (qjax's encoders, byte for
+byte what llama-quantize writes), and qjax's GPTQ and AWQ+GPTQ files (GPTQ's error feedback inside llama.cpp's
+block grids at the imatrix file's types and size, the embedding and output encoded as llama.cpp would; AWQ's
+search bounded to 4096 tokens, experiments/awq_gptq_cpu.py). Every file
 is run by llama.cpp itself (llama-cpp-python) on the same token windows, and compared with llama.cpp running the
 F32 file: mean and 99th-percentile KL divergence, top-1 agreement, perplexity. Two texts: the built-in evaluation
 text (the same kind as the calibration text) and Python's own LICENSE.txt (legal prose, never calibrated on).
@@ -20,8 +21,10 @@ import numpy as np
 from absl import app, flags
 
 from qjax.calib import text as texts
-from qjax.cli.quantize import Settings, calibration_windows, quantize_with
+from qjax.cli.quantize import GGUF_DAMP, Settings, calibration_windows, quantize_with
+from qjax.eval.metrics import evaluate
 from qjax.formats import export, open_checkpoint, parse_target
+from qjax.models import logits_fn
 
 # --nsamples, --seqlen, --damp_percent and --eval_windows (of 512 tokens, per text) are `qjax quantize`'s own
 # flags, defined when qjax.cli.quantize is imported.
@@ -36,8 +39,14 @@ ROWS = {  # row -> settings beyond the recipe
   "llama.cpp": dict(method="none"),
   "llama.cpp + imatrix": dict(method="none", imatrix=True),
   "qjax GPTQ": dict(method="gptq"),
-  "qjax AWQ+GPTQ": dict(method="awq+gptq"),
+  # --method=awq+gptq with AWQ's scale search on 4096 of the calibration tokens, to fit two CPU cores
+  "qjax AWQ+GPTQ": dict(recipe=os.path.join(os.path.dirname(__file__), "awq_gptq_cpu.py:recipe")),
 }
+
+
+def damp() -> float:
+  """--damp_percent, or `qjax quantize`'s default into a GGUF recipe."""
+  return GGUF_DAMP if FLAGS.damp_percent is None else FLAGS.damp_percent
 
 
 def ood_text() -> str:
@@ -69,19 +78,22 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def compare(logits: np.ndarray, reference: np.ndarray, windows: np.ndarray) -> dict[str, float]:
   """llama.cpp's KL-divergence statistics of `logits` against the F32 file's on the same windows."""
-  p, q = log_softmax(reference[:, :-1]), log_softmax(logits[:, :-1])
-  kl = np.sum(np.exp(p) * (p - q), axis=-1).reshape(-1)
-  targets = windows[:, 1:]
-  nll = -np.take_along_axis(q, targets[..., None], axis=-1).mean()
-  return {"kl": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
-          "top1": float(np.mean(p.argmax(-1) == q.argmax(-1))), "perplexity": float(np.exp(nll))}  # fmt: skip
+  kl, nll, agree = [], [], []
+  for ours, ref, window in zip(logits, reference, windows, strict=True):  # a window at a time: float64 vocab rows
+    p, q = log_softmax(ref[:-1]), log_softmax(ours[:-1])
+    kl.append(np.sum(np.exp(p) * (p - q), axis=-1))
+    nll.append(-np.take_along_axis(q, window[1:, None], axis=-1)[:, 0])
+    agree.append(p.argmax(-1) == q.argmax(-1))
+  kl, nll, agree = map(np.concatenate, (kl, nll, agree))
+  return {"kl": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)), "top1": float(agree.mean()),
+          "perplexity": float(np.exp(nll.mean()))}  # fmt: skip
 
 
 def main(argv):
   del argv
   checkpoint = open_checkpoint("default")
   tokenizer = checkpoint.tokenizer()
-  base = Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, damp_percent=FLAGS.damp_percent)
+  base = Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, damp_percent=damp())
   windows = calibration_windows(base, tokenizer)
   texts_ = {
     "built-in": texts.eval_windows(texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512,
@@ -103,27 +115,35 @@ def main(argv):
         path = export(p.target, os.path.join(tmp, f"{recipe}-{row}".replace(" ", "_")), config, params, tokenizer,
                       name="default", description=p.label)  # fmt: skip
         weights = sum(int(np.prod(t.shape)) for t in _gguf_2d(path))
-        result = {"recipe": recipe, "row": row, "size_mb": os.path.getsize(path) / 2**20,
+        result = {"recipe": recipe, "row": row, "settings": {k: getattr(s, k) for k in ("nsamples", "seqlen",
+                  "damp_percent")}, "size_mb": os.path.getsize(path) / 2**20,
                   "bpw": 8 * sum(t.n_bytes for t in _gguf_2d(path)) / weights}  # fmt: skip
         for name, w in texts_.items():
           result[name] = compare(llama_logits(path, w), reference[name], w)
+        # qjax's own forward on the dequantized weights, on the same windows: llama.cpp runs what qjax computed
+        ours = evaluate(logits_fn(config, params), texts_["built-in"], show_progress=False)
+        result["qjax_perplexity"] = ours.perplexity
         rows.append(result)
         print(json.dumps(result), flush=True)
   write_outputs(merged(rows), {name: int(w[:, 1:].size) for name, w in texts_.items()})
 
 
+# the settings each row depends on: llama.cpp's plain file on none, the imatrix file on the calibration windows
+DEPENDS = {"llama.cpp": (), "llama.cpp + imatrix": ("nsamples", "seqlen")}
+
+
 def merged(rows: list[dict]) -> list[dict]:
-  """`rows` and the rows of the previous run at the same settings that were not rerun, by recipe then row."""
+  """`rows` and the rows of the previous run that were not rerun and depend on no setting that changed."""
   path = f"{_PREFIX.value}.json"
   kept = []
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    same = [previous.get(k) for k in ("nsamples", "seqlen", "damp_percent")] == [
-      FLAGS.nsamples, FLAGS.seqlen, FLAGS.damp_percent]  # fmt: skip
+    now = {"nsamples": FLAGS.nsamples, "seqlen": FLAGS.seqlen, "damp_percent": damp()}
+    same = lambda r: all(r.get("settings", previous).get(k) == now[k] for k in DEPENDS.get(r["row"], now))
     new = {(r["recipe"], r["row"]) for r in rows}
-    kept = [r for r in previous["rows"] if same and (r["recipe"], r["row"]) not in new]
-  recipes = list(dict.fromkeys([*_RECIPES.value, *(r["recipe"] for r in kept)]))
+    kept = [r for r in previous["rows"] if same(r) and (r["recipe"], r["row"]) not in new]
+  recipes = list(dict.fromkeys([*_RECIPES.default, *_RECIPES.value, *(r["recipe"] for r in kept)]))
   return sorted(rows + kept, key=lambda r: (recipes.index(r["recipe"]), list(ROWS).index(r["row"])))
 
 
@@ -136,24 +156,27 @@ def _gguf_2d(path: str):
 def write_outputs(rows: list[dict], tokens: dict[str, int]) -> None:
   out = _PREFIX.value
   with open(f"{out}.json", "w") as f:
-    json.dump({"nsamples": FLAGS.nsamples, "seqlen": FLAGS.seqlen, "damp_percent": FLAGS.damp_percent, "tokens": tokens,
+    json.dump({"nsamples": FLAGS.nsamples, "seqlen": FLAGS.seqlen, "damp_percent": damp(), "tokens": tokens,
                "rows": rows}, f, indent=2)  # fmt: skip
   names = list(tokens)
   head = " | ".join(f"{what} ({n})" for n in names for what in ("KL", "KL p99", "top-1", "ppl"))
   lines = [
     f"SmolLM2-135M-Instruct, every file run by llama.cpp and compared with llama.cpp running the F32 file; "
-    f"calibration {FLAGS.nsamples} x {FLAGS.seqlen} tokens of the built-in text; "
+    f"calibration {FLAGS.nsamples} x {FLAGS.seqlen} tokens of the built-in text, GPTQ's dampening "
+    f"{damp()} (AWQ+GPTQ: AWQ's scales searched on 4096 of those tokens, experiments/awq_gptq_cpu.py); last "
+    "column: qjax's own forward on the file's dequantized weights; "
     + ", ".join(f"{n}: {t} scored tokens" for n, t in tokens.items())
     + ".",
     "",
-    f"| recipe | file | MB | bits/w | {head} |",
-    "|---|---|---|---|" + "---|" * (4 * len(names)),
+    f"| recipe | file | MB | bits/w | {head} | ppl by qjax ({names[0]}) |",
+    "|---|---|---|---|" + "---|" * (4 * len(names) + 1),
   ]
   for r in rows:
     cells = " | ".join(
       f"{r[n]['kl']:.4f} | {r[n]['kl_p99']:.3f} | {100 * r[n]['top1']:.1f}% | {r[n]['perplexity']:.3f}" for n in names
     )
-    lines.append(f"| {r['recipe']} | {r['row']} | {r['size_mb']:.1f} | {r['bpw']:.3f} | {cells} |")
+    ours = f"{r['qjax_perplexity']:.3f}" if "qjax_perplexity" in r else "not run"
+    lines.append(f"| {r['recipe']} | {r['row']} | {r['size_mb']:.1f} | {r['bpw']:.3f} | {cells} | {ours} |")
   with open(f"{out}.md", "w") as f:
     f.write("\n".join(lines) + "\n")
   plot(rows, names, f"{out}.png")

@@ -6,12 +6,10 @@ and every fourth one goes to the evaluation part, the rest to the calibration pa
 the two never share a passage. Any UTF-8 text file can replace either part.
 """
 
-import os
-import stat
-
 import numpy as np
 
 from qjax.core.errors import InputError
+from qjax.core.files import read_bounded
 
 DEFAULT = "default"
 MAX_TEXT_BYTES = 1 << 30  # a larger text is a mistake (or a device); it would be read whole into memory
@@ -39,24 +37,9 @@ def load_text(source: str, part: str) -> str:
     calibration, evaluation = default_text()
     return {"calibration": calibration, "evaluation": evaluation}[part]
   try:
-    st = os.stat(source)
+    data = read_bounded(source, max_bytes=MAX_TEXT_BYTES, content="text", kind="text file")
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{source}: no such text file (use a UTF-8 text file, or 'default').") from e
-  except (OSError, ValueError) as e:
-    raise InputError(f"{source}: cannot be examined ({type(e).__name__}).") from e
-  if not stat.S_ISREG(st.st_mode):
-    raise InputError(f"{source}: expected a regular text file, got a directory, FIFO, socket or device.")
-  if st.st_size > MAX_TEXT_BYTES:
-    raise InputError(f"{source}: expected a text of at most {MAX_TEXT_BYTES} bytes, got {st.st_size}.")
-  try:
-    with open(os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
-      if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced since the stat above
-        raise InputError(f"{source}: expected a regular text file, got something else.")
-      data = f.read(MAX_TEXT_BYTES + 1)
-  except OSError as e:
-    raise InputError(f"{source}: cannot be read ({type(e).__name__}).") from e
-  if len(data) > MAX_TEXT_BYTES:
-    raise InputError(f"{source}: expected a text of at most {MAX_TEXT_BYTES} bytes, got more (it grew while read).")
   try:
     text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # newlines as text mode reads them
   except UnicodeDecodeError as e:

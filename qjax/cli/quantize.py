@@ -28,6 +28,7 @@ from qjax.cli import Interrupted
 from qjax.cli import recipes as cli_recipes
 from qjax.cli.estimate import estimate, estimate_sizes
 from qjax.core import ClipSearch, InputError, ggml
+from qjax.core.ggml_grid import LAYOUTS
 from qjax.core.qspec import QSpec
 from qjax.eval import TensorLog, evaluate, sizes, write_report
 from qjax.eval.report import RunReport
@@ -43,6 +44,12 @@ from qjax.transforms.recipes import Recipe
 ALLOWED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's list
 
 
+DAMP = 0.01
+"""GPTQ's dampening by default (AutoGPTQ's ``damp_percent``)."""
+GGUF_DAMP = 0.1
+"""GPTQ's dampening into a GGUF recipe: out of domain, 0.01 lost to llama.cpp's imatrix IQ4_XS file, 0.1 beat it."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
   """The values of `qjax quantize`'s flags (the defaults are the flags' defaults; see `qjax quantize --help`)."""
@@ -56,7 +63,7 @@ class Settings:
   desc_act: bool = False
   act_group_aware: bool = True
   static_groups: bool = False
-  damp_percent: float = 0.01
+  damp_percent: float | None = None  # None: `gptq_damp`'s default for the export
   mse: bool = False
   true_sequential: bool = True
   nsamples: int = 32
@@ -109,7 +116,11 @@ flags.DEFINE_bool(
 )  # fmt: skip
 flags.DEFINE_bool("static_groups", _D.static_groups, "With --desc_act, keep groups in the original channel order.")
 flags.DEFINE_float(
-  "damp_percent", _D.damp_percent, "GPTQ dampening, a fraction of mean(diag(H)). Example: --damp_percent=0.05."
+  "damp_percent",
+  _D.damp_percent,
+  f"GPTQ dampening, a fraction of mean(diag(H)); default {DAMP}, and {GGUF_DAMP} "
+  "into a GGUF recipe, whose files are run on any text: there it keeps GPTQ's file ahead of llama.cpp's imatrix "
+  "file on text unlike the calibration (experiments/gguf_gptq.md). Example: --damp_percent=0.05.",
 )
 flags.DEFINE_bool("mse", _D.mse, "Search a clipping range per group that minimises the rounding error (RTN and GPTQ).")
 flags.DEFINE_bool(
@@ -170,11 +181,18 @@ class Plan:
   checkpoint_dir: str
 
 
-def _gptq_config(s: Settings) -> GptqConfig:
+def gptq_damp(s: Settings, target: Target) -> float:
+  """--damp_percent, or its default for the export: `GGUF_DAMP` into a GGUF recipe, `DAMP` otherwise."""
+  if s.damp_percent is None:
+    return GGUF_DAMP if target.quantizes else DAMP
   if not 0.0 <= s.damp_percent < 1.0:
     raise ValueError(f"--damp_percent must be in [0, 1), got {s.damp_percent}.")
+  return s.damp_percent
+
+
+def _gptq_config(s: Settings, target: Target) -> GptqConfig:
   return GptqConfig(
-    damp=s.damp_percent,
+    damp=gptq_damp(s, target),
     act_order=s.desc_act,
     static_groups=s.static_groups,
     clip=ClipSearch() if s.mse else None,
@@ -183,11 +201,13 @@ def _gptq_config(s: Settings) -> GptqConfig:
 
 
 def _search_spec(target: Target, spec: QSpec) -> QSpec:
-  """The grid AWQ and learned clipping aim at: --bits/--group_size, or a GGUF recipe's main type's sub-blocks."""
+  """The grid AWQ and learned clipping aim at: --bits/--group_size, or a GGUF recipe's main type's sub-blocks
+  (its bits, symmetry and sub-block width: the scale llama.cpp stores per 16 or 32 weights)."""
   if not target.quantizes:
     return spec
-  info = ggml.BLOCK_TYPES[RECIPES[target.gguf_type]]
-  return QSpec(bits=info.bits, group_size=32, symmetric=info.symmetric)
+  main = RECIPES[target.gguf_type]
+  info = ggml.BLOCK_TYPES[main]
+  return QSpec(bits=info.bits, group_size=LAYOUTS[main].sub_block, symmetric=info.symmetric)
 
 
 def _rounding(s: Settings, target: Target, spec: QSpec, clip, config) -> Recipe:
@@ -249,21 +269,29 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
   """
   target = parse_target(s.export)
   spec = QSpec(bits=s.bits, group_size=s.group_size, symmetric=s.sym, partial_groups=True)
-  gptq_config = _gptq_config(s)
+  gptq_config = _gptq_config(s, target)
   fn, recipe_id, name = _recipe_function(s, method_given)
   parameters = inspect.signature(fn).parameters
   _check(s, target, spec, config, name=name, uses_gptq=bool({"gptq_rounding", "gptq_config"} & set(parameters)))
-  values = {
-    "spec": _search_spec(target, spec),
-    "gptq_config": gptq_config,
-    "clip": gptq_config.clip,
-    "rounding": _rounding(s, target, spec, gptq_config.clip, config),
-    "model_config": config,
-    "seed": s.seed,
-  }
-  if "gptq_rounding" in parameters:
-    values["gptq_rounding"] = _gptq_rounding(target, spec, gptq_config, config)
-  recipe = cli_recipes.call(fn, values, name=name)
+
+  def build(rounded_config: LlamaConfig) -> Recipe:
+    values = {
+      "spec": _search_spec(target, spec),
+      "gptq_config": gptq_config,
+      "clip": gptq_config.clip,
+      "rounding": _rounding(s, target, spec, gptq_config.clip, rounded_config),
+      "model_config": config,
+      "seed": s.seed,
+    }
+    if "gptq_rounding" in parameters:
+      values["gptq_rounding"] = _gptq_rounding(target, spec, gptq_config, rounded_config)
+    return cli_recipes.call(fn, values, name=name)
+
+  recipe = build(config)
+  if recipe.unties_head and config.tie_word_embeddings:
+    # A rotation gives a tied model its own head: the GGUF recipe types the embedding and the output as llama.cpp
+    # types them in the untied model it will be handed.
+    recipe = build(dataclasses.replace(config, tie_word_embeddings=False))
   short = name.rpartition(":")[2]
   if target.quantizes:
     label = ("" if name in ("none", "rtn") else f"{short} ") + f"gguf {target.gguf_type}"
@@ -281,7 +309,7 @@ def run_id(s: Settings, p: Plan) -> dict:
   """What a checkpoint directory must have been written with to be resumed."""
   skip = {"out", "checkpoint_dir", "eval_windows", "eval_text", "method", "recipe"}
   settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
-  return {"recipe": p.recipe_id, **settings}
+  return {"recipe": p.recipe_id, **settings, "damp_percent": gptq_damp(s, p.target)}
 
 
 def calibration_windows(s: Settings, tokenizer):

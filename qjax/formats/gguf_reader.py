@@ -15,6 +15,7 @@ import struct
 import numpy as np
 
 from qjax.core.errors import InputError
+from qjax.core.files import one_line, regular_file
 from qjax.models.checkpoint import (
   Checkpoint,
   Params,
@@ -22,8 +23,6 @@ from qjax.models.checkpoint import (
   check_layer_count,
   check_tokenizer,
   hf_tensor_shapes,
-  one_line,
-  regular_file,
   set_nested,
 )
 from qjax.models.config import LlamaConfig, RopeScaling, checked_config, config_float, config_int, show

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from qjax.core import ggml, packing
 from qjax.core.errors import InputError
+from qjax.core.files import one_line
 from qjax.core.qspec import PACKED, QSpec
 from qjax.core.tree import FORMAT_VERSION, QARRAY_FIELDS, flatten_params, spec_from_json, unflatten_params
 from qjax.formats.output import atomic_directory
@@ -30,7 +31,6 @@ from qjax.models.checkpoint import (
   check_layer_count,
   check_shape,
   model_file,
-  one_line,
   param_shapes,
   read_safetensors,
   safetensors_header,

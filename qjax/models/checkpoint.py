@@ -16,6 +16,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from qjax.core.errors import InputError
+from qjax.core.files import one_line, regular_file
 from qjax.models.config import LlamaConfig, read_json, show
 
 Params = dict
@@ -170,32 +171,6 @@ def check_finite(name: str, value: np.ndarray, source: str) -> None:
   """Raises naming the tensor when it holds NaN or Inf (a model that would evaluate to ``perplexity nan``)."""
   if not np.isfinite(value).all():
     raise InputError(f"{source}: tensor {name} holds NaN or Inf values.")
-
-
-def one_line(e: BaseException) -> str:
-  """The first line of an exception's message, cut short, for a one-line error naming a file."""
-  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-  return text if len(text) <= 160 else text[:157] + "..."
-
-
-def regular_file(path: str, source: str) -> os.stat_result:
-  """`os.stat` of `path`, which must be a regular file; it is not opened (opening a FIFO blocks until a writer
-  comes, a device may never end).
-
-  Raises:
-    FileNotFoundError: if `path` does not exist.
-    InputError: naming `source` when it is a directory, FIFO, device or cannot be examined.
-  """
-  try:
-    st = os.stat(path)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{source}: no such file {path!r}.") from e
-  except (OSError, ValueError) as e:
-    raise InputError(f"{source}: {path!r} cannot be examined ({one_line(e)}).") from e
-  if not stat.S_ISREG(st.st_mode):
-    what = "" if path == source else f" {path!r}"
-    raise InputError(f"{source}:{what} expected a regular file, got a directory, FIFO, socket or device.")
-  return st
 
 
 def _allowed_roots(model_dir: str) -> list[str]:

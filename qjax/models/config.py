@@ -4,10 +4,10 @@ import dataclasses
 import json
 import math
 import os
-import stat
 from typing import Any, Literal
 
 from qjax.core.errors import InputError
+from qjax.core.files import one_line, read_bounded
 
 # Hugging Face architecture name -> what differs from plain Llama.
 ARCHITECTURES = {
@@ -301,20 +301,8 @@ def read_json(path: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
     FileNotFoundError: if `path` does not exist.
     InputError: naming `path` when it is not a regular file, too large, not UTF-8 or not JSON.
   """
+  data = read_bounded(path, max_bytes=max_bytes, content="JSON")
   try:
-    st = os.stat(path)
-  except FileNotFoundError:
-    raise
-  except (OSError, ValueError) as e:
-    raise InputError(f"{path}: cannot be read ({type(e).__name__}).") from e
-  if not stat.S_ISREG(st.st_mode):
-    raise InputError(f"{path}: expected a regular file, got something else (a directory, FIFO or device).")
-  if st.st_size > max_bytes:
-    raise InputError(f"{path}: expected at most {max_bytes} bytes of JSON, got {st.st_size}.")
-  try:
-    with open(path, "rb") as f:
-      data = f.read(max_bytes + 1)
     return json.loads(data)
-  except (ValueError, RecursionError, OSError) as e:
-    detail = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-    raise InputError(f"{path}: not valid JSON ({detail}).") from e
+  except (ValueError, RecursionError) as e:
+    raise InputError(f"{path}: not valid JSON ({one_line(e)}).") from e

@@ -86,6 +86,7 @@ def awq(
   clip: bool = True,
   max_shrink: float = 0.5,
   clip_tokens: int = 512,
+  search_tokens: int | None = None,
 ) -> Transform:
   """AWQ scaling (and clipping) of a block's float params; follow it with a rounding transform.
 
@@ -97,6 +98,9 @@ def awq(
       (q/k in the Llama family: their product is hard to clip precisely).
     max_shrink: the largest relative shrink of a group's range tried by the clip search.
     clip_tokens: sample tokens for the clip search.
+    search_tokens: run the scale search on the first calibration batches holding at least this many tokens
+      (None: all of them); the search runs the block part once per grid point, so on a CPU this bounds its cost.
+      The activation statistics ``x̄`` always cover every token.
 
   Raises (from update):
     ValueError: outside the calibration runner, or for a block whose model names no scale groups.
@@ -117,9 +121,13 @@ def awq(
         "none); add `scale_groups` to its block model rather than skipping AWQ silently."
       )
     batches = list(block_inputs)
+    searched = batches
+    if search_tokens is not None:
+      counts = np.cumsum([int(np.prod(b.shape[:-1])) for b in batches])
+      searched = batches[: int(np.searchsorted(counts, search_tokens)) + 1]
     for group in groups(block):
       x_mean = stats[f"{group.linears[0]}/kernel"]["abs_mean"]
-      s = _search_group(jitted, block, group, batches, block_fn, x_mean, duo_scaling)
+      s = _search_group(jitted, block, group, searched, block_fn, x_mean, duo_scaling)
       block = fold_scales(block, group, s)
     if clip:
       block = _clip_block(jitted, block, batches, block_fn, block_model, clip_tokens)

@@ -42,16 +42,21 @@ class Recipe:
     name: a label for reports.
     float_inputs: collect every stage's statistics on the float model's activations, not the quantized
       model's (what llama.cpp's imatrix tool measures); only meaningful without equivalence stages before.
+    unties_head: a stage changes a tied output embedding apart from the input one (a rotation folds the final
+      norm into it), so the result has its own head; roundings that type the head (GGUF recipes) are built for
+      the untied model.
   """
 
   stages: tuple[Transform, ...]
   name: str = ""
   float_inputs: bool = False
+  unties_head: bool = False
 
   def __add__(self, other: "Recipe") -> "Recipe":
     """This recipe's stages, then `other`'s."""
     name = "+".join(n for n in (self.name, other.name) if n)
-    return Recipe(self.stages + other.stages, name, self.float_inputs and other.float_inputs)
+    return Recipe(self.stages + other.stages, name, self.float_inputs and other.float_inputs,
+                  self.unties_head or other.unties_head)  # fmt: skip
 
 
 def _linears(transform: Transform, name: str) -> Transform:
@@ -78,10 +83,11 @@ def gguf(
 ) -> Recipe:
   """llama.cpp's recipe `gguf_type` (``Q4_K_M`` …): its per-tensor types, the file llama.cpp would write.
 
-  Without `gptq_config` every tensor is encoded byte for byte as llama.cpp does. With it, the block linears are
-  rounded by GPTQ into their types' block grids (each block's scales fitted by llama.cpp's own search, weighted by
-  the Hessian's diagonal, when the sweep enters the block), at exactly the same size; the embedding and output,
-  which GPTQ does not see, are encoded as llama.cpp would.
+  Without `gptq_config` every tensor is encoded byte for byte as llama.cpp does. With it, the tensors take the
+  types llama.cpp gives a calibrated (imatrix) file, so the file is exactly that file's size, and the block
+  linears are rounded by GPTQ into their types' block grids (each block's scales fitted by llama.cpp's own
+  search, weighted by the Hessian's diagonal, when the sweep enters the block); the embedding and output, which
+  GPTQ does not see, are encoded as llama.cpp would.
 
   Args:
     gguf_type: a llama.cpp file type (`qjax.transforms.gguf_recipes.RECIPES`).
@@ -95,7 +101,9 @@ def gguf(
     rules = gguf_recipes.gguf_recipe(gguf_type, model_config, imatrix=imatrix)
     return Recipe((rules_transform(rules),), f"gguf {gguf_type}" + (" imatrix" if imatrix else ""), imatrix)
   linear = lambda type_name: gptq_rounding(QSpec.ggml(type_name), gptq_config)
-  rules = gguf_recipes.gguf_recipe(gguf_type, model_config, linear=linear)
+  # A calibrated file: the types llama.cpp gives a file made with an importance matrix (they differ for a few
+  # recipes, e.g. IQ4_XS keeps its first ffn_down layers at IQ4_XS), so it is the size of the imatrix file.
+  rules = gguf_recipes.gguf_recipe(gguf_type, model_config, imatrix=True, linear=linear)
   return Recipe((rules_transform(rules),), f"gptq gguf {gguf_type}")
 
 
@@ -106,7 +114,7 @@ def none(rounding: Recipe) -> Recipe:
 
 def rotate(*, seed: int = 0) -> Recipe:
   """A randomized Hadamard rotation of the residual stream folded into the weights (QuaRot's R1); add a rounding."""
-  return Recipe((rotation(seed=seed),), "rotate")
+  return Recipe((rotation(seed=seed),), "rotate", unties_head=True)
 
 
 def awq(spec: QSpec, rounding: Recipe | None = None) -> Recipe:

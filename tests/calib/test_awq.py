@@ -1,5 +1,7 @@
 """AWQ: exact folding, quality against RTN on real weights, and its errors."""
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,6 +38,24 @@ def test_folded_scales_leave_the_float_model_unchanged(tmp_path, kv_heads):
   before = np.asarray(logits_fn(blocks.config, original)(ids))
   after = np.asarray(logits_fn(blocks.config, folded)(ids))
   np.testing.assert_allclose(after, before, atol=1e-4 * np.abs(before).max())
+
+
+def test_search_tokens_bounds_the_batches_the_scale_search_runs(tmp_path, monkeypatch):
+  awq_transform = importlib.import_module("qjax.transforms.awq")  # the module, not the function qjax.transforms.awq
+
+  path = write_random_llama(str(tmp_path / "m"), layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2)
+  blocks = LlamaBlocks(SafetensorsCheckpoint(path))
+  options = RunnerOptions(batch_size=2, show_progress=False)  # 3 batches of 2 x 32 tokens
+  searched = []
+  search = awq_transform._search_group
+  monkeypatch.setattr(awq_transform, "_search_group", lambda j, b, g, batches, *a: searched.append(len(batches))
+                      or search(j, b, g, batches, *a))  # fmt: skip
+  for tokens, expected in [(65, 2), (None, 3)]:  # at least 65 tokens: two batches of 64
+    searched.clear()
+    quantize_blocks(
+      blocks, [awq(SPEC, clip=False, n_grid=2, search_tokens=tokens)], random_windows(6, 32), options=options
+    )
+    assert set(searched) == {expected}, (tokens, searched)
 
 
 def test_scale_search_picks_the_lowest_loss():

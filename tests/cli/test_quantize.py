@@ -95,3 +95,15 @@ def test_every_method_builds_a_recipe_for_each_kind_of_target():
     assert gguf.name.endswith("gguf Q4_K_M") and ("gptq gguf" in gguf.name) == ("gptq" in name), (name, gguf.name)
   with pytest.raises(ValueError, match="has no g_idx"):
     plan(Settings(method="gptq", desc_act=True, export="gguf:Q4_K_M"), CONFIG)
+
+
+def test_gptq_into_a_gguf_recipe_is_dampened_more_unless_told():
+  from qjax.cli.quantize import DAMP, GGUF_DAMP, run_id
+
+  for export, default in [("gguf:Q4_K_M", GGUF_DAMP), ("gptq", DAMP)]:
+    s = Settings(method="gptq", export=export)
+    assert run_id(s, plan(s, CONFIG))["damp_percent"] == default
+    s = Settings(method="gptq", export=export, damp_percent=0.05)
+    assert run_id(s, plan(s, CONFIG))["damp_percent"] == 0.05
+  with pytest.raises(ValueError, match=r"--damp_percent must be in \[0, 1\), got 1.5"):
+    plan(Settings(method="gptq", export="gguf:Q4_K_M", damp_percent=1.5), CONFIG)

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,13 +133,13 @@ def test_a_replaced_spec_derives_its_grid_again():
 
 
 @pytest.mark.parametrize("type_name", list(ggml.BLOCK_TYPES))
-def test_gptq_into_a_block_grid_writes_the_values_it_chose(type_name):
+def test_gptq_into_a_block_grid_writes_the_values_it_chose(type_name, monkeypatch):
   """GPTQ's codes and refitted scales, packed into llama.cpp's blocks, decode (gguf-py's numpy dequantizer and
   llama.cpp's own) to exactly the values GPTQ's sweep rounded to, and beat llama.cpp's rounding on H."""
   import gguf
 
   from qjax.quantizers import GptqConfig
-  from qjax.quantizers.gptq import _gptq_arrays
+  from qjax.quantizers import gptq as gptq_module
   from tests import ggml_oracle
 
   rng = np.random.default_rng(2)
@@ -146,8 +147,15 @@ def test_gptq_into_a_block_grid_writes_the_values_it_chose(type_name):
   w = rng.standard_t(5, size=(512, 16)).astype(np.float32)
   h = x.T @ x / len(x)
   spec, config = QSpec.ggml(type_name), GptqConfig(group_aware=True)
-  q, info = gptq_quantize(w, h, spec=spec, config=config)
-  codes, params, _, _ = _gptq_arrays(jnp.asarray(w), jnp.asarray(h), spec=spec, config=config)
+  # One sweep: gptq_quantize's own body, with the sweep's codes and scales caught before they are packed.
+  sweep, caught = gptq_module._gptq_arrays, {}
+  monkeypatch.setattr(gptq_module, "_gptq_arrays", lambda *a, **k: caught.setdefault("out", sweep(*a, **k)))
+
+  def traced(w, h):
+    q, info = gptq_module.gptq_core.__wrapped__(w, h, spec=spec, config=config)
+    return q, info, caught["out"][:2]
+
+  q, info, (codes, params) = jax.jit(traced)(jnp.asarray(w), jnp.asarray(h))
   chosen = spec.rounding_grid.dequantize(group_view(codes, spec), params, jnp.arange(spec.group_size))
   chosen = np.asarray(chosen).reshape(w.shape)
   decoded = gguf.quants.dequantize(np.asarray(q.codes), gguf.GGMLQuantizationType[type_name]).T

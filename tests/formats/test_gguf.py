@@ -239,3 +239,68 @@ def test_a_width_no_block_holds_names_the_tensor_and_llama_cpps_fallback():
              r"fits no ggml block size \(32 or 256\); llama.cpp would keep it in F16")  # fmt: skip
   with pytest.raises(ValueError, match=message):
     plan(Settings(method="gptq", export="gguf:Q4_K_M"), config)
+
+
+def llama_cpp_logits(path: str, window: np.ndarray) -> np.ndarray:
+  llm = llama_cpp.Llama(model_path=path, n_ctx=len(window), n_batch=len(window), logits_all=True, verbose=False)
+  try:
+    llm.eval(window.tolist())
+    return np.array(llm.scores[: len(window)], np.float64)
+  finally:
+    llm.close()
+
+
+@pytest.mark.slow
+def test_rotation_and_awq_folded_into_a_gptq_gguf_need_no_extra_op_in_llama_cpp(tmp_path):
+  """rotate+awq+gptq into Q4_K_M: the rotation and AWQ's scales live in the weights (a tied head is untied and
+  typed as llama.cpp types an untied output), so llama.cpp runs the file as qjax runs the params."""
+  model = write_random_llama(str(tmp_path / "m"), layers=2, hidden=256, intermediate=768, heads=4, kv_heads=1,
+                             tie=True)  # fmt: skip
+  s = Settings(model=model, method="rotate+awq+gptq", export="gguf:Q4_K_M", nsamples=4, seqlen=64)
+  checkpoint, config, params = quantize_like_cli(s)
+  path = export(parse_target(s.export), str(tmp_path / "q"), config, params, checkpoint.tokenizer(), name="m")
+  types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+  assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_K", types
+  assert types["blk.0.attn_norm.weight"] == "F32"
+  window = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))[:128]
+  ours = np.asarray(logits_fn(config, params)(jnp.asarray(window[None])))[0]
+  float_model = np.asarray(logits_fn(checkpoint.config, checkpoint.params())(jnp.asarray(window[None])))[0]
+  theirs = llama_cpp_logits(path, window)
+  rms = lambda x: float(np.sqrt(np.mean(x**2)))
+  # llama.cpp rounds activations to 8 bits for its k-quant dot products: a small fraction of the 4-bit change.
+  assert rms(theirs - ours) < 0.1 * rms(ours - float_model), (rms(theirs - ours), rms(ours - float_model))
+
+
+@pytest.fixture(scope="module")
+def two_layer_model(tmp_path_factory):
+  """A random 2-layer model whose linears are all 256 x 256 (one GPTQ compilation per type), whose recipes type
+  the same with or without an importance matrix."""
+  path = write_random_llama(str(tmp_path_factory.mktemp("two")), layers=2, hidden=256, intermediate=256, heads=4,
+                            kv_heads=4)  # fmt: skip
+  s = Settings(model=path, method="none", export="gguf:F32", eval_windows=0, out=str(tmp_path_factory.mktemp("f")))
+  return path, run(s, show_progress=False)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["Q2_K", "Q8_0", "IQ4_XS"])  # every grid: tests/core/test_grid.py
+def test_gptq_into_a_recipe_writes_llama_cpps_types_and_the_values_gptq_chose(recipe, two_layer_model, tmp_path):
+  """`qjax quantize --method=gptq --export=gguf:<recipe>`: llama.cpp's types and size, every tensor decoding
+  (gguf's numpy dequantizers) to qjax's values, and a file llama.cpp runs."""
+  model, f32 = two_layer_model
+  s = Settings(model=model, method="gptq", export=f"gguf:{recipe}", nsamples=2, seqlen=64)
+  checkpoint, config, params = quantize_like_cli(s)
+  ours = export(parse_target(s.export), str(tmp_path / "q"), config, params, checkpoint.tokenizer(), name="m")
+  theirs = str(tmp_path / "llama.gguf")
+  llama_quantize(f32, theirs, recipe)
+  types = lambda path: {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+  assert types(ours) == types(theirs) and os.path.getsize(ours) == pytest.approx(os.path.getsize(theirs), abs=256)
+  back = GgufCheckpoint(ours)
+  for i in range(config.num_hidden_layers):
+    for module, kernel in [(f"{m}/{n}", v["kernel"]) for m in ("self_attn", "mlp")
+                           for n, v in params["model"][f"layers_{i}"][m].items()]:  # fmt: skip
+      got = back.layer_params(i)
+      for part in module.split("/"):
+        got = got[part]
+      np.testing.assert_array_equal(got["kernel"], np.asarray(dequantize(kernel)), err_msg=f"layer {i} {module}")
+  window = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))[:64]
+  assert np.isfinite(llama_cpp_logits(ours, window)).all()
