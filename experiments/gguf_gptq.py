@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from qjax.calib import text as texts
-from qjax.cli.quantize import GGUF_DAMP, Settings, calibration_windows, quantize_with
+from qjax.cli.quantize import Settings, calibration_windows, gptq_damp, quantize_with
 from qjax.eval.metrics import evaluate
 from qjax.formats import export, open_checkpoint, parse_target
 from qjax.models import logits_fn
@@ -46,7 +46,7 @@ ROWS = {  # row -> settings beyond the recipe
 
 def damp() -> float:
   """--damp_percent, or `qjax quantize`'s default into a GGUF recipe."""
-  return GGUF_DAMP if FLAGS.damp_percent is None else FLAGS.damp_percent
+  return gptq_damp(Settings(damp_percent=FLAGS.damp_percent), parse_target("gguf:Q4_K_M"))
 
 
 def ood_text() -> str:

@@ -41,7 +41,7 @@ def regular_file(path: str, source: str, *, kind: str = "file") -> os.stat_resul
   return st
 
 
-def read_bounded(path: str, *, max_bytes: int, content: str, kind: str = "file", source: str | None = None) -> bytes:
+def read_bounded(path: str, *, max_bytes: int, content: str, kind: str = "file") -> bytes:
   """The bytes of a regular file of at most `max_bytes`, refused before reading when larger.
 
   Args:
@@ -49,25 +49,23 @@ def read_bounded(path: str, *, max_bytes: int, content: str, kind: str = "file",
     max_bytes: the most it may hold; checked on the size before the open, and on what was read.
     content: what it holds, for the message (``"JSON"``, ``"text"``).
     kind: what the file should be, for the message.
-    source: what the messages name (default `path`).
 
   Raises:
     FileNotFoundError: if `path` does not exist.
-    InputError: naming the source when it is not a regular file, is larger than `max_bytes` (or grew past it
+    InputError: naming the file when it is not a regular file, is larger than `max_bytes` (or grew past it
       while read), or cannot be read.
   """
-  source = path if source is None else source
-  size = regular_file(path, source, kind=kind).st_size
-  too_big = f"{source}: expected at most {max_bytes} bytes of {content}, got"
+  size = regular_file(path, path, kind=kind).st_size
+  too_big = f"{path}: expected at most {max_bytes} bytes of {content}, got"
   if size > max_bytes:
     raise InputError(f"{too_big} {size}.")
   try:
     with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
       if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced since the stat above
-        raise InputError(f"{source}: expected a regular {kind}, got something else.")
+        raise InputError(f"{path}: expected a regular {kind}, got something else.")
       data = f.read(max_bytes + 1)
   except OSError as e:
-    raise InputError(f"{source}: cannot be read ({one_line(e)}).") from e
+    raise InputError(f"{path}: cannot be read ({one_line(e)}).") from e
   if len(data) > max_bytes:
     raise InputError(f"{too_big} more (it grew while read).")
   return data
