@@ -2,7 +2,8 @@
 
 The curated surface, enough for a script's whole path (each subpackage exports more):
 
-* grids and data: `QSpec`, `QArray`, the `Grid` protocol (`AffineGrid`, `GgmlGrid`), `quantize`, `dequantize`;
+* grids and data: `QSpec`, `QArray`, the `Grid` protocol (`AffineGrid`, `GgmlGrid`, `Fp8Grid`, `MxFp4Grid`),
+  `quantize`, `dequantize`;
 * transforms and recipes: `Transform`, `chain`, `masked`, `partition`, `per_leaf`, `observe`, `Rule`, `plan`,
   `quantize_params`, the method transforms (`rtn`, `gptq`, `kquant`, `awq`, `learned_clipping`, `rotate`),
   equivalence folding (`ScaleGroup`, `fold_scales`), `Recipe` and the named recipes in `recipes`;
@@ -24,9 +25,11 @@ from qjax.calib import register_statistic as register_statistic
 from qjax.calib import tokenize as tokenize
 from qjax.core import AffineGrid as AffineGrid
 from qjax.core import ClipSearch as ClipSearch
+from qjax.core import Fp8Grid as Fp8Grid
 from qjax.core import GgmlGrid as GgmlGrid
 from qjax.core import Grid as Grid
 from qjax.core import GroupParams as GroupParams
+from qjax.core import MxFp4Grid as MxFp4Grid
 from qjax.core import QArray as QArray
 from qjax.core import QSpec as QSpec
 from qjax.core import dequantize as dequantize
@@ -71,11 +74,13 @@ __version__ = "0.1.0"
 __all__ = [
   "AffineGrid",
   "ClipSearch",
+  "Fp8Grid",
   "GgmlGrid",
   "GptqConfig",
   "Grid",
   "GroupParams",
   "LlamaBlocks",
+  "MxFp4Grid",
   "QArray",
   "QSpec",
   "Recipe",

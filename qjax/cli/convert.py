@@ -19,13 +19,13 @@ from qjax.formats import convert
 from qjax.formats.targets import Target, parse_target
 
 _FROM = flags.DEFINE_string(
-    "from", None, "The quantized model: a GPTQ or AWQ Hugging Face directory, or a qjax directory. "
+    "from", None, "The quantized model: a GPTQ, AWQ or compressed-tensors Hugging Face directory, or a qjax directory. "
     "Example: --from=runs/gptq4-hf.", required=True,
 )  # fmt: skip
 _TO = flags.DEFINE_string(
     "to", None, "The target: gguf:<TYPE>, TYPE a llama.cpp file type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K_M, "
     "Q4_K_M, Q5_K_M, Q6_K, …: its recipe's type for each quantized tensor) or F32/F16/BF16 to dequantize; or gptq, "
-    "gptq_v2, awq (a Hugging Face directory). Example: --to=gguf:Q4_1.", required=True,
+    "gptq_v2, awq, compressed-tensors (a Hugging Face directory). Example: --to=gguf:Q4_1.", required=True,
 )  # fmt: skip
 _OUT = flags.DEFINE_string(
   "out", None, "Output file (GGUF) or directory (default: <from>-<TYPE>.gguf, or <from>-<format>)."

@@ -34,7 +34,15 @@ from qjax.eval import TensorLog, evaluate, sizes, write_report
 from qjax.eval.report import RunReport
 from qjax.formats import open_checkpoint
 from qjax.formats.output import atomic_directory, check_output
-from qjax.formats.targets import Target, check_shapes, check_spec, export, output_path, parse_target
+from qjax.formats.targets import (
+  Target,
+  check_group_size,
+  check_shapes,
+  check_spec,
+  export,
+  output_path,
+  parse_target,
+)
 from qjax.models import LlamaBlocks, LlamaConfig, logits_fn
 from qjax.quantizers import GptqConfig
 from qjax.transforms import observe, recipes
@@ -59,6 +67,7 @@ class Settings:
   recipe: str | None = None
   bits: int = 4
   group_size: int = 128
+  partial_groups: bool = False
   sym: bool = True
   desc_act: bool = False
   act_group_aware: bool = True
@@ -104,8 +113,13 @@ flags.DEFINE_enum("bits", str(_D.bits), ["2", "3", "4", "5", "6", "8"], "Bits pe
 flags.DEFINE_integer(
     "group_size", _D.group_size, f"Input channels sharing a scale, one of {ALLOWED_GROUP_SIZES} (-1: per output "
     "channel). "
-    "Where it does not divide a layer's input width the last group is shorter, as in GPTQ checkpoints. "
-    "Example: --group_size=64."
+    "Where it does not divide a layer's input width the last group is shorter (a qjax directory; a Hugging Face "
+    "export refuses it unless --partial_groups). Example: --group_size=64."
+)  # fmt: skip
+flags.DEFINE_bool(
+  "partial_groups", _D.partial_groups, "With --export=gptq/gptq_v2, allow a group size that does not divide a "
+  "layer's input width: the last group is shorter, as GPTQ defines it, but only GPTQModel's and transformers' torch "
+  "kernel (backend='torch') read such files; vLLM, Marlin, ExLlama and GPTQModel's default CPU kernel refuse them."
 )  # fmt: skip
 flags.DEFINE_bool("sym", _D.sym, "Symmetric grid (fixed zero point); --nosym stores a zero point per group.")
 flags.DEFINE_bool("desc_act", _D.desc_act, "GPTQ act-order: quantize input channels by decreasing Hessian diagonal.")
@@ -148,10 +162,10 @@ flags.DEFINE_string(
   "file type (Q4_K_M, Q5_K_M, Q8_0, Q4_0, Q2_K, Q3_K_M, …) or F32/F16/BF16 (with --method=none); or a Hugging Face "
   "directory for vLLM, TGI and transformers (with --method=gptq or rtn): gptq (GPTQ v1 zero points, read by "
   "every loader), gptq_v2 (v2 zero points, for GPTQModel and vLLM; stores a zero point of 0, which v1 cannot), "
-  "awq (AutoAWQ gemm layout: --bits=4, no --desc_act, a group size dividing every input width). A GPTQ group size "
-  "that does not divide a width (g128 on a 576-wide model) loads in transformers and GPTQModel with their torch "
-  "kernel (backend='torch'), not in vLLM. "
-  "Example: --export=gguf:Q4_K_M, --export=gptq."
+  "awq (AutoAWQ gemm layout: --bits=4, no --desc_act), compressed-tensors (vLLM's pack-quantized format, "
+  "llm-compressor's; transformers reads it with the compressed-tensors package; act-order only with "
+  "--static_groups). Every Hugging Face export needs a group size dividing each layer's input width (see "
+  "--partial_groups). Example: --export=gguf:Q4_K_M, --export=compressed-tensors."
 )  # fmt: skip
 flags.DEFINE_bool(
   "imatrix", _D.imatrix, "With a GGUF recipe: weight the block searches by an importance matrix (mean x² of each "
@@ -179,6 +193,7 @@ class Plan:
   recipe_id: str
   out: str
   checkpoint_dir: str
+  actorder: str | None = None  # compressed-tensors' record of GPTQ's order: "weight" (--desc_act --static_groups)
 
 
 def gptq_damp(s: Settings, target: Target) -> float:
@@ -258,6 +273,7 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
     raise ValueError("--method=none quantizes nothing by itself; give --export=gguf:<TYPE> (e.g. gguf:Q4_K_M).")
   if target.is_hf:
     check_spec(target, spec, act_order=act_order)
+    check_group_size(target, s.group_size, config, partial_groups=s.partial_groups)
     check_shapes(target, spec, config)
 
 
@@ -272,7 +288,8 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
   gptq_config = _gptq_config(s, target)
   fn, recipe_id, name = _recipe_function(s, method_given)
   parameters = inspect.signature(fn).parameters
-  _check(s, target, spec, config, name=name, uses_gptq=bool({"gptq_rounding", "gptq_config"} & set(parameters)))
+  uses_gptq = bool({"gptq_rounding", "gptq_config"} & set(parameters))
+  _check(s, target, spec, config, name=name, uses_gptq=uses_gptq)
 
   def build(rounded_config: LlamaConfig) -> Recipe:
     values = {
@@ -302,12 +319,14 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
   if target.is_hf:
     default_name += f"-{target.kind}"
   out = s.out or os.path.join("runs", default_name)
-  return Plan(recipe, target, spec, label, recipe_id, out, s.checkpoint_dir or out.rstrip("/") + ".checkpoint")
+  checkpoint_dir = s.checkpoint_dir or out.rstrip("/") + ".checkpoint"
+  actorder = "weight" if uses_gptq and s.desc_act and s.static_groups else None  # dynamic groups: refused above
+  return Plan(recipe, target, spec, label, recipe_id, out, checkpoint_dir, actorder)
 
 
 def run_id(s: Settings, p: Plan) -> dict:
   """What a checkpoint directory must have been written with to be resumed."""
-  skip = {"out", "checkpoint_dir", "eval_windows", "eval_text", "method", "recipe"}
+  skip = {"out", "checkpoint_dir", "eval_windows", "eval_text", "method", "recipe", "partial_groups"}
   settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
   return {"recipe": p.recipe_id, **settings, "damp_percent": gptq_damp(s, p.target)}
 
@@ -427,7 +446,7 @@ def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) 
     quantize_seconds = time.perf_counter() - tick
     metadata = {"source_model": s.model, "recipe": p.recipe_id, "settings": dataclasses.asdict(s)}
     export(p.target, tmp, out_config, qparams, tokenizer, name=s.model, metadata=metadata, description=p.label,
-           atomic=False)  # fmt: skip
+           atomic=False, actorder=p.actorder)  # fmt: skip
     evaluation = None
     tick = time.perf_counter()
     if eval_windows is not None:

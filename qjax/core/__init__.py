@@ -3,6 +3,8 @@
 from qjax.core.affine import AffineGrid as AffineGrid
 from qjax.core.affine import ClipSearch as ClipSearch
 from qjax.core.errors import InputError as InputError
+from qjax.core.fp_grid import Fp8Grid as Fp8Grid
+from qjax.core.fp_grid import MxFp4Grid as MxFp4Grid
 from qjax.core.ggml_grid import GgmlGrid as GgmlGrid
 from qjax.core.grid import Grid as Grid
 from qjax.core.grid import GroupParams as GroupParams
@@ -24,10 +26,12 @@ from qjax.core.tree import unflatten_params as unflatten_params
 __all__ = [
   "AffineGrid",
   "ClipSearch",
+  "Fp8Grid",
   "GgmlGrid",
   "Grid",
   "GroupParams",
   "InputError",
+  "MxFp4Grid",
   "QArray",
   "QSpec",
   "dequantize",

@@ -1,4 +1,9 @@
-"""Conversion between formats: quantized params (from GPTQ, AWQ or qjax directories) to GGUF, GPTQ or AWQ.
+"""Conversion between formats: quantized params (from GPTQ, AWQ, compressed-tensors or qjax directories) to GGUF,
+GPTQ, AWQ or compressed-tensors.
+
+Between the Hugging Face formats the grids are the same affine grid, so codes, scales and zero points are copied
+(`to_hf`), except act-order groups (a GPTQ ``g_idx``), which AWQ and compressed-tensors cannot hold: those tensors
+are re-rounded onto input-order groups of the same grid, and the added error is reported.
 
 GGUF's 32-element block types hold an affine group exactly when the grids agree: a block of 32 inputs
 inside one group has a single fp16 scale and zero point, and
@@ -29,7 +34,7 @@ import numpy as np
 
 from qjax.core import QArray, QSpec, is_qarray
 from qjax.core.ggml_legacy import fifth_bits, fp16_bytes, nibbles_by_halves, to_blocks, to_rows
-from qjax.core.qarray import dequantize, dequantize_canonical
+from qjax.core.qarray import dequantize, dequantize_canonical, quantize
 from qjax.core.tree import map_with_path
 from qjax.formats import gguf, gptq
 from qjax.formats.gguf import FLOAT_TYPES
@@ -52,7 +57,7 @@ class TensorConversion(NamedTuple):
   Attributes:
     path: the Flax parameter path.
     source: the source grid, e.g. ``"4-bit g32 asym"``.
-    type_name: the ggml type written.
+    type_name: the ggml type written, or the Hugging Face format.
     exact: True when codes and scales were copied (only the fp16 rounding of a minimum changes values).
     rel_rmse: ``‖ŵ - w‖ / ‖w‖`` against the source's dequantized weights ``w``.
     max_abs: ``max |ŵ - w|``.
@@ -160,6 +165,21 @@ def to_ggml(q: QArray, type_name: str, *, path: str = "weight") -> tuple[QArray,
   return out, _error(path, q, out, type_name, rows is not None)
 
 
+def to_hf(q: QArray, target: Target, *, path: str = "weight") -> tuple[QArray, TensorConversion]:
+  """One quantized tensor as the Hugging Face format `target` holds it: copied (act-order groups in GPTQ's
+  canonical order), or for an act-order tensor going to a format without ``g_idx`` (AWQ, compressed-tensors)
+  rounded again to nearest onto input-order groups of the same grid.
+
+  Returns:
+    The QArray to write and its `TensorConversion` row (``exact`` when copied).
+  """
+  q = gptq.canonical_act_order(q)
+  if q.perm is None or target.kind in ("gptq", "gptq_v2"):
+    return q, TensorConversion(path, describe(q), target.kind, True, 0.0, 0.0)
+  out = quantize(dequantize(q), q.spec, axis=q.axis)
+  return out, _error(path, q, out, target.kind, False)
+
+
 def _to_float(q: QArray, type_name: str, path: str) -> tuple[np.ndarray, TensorConversion]:
   w = np.asarray(dequantize(q), np.float32)
   stored = w.astype({"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}[type_name]).astype(np.float32)
@@ -215,8 +235,7 @@ def convert_model(source: str, target: Target, out: str, *, overwrite: bool = Fa
     overwrite: replace a previous qjax output.
 
   Returns:
-    For GGUF, one `TensorConversion` per quantized tensor; for Hugging Face formats, an empty list (the
-    codes are copied).
+    One `TensorConversion` per quantized tensor.
 
   Raises:
     ValueError, FileNotFoundError: for unreadable sources, params the target cannot hold, or a missing
@@ -229,8 +248,18 @@ def convert_model(source: str, target: Target, out: str, *, overwrite: bool = Fa
   model = load_model(source)
   name = os.path.basename(os.path.normpath(source))
   if not target.is_gguf:
-    export(target, out, model.config, model.params, model.tokenizer, name=name, overwrite=overwrite)
-    return []
+    report = []
+
+    def convert(path, leaf):
+      if not is_qarray(leaf):
+        return leaf
+      out, row = to_hf(leaf, target, path=path)
+      report.append(row)
+      return out
+
+    params = map_with_path(convert, model.params)
+    export(target, out, model.config, params, model.tokenizer, name=name, overwrite=overwrite)
+    return report
   params, report = convert_params(model.params, target.gguf_type, model.config)
   float_type = target.gguf_type if target.gguf_type in FLOAT_TYPES else "F16"
   entries = gguf.tokenizer_metadata(model.tokenizer, model.config.vocab_size)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.core import GroupParams, QArray, QSpec, from_codes, is_qarray, packing
+from qjax.core.affine import AffineGrid
 from qjax.core.errors import InputError
 from qjax.core.tree import leaves_with_paths
 from qjax.formats import hf_quantized
@@ -137,6 +138,11 @@ def check_packed_linear(q: QArray, name: str, fn: str) -> None:
     raise ValueError(
       f"`{fn}` expected packed affine codes for {name}, got ggml layout {q.spec.layout}; a GGUF-quantized model "
       "has no GPTQ/AWQ form (export it with --export=gguf:TYPE instead)."
+    )
+  if not isinstance(q.spec.rounding_grid, AffineGrid):
+    raise ValueError(
+      f"`{fn}` expected integer codes on the affine grid for {name}, got {q.spec.rounding_grid}; GPTQ, AWQ and "
+      "compressed-tensors' pack-quantized format store scales and integer zero points only."
     )
   if q.axis != 0:
     raise ValueError(f"`{fn}` expected a Dense kernel (contraction axis 0) for {name}, got axis={q.axis}.")

@@ -48,12 +48,12 @@ def hf_tensor_name(path: str) -> str:
   return ".".join([re.sub(r"^layers_(\d+)$", r"layers.\1", m) for m in modules] + [suffix])
 
 
-def model_spec(params, fmt: str) -> QSpec:
-  """The one spec of every quantized linear of `params`, checking what a GPTQ/AWQ config can describe.
+def quantized_linears(params, fmt: str) -> dict[str, QArray]:
+  """The quantized leaves of `params` by path, checking that a Hugging Face quantized checkpoint can hold them.
 
   Raises:
-    ValueError: naming the leaves, when nothing is quantized, a non-linear leaf is quantized, a decoder
-      linear is left dense, or the quantized linears use different bits, group sizes or symmetry.
+    ValueError: naming the leaves, when nothing is quantized, a non-linear leaf is quantized, or a decoder
+      linear is left dense.
   """
   leaves = leaves_with_paths(params)
   quantized = {path: leaf for path, leaf in leaves if is_qarray(leaf)}
@@ -66,6 +66,17 @@ def model_spec(params, fmt: str) -> QSpec:
       f"a {fmt} checkpoint quantizes every decoder linear (and optionally lm_head) and nothing else; got "
       f"quantized {not_linear[:3]} and dense {dense[:3]}."
     )
+  return quantized
+
+
+def model_spec(params, fmt: str) -> QSpec:
+  """The one spec of every quantized linear of `params`, checking what a GPTQ/AWQ config can describe.
+
+  Raises:
+    ValueError: naming the leaves, as `quantized_linears` does, or when the quantized linears use different bits,
+      group sizes or symmetry.
+  """
+  quantized = quantized_linears(params, fmt)
   specs = {(q.spec.bits, q.spec.group_size, q.spec.symmetric): p for p, q in quantized.items()}
   if len(specs) > 1:
     found = ", ".join(f"{p}: bits={b} group_size={g} symmetric={s}" for (b, g, s), p in specs.items())
@@ -230,6 +241,7 @@ def read_hf_params(
   quantized: Callable[[str, tuple[int, int]], QArray],
   *,
   dtype=np.float32,
+  packed_suffix: str = "qweight",
 ) -> dict:
   """The Flax parameter tree of a quantized Hugging Face directory.
 
@@ -239,8 +251,9 @@ def read_hf_params(
   Args:
     tensors: the directory's tensors.
     config: the model config.
-    quantized: ``(module name, (in, out)) -> QArray`` for linears stored with a ``qweight``.
+    quantized: ``(module name, (in, out)) -> QArray`` for linears stored with a `packed_suffix` tensor.
     dtype: dtype of the dense leaves.
+    packed_suffix: the tensor that marks a quantized linear (``qweight`` in GPTQ and AWQ).
 
   Raises:
     InputError: for missing tensors, tensors the config does not describe, dense tensors of the wrong shape or
@@ -251,7 +264,7 @@ def read_hf_params(
   dense_shapes = {
     name: shape
     for name, shape in hf_tensor_shapes(config).items()
-    if not (name.endswith(".weight") and f"{name.removesuffix('.weight')}.qweight" in tensors)
+    if not (name.endswith(".weight") and f"{name.removesuffix('.weight')}.{packed_suffix}" in tensors)
   }
   tensors.check_dense(dense_shapes, config_path)
 
@@ -262,7 +275,7 @@ def read_hf_params(
 
   def leaf(name: str, transpose: bool):
     module = name.removesuffix(".weight")
-    if transpose and f"{module}.qweight" in tensors:
+    if transpose and f"{module}.{packed_suffix}" in tensors:
       return quantized(module, linear_shape(config, module))
     return dense(name, transpose)
 

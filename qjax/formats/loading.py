@@ -1,5 +1,5 @@
-"""Opening a model by name: the built-in default, a Hugging Face directory (float, GPTQ or AWQ), a GGUF file, or a
-qjax directory."""
+"""Opening a model by name: the built-in default, a Hugging Face directory (float, GPTQ, AWQ or compressed-tensors),
+a GGUF file, or a qjax directory."""
 
 import dataclasses
 import os
@@ -7,14 +7,18 @@ from typing import Any
 
 import numpy as np
 
-from qjax.formats import awq, gptq, hf_quantized, native
+from qjax.formats import awq, compressed_tensors, gptq, hf_quantized, native
 from qjax.formats.default_model import default_model_dir
 from qjax.formats.gguf_reader import GgufCheckpoint
 from qjax.models.checkpoint import Checkpoint, SafetensorsCheckpoint
 from qjax.models.config import LlamaConfig
 
 DEFAULT = "default"
-QUANTIZED_LOADERS = {"gptq": gptq.load_gptq, "awq": awq.load_awq}
+QUANTIZED_LOADERS = {
+  "gptq": gptq.load_gptq,
+  "awq": awq.load_awq,
+  compressed_tensors.QUANT_METHOD: compressed_tensors.load_compressed_tensors,
+}
 
 
 @dataclasses.dataclass
@@ -69,7 +73,8 @@ def quant_method(model_dir: str) -> str | None:
 
 
 def load_model(model: str, *, dtype=np.float32) -> LoadedModel:
-  """Loads any model `qjax eval --model` accepts: GPTQ, AWQ and qjax directories with `QArray` leaves.
+  """Loads any model `qjax eval --model` accepts: GPTQ, AWQ, compressed-tensors and qjax directories with `QArray`
+  leaves.
 
   Raises:
     ValueError: for a Hugging Face directory quantized with a method qjax does not read.

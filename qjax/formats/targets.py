@@ -2,22 +2,28 @@
 the dispatch to each format's writer.
 
 A target is a qjax directory (the default), a Hugging Face directory a GPU runtime loads (``gptq``,
-``gptq_v2``, ``awq``), or ``gguf:<TYPE>`` where TYPE is what ``llama-quantize`` takes: a llama.cpp file type
-(``Q4_K_M`` … `RECIPES`, its per-tensor types) or a float type (`FLOAT_TYPES`).
+``gptq_v2``, ``awq``, ``compressed-tensors``), or ``gguf:<TYPE>`` where TYPE is what ``llama-quantize`` takes: a
+llama.cpp file type (``Q4_K_M`` … `RECIPES`, its per-tensor types) or a float type (`FLOAT_TYPES`).
 """
 
 import os
 from typing import NamedTuple
 
 from qjax.core import QSpec
-from qjax.formats import awq, gguf, gptq, hf_quantized, native
+from qjax.formats import awq, compressed_tensors, gguf, gptq, hf_quantized, native
 from qjax.formats.gguf import FLOAT_TYPES
 from qjax.formats.output import atomic_directory
 from qjax.kernels import from_kernel_layout_params
 from qjax.models.config import LlamaConfig
 from qjax.transforms.gguf_recipes import RECIPES
 
-HF_FORMATS = ("gptq", "gptq_v2", "awq")
+HF_FORMATS = ("gptq", "gptq_v2", "awq", "compressed-tensors")
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Who reads a GPTQ checkpoint whose group size does not divide a layer's input width (a shorter last group).
+PARTIAL_GROUP_READERS = (
+  "GPTQModel's torch kernel and transformers loading it with GPTQConfig(backend='torch') read it; vLLM, Marlin and "
+  "ExLlama kernels and GPTQModel's default CPU kernel refuse it"
+)
 QJAX = "qjax"
 
 TARGET_MSG = "{flag} expected gguf:<TYPE> (TYPE one of {types}) or one of {formats}, got {value!r}."
@@ -52,7 +58,8 @@ class Target(NamedTuple):
 
 
 def parse_target(value: str | None, *, flag: str = "--export") -> Target:
-  """``None`` -> the qjax directory; ``"gguf:Q4_K_M"``, ``"gguf:F16"``, ``"gptq"``, ``"gptq_v2"``, ``"awq"``.
+  """``None`` -> the qjax directory; ``"gguf:Q4_K_M"``, ``"gguf:F16"``, ``"gptq"``, ``"gptq_v2"``, ``"awq"``,
+  ``"compressed-tensors"``.
 
   Raises:
     ValueError: naming `flag` and the allowed values.
@@ -90,19 +97,49 @@ def check_spec(target: Target, spec: QSpec, *, act_order: bool) -> None:
       raise ValueError(f"--export=awq stores 4-bit codes, got --bits={spec.bits}; use --bits=4 or --export=gptq.")
     if act_order:
       raise ValueError("--export=awq has no g_idx for act-order; drop --desc_act (or add --static_groups).")
+  elif target.kind == "compressed-tensors":
+    if act_order:
+      raise ValueError(compressed_tensors.ACTORDER_GROUP_MSG.format(name="--export=compressed-tensors"))
   elif target.is_hf and spec.bits not in gptq.BITS:
     raise ValueError(f"--export={target} stores bits {gptq.BITS}, got --bits={spec.bits} (no GPTQ loader reads it).")
+
+
+def check_group_size(target: Target, group_size: int, config: LlamaConfig, *, partial_groups: bool = False) -> None:
+  """Raises unless `group_size` divides the input width of every linear a Hugging Face target quantizes.
+
+  A shorter last group is GPTQ's own definition, but the kernels that serve GPTQ, AWQ and compressed-tensors
+  checkpoints (vLLM, Marlin, GPTQModel's CPU kernel) refuse it, so it is written only when asked for
+  (`partial_groups`, GPTQ only).
+
+  Raises:
+    ValueError: naming the widths that do not divide, the group sizes that would, and the way out.
+  """
+  if not target.is_hf or group_size == -1:
+    return
+  widths: dict[int, list[str]] = {}
+  for module in LINEAR_MODULES:
+    widths.setdefault(hf_quantized.linear_shape(config, module)[0], []).append(module)
+  bad = {k: modules for k, modules in widths.items() if k % group_size}
+  if not bad or (partial_groups and target.kind in ("gptq", "gptq_v2")):
+    return
+  divisors = [g for g in (16, 32, 64, 128, 256, 512, 1024) if all(k % g == 0 for k in widths)]
+  found = "; ".join(f"in={k} ({', '.join(modules)})" for k, modules in bad.items())
+  way_out = f"use --group_size in {[*divisors, -1]} (-1: one group per output channel)"
+  if target.kind in ("gptq", "gptq_v2"):
+    way_out += f", or --partial_groups for a shorter last group ({PARTIAL_GROUP_READERS})"
+  raise ValueError(f"--export={target} with --group_size={group_size}: {group_size} does not divide {found}; "
+                   f"{way_out}.")  # fmt: skip
 
 
 def check_shapes(target: Target, spec: QSpec, config: LlamaConfig) -> None:
   """Raises when a Hugging Face target cannot hold `spec` on a model with `config` (checked before quantizing)."""
   if not target.is_hf:
     return
-  for module in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+  for module in LINEAR_MODULES:
     k, n = hf_quantized.linear_shape(config, module)
     if target.kind == "awq":
       awq.check_awq_shape(k, n, spec.group_size, module, "--export=awq")
-    else:
+    elif target.kind in ("gptq", "gptq_v2"):
       for what, length in (("the input width", k), ("the output width", n)):
         gptq.check_packable(length, spec.bits, what, module, f"--export={target}")
 
@@ -119,6 +156,7 @@ def export(
   description: str = "",
   overwrite: bool = False,
   atomic: bool = True,
+  actorder: str | None = None,
 ) -> str:
   """Writes quantized params to `target` in the directory `out` and returns the path of the model written.
 
@@ -134,6 +172,8 @@ def export(
     overwrite: replace a previous qjax output of another kind (see `qjax.formats.output`).
     atomic: write to a temporary sibling and rename (False: write into `out`, an existing directory the caller
       made, e.g. its own temporary one).
+    actorder: for compressed-tensors, ``"weight"`` when GPTQ ran in activation order with groups kept in input
+      order (``--desc_act --static_groups``).
 
   Raises:
     InputError: if `out` may not be written (it holds files qjax did not write, …).
@@ -141,7 +181,7 @@ def export(
   if atomic:
     with atomic_directory(out, target.kind, overwrite=overwrite) as tmp:
       export(target, tmp, config, params, tokenizer, name=name, metadata=metadata, description=description,
-             atomic=False)  # fmt: skip
+             atomic=False, actorder=actorder)  # fmt: skip
     return output_path(target, out)
   params = from_kernel_layout_params(params)
   if target.is_gguf:
@@ -152,6 +192,8 @@ def export(
                     description=description)  # fmt: skip
   elif target.kind == "awq":
     awq.write_awq(out, config, params, tokenizer)
+  elif target.kind == "compressed-tensors":
+    compressed_tensors.write_compressed_tensors(out, config, params, tokenizer, actorder=actorder)
   elif target.is_hf:
     gptq.write_gptq(out, config, params, tokenizer, checkpoint_format=target.kind)
   else:

@@ -101,9 +101,9 @@ def test_gptq_into_a_gguf_recipe_is_dampened_more_unless_told():
   from qjax.cli.quantize import DAMP, GGUF_DAMP, run_id
 
   for export, default in [("gguf:Q4_K_M", GGUF_DAMP), ("gptq", DAMP)]:
-    s = Settings(method="gptq", export=export)
+    s = Settings(method="gptq", export=export, group_size=64)
     assert run_id(s, plan(s, CONFIG))["damp_percent"] == default
-    s = Settings(method="gptq", export=export, damp_percent=0.05)
+    s = Settings(method="gptq", export=export, group_size=64, damp_percent=0.05)
     assert run_id(s, plan(s, CONFIG))["damp_percent"] == 0.05
   with pytest.raises(ValueError, match=r"--damp_percent must be in \[0, 1\), got 1.5"):
     plan(Settings(method="gptq", export="gguf:Q4_K_M", damp_percent=1.5), CONFIG)

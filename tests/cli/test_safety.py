@@ -74,8 +74,8 @@ def test_previous_outputs_same_kind_replaced_other_kind_needs_overwrite(model_di
   run(_settings(model_dir, out, method="rtn", group_size=64), show_progress=False)  # same kind: replaced
   assert json.loads(pathlib.Path(out, "config.json").read_text())["qjax"]["settings"]["group_size"] == 64
   with pytest.raises(InputError, match="previous qjax qjax output; pass --overwrite"):
-    run(_settings(model_dir, out, method="rtn", export="gptq"), show_progress=False)
-  run(_settings(model_dir, out, method="rtn", export="gptq", overwrite=True), show_progress=False)
+    run(_settings(model_dir, out, method="rtn", export="gptq", group_size=32), show_progress=False)
+  run(_settings(model_dir, out, method="rtn", export="gptq", group_size=32, overwrite=True), show_progress=False)
   assert json.loads(pathlib.Path(out, MARKER).read_text())["kind"] == "gptq"
   assert not [e for e in os.listdir(tmp_path) if e.startswith(".qjax-")]
 
@@ -146,7 +146,7 @@ def test_a_full_disk_during_export_leaves_no_output(model_dir, tmp_path, monkeyp
   for export in (None, "gptq"):
     out = str(tmp_path / f"q-{export}")
     with pytest.raises(OSError, match="No space left"):
-      run(_settings(model_dir, out, method="rtn", export=export), show_progress=False)
+      run(_settings(model_dir, out, method="rtn", export=export, group_size=32), show_progress=False)
     assert not os.path.exists(out)
   import gguf
 

@@ -266,7 +266,7 @@ def test_export_settings_are_checked_before_quantizing(model_dir):
     plan(Settings(method="rtn", bits=5, export="gptq"), config)
   with pytest.raises(ValueError, match="use a --method that rounds"):
     plan(Settings(method="none", export="gptq_v2"), config)
-  with pytest.raises(ValueError, match=r"--export expected gguf:<TYPE> .* or one of gptq, gptq_v2, awq, got 'exl2'"):
+  with pytest.raises(ValueError, match=r"--export expected gguf:<TYPE> .* or one of gptq, .*, got 'exl2'"):
     plan(Settings(method="rtn", export="exl2"), config)
 
 

@@ -287,13 +287,18 @@ def quantized_params(spec: QSpec, config: LlamaConfig = TINY) -> dict:
 
 
 def write_quantized_dir(model_dir: str, kind: str, config: LlamaConfig = TINY) -> None:
-  """A 4-bit group-32 directory of random weights as qjax writes it: ``kind`` "gptq", "awq" or "qjax"."""
+  """A 4-bit group-32 directory of random weights as qjax writes it: ``kind`` "gptq", "awq", "compressed-tensors" or
+  "qjax"."""
   from qjax.formats import save_awq, save_gptq, save_quantized
+  from qjax.formats.compressed_tensors import save_compressed_tensors
 
   if kind == "gptq":
     save_gptq(model_dir, config, quantized_params(QSpec(bits=4, group_size=32, symmetric=False), config), None)
   elif kind == "awq":
     save_awq(model_dir, config, quantized_params(QSpec(bits=4, group_size=32, symmetric=False), config), None)
+  elif kind == "compressed-tensors":
+    params = quantized_params(QSpec(bits=4, group_size=32, symmetric=False), config)
+    save_compressed_tensors(model_dir, config, params, None)
   else:
     params = quantized_params(QSpec(bits=4, group_size=32, symmetric=False), config)
     save_quantized(model_dir, config, params, _NoTokenizer(), metadata={"source_model": "tiny"})

@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 
 from qjax.calib.text import load_text
 from qjax.formats.awq import load_awq
+from qjax.formats.compressed_tensors import load_compressed_tensors
 from qjax.formats.gguf_reader import GgufCheckpoint
 from qjax.formats.gptq import load_gptq
 from qjax.formats.native import load_quantized
@@ -53,7 +54,7 @@ def root(tmp_path_factory):
   harness.write_hf_dir(os.path.join(base, "single"))
   harness.write_gguf_file(os.path.join(base, "f32.gguf"))
   harness.write_gguf_file(os.path.join(base, "q8.gguf"), recipe="Q8_0")
-  for kind in ("gptq", "awq", "qjax"):
+  for kind in ("gptq", "awq", "compressed-tensors", "qjax"):
     harness.write_quantized_dir(os.path.join(base, kind), kind)
   outside = os.path.join(root, "outside")
   os.makedirs(outside)
@@ -328,6 +329,9 @@ def test_fuzz_gguf_reader(root, gguf_bases, data):
 
 QC_KEYS = ["bits", "group_size", "sym", "desc_act", "checkpoint_format", "format", "zero_point", "version",
            "quant_method", "dynamic", "pack_dtype", "w_bit", "q_group_size"]  # fmt: skip
+CT_KEYS = ["config_groups", "format", "ignore", "quantization_status", "sparsity_config", "transform_config",
+           "kv_cache_scheme", "quant_method"]  # fmt: skip
+CT_WEIGHT_KEYS = ["num_bits", "type", "symmetric", "group_size", "strategy", "actorder", "dynamic"]
 SPEC_FIELDS = ["bits", "group_size", "symmetric", "scale_dtype", "layout", "partial_groups"]
 CAST = {"float16": np.float16, "float32": np.float32, "int32": np.int32, "int64": np.int64, "uint8": np.uint8,
         "uint32": np.uint32, "bool": np.bool_, "complex64": np.complex64, "bfloat16": ml_dtypes.bfloat16,
@@ -423,7 +427,12 @@ def mutate_quantized_dir(draw, case: str, kind: str) -> None:
       with open(path) as f:
         config = json.load(f)
       qc = config.get("quantization_config")
-      if kind != "qjax" and isinstance(qc, dict) and draw(st.booleans()):
+      if kind == "compressed-tensors" and isinstance(qc, dict) and draw(st.booleans()):
+        qc = json.loads(json.dumps(qc))  # one scheme's weight arguments, nested two levels down
+        scheme = qc["config_groups"]["group_0"]
+        scheme["weights"] = edit_json(draw, scheme["weights"], CT_WEIGHT_KEYS)
+        config["quantization_config"] = edit_json(draw, qc, CT_KEYS) if draw(st.booleans()) else qc
+      elif kind != "qjax" and isinstance(qc, dict) and draw(st.booleans()):
         config["quantization_config"] = edit_json(draw, qc, QC_KEYS)
       else:
         config = edit_json(draw, config, [*CONFIG_KEYS, "quantization_config", "qjax"])
@@ -432,12 +441,18 @@ def mutate_quantized_dir(draw, case: str, kind: str) -> None:
   save_file(tensors, weights)
 
 
-LOADERS = {"gptq": load_gptq, "awq": load_awq, "qjax": lambda d: load_quantized(d)[:2]}
+LOADERS = {
+  "gptq": load_gptq,
+  "awq": load_awq,
+  "compressed-tensors": load_compressed_tensors,
+  "qjax": lambda d: load_quantized(d)[:2],
+}
 
 
-@pytest.mark.parametrize("kind", ["gptq", "awq", "qjax"])
+@pytest.mark.parametrize("kind", list(LOADERS))
 def test_fuzz_quantized_directories(root, kind):
-  """GPTQ, AWQ and qjax directories with mutated config keys, quantization configs, tensors and manifests."""
+  """GPTQ, AWQ, compressed-tensors and qjax directories with mutated config keys, quantization configs, tensors and
+  manifests."""
   harness.check_model(*LOADERS[kind](os.path.join(root, "base", kind)))  # the pristine directory loads
 
   @fuzz(0.08)

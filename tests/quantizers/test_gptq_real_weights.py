@@ -8,6 +8,7 @@ import pytest
 from qjax.calib import text as texts
 from qjax.calib.runner import RunnerOptions, _Batches, _BlockRunner
 from qjax.core import QSpec, dequantize
+from qjax.core.fp_grid import Fp8Grid, MxFp4Grid
 from qjax.formats import open_checkpoint
 from qjax.models.blocks import LlamaBlocks
 from qjax.quantizers import GptqConfig, gptq_quantize, rtn_quantize
@@ -54,3 +55,19 @@ def test_gptq_beats_rtn_on_every_linear_and_act_order_helps(layer_problems, bits
     act_gains.append(act / plain)
   assert max(ratios.values()) < 1.0, ratios  # ‖XWᵀ − XŴᵀ‖² below RTN's for every linear
   assert np.mean(act_gains) < 1.0, act_gains
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "spec",
+  [QSpec(bits=4, group_size=32, grid=MxFp4Grid()), QSpec(bits=8, group_size=-1, grid=Fp8Grid())],
+  ids=["mxfp4", "fp8_e4m3_per_channel"],
+)
+def test_gptq_beats_rtn_on_floating_point_grids(layer_problems, spec):
+  ratios = {}
+  for name, (w, h) in layer_problems.items():
+    gptq = output_error(w, gptq_quantize(w, h, spec=spec)[0], h)
+    ratios[name] = gptq / output_error(w, rtn_quantize(w, spec=spec), h)
+  print({k: round(v, 3) for k, v in ratios.items()})
+  assert max(ratios.values()) < 1.0, ratios
+  assert np.mean(list(ratios.values())) < 0.9, ratios

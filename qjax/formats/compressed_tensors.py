@@ -1,0 +1,478 @@
+"""compressed-tensors checkpoints (vLLM's native format, written by llm-compressor): qjax params to a Hugging Face
+directory and back.
+
+Integer weights use the ``pack-quantized`` format. A quantized linear ``model.layers.{i}.mlp.down_proj`` whose torch
+weight is ``W [out, in]`` is stored as
+
+* ``weight_packed`` (out, ceil(in * bits / 32)) int32: each row's codes, offset to ``[0, 2**bits)``, as one
+  little-endian bit stream (code ``t`` at bit ``bits * t``; a row is padded with zeros to whole runs of 32 codes,
+  then cut to the words it needs);
+* ``weight_scale`` (out, groups) in the model's float dtype: ``groups = in / group_size`` (strategy ``group``), 1
+  (``channel``), or shape (1,) for one scale per tensor (``tensor``);
+* ``weight_zero_point``, asymmetric only: the zero points, offset as the codes are, packed the same way along
+  ``out`` into (ceil(out * bits / 32), groups) int32 (``tensor``: (1,) int8, signed and unpacked);
+* ``weight_shape`` (2,) int64, ``[out, in]``;
+* ``weight_g_idx`` (in,) int32, the group of each input channel: only in older checkpoints with ``actorder:
+  group`` (read, not written: compressed-tensors 0.20 refuses that setting, see `ACTORDER_GROUP_MSG`).
+
+``W[o, i] = scale[o, g] * (code[o, i] - zero[o, g])`` with ``g = i // group_size`` (or ``g_idx[i]``), and a
+symmetric grid's zero point is the fixed ``2**(bits-1)``. These are exactly a qjax `QArray`'s unsigned codes,
+scales and zero points, so writing and reading copy them.
+
+``config.json["quantization_config"]`` says ``quant_method: compressed-tensors``, ``format: pack-quantized``,
+``quantization_status: compressed``, and the schemes: ``config_groups`` (each ``targets``, module names, ``re:``
+regular expressions or the class ``Linear``, with ``weights`` arguments) minus ``ignore``.
+
+References: the ``compressed-tensors`` package (``compressors/pack_quantized``, ``quantization/quant_args.py``,
+``utils/match.py``); vLLM ``compressed_tensors_wNa16.py``.
+"""
+
+import os
+import re
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.core import GroupParams, QArray, QSpec, is_qarray, packing
+from qjax.core.errors import InputError
+from qjax.core.qarray import unpacked_codes
+from qjax.core.tree import leaves_with_paths
+from qjax.formats import gptq, hf_quantized
+from qjax.formats.output import atomic_directory
+from qjax.models.checkpoint import check_finite, check_group_length
+from qjax.models.config import MAX_SIZE, LlamaConfig, show
+
+QUANT_METHOD = "compressed-tensors"
+PACK_QUANTIZED = "pack-quantized"
+STRATEGIES = ("group", "channel", "tensor")
+PACKED = "weight_packed"  # the tensor that marks a quantized linear
+
+ACTORDER_GROUP_MSG = (
+  "{name}: act-order with groups in activation order (actorder 'group', a weight_g_idx) cannot be written: "
+  "compressed-tensors 0.20 refuses that setting, so transformers and vLLM with a current compressed-tensors would "
+  "not load the file. Quantize with --static_groups (groups in input order; written as actorder 'weight'), drop "
+  "--desc_act, or export with --export=gptq."
+)
+
+
+class WeightArgs(NamedTuple):
+  """The ``weights`` arguments of one compressed-tensors scheme that qjax reads and writes.
+
+  Attributes:
+    num_bits: code width.
+    symmetric: no stored zero point (the fixed ``2**(bits-1)``).
+    strategy: ``"group"``, ``"channel"`` or ``"tensor"``.
+    group_size: inputs per group for ``"group"``, else None.
+    actorder: None, ``"weight"`` (act-order during calibration only, groups in input order) or ``"group"``
+      (groups in activation order, a ``weight_g_idx``; read only).
+  """
+
+  num_bits: int
+  symmetric: bool
+  strategy: str
+  group_size: int | None = None
+  actorder: str | None = None
+
+  def qspec(self, scale_dtype) -> QSpec:
+    group_size = self.group_size if self.strategy == "group" else -1
+    return QSpec(bits=self.num_bits, group_size=group_size, symmetric=self.symmetric, scale_dtype=scale_dtype)
+
+  def as_json(self) -> dict[str, Any]:
+    args = {
+      "num_bits": self.num_bits,
+      "type": "int",
+      "symmetric": self.symmetric,
+      "group_size": self.group_size,
+      "strategy": self.strategy,
+      "dynamic": False,
+    }
+    return args if self.actorder is None else {**args, "actorder": self.actorder}
+
+
+def weight_args(spec: QSpec, *, actorder: str | None = None) -> WeightArgs:
+  """The scheme arguments of a qjax spec (group size -1 is the ``channel`` strategy)."""
+  if spec.group_size == -1:
+    return WeightArgs(spec.bits, spec.symmetric, "channel", None, actorder)
+  return WeightArgs(spec.bits, spec.symmetric, "group", spec.group_size, actorder)
+
+
+# ---- the bit stream ----
+
+
+def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+  """(rows, n) codes in ``[0, 2**bits)`` -> (rows, ceil(n * bits / 32)) int32 words, as compressed-tensors packs."""
+  rows, n = codes.shape
+  padded = np.zeros((rows, -(-n // 32) * 32), np.uint32)
+  padded[:, :n] = codes
+  words = np.asarray(gptq.pack_codes(padded, bits=bits, axis=1))
+  return np.ascontiguousarray(words[:, : -(-n * bits // 32)]).view(np.int32)
+
+
+def unpack_rows(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+  """The inverse of `pack_rows`: (rows, ceil(n * bits / 32)) int32 -> (rows, n) uint8 codes."""
+  rows, count = words.shape
+  padded = np.zeros((rows, -(-count // bits) * bits), np.uint32)  # whole runs of 32 codes
+  padded[:, :count] = words.view(np.uint32)
+  return np.asarray(gptq.unpack_codes(padded, bits=bits, axis=1))[:, :n]
+
+
+# ---- one QArray <-> compressed tensors ----
+
+
+def to_compressed(q: QArray, *, name: str = "weight") -> dict[str, np.ndarray]:
+  """A Dense-kernel `QArray` as ``pack-quantized`` tensors (``weight_packed``, ``weight_scale``, ``weight_shape``
+  and, with a zero point, ``weight_zero_point``).
+
+  Raises:
+    ValueError: for a ggml layout, an act-order permutation (`ACTORDER_GROUP_MSG`), or a group size that does not
+      divide the input width (compressed-tensors has no shorter last group).
+
+  Examples:
+    >>> from qjax.core import quantize
+    >>> q = quantize(np.linspace(-1, 1, 64 * 8, dtype=np.float32).reshape(64, 8), QSpec(bits=4, group_size=32))
+    >>> {k: v.shape for k, v in to_compressed(q).items()}
+    {'weight_packed': (8, 8), 'weight_scale': (8, 2), 'weight_shape': (2,)}
+  """
+  gptq.check_packed_linear(q, name, "to_compressed")
+  if q.perm is not None:
+    raise ValueError(ACTORDER_GROUP_MSG.format(name=name))
+  k, n = q.canonical_shape
+  if q.spec.group_size != -1 and k % q.spec.group_size:
+    raise ValueError(
+      f"`to_compressed` expected group_size to divide the input width of {name}, got group_size="
+      f"{q.spec.group_size} for in={k}; compressed-tensors has no shorter last group."
+    )
+  bits = q.spec.bits
+  tensors = {
+    "weight_packed": pack_rows(np.asarray(unpacked_codes(q)).T, bits),
+    "weight_scale": np.ascontiguousarray(np.asarray(q.scale).T),
+    "weight_shape": np.array([n, k], np.int64),
+  }
+  if q.zero is not None:
+    tensors["weight_zero_point"] = np.ascontiguousarray(pack_rows(np.asarray(q.zero, np.uint32), bits).T)
+  return tensors
+
+
+def expected_shapes(args: WeightArgs, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+  """The stored shape of each tensor of a (k, n) linear (``weight_g_idx`` included for ``actorder: group``)."""
+  k, n = shape
+  bits = args.num_bits
+  groups = {"group": -(-k // (args.group_size or 1)), "channel": 1, "tensor": 0}[args.strategy]
+  scale = (1,) if args.strategy == "tensor" else (n, groups)
+  shapes = {"weight_packed": (n, -(-k * bits // 32)), "weight_scale": scale, "weight_shape": (2,)}
+  if not args.symmetric:
+    shapes["weight_zero_point"] = (1,) if args.strategy == "tensor" else (-(-n * bits // 32), groups)
+  if args.actorder == "group":
+    shapes["weight_g_idx"] = (k,)
+  return shapes
+
+
+def check_compressed_tensors(
+  t: dict[str, np.ndarray], args: WeightArgs, shape: tuple[int, int], name: str, *, source: str | None = None
+) -> None:
+  """Raises naming the tensor when a layer's tensors do not have the shapes and dtypes its scheme implies, a
+  ``weight_shape`` other than the config's, a ``weight_g_idx`` naming a group that does not exist, or NaN or Inf
+  scales."""
+  k, n = shape
+  prefix = f"{source}: " if source else ""
+  if args.strategy == "group":
+    check_group_length(args.group_size, k, f"{prefix}{name}")
+    if k % args.group_size:
+      raise InputError(
+        f"{prefix}{name}: group_size={args.group_size} does not divide in={k}; compressed-tensors has no shorter "
+        "last group."
+      )
+  described = f"{args.num_bits}-bit {args.strategy} compressed-tensors of a ({n}, {k}) linear"
+  dtypes = {
+    "weight_packed": (np.int32,),
+    "weight_scale": (np.float16, np.float32, jnp.bfloat16),
+    "weight_shape": (np.int64, np.int32),
+    "weight_zero_point": (np.int8,) if args.strategy == "tensor" else (np.int32,),
+    "weight_g_idx": (np.int32, np.int64),
+  }
+  for field, expected in expected_shapes(args, shape).items():
+    hf_quantized.check_tensor(f"{name}.{field}", t[field], expected, dtypes[field], described, source=source)
+  if t["weight_shape"].tolist() != [n, k]:
+    raise InputError(f"{prefix}{name}.weight_shape: expected [{n}, {k}] for {described}, got {t['weight_shape']}.")
+  if "weight_g_idx" in t and ((t["weight_g_idx"] < 0).any() or (t["weight_g_idx"] >= k // args.group_size).any()):
+    raise InputError(f"{prefix}{name}.weight_g_idx: values must lie in [0, {k // args.group_size}).")
+  check_finite(f"{name}.weight_scale", t["weight_scale"], source or name)
+
+
+def from_compressed(
+  t: dict[str, np.ndarray], args: WeightArgs, shape: tuple[int, int], *, dtype=np.float32, name: str = "weight"
+) -> QArray:
+  """A `QArray` (shape (in, out), axis 0) from a layer's checked tensors (see `check_compressed_tensors`).
+
+  A ``tensor`` strategy becomes one group per output channel holding the same scale (and zero point); an
+  ``actorder: group`` layer becomes an act-order ``perm`` (the form of `qjax.formats.gptq.canonical_act_order`).
+  """
+  k, n = shape
+  bits = args.num_bits
+  scale = np.asarray(t["weight_scale"])
+  offset = 1 << (bits - 1)
+  if args.strategy == "tensor":
+    scale = np.broadcast_to(scale.reshape(1, 1), (n, 1))
+    zero = None if args.symmetric else np.full((1, n), int(t["weight_zero_point"][0]) + offset, np.int32)
+  else:
+    zero = None if args.symmetric else unpack_rows(t["weight_zero_point"].T, bits, n).astype(np.int32)
+  spec = args.qspec(scale.dtype)
+  codes = unpack_rows(t["weight_packed"], bits, k).T
+  perm = None
+  if "weight_g_idx" in t:
+    perm = gptq.perm_from_group_index(t["weight_g_idx"].astype(np.int32), spec, name)
+    codes = codes if perm is None else codes[perm]
+  params = GroupParams(jnp.asarray(np.ascontiguousarray(scale.T)), None if zero is None else jnp.asarray(zero))
+  return gptq.build_qarray(codes, params, spec=spec, perm=perm, dtype=np.dtype(dtype))
+
+
+# ---- the quantization_config ----
+
+
+def quantization_config(args_by_module: dict[str, WeightArgs], dense_linears: list[str]) -> dict[str, Any]:
+  """The ``quantization_config`` block: one scheme for every quantized linear (``targets: ["Linear"]``, the dense
+  ones in ``ignore``) or, for mixed settings, one scheme per setting naming its modules."""
+  schemes: dict[WeightArgs, list[str]] = {}
+  for module, args in args_by_module.items():
+    schemes.setdefault(args, []).append(module)
+  one = len(schemes) == 1
+  groups = {
+    f"group_{i}": {
+      "targets": ["Linear"] if one else sorted(modules),
+      "weights": args.as_json(),
+      "input_activations": None,
+      "output_activations": None,
+      "format": PACK_QUANTIZED,
+    }
+    for i, (args, modules) in enumerate(schemes.items())
+  }
+  return {
+    "quant_method": QUANT_METHOD,
+    "format": PACK_QUANTIZED,
+    "quantization_status": "compressed",
+    "config_groups": groups,
+    "ignore": sorted(dense_linears) if one else [],
+    "kv_cache_scheme": None,
+    "sparsity_config": {},
+    "transform_config": {},
+    "global_compression_ratio": None,
+  }
+
+
+def _bool(value, what: str, source: str) -> bool:
+  if not isinstance(value, bool):
+    raise InputError(f"{source}: {what} must be true or false, got {show(value)}.")
+  return value
+
+
+def parse_weight_args(weights: Any, source: str) -> WeightArgs:
+  """A scheme's ``weights`` arguments, checked.
+
+  Raises:
+    InputError: naming `source` and what the format allows, for float or dynamic weights, bits qjax does not store,
+      an unknown strategy, or a bad group size or actorder.
+  """
+  if not isinstance(weights, dict):
+    raise InputError(f"{source}: weights expected a JSON object, got {show(weights)}.")
+  kind = str(weights.get("type", "int")).lower()
+  if kind != "int":
+    raise InputError(f"{source}: weights of type {show(kind)} are not read; qjax reads integer pack-quantized weights.")
+  bits = weights.get("num_bits", 8)
+  if type(bits) is not int or bits not in packing.SUPPORTED_BITS:
+    raise InputError(f"{source}: num_bits must be one of {packing.SUPPORTED_BITS}, got {show(bits)}.")
+  if weights.get("dynamic", False) is not False:
+    raise InputError(f"{source}: dynamic weights (scales computed at run time) are not read, got {show(weights)}.")
+  strategy = str(weights.get("strategy") or ("group" if weights.get("group_size") else "tensor")).lower()
+  if strategy not in STRATEGIES:
+    raise InputError(f"{source}: weight strategy must be one of {STRATEGIES}, got {show(strategy)}.")
+  group_size = weights.get("group_size")
+  if strategy == "group":
+    if type(group_size) is not int or not 0 < group_size < MAX_SIZE:
+      raise InputError(f"{source}: group strategy needs a group_size in [1, 2**31), got {show(group_size)}.")
+  else:
+    group_size = None
+  actorder = weights.get("actorder")
+  if isinstance(actorder, str) or actorder is False:
+    actorder = {"static": "weight", "dynamic": "group", False: None}.get(actorder, actorder)
+  if actorder not in (None, "weight", "group"):
+    raise InputError(f"{source}: actorder must be null, 'weight' or 'group', got {show(actorder)}.")
+  if actorder == "group" and strategy != "group":
+    actorder = None  # a g_idx over one group is the identity
+  symmetric = _bool(weights.get("symmetric", True), "symmetric", source)
+  return WeightArgs(bits, symmetric, strategy, group_size, actorder)
+
+
+class Schemes(NamedTuple):
+  """The schemes of a ``quantization_config``: ``(targets, weight args)`` pairs, and the ignored modules."""
+
+  groups: list[tuple[list[str], WeightArgs]]
+  ignore: list[str]
+
+  def args_for(self, module: str, source: str) -> WeightArgs:
+    """The weight arguments of the linear `module` (the first scheme whose targets match it).
+
+    Raises:
+      InputError: if the module is stored quantized but no scheme targets it.
+    """
+    try:
+      if not any(_matches(module, target) for target in self.ignore):
+        for targets, args in self.groups:
+          if any(_matches(module, target) for target in targets):
+            return args
+    except re.error as e:
+      raise InputError(f"{source}: a 're:' target or ignore entry is not a regular expression ({e}).") from e
+    raise InputError(f"{source}: {module} is stored quantized (weight_packed) but no config_groups scheme targets it.")
+
+
+def _matches(module: str, target: str) -> bool:
+  """compressed-tensors' rule for a linear module: ``re:`` a regular expression matched at the start of the name,
+  ``Linear`` (or ``Module``) its classes, else the exact name."""
+  if target.startswith("re:"):
+    return re.match(target.removeprefix("re:"), module) is not None
+  return target in ("Linear", "Module") or target == module
+
+
+def _strings(value, what: str, source: str) -> list[str]:
+  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    raise InputError(f"{source}: {what} expected a list of strings, got {show(value)}.")
+  return value
+
+
+def parse_schemes(qc: dict[str, Any], source: str) -> Schemes:
+  """The weight schemes of a compressed-tensors ``quantization_config``.
+
+  Raises:
+    InputError: naming `source` for a format other than ``pack-quantized``, a status other than ``compressed``,
+      sparsity, transforms, activation or KV-cache quantization (qjax runs weight-only models), or bad schemes.
+  """
+  status = qc.get("quantization_status", "compressed")
+  if status != "compressed":
+    raise InputError(f"{source}: quantization_status {show(status)} is not read; qjax reads compressed checkpoints.")
+  for key, what in (("sparsity_config", "sparsity"), ("transform_config", "transforms (online rotations)")):
+    if qc.get(key):
+      raise InputError(f"{source}: {what} ({key}) are not supported; qjax reads weight-only quantized checkpoints.")
+  if qc.get("kv_cache_scheme"):
+    raise InputError(f"{source}: a kv_cache_scheme is not supported; qjax reads weight-only quantized checkpoints.")
+  config_groups = qc.get("config_groups")
+  if not isinstance(config_groups, dict) or not config_groups:
+    raise InputError(f"{source}: config_groups expected a non-empty JSON object, got {show(config_groups)}.")
+  groups = []
+  for group_name, scheme in config_groups.items():
+    where = f"{source}: config_groups.{group_name}"
+    if not isinstance(scheme, dict):
+      raise InputError(f"{where} expected a JSON object, got {show(scheme)}.")
+    fmt = scheme.get("format") or qc.get("format")
+    if fmt != PACK_QUANTIZED:
+      raise InputError(f"{where}: format {show(fmt)} is not read; qjax reads {PACK_QUANTIZED!r} (integer weights).")
+    for acts in ("input_activations", "output_activations"):
+      if scheme.get(acts):
+        raise InputError(f"{where}: {acts} are quantized; qjax runs weight-only schemes (e.g. W4A16, W8A16).")
+    targets = _strings(scheme.get("targets"), f"config_groups.{group_name}.targets", source)
+    groups.append((targets, parse_weight_args(scheme.get("weights"), where)))
+  return Schemes(groups, _strings(qc.get("ignore") or [], "ignore", source))
+
+
+# ---- compressed-tensors directories ----
+
+
+def save_compressed_tensors(
+  out_dir: str,
+  config: LlamaConfig,
+  params,
+  tokenizer,
+  *,
+  actorder: str | None = None,
+  max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES,
+  overwrite: bool = False,
+) -> None:
+  """Writes quantized params as a compressed-tensors (``pack-quantized``) directory that vLLM and transformers load.
+
+  Every quantized leaf must be a ``packed`` Dense kernel of a decoder linear or ``lm_head``, without an act-order
+  permutation, with a group size dividing its input width; linears may differ in settings (one scheme each).
+  Everything else is written in float16.
+
+  Args:
+    out_dir: the directory to create (written beside it and renamed when complete; see `qjax.formats.output`).
+    config: the model config.
+    params: the Flax parameter tree.
+    tokenizer: a `transformers` tokenizer, or None.
+    actorder: ``"weight"`` to record that GPTQ ran in activation order with groups kept in input order (metadata:
+      the tensors are the same), or None.
+    max_shard_bytes: largest safetensors file before sharding.
+    overwrite: replace a previous qjax output of another kind.
+
+  Raises:
+    ValueError: for params the format cannot hold (see `to_compressed`).
+    InputError: if `out_dir` may not be written.
+  """
+  with atomic_directory(out_dir, QUANT_METHOD, overwrite=overwrite) as tmp:
+    write_compressed_tensors(tmp, config, params, tokenizer, actorder=actorder, max_shard_bytes=max_shard_bytes)
+
+
+def write_compressed_tensors(
+  directory: str,
+  config: LlamaConfig,
+  params,
+  tokenizer,
+  *,
+  actorder: str | None = None,
+  max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES,
+) -> None:
+  """`save_compressed_tensors`'s files, written into the existing `directory`."""
+  if actorder not in (None, "weight"):
+    raise ValueError(f"`write_compressed_tensors` expected actorder None or 'weight', got {actorder!r}.")
+  hf_quantized.quantized_linears(params, "compressed-tensors")
+  args_by_module = {}
+  dense_linears = []
+  for path, leaf in leaves_with_paths(params):
+    if hf_quantized.LINEAR_KERNEL.fullmatch(path):
+      module = hf_quantized.hf_tensor_name(path).removesuffix(".weight")
+      if is_qarray(leaf):
+        args_by_module[module] = weight_args(leaf.spec, actorder=actorder)
+      else:
+        dense_linears.append(module)
+  if config.tie_word_embeddings:
+    dense_linears.append("lm_head")  # the tied head is a Linear in transformers; it stays the embedding
+  tensors = hf_quantized.hf_tensors(params, lambda module, q: to_compressed(q, name=module))
+  qc = quantization_config(args_by_module, dense_linears)
+  hf_quantized.write_hf_directory(directory, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def load_compressed_tensors(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
+  """Reads a compressed-tensors ``pack-quantized`` directory (qjax's, llm-compressor's) into qjax params.
+
+  Args:
+    model_dir: a Hugging Face directory whose ``quantization_config`` says ``compressed-tensors``.
+    dtype: dtype of the dense leaves and of what the QArrays dequantize to.
+
+  Returns:
+    ``(config, params)``: linears stored with a ``weight_packed`` as `QArray` (see `from_compressed`), the rest
+    dense.
+
+  Raises:
+    FileNotFoundError: naming a missing config or weights file.
+    InputError: naming the file, scheme or tensor for what qjax does not read (see `parse_schemes`), tensors that
+      do not match their scheme, NaN or Inf scales or weights, or a truncated file.
+  """
+  config = LlamaConfig.from_pretrained(model_dir)
+  qc = hf_quantized.read_quantization_config(model_dir)
+  source = os.path.join(model_dir, "config.json")
+  if qc is None:
+    raise InputError(f"{source}: no quantization_config.")
+  schemes = parse_schemes(qc, source)
+  tensors = hf_quantized.HfTensors(model_dir)
+
+  def quantized(module: str, shape: tuple[int, int]) -> QArray:
+    args = schemes.args_for(module, source)
+    names = {field: f"{module}.{field}" for field in expected_shapes(args, shape)}
+    missing = [name for name in names.values() if name not in tensors]
+    if missing:
+      raise InputError(f"{model_dir}: {missing[0]} is missing for {module}'s {args.strategy} scheme.")
+    got = tensors.get_many(list(names.values()))
+    t = {field: got[name] for field, name in names.items()}
+    check_compressed_tensors(t, args, shape, module, source=model_dir)
+    return from_compressed(t, args, shape, dtype=dtype, name=f"{model_dir}: {module}")
+
+  params = hf_quantized.read_hf_params(tensors, config, quantized, dtype=dtype, packed_suffix=PACKED)
+  return config, params
