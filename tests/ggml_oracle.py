@@ -82,7 +82,7 @@ def dequantize(codes: np.ndarray, type_name: str) -> np.ndarray:
   codes = np.ascontiguousarray(codes, np.uint8)
   n, row_bytes = codes.shape
   k = row_bytes // info.type_size * info.block_size
-  c_name = type_name.lower() if type_name.startswith("IQ") else f"{type_name[0].lower()}{type_name[1:]}"
+  c_name = type_name.lower() if type_name.startswith(("IQ", "MX")) else f"{type_name[0].lower()}{type_name[1:]}"
   fn = getattr(lib, f"dequantize_row_{c_name}")
   fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
   fn.restype = None

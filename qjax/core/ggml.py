@@ -41,7 +41,13 @@ BLOCK_TYPES: dict[str, BlockType] = {
   # Non-linear: codes index a fixed table of 16 levels (`qjax.core.ggml_iq4`).
   "IQ4_NL": BlockType(20, 32, 18, 4, True),
   "IQ4_XS": BlockType(23, QK_K, 136, 4, True),
+  # E2M1 codes sharing an E8M0 power-of-two scale per 32 (`qjax.core.ggml_mxfp4`).
+  "MXFP4": BlockType(39, 32, 17, 4, True),
 }
-NON_LINEAR = ("IQ4_NL", "IQ4_XS")
+NON_LINEAR = ("IQ4_NL", "IQ4_XS", "MXFP4")
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 """``kvalues_iq4nl`` (ggml-common.h): the 16 levels of an IQ4 code, in units of the block's scale."""
+MXFP4_LEVELS = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+"""``kvalues_mxfp4``: E2M1 values doubled, by 4-bit code (sign in bit 3), in units of half the block's scale."""
+LEVELS = {"IQ4_NL": IQ4_LEVELS, "IQ4_XS": IQ4_LEVELS, "MXFP4": MXFP4_LEVELS}
+"""The level table of each non-linear type."""

@@ -154,11 +154,11 @@ def _q6_k(b):
   return _per_sub_block(q, fp16_field(b, 208) * sc, None, 16)
 
 
-def _iq4_levels(qs: UInt8[Array, "nb 16*subs"]) -> Float[Array, "nb 32*subs"]:
-  """Table levels of IQ4 codes: per 32 weights, the first 16 in the low nibbles, the next 16 in the high ones."""
+def _iq4_levels(qs: UInt8[Array, "nb 16*subs"], levels=ggml.IQ4_LEVELS) -> Float[Array, "nb 32*subs"]:
+  """Table levels of 4-bit codes: per 32 weights, the first 16 in the low nibbles, the next 16 in the high ones."""
   q = qs.astype(jnp.int32).reshape(qs.shape[0], -1, 1, 16)
   codes = jnp.concatenate([q & 0xF, q >> 4], axis=2).reshape(qs.shape[0], -1)
-  return jnp.asarray(ggml.IQ4_LEVELS, jnp.float32)[codes]
+  return jnp.asarray(levels, jnp.float32)[codes]
 
 
 def _iq4_nl(b):
@@ -178,6 +178,18 @@ def _iq4_xs(b):
   return _per_sub_block(_iq4_levels(b[:, 8:136]), dl, None, 32)
 
 
+def e8m0_half(e: Int[Array, "..."]) -> Float[Array, "..."]:
+  """``ggml_e8m0_to_fp32_half``: ``2**(e - 128)`` in float32, MXFP4's half scale (its levels are E2M1 doubled).
+
+  ``e < 2`` gives a subnormal, which XLA:CPU flushes to zero where C keeps it (blocks with max |x| below 2**-124).
+  """
+  return jnp.ldexp(jnp.float32(1.0), e.astype(jnp.int32) - 128)
+
+
+def _mxfp4(b):
+  return e8m0_half(b[:, 0:1]) * _iq4_levels(b[:, 1:17], ggml.MXFP4_LEVELS)
+
+
 _DECODERS: dict[str, Callable[[Array], Array]] = {
   "Q4_0": _q4_0,
   "Q4_1": _q4_1,
@@ -191,6 +203,7 @@ _DECODERS: dict[str, Callable[[Array], Array]] = {
   "Q6_K": _q6_k,
   "IQ4_NL": _iq4_nl,
   "IQ4_XS": _iq4_xs,
+  "MXFP4": _mxfp4,
 }
 
 
@@ -200,7 +213,7 @@ def decode(codes: UInt8[Array, "n bytes"], type_name: str) -> Float[Array, "n k"
 
   Args:
     codes: (n, k / block_size * type_size) uint8: one row of ggml blocks per output channel, as in a GGUF file.
-    type_name: one of ``Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS``.
+    type_name: one of ``Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4``.
 
   Returns:
     (n, k) float32.

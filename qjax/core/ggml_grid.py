@@ -20,7 +20,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int, UInt8
 
 from qjax.core import ggml
-from qjax.core.ggml_decode import fp16_field, iq4_xs_sub_scales, unpack_k4_scales, unpack_q3_scales
+from qjax.core.ggml_decode import e8m0_half, fp16_field, iq4_xs_sub_scales, unpack_k4_scales, unpack_q3_scales
 from qjax.core.ggml_iq4 import pack_codes
 from qjax.core.ggml_kquants import encode, pack_crumbs, pack_high_bits, pack_k_nibbles, pack_q6_codes
 from qjax.core.ggml_legacy import ByteRows, fifth_bits, nibbles_by_halves, to_rows
@@ -47,6 +47,7 @@ LAYOUTS = {
   "Q6_K": _Layout(((192, 210),), 16),
   "IQ4_NL": _Layout(((0, 2),), 32),
   "IQ4_XS": _Layout(((0, 8),), 32),
+  "MXFP4": _Layout(((0, 1),), 32),
 }
 
 
@@ -57,7 +58,7 @@ def header_bytes(blocks: UInt8[Array, "nb type_size"], type_name: str) -> UInt8[
 
 def sub_block_affine(header: UInt8[Array, "nb header"], type_name: str) -> tuple[Array, Array]:
   """(nb, subs) float32 ``scale`` and ``offset`` of every sub-block: weights decode to ``scale * code - offset``,
-  or for the non-linear IQ4 types (offset None) to ``scale * IQ4_LEVELS[code]``.
+  or for the non-linear types (offset None) to ``scale * ggml.LEVELS[type_name][code]``.
 
   Codes are unsigned, in ``[0, 2**bits)`` (Q8_0's signed byte ``q`` is code ``q + 128``, Q3_K's and Q6_K's signed
   levels are offset by 4 and 32 as their decoders do). Every product is of an fp16 scale and small integers, so
@@ -91,6 +92,8 @@ def sub_block_affine(header: UInt8[Array, "nb header"], type_name: str) -> tuple
       return fp16_field(header, 0), None
     case "IQ4_XS":
       return fp16_field(header, 0) * iq4_xs_sub_scales(header).astype(jnp.float32), None
+    case "MXFP4":  # a power of two: dividing by it is exact, so rounding w / scale is llama.cpp's |level * d - x|
+      return e8m0_half(header[:, 0:1]), None
   raise ValueError(f"`sub_block_affine` expected a type in {tuple(LAYOUTS)}, got {type_name!r}.")
 
 
@@ -147,8 +150,8 @@ class GgmlGrid:
   def round(self, w, params: GroupParams, positions):
     scale, offset = self._affine(params, positions)
     safe = jnp.where(scale == 0, 1.0, scale)
-    if offset is None:  # the nearest table level, ties to the lower one as llama.cpp's best_index_int8
-      codes = _nearest_level(jnp.where(scale == 0, 0.0, w / safe))
+    if offset is None:  # the nearest table level, ties to the first, as llama.cpp's best_index_int8 and _mxfp4
+      codes = _nearest_level(jnp.where(scale == 0, 0.0, w / safe), ggml.LEVELS[self.type_name])
     else:
       codes = jnp.where(scale == 0, 0, jnp.clip(jnp.round((w + offset) / safe), 0, (1 << self.bits) - 1))
     codes = codes.astype(jnp.uint8)
@@ -168,14 +171,14 @@ class GgmlGrid:
   def dequantize(self, codes, params: GroupParams, positions):
     scale, offset = self._affine(params, positions)
     if offset is None:
-      return scale * jnp.asarray(ggml.IQ4_LEVELS, jnp.float32)[codes.astype(jnp.int32)]
+      return scale * jnp.asarray(ggml.LEVELS[self.type_name], jnp.float32)[codes.astype(jnp.int32)]
     return scale * codes.astype(jnp.float32) - offset
 
 
 def block_bytes(type_name: str, header: Int[Array, "h nb"], codes: Int[Array, "block nb"]) -> ByteRows:
   """A block type's fields in block order, from its header bytes and its codes (element-first)."""
   match type_name:
-    case "Q4_0" | "Q4_1" | "IQ4_NL":
+    case "Q4_0" | "Q4_1" | "IQ4_NL" | "MXFP4":
       return [header, nibbles_by_halves(codes)]
     case "Q5_0" | "Q5_1":
       return [header, fifth_bits(codes), nibbles_by_halves(codes)]
@@ -196,7 +199,7 @@ def block_bytes(type_name: str, header: Int[Array, "h nb"], codes: Int[Array, "b
   raise ValueError(f"`block_bytes` expected a type in {tuple(LAYOUTS)}, got {type_name!r}.")
 
 
-def _nearest_level(x: Array) -> Array:
-  levels = jnp.asarray(ggml.IQ4_LEVELS, jnp.float32)
+def _nearest_level(x: Array, table: tuple[int, ...]) -> Array:
+  levels = jnp.asarray(table, jnp.float32)
   distance = jnp.abs(x[..., None] - levels.reshape((1,) * x.ndim + (-1,)))
-  return jnp.argmin(distance, axis=-1)  # the first of equal distances: the lower level
+  return jnp.argmin(distance, axis=-1)  # the first of equal distances (IQ4's sorted table: the lower level)

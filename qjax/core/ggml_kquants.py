@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, UInt8
 
-from qjax.core import ggml, ggml_decode, ggml_iq4, ggml_legacy
+from qjax.core import ggml, ggml_decode, ggml_iq4, ggml_legacy, ggml_mxfp4
 from qjax.core.ggml_exact import (
   GROUP_MAX_EPS,
   Descent,
@@ -307,7 +307,11 @@ WEIGHTED: dict[str, Callable[..., Array]] = {
 }
 
 
-NON_LINEAR: dict[str, Callable[..., ByteRows]] = {"IQ4_NL": ggml_iq4.iq4_nl_bytes, "IQ4_XS": ggml_iq4.iq4_xs_bytes}
+NON_LINEAR: dict[str, Callable[..., ByteRows]] = {
+  "IQ4_NL": ggml_iq4.iq4_nl_bytes,
+  "IQ4_XS": ggml_iq4.iq4_xs_bytes,
+  "MXFP4": ggml_mxfp4.mxfp4_bytes,
+}
 
 
 def _encode_non_linear(ex: Exact, rows, imatrix, type_name: str):
@@ -349,7 +353,7 @@ def encode(
   """Quantizes rows into ggml blocks, byte for byte as llama.cpp's ``ggml_quantize_chunk``.
 
   Each row is a run of blocks along `k`. Without `imatrix` the bytes are those of ``quantize_row_<type>_ref``; with
-  it, those of the importance-weighted ``quantize_row_<type>_impl`` (Q8_0 has none and ignores it).
+  it, those of the importance-weighted ``quantize_row_<type>_impl`` (Q8_0 and MXFP4 have none and ignore it).
 
   Exactness: the bytes equal those of llama.cpp built without FMA contraction (as llama-cpp-python ships it) on
   XLA:CPU, for finite input whose 16- or 32-element sub-blocks have max ``|x|`` between about 1e-9 and 1e13.
@@ -359,7 +363,7 @@ def encode(
   Args:
     rows: (n, k) float32 (other float dtypes are converted); `k` a multiple of the block size (32, or 256 for
       the k-quants).
-    type_name: one of ``Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS``.
+    type_name: one of ``Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4``.
     imatrix: optional (k,) float32 importance of each column, as llama.cpp's imatrix tool yields it (the mean of
       ``x^2`` of the layer's inputs).
 

@@ -21,6 +21,7 @@ FP16_FIELDS = {
   "Q6_K": (208,),
   "IQ4_NL": (0,),
   "IQ4_XS": (0,),
+  "MXFP4": (),  # its scale is an E8M0 exponent byte: every value is a valid scale
 }
 
 
@@ -32,6 +33,8 @@ def random_codes(type_name: str, rows: int, blocks: int, seed: int = 0) -> np.nd
   for offset in FP16_FIELDS[type_name]:
     scales = (rng.standard_normal(len(codes)) * 10.0 ** rng.integers(-6, 3, len(codes))).astype(np.float16)
     codes[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+  if type_name == "MXFP4":  # normal, finite scales: XLA:CPU flushes e < 2 (2**-127, 2**-128) to zero, C does not
+    codes[:, 0] = rng.integers(2, 250, len(codes))
   return codes.reshape(rows, blocks * info.type_size)
 
 

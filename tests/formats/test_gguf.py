@@ -304,3 +304,27 @@ def test_gptq_into_a_recipe_writes_llama_cpps_types_and_the_values_gptq_chose(re
       np.testing.assert_array_equal(got["kernel"], np.asarray(dequantize(kernel)), err_msg=f"layer {i} {module}")
   window = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))[:64]
   assert np.isfinite(llama_cpp_logits(ours, window)).all()
+
+
+@pytest.mark.slow
+def test_mxfp4_tensors_run_in_llama_cpp_as_qjax_runs_them(two_layer_model, tmp_path):
+  """Linears as MXFP4 blocks (llama.cpp's own encoder, byte for byte), the rest F32: the file reads back as the
+  values qjax dequantizes, and llama.cpp's logits match qjax's forward on them."""
+  from qjax.transforms import Rule, kquant
+
+  model, _ = two_layer_model
+  checkpoint = open_checkpoint(model)
+  params = quantize_params(checkpoint.params(), [Rule(r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel",
+                                                       kquant("MXFP4"))])  # fmt: skip
+  path = str(tmp_path / "mxfp4.gguf")
+  write_gguf(path, checkpoint.config, params, tokenizer_metadata(checkpoint.tokenizer(), checkpoint.config.vocab_size))
+  back = GgufCheckpoint(path)
+  q = params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+  assert q.spec.layout == "MXFP4"
+  np.testing.assert_array_equal(back.layer_params(1)["mlp"]["down_proj"]["kernel"], np.asarray(dequantize(q)))
+  window = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))[:64]
+  theirs = llama_cpp_logits(path, window)
+  ours = np.asarray(logits_fn(checkpoint.config, params)(jnp.asarray(window[None])))[0]
+  # llama.cpp multiplies MXFP4 blocks with 8-bit activations (Q8_0): agreement to about a percent of the logits
+  print(f"max |Δlogit| {np.abs(theirs - ours).max():.4f}, max |logit| {np.abs(ours).max():.2f}")
+  assert np.abs(theirs - ours).max() < 0.02 * np.abs(ours).max()

@@ -165,3 +165,12 @@ def test_encode_validates_its_input():
     encode(rows, "Q4_K", np.full(256, np.nan, np.float32))
   with pytest.raises(ValueError, match=r"axis in \(0, 1\)"):
     kquant_quantize(rows, type_name="Q4_K", axis=2)
+
+
+def test_mxfp4_exponent_just_below_powers_of_two_is_llama_cpps():
+  """``floor(log2f(max|x|))`` rounds up within half an ulp below a power of two; the encoder follows log2f."""
+  below = [np.uint32(np.float32(2.0**k).view(np.uint32) - step).view(np.float32)
+           for k in range(-30, 30) for step in range(24)]  # fmt: skip
+  rows = np.zeros((len(below), 32), np.float32)
+  rows[:, 0], rows[:, 5] = below, -0.3 * np.asarray(below)
+  np.testing.assert_array_equal(np.asarray(encode(rows, "MXFP4")), ggml_oracle.quantize(rows, "MXFP4"))
