@@ -19,6 +19,9 @@ weight is ``W [out, in]`` is stored as
 symmetric grid's zero point is the fixed ``2**(bits-1)``. These are exactly a qjax `QArray`'s unsigned codes,
 scales and zero points, so writing and reading copy them.
 
+FP8 weights (`qjax.core.fp_grid.Fp8Grid`) use the ``float-quantized`` format: ``weight`` (out, in) float8_e4m3fn,
+the codes themselves, and ``weight_scale`` (out, groups), ``W = float(weight) * scale``.
+
 ``config.json["quantization_config"]`` says ``quant_method: compressed-tensors``, ``format: pack-quantized``,
 ``quantization_status: compressed``, and the schemes: ``config_groups`` (each ``targets``, module names, ``re:``
 regular expressions or the class ``Linear``, with ``weights`` arguments) minus ``ignore``.
@@ -32,10 +35,12 @@ import re
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from qjax.core import GroupParams, QArray, QSpec, is_qarray, packing
 from qjax.core.errors import InputError
+from qjax.core.fp_grid import Fp8Grid
 from qjax.core.qarray import unpacked_codes
 from qjax.core.tree import leaves_with_paths
 from qjax.formats import gptq, hf_quantized
@@ -45,8 +50,9 @@ from qjax.models.config import MAX_SIZE, LlamaConfig, show
 
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
+FLOAT_QUANTIZED = "float-quantized"
 STRATEGIES = ("group", "channel", "tensor")
-PACKED = "weight_packed"  # the tensor that marks a quantized linear
+MARKER = "weight_scale"  # the tensor every quantized linear has, in every format
 
 ACTORDER_GROUP_MSG = (
   "{name}: act-order with groups in activation order (actorder 'group', a weight_g_idx) cannot be written: "
@@ -66,6 +72,7 @@ class WeightArgs(NamedTuple):
     group_size: inputs per group for ``"group"``, else None.
     actorder: None, ``"weight"`` (act-order during calibration only, groups in input order) or ``"group"``
       (groups in activation order, a ``weight_g_idx``; read only).
+    kind: ``"int"`` (``pack-quantized``) or ``"float"`` (FP8 E4M3, ``float-quantized``).
   """
 
   num_bits: int
@@ -73,15 +80,22 @@ class WeightArgs(NamedTuple):
   strategy: str
   group_size: int | None = None
   actorder: str | None = None
+  kind: str = "int"
+
+  @property
+  def format(self) -> str:
+    return FLOAT_QUANTIZED if self.kind == "float" else PACK_QUANTIZED
 
   def qspec(self, scale_dtype) -> QSpec:
     group_size = self.group_size if self.strategy == "group" else -1
-    return QSpec(bits=self.num_bits, group_size=group_size, symmetric=self.symmetric, scale_dtype=scale_dtype)
+    grid = Fp8Grid(scale_dtype=np.dtype(scale_dtype)) if self.kind == "float" else None
+    return QSpec(bits=self.num_bits, group_size=group_size, symmetric=self.symmetric, scale_dtype=scale_dtype,
+                 grid=grid)  # fmt: skip
 
   def as_json(self) -> dict[str, Any]:
     args = {
       "num_bits": self.num_bits,
-      "type": "int",
+      "type": self.kind,
       "symmetric": self.symmetric,
       "group_size": self.group_size,
       "strategy": self.strategy,
@@ -91,10 +105,11 @@ class WeightArgs(NamedTuple):
 
 
 def weight_args(spec: QSpec, *, actorder: str | None = None) -> WeightArgs:
-  """The scheme arguments of a qjax spec (group size -1 is the ``channel`` strategy)."""
+  """The scheme arguments of a qjax spec (group size -1 is the ``channel`` strategy; `Fp8Grid` is FP8)."""
+  kind = "float" if isinstance(spec.rounding_grid, Fp8Grid) else "int"
   if spec.group_size == -1:
-    return WeightArgs(spec.bits, spec.symmetric, "channel", None, actorder)
-  return WeightArgs(spec.bits, spec.symmetric, "group", spec.group_size, actorder)
+    return WeightArgs(spec.bits, spec.symmetric, "channel", None, actorder, kind)
+  return WeightArgs(spec.bits, spec.symmetric, "group", spec.group_size, actorder, kind)
 
 
 # ---- the bit stream ----
@@ -134,6 +149,8 @@ def to_compressed(q: QArray, *, name: str = "weight") -> dict[str, np.ndarray]:
     >>> {k: v.shape for k, v in to_compressed(q).items()}
     {'weight_packed': (8, 8), 'weight_scale': (8, 2), 'weight_shape': (2,)}
   """
+  if isinstance(q.spec.rounding_grid, Fp8Grid):
+    return _fp8_tensors(q, name)
   gptq.check_packed_linear(q, name, "to_compressed")
   if q.perm is not None:
     raise ValueError(ACTORDER_GROUP_MSG.format(name=name))
@@ -154,12 +171,25 @@ def to_compressed(q: QArray, *, name: str = "weight") -> dict[str, np.ndarray]:
   return tensors
 
 
+def _fp8_tensors(q: QArray, name: str) -> dict[str, np.ndarray]:
+  """``float-quantized`` tensors of an FP8 QArray: the E4M3 codes as ``weight`` and the scales."""
+  if q.axis != 0 or q.perm is not None or q.spec.layout != "packed":
+    raise ValueError(f"`to_compressed` expected a packed Dense kernel without act-order for {name}.")
+  codes = np.asarray(unpacked_codes(q)).astype(np.uint8)
+  return {
+    "weight": np.ascontiguousarray(codes.T).view(ml_dtypes.float8_e4m3fn),
+    "weight_scale": np.ascontiguousarray(np.asarray(q.scale).T),
+  }
+
+
 def expected_shapes(args: WeightArgs, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
   """The stored shape of each tensor of a (k, n) linear (``weight_g_idx`` included for ``actorder: group``)."""
   k, n = shape
   bits = args.num_bits
   groups = {"group": -(-k // (args.group_size or 1)), "channel": 1, "tensor": 0}[args.strategy]
   scale = (1,) if args.strategy == "tensor" else (n, groups)
+  if args.kind == "float":
+    return {"weight": (n, k), "weight_scale": scale}
   shapes = {"weight_packed": (n, -(-k * bits // 32)), "weight_scale": scale, "weight_shape": (2,)}
   if not args.symmetric:
     shapes["weight_zero_point"] = (1,) if args.strategy == "tensor" else (-(-n * bits // 32), groups)
@@ -185,6 +215,7 @@ def check_compressed_tensors(
       )
   described = f"{args.num_bits}-bit {args.strategy} compressed-tensors of a ({n}, {k}) linear"
   dtypes = {
+    "weight": (ml_dtypes.float8_e4m3fn,),
     "weight_packed": (np.int32,),
     "weight_scale": (np.float16, np.float32, jnp.bfloat16),
     "weight_shape": (np.int64, np.int32),
@@ -193,7 +224,7 @@ def check_compressed_tensors(
   }
   for field, expected in expected_shapes(args, shape).items():
     hf_quantized.check_tensor(f"{name}.{field}", t[field], expected, dtypes[field], described, source=source)
-  if t["weight_shape"].tolist() != [n, k]:
+  if "weight_shape" in t and t["weight_shape"].tolist() != [n, k]:
     raise InputError(f"{prefix}{name}.weight_shape: expected [{n}, {k}] for {described}, got {t['weight_shape']}.")
   if "weight_g_idx" in t and ((t["weight_g_idx"] < 0).any() or (t["weight_g_idx"] >= k // args.group_size).any()):
     raise InputError(f"{prefix}{name}.weight_g_idx: values must lie in [0, {k // args.group_size}).")
@@ -211,9 +242,14 @@ def from_compressed(
   k, n = shape
   bits = args.num_bits
   scale = np.asarray(t["weight_scale"])
-  offset = 1 << (bits - 1)
   if args.strategy == "tensor":
     scale = np.broadcast_to(scale.reshape(1, 1), (n, 1))
+  if args.kind == "float":
+    params = GroupParams(jnp.asarray(np.ascontiguousarray(scale.T)), None)
+    codes = np.asarray(t["weight"]).view(np.uint8).T
+    return gptq.build_qarray(codes, params, spec=args.qspec(scale.dtype), dtype=np.dtype(dtype))
+  offset = 1 << (bits - 1)
+  if args.strategy == "tensor":
     zero = None if args.symmetric else np.full((1, n), int(t["weight_zero_point"][0]) + offset, np.int32)
   else:
     zero = None if args.symmetric else unpack_rows(t["weight_zero_point"].T, bits, n).astype(np.int32)
@@ -243,13 +279,14 @@ def quantization_config(args_by_module: dict[str, WeightArgs], dense_linears: li
       "weights": args.as_json(),
       "input_activations": None,
       "output_activations": None,
-      "format": PACK_QUANTIZED,
+      "format": args.format,
     }
     for i, (args, modules) in enumerate(schemes.items())
   }
+  formats = {args.format for args in schemes}
   return {
     "quant_method": QUANT_METHOD,
-    "format": PACK_QUANTIZED,
+    "format": formats.pop() if len(formats) == 1 else "mixed-precision",
     "quantization_status": "compressed",
     "config_groups": groups,
     "ignore": sorted(dense_linears) if one else [],
@@ -276,11 +313,12 @@ def parse_weight_args(weights: Any, source: str) -> WeightArgs:
   if not isinstance(weights, dict):
     raise InputError(f"{source}: weights expected a JSON object, got {show(weights)}.")
   kind = str(weights.get("type", "int")).lower()
-  if kind != "int":
-    raise InputError(f"{source}: weights of type {show(kind)} are not read; qjax reads integer pack-quantized weights.")
+  if kind not in ("int", "float"):
+    raise InputError(f"{source}: weights of type {show(kind)} are not read; qjax reads int and float weights.")
   bits = weights.get("num_bits", 8)
-  if type(bits) is not int or bits not in packing.SUPPORTED_BITS:
-    raise InputError(f"{source}: num_bits must be one of {packing.SUPPORTED_BITS}, got {show(bits)}.")
+  allowed = (8,) if kind == "float" else packing.SUPPORTED_BITS
+  if type(bits) is not int or bits not in allowed:
+    raise InputError(f"{source}: {kind} num_bits must be one of {allowed}, got {show(bits)}.")
   if weights.get("dynamic", False) is not False:
     raise InputError(f"{source}: dynamic weights (scales computed at run time) are not read, got {show(weights)}.")
   strategy = str(weights.get("strategy") or ("group" if weights.get("group_size") else "tensor")).lower()
@@ -300,7 +338,9 @@ def parse_weight_args(weights: Any, source: str) -> WeightArgs:
   if actorder == "group" and strategy != "group":
     actorder = None  # a g_idx over one group is the identity
   symmetric = _bool(weights.get("symmetric", True), "symmetric", source)
-  return WeightArgs(bits, symmetric, strategy, group_size, actorder)
+  if kind == "float" and not symmetric:
+    raise InputError(f"{source}: float weights with a zero point are not read; FP8 weights are symmetric.")
+  return WeightArgs(bits, symmetric, strategy, group_size, actorder, kind)
 
 
 class Schemes(NamedTuple):
@@ -322,7 +362,7 @@ class Schemes(NamedTuple):
             return args
     except re.error as e:
       raise InputError(f"{source}: a 're:' target or ignore entry is not a regular expression ({e}).") from e
-    raise InputError(f"{source}: {module} is stored quantized (weight_packed) but no config_groups scheme targets it.")
+    raise InputError(f"{source}: {module} is stored quantized (weight_scale) but no config_groups scheme targets it.")
 
 
 def _matches(module: str, target: str) -> bool:
@@ -363,13 +403,19 @@ def parse_schemes(qc: dict[str, Any], source: str) -> Schemes:
     if not isinstance(scheme, dict):
       raise InputError(f"{where} expected a JSON object, got {show(scheme)}.")
     fmt = scheme.get("format") or qc.get("format")
-    if fmt != PACK_QUANTIZED:
-      raise InputError(f"{where}: format {show(fmt)} is not read; qjax reads {PACK_QUANTIZED!r} (integer weights).")
+    if fmt not in (PACK_QUANTIZED, FLOAT_QUANTIZED):
+      raise InputError(
+        f"{where}: format {show(fmt)} is not read; qjax reads {PACK_QUANTIZED!r} (integer weights) and "
+        f"{FLOAT_QUANTIZED!r} (FP8 weights)."
+      )
     for acts in ("input_activations", "output_activations"):
       if scheme.get(acts):
         raise InputError(f"{where}: {acts} are quantized; qjax runs weight-only schemes (e.g. W4A16, W8A16).")
     targets = _strings(scheme.get("targets"), f"config_groups.{group_name}.targets", source)
-    groups.append((targets, parse_weight_args(scheme.get("weights"), where)))
+    args = parse_weight_args(scheme.get("weights"), where)
+    if args.format != fmt:
+      raise InputError(f"{where}: format {fmt!r} does not hold {args.kind} weights ({args.format!r} does).")
+    groups.append((targets, args))
   return Schemes(groups, _strings(qc.get("ignore") or [], "ignore", source))
 
 
@@ -386,10 +432,12 @@ def save_compressed_tensors(
   max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES,
   overwrite: bool = False,
 ) -> None:
-  """Writes quantized params as a compressed-tensors (``pack-quantized``) directory that vLLM and transformers load.
+  """Writes quantized params as a compressed-tensors directory that vLLM and transformers load: ``pack-quantized``
+  integer weights, ``float-quantized`` FP8 ones.
 
-  Every quantized leaf must be a ``packed`` Dense kernel of a decoder linear or ``lm_head``, without an act-order
-  permutation, with a group size dividing its input width; linears may differ in settings (one scheme each).
+  Every quantized leaf must be a ``packed`` Dense kernel of a decoder linear or ``lm_head`` (affine or `Fp8Grid`),
+  without an act-order permutation, with a group size dividing its input width; linears may differ in settings
+  (one scheme each).
   Everything else is written in float16.
 
   Args:
@@ -440,14 +488,15 @@ def write_compressed_tensors(
 
 
 def load_compressed_tensors(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
-  """Reads a compressed-tensors ``pack-quantized`` directory (qjax's, llm-compressor's) into qjax params.
+  """Reads a compressed-tensors directory (qjax's, llm-compressor's; ``pack-quantized`` or ``float-quantized``
+  FP8 weights) into qjax params.
 
   Args:
     model_dir: a Hugging Face directory whose ``quantization_config`` says ``compressed-tensors``.
     dtype: dtype of the dense leaves and of what the QArrays dequantize to.
 
   Returns:
-    ``(config, params)``: linears stored with a ``weight_packed`` as `QArray` (see `from_compressed`), the rest
+    ``(config, params)``: linears stored with a ``weight_scale`` as `QArray` (see `from_compressed`), the rest
     dense.
 
   Raises:
@@ -474,5 +523,5 @@ def load_compressed_tensors(model_dir: str, *, dtype=np.float32) -> tuple[LlamaC
     check_compressed_tensors(t, args, shape, module, source=model_dir)
     return from_compressed(t, args, shape, dtype=dtype, name=f"{model_dir}: {module}")
 
-  params = hf_quantized.read_hf_params(tensors, config, quantized, dtype=dtype, packed_suffix=PACKED)
+  params = hf_quantized.read_hf_params(tensors, config, quantized, dtype=dtype, packed_suffix=MARKER)
   return config, params

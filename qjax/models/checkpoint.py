@@ -7,11 +7,13 @@ Flax parameter tree. Weights are read with safetensors only, never pickles (GGUF
 """
 
 import abc
+import json
 import os
 import re
 import stat
 from typing import NamedTuple
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -40,7 +42,8 @@ MAX_INDEX_BYTES = 64 << 20
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound on its JSON header
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # What qjax reads: safetensors' float8/float4/complex tensors have no numpy dtype on every version (reading one fails).
-READABLE_DTYPES = (*FLOAT_DTYPES, "BOOL", "I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")
+FP8_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn}  # quantized weights' codes, read as stored
+READABLE_DTYPES = (*FLOAT_DTYPES, *FP8_DTYPES, "BOOL", "I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64")
 MAX_SHORT_GROUP = 1024  # a quantization group may exceed a small layer's input width, up to this
 HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # What reading a hostile safetensors file may raise, besides SafetensorError.
@@ -239,16 +242,41 @@ def safetensors_header(path: str) -> dict[str, TensorInfo]:
 
 
 def read_safetensors(path: str, names: list[str], framework: str = "numpy") -> dict:
-  """Tensors `names` of a safetensors file whose header was checked (`safetensors_header`).
+  """Tensors `names` of a safetensors file whose header was checked (`safetensors_header`); FP8 ones (which
+  safetensors' numpy and flax readers do not convert) as ml_dtypes arrays read from their byte ranges.
 
   Raises:
     InputError: naming the file for any error safetensors raises (a file changed or truncated since).
   """
   try:
     with safe_open(path, framework) as f:
-      return {name: f.get_tensor(name) for name in names}
+      fp8 = {name for name in names if f.get_slice(name).get_dtype() in FP8_DTYPES}
+      out = {name: f.get_tensor(name) for name in names if name not in fp8}
   except READ_ERRORS as e:
     raise InputError(f"{path}: unreadable safetensors file ({one_line(e)}); is it truncated?") from e
+  return {**out, **(_read_raw(path, sorted(fp8)) if fp8 else {})}
+
+
+def _read_raw(path: str, names: list[str]) -> dict[str, np.ndarray]:
+  """Tensors of dtypes in `FP8_DTYPES` from their byte ranges, each checked against its shape and the file."""
+  size = os.path.getsize(path)
+  out = {}
+  with open(path, "rb") as f:
+    length = int.from_bytes(f.read(8), "little")
+    if length > min(size - 8, MAX_HEADER_BYTES):
+      raise InputError(f"{path}: unreadable safetensors file (header length {length}); is it truncated?")
+    try:
+      header = json.loads(f.read(length))
+      entries = {name: (header[name]["dtype"], tuple(header[name]["shape"]), header[name]["data_offsets"])
+                 for name in names}  # fmt: skip
+    except (ValueError, KeyError, TypeError) as e:
+      raise InputError(f"{path}: unreadable safetensors header ({one_line(e)}); did the file change?") from e
+    for name, (dtype, shape, (begin, end)) in entries.items():
+      if end - begin != int(np.prod(shape)) or not 0 <= begin <= end <= size - 8 - length:
+        raise InputError(f"{path}: tensor {name}'s byte range [{begin}, {end}) does not hold shape {shape}.")
+      f.seek(8 + length + begin)
+      out[name] = np.frombuffer(f.read(end - begin), np.uint8).view(FP8_DTYPES[dtype]).reshape(shape)
+  return out
 
 
 def read_weight_map(index_path: str) -> dict[str, str]:

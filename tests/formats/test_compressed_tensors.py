@@ -8,10 +8,11 @@ import re
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from qjax.cli.quantize import Settings, plan
-from qjax.core import QSpec, dequantize, quantize
+from qjax.core import Fp8Grid, QSpec, dequantize, quantize
 from qjax.core.errors import InputError
 from qjax.core.tree import leaves_with_paths, map_with_path
 from qjax.formats import Target, convert_model, load_model, open_checkpoint
@@ -230,9 +231,11 @@ def test_bad_schemes_and_tensors_are_named(model_dir, tmp_path):
     write_json(config_path, config)
 
   cases = [
-    (dict(num_bits=7), r"config_groups.group_0: num_bits must be one of \(2, 3, 4, 5, 6, 8\), got 7"),
+    (dict(num_bits=7), r"config_groups.group_0: int num_bits must be one of \(2, 3, 4, 5, 6, 8\), got 7"),
     (dict(strategy="block"), r"weight strategy must be one of \('group', 'channel', 'tensor'\), got 'block'"),
-    (dict(type="float"), r"weights of type 'float' are not read"),
+    (dict(type="float"), r"float num_bits must be one of \(8,\), got 4"),
+    (dict(type="float", num_bits=8), r"format 'pack-quantized' does not hold float weights \('float-quantized' does\)"),
+    (dict(type="fp4"), r"weights of type 'fp4' are not read"),
     (dict(group_size=64), r"model.layers.0.self_attn.q_proj.weight_scale: expected shape \(64, 1\)"),
   ]
   for changes, message in cases:
@@ -317,3 +320,36 @@ def test_convert_between_gptq_awq_and_compressed_tensors(model_dir, tmp_path):
   report = convert_model(str(tmp_path / "act-order"), Target("compressed-tensors"), str(tmp_path / "ct-act-order"))
   assert not any(r.exact for r in report) and all(0 < r.rel_rmse < 0.15 for r in report)
   assert "requantized" in summary(report)
+
+
+def test_fp8_weights_are_float_quantized_and_read_back(model_dir, tmp_path):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("compressed_tensors")
+  from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+  from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+  spec = QSpec(bits=8, group_size=-1, scale_dtype=np.float32, grid=Fp8Grid())
+  checkpoint, params = quantized_params(model_dir, spec)
+  out = str(tmp_path / "fp8")
+  save_compressed_tensors(out, checkpoint.config, params, checkpoint.tokenizer())
+  qc = read_json(os.path.join(out, "config.json"))["quantization_config"]
+  assert qc["format"] == "float-quantized" and qc["config_groups"]["group_0"]["weights"]["type"] == "float"
+  with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+    assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.float8_e4m3fn
+    state = {k.removeprefix("model.layers.0.mlp.up_proj."): f.get_tensor(k) for k in f.keys()
+             if k.startswith("model.layers.0.mlp.up_proj.")}  # fmt: skip
+  args = weight_args(spec).as_json()
+  scheme = QuantizationScheme(
+    targets=["Linear"], weights=QuantizationArgs(**{k: v for k, v in args.items() if v is not None})
+  )
+  theirs = FloatQuantizationCompressor.decompress(state, scheme)["weight"].numpy()
+  q = params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+  np.testing.assert_array_equal(theirs, np.asarray(dequantize(q)).T)
+  model = load_model(out)
+  for (_, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(model.params), strict=True):
+    if hasattr(a, "spec"):
+      assert_same_qarray(b, a)
+  windows = np.arange(64)[None] % 1000
+  diff, scale, _, _ = compare_with_transformers(out, windows, dtype=torch.float32)
+  print(f"fp8: max |Δlogit| {diff:.2e} (max |logit| {scale:.2f})")
+  assert diff < 1e-4 * scale

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from qjax.calib.text import load_text
@@ -26,6 +25,7 @@ from qjax.formats.gguf_reader import GgufCheckpoint
 from qjax.formats.gptq import load_gptq
 from qjax.formats.native import load_quantized
 from qjax.models import LlamaConfig, SafetensorsCheckpoint
+from qjax.models.checkpoint import read_safetensors, safetensors_header
 from qjax.models.config import MAX_SIZE
 from tests.fuzz import harness
 from tests.fuzz.harness import fresh_case, run_case
@@ -54,7 +54,7 @@ def root(tmp_path_factory):
   harness.write_hf_dir(os.path.join(base, "single"))
   harness.write_gguf_file(os.path.join(base, "f32.gguf"))
   harness.write_gguf_file(os.path.join(base, "q8.gguf"), recipe="Q8_0")
-  for kind in ("gptq", "awq", "compressed-tensors", "qjax"):
+  for kind in LOADERS:
     harness.write_quantized_dir(os.path.join(base, kind), kind)
   outside = os.path.join(root, "outside")
   os.makedirs(outside)
@@ -414,8 +414,7 @@ def mutate_quantized_dir(draw, case: str, kind: str) -> None:
   """One or two mutations of the config, the quantization config, the tensors or (qjax) the manifest."""
   targets = ["config", "tensors", "tensors"] + (["manifest", "manifest"] if kind == "qjax" else [])
   weights = os.path.join(case, "model.safetensors")
-  with safe_open(weights, "numpy") as f:
-    tensors = {name: f.get_tensor(name) for name in f.keys()}
+  tensors = read_safetensors(weights, list(safetensors_header(weights)))  # FP8 codes too, as ml_dtypes arrays
   for _ in range(draw(st.integers(1, 2))):
     target = draw(st.sampled_from(targets))
     if target == "tensors" and tensors:
@@ -427,10 +426,13 @@ def mutate_quantized_dir(draw, case: str, kind: str) -> None:
       with open(path) as f:
         config = json.load(f)
       qc = config.get("quantization_config")
-      if kind == "compressed-tensors" and isinstance(qc, dict) and draw(st.booleans()):
+      groups = qc.get("config_groups") if isinstance(qc, dict) else None
+      scheme = groups.get("group_0") if isinstance(groups, dict) else None
+      if kind.startswith("compressed-tensors") and isinstance(scheme, dict) and draw(st.booleans()):
         qc = json.loads(json.dumps(qc))  # one scheme's weight arguments, nested two levels down
         scheme = qc["config_groups"]["group_0"]
-        scheme["weights"] = edit_json(draw, scheme["weights"], CT_WEIGHT_KEYS)
+        args = scheme.get("weights")
+        scheme["weights"] = edit_json(draw, args if isinstance(args, dict) else {}, CT_WEIGHT_KEYS)
         config["quantization_config"] = edit_json(draw, qc, CT_KEYS) if draw(st.booleans()) else qc
       elif kind != "qjax" and isinstance(qc, dict) and draw(st.booleans()):
         config["quantization_config"] = edit_json(draw, qc, QC_KEYS)
@@ -445,6 +447,7 @@ LOADERS = {
   "gptq": load_gptq,
   "awq": load_awq,
   "compressed-tensors": load_compressed_tensors,
+  "compressed-tensors-fp8": load_compressed_tensors,
   "qjax": lambda d: load_quantized(d)[:2],
 }
 
