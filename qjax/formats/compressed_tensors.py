@@ -20,7 +20,10 @@ symmetric grid's zero point is the fixed ``2**(bits-1)``. These are exactly a qj
 scales and zero points, so writing and reading copy them.
 
 FP8 weights (`qjax.core.fp_grid.Fp8Grid`) use the ``float-quantized`` format: ``weight`` (out, in) float8_e4m3fn,
-the codes themselves, and ``weight_scale`` (out, groups), ``W = float(weight) * scale``.
+the codes themselves, and ``weight_scale`` (out, groups), ``W = float(weight) * scale``. MXFP4 weights
+(`qjax.core.fp_grid.MxFp4Grid`) use ``mxfp4-pack-quantized``: ``weight_packed`` (out, in / 2) uint8, two E2M1 codes
+a byte (the even input in the low nibble), and ``weight_scale`` (out, in / 32) uint8, the E8M0 exponent bytes,
+``W = e2m1(code) * 2**(scale - 127)``.
 
 ``config.json["quantization_config"]`` says ``quant_method: compressed-tensors``, ``format: pack-quantized``,
 ``quantization_status: compressed``, and the schemes: ``config_groups`` (each ``targets``, module names, ``re:``
@@ -40,7 +43,7 @@ import numpy as np
 
 from qjax.core import GroupParams, QArray, QSpec, is_qarray, packing
 from qjax.core.errors import InputError
-from qjax.core.fp_grid import Fp8Grid
+from qjax.core.fp_grid import Fp8Grid, MxFp4Grid
 from qjax.core.qarray import unpacked_codes
 from qjax.core.tree import leaves_with_paths
 from qjax.formats import gptq, hf_quantized
@@ -51,6 +54,8 @@ from qjax.models.config import MAX_SIZE, LlamaConfig, show
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 FLOAT_QUANTIZED = "float-quantized"
+MXFP4_PACK_QUANTIZED = "mxfp4-pack-quantized"
+FORMATS = (PACK_QUANTIZED, FLOAT_QUANTIZED, MXFP4_PACK_QUANTIZED)
 STRATEGIES = ("group", "channel", "tensor")
 MARKER = "weight_scale"  # the tensor every quantized linear has, in every format
 
@@ -84,10 +89,14 @@ class WeightArgs(NamedTuple):
 
   @property
   def format(self) -> str:
-    return FLOAT_QUANTIZED if self.kind == "float" else PACK_QUANTIZED
+    if self.kind == "int":
+      return PACK_QUANTIZED
+    return FLOAT_QUANTIZED if self.num_bits == 8 else MXFP4_PACK_QUANTIZED
 
   def qspec(self, scale_dtype) -> QSpec:
     group_size = self.group_size if self.strategy == "group" else -1
+    if self.format == MXFP4_PACK_QUANTIZED:  # the grid's scales are E8M0 bytes, not floats
+      return QSpec(bits=4, group_size=group_size, grid=MxFp4Grid())
     grid = Fp8Grid(scale_dtype=np.dtype(scale_dtype)) if self.kind == "float" else None
     return QSpec(bits=self.num_bits, group_size=group_size, symmetric=self.symmetric, scale_dtype=scale_dtype,
                  grid=grid)  # fmt: skip
@@ -105,8 +114,9 @@ class WeightArgs(NamedTuple):
 
 
 def weight_args(spec: QSpec, *, actorder: str | None = None) -> WeightArgs:
-  """The scheme arguments of a qjax spec (group size -1 is the ``channel`` strategy; `Fp8Grid` is FP8)."""
-  kind = "float" if isinstance(spec.rounding_grid, Fp8Grid) else "int"
+  """The scheme arguments of a qjax spec (group size -1 is the ``channel`` strategy; `Fp8Grid` is FP8 and
+  `MxFp4Grid` MXFP4)."""
+  kind = "float" if isinstance(spec.rounding_grid, (Fp8Grid, MxFp4Grid)) else "int"
   if spec.group_size == -1:
     return WeightArgs(spec.bits, spec.symmetric, "channel", None, actorder, kind)
   return WeightArgs(spec.bits, spec.symmetric, "group", spec.group_size, actorder, kind)
@@ -149,8 +159,8 @@ def to_compressed(q: QArray, *, name: str = "weight") -> dict[str, np.ndarray]:
     >>> {k: v.shape for k, v in to_compressed(q).items()}
     {'weight_packed': (8, 8), 'weight_scale': (8, 2), 'weight_shape': (2,)}
   """
-  if isinstance(q.spec.rounding_grid, Fp8Grid):
-    return _fp8_tensors(q, name)
+  if isinstance(q.spec.rounding_grid, (Fp8Grid, MxFp4Grid)):
+    return _float_tensors(q, name)
   gptq.check_packed_linear(q, name, "to_compressed")
   if q.perm is not None:
     raise ValueError(ACTORDER_GROUP_MSG.format(name=name))
@@ -171,15 +181,18 @@ def to_compressed(q: QArray, *, name: str = "weight") -> dict[str, np.ndarray]:
   return tensors
 
 
-def _fp8_tensors(q: QArray, name: str) -> dict[str, np.ndarray]:
-  """``float-quantized`` tensors of an FP8 QArray: the E4M3 codes as ``weight`` and the scales."""
+def _float_tensors(q: QArray, name: str) -> dict[str, np.ndarray]:
+  """The tensors of an FP8 QArray (``float-quantized``: the E4M3 codes as ``weight``) or an MXFP4 one
+  (``mxfp4-pack-quantized``: two codes a byte), and the scales."""
   if q.axis != 0 or q.perm is not None or q.spec.layout != "packed":
     raise ValueError(f"`to_compressed` expected a packed Dense kernel without act-order for {name}.")
-  codes = np.asarray(unpacked_codes(q)).astype(np.uint8)
-  return {
-    "weight": np.ascontiguousarray(codes.T).view(ml_dtypes.float8_e4m3fn),
-    "weight_scale": np.ascontiguousarray(np.asarray(q.scale).T),
-  }
+  codes = np.ascontiguousarray(np.asarray(unpacked_codes(q)).astype(np.uint8).T)  # (out, in)
+  scale = np.ascontiguousarray(np.asarray(q.scale).T)
+  if isinstance(q.spec.rounding_grid, Fp8Grid):
+    return {"weight": codes.view(ml_dtypes.float8_e4m3fn), "weight_scale": scale}
+  if q.spec.group_size != 32:
+    raise ValueError(f"`to_compressed` expected MXFP4 groups of 32 for {name}, got {q.spec.group_size}.")
+  return {"weight_packed": codes[:, 0::2] | (codes[:, 1::2] << 4), "weight_scale": scale}
 
 
 def expected_shapes(args: WeightArgs, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
@@ -188,8 +201,10 @@ def expected_shapes(args: WeightArgs, shape: tuple[int, int]) -> dict[str, tuple
   bits = args.num_bits
   groups = {"group": -(-k // (args.group_size or 1)), "channel": 1, "tensor": 0}[args.strategy]
   scale = (1,) if args.strategy == "tensor" else (n, groups)
-  if args.kind == "float":
+  if args.format == FLOAT_QUANTIZED:
     return {"weight": (n, k), "weight_scale": scale}
+  if args.format == MXFP4_PACK_QUANTIZED:
+    return {"weight_packed": (n, k // 2), "weight_scale": scale}
   shapes = {"weight_packed": (n, -(-k * bits // 32)), "weight_scale": scale, "weight_shape": (2,)}
   if not args.symmetric:
     shapes["weight_zero_point"] = (1,) if args.strategy == "tensor" else (-(-n * bits // 32), groups)
@@ -214,10 +229,11 @@ def check_compressed_tensors(
         "last group."
       )
   described = f"{args.num_bits}-bit {args.strategy} compressed-tensors of a ({n}, {k}) linear"
+  mxfp4 = args.format == MXFP4_PACK_QUANTIZED
   dtypes = {
     "weight": (ml_dtypes.float8_e4m3fn,),
-    "weight_packed": (np.int32,),
-    "weight_scale": (np.float16, np.float32, jnp.bfloat16),
+    "weight_packed": (np.uint8,) if mxfp4 else (np.int32,),
+    "weight_scale": (np.uint8,) if mxfp4 else (np.float16, np.float32, jnp.bfloat16),
     "weight_shape": (np.int64, np.int32),
     "weight_zero_point": (np.int8,) if args.strategy == "tensor" else (np.int32,),
     "weight_g_idx": (np.int32, np.int64),
@@ -228,6 +244,8 @@ def check_compressed_tensors(
     raise InputError(f"{prefix}{name}.weight_shape: expected [{n}, {k}] for {described}, got {t['weight_shape']}.")
   if "weight_g_idx" in t and ((t["weight_g_idx"] < 0).any() or (t["weight_g_idx"] >= k // args.group_size).any()):
     raise InputError(f"{prefix}{name}.weight_g_idx: values must lie in [0, {k // args.group_size}).")
+  if mxfp4 and (t["weight_scale"] == 255).any():
+    raise InputError(f"{prefix}{name}.weight_scale: E8M0 scale 255 is NaN in the format.")
   check_finite(f"{name}.weight_scale", t["weight_scale"], source or name)
 
 
@@ -246,6 +264,10 @@ def from_compressed(
     scale = np.broadcast_to(scale.reshape(1, 1), (n, 1))
   if args.kind == "float":
     params = GroupParams(jnp.asarray(np.ascontiguousarray(scale.T)), None)
+    if args.format == MXFP4_PACK_QUANTIZED:
+      packed = np.asarray(t["weight_packed"])
+      codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, k).T
+      return gptq.build_qarray(codes, params, spec=args.qspec(None), dtype=np.dtype(dtype))
     codes = np.asarray(t["weight"]).view(np.uint8).T
     return gptq.build_qarray(codes, params, spec=args.qspec(scale.dtype), dtype=np.dtype(dtype))
   offset = 1 << (bits - 1)
@@ -316,7 +338,7 @@ def parse_weight_args(weights: Any, source: str) -> WeightArgs:
   if kind not in ("int", "float"):
     raise InputError(f"{source}: weights of type {show(kind)} are not read; qjax reads int and float weights.")
   bits = weights.get("num_bits", 8)
-  allowed = (8,) if kind == "float" else packing.SUPPORTED_BITS
+  allowed = (4, 8) if kind == "float" else packing.SUPPORTED_BITS
   if type(bits) is not int or bits not in allowed:
     raise InputError(f"{source}: {kind} num_bits must be one of {allowed}, got {show(bits)}.")
   if weights.get("dynamic", False) is not False:
@@ -339,7 +361,12 @@ def parse_weight_args(weights: Any, source: str) -> WeightArgs:
     actorder = None  # a g_idx over one group is the identity
   symmetric = _bool(weights.get("symmetric", True), "symmetric", source)
   if kind == "float" and not symmetric:
-    raise InputError(f"{source}: float weights with a zero point are not read; FP8 weights are symmetric.")
+    raise InputError(f"{source}: float weights with a zero point are not read; FP8 and FP4 weights are symmetric.")
+  if kind == "float" and bits == 4 and (strategy, group_size) != ("group", 32):
+    raise InputError(
+      f"{source}: 4-bit float weights are read as MXFP4 (group strategy, group_size 32), got strategy "
+      f"{show(strategy)} group_size {show(group_size)} (NVFP4's groups of 16 with a global scale are not read yet)."
+    )
   return WeightArgs(bits, symmetric, strategy, group_size, actorder, kind)
 
 
@@ -403,10 +430,10 @@ def parse_schemes(qc: dict[str, Any], source: str) -> Schemes:
     if not isinstance(scheme, dict):
       raise InputError(f"{where} expected a JSON object, got {show(scheme)}.")
     fmt = scheme.get("format") or qc.get("format")
-    if fmt not in (PACK_QUANTIZED, FLOAT_QUANTIZED):
+    if fmt not in FORMATS:
       raise InputError(
-        f"{where}: format {show(fmt)} is not read; qjax reads {PACK_QUANTIZED!r} (integer weights) and "
-        f"{FLOAT_QUANTIZED!r} (FP8 weights)."
+        f"{where}: format {show(fmt)} is not read; qjax reads {PACK_QUANTIZED!r} (integer weights), "
+        f"{FLOAT_QUANTIZED!r} (FP8 weights) and {MXFP4_PACK_QUANTIZED!r}."
       )
     for acts in ("input_activations", "output_activations"):
       if scheme.get(acts):
@@ -433,9 +460,10 @@ def save_compressed_tensors(
   overwrite: bool = False,
 ) -> None:
   """Writes quantized params as a compressed-tensors directory that vLLM and transformers load: ``pack-quantized``
-  integer weights, ``float-quantized`` FP8 ones.
+  integer weights, ``float-quantized`` FP8 ones, ``mxfp4-pack-quantized`` MXFP4 ones.
 
-  Every quantized leaf must be a ``packed`` Dense kernel of a decoder linear or ``lm_head`` (affine or `Fp8Grid`),
+  Every quantized leaf must be a ``packed`` Dense kernel of a decoder linear or ``lm_head`` (affine, `Fp8Grid` or
+  `MxFp4Grid`),
   without an act-order permutation, with a group size dividing its input width; linears may differ in settings
   (one scheme each).
   Everything else is written in float16.

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from qjax.cli.quantize import Settings, plan
-from qjax.core import Fp8Grid, QSpec, dequantize, quantize
+from qjax.core import Fp8Grid, MxFp4Grid, QSpec, dequantize, quantize
 from qjax.core.errors import InputError
 from qjax.core.tree import leaves_with_paths, map_with_path
 from qjax.formats import Target, convert_model, load_model, open_checkpoint
@@ -322,27 +322,36 @@ def test_convert_between_gptq_awq_and_compressed_tensors(model_dir, tmp_path):
   assert "requantized" in summary(report)
 
 
-def test_fp8_weights_are_float_quantized_and_read_back(model_dir, tmp_path):
+@pytest.mark.parametrize(
+  "spec, fmt, compressor",
+  [
+    (QSpec(bits=8, group_size=-1, scale_dtype=np.float32, grid=Fp8Grid()), "float-quantized",
+     "naive_quantized.base.FloatQuantizationCompressor"),
+    (QSpec(bits=4, group_size=32, grid=MxFp4Grid()), "mxfp4-pack-quantized", "mxfp4.base.MXFP4PackedCompressor"),
+  ],
+  ids=["fp8", "mxfp4"],
+)  # fmt: skip
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")  # transformers: our loading flags win
+def test_floating_point_weights_are_written_as_the_package_reads_them(model_dir, tmp_path, spec, fmt, compressor):
   torch = pytest.importorskip("torch")
   pytest.importorskip("compressed_tensors")
-  from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+  import importlib
+
   from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-  spec = QSpec(bits=8, group_size=-1, scale_dtype=np.float32, grid=Fp8Grid())
+  module, _, name = compressor.rpartition(".")
+  compressor = getattr(importlib.import_module(f"compressed_tensors.compressors.{module}"), name)
   checkpoint, params = quantized_params(model_dir, spec)
-  out = str(tmp_path / "fp8")
+  out = str(tmp_path / fmt)
   save_compressed_tensors(out, checkpoint.config, params, checkpoint.tokenizer())
   qc = read_json(os.path.join(out, "config.json"))["quantization_config"]
-  assert qc["format"] == "float-quantized" and qc["config_groups"]["group_0"]["weights"]["type"] == "float"
+  assert qc["format"] == fmt and qc["config_groups"]["group_0"]["weights"]["type"] == "float"
   with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
-    assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.float8_e4m3fn
     state = {k.removeprefix("model.layers.0.mlp.up_proj."): f.get_tensor(k) for k in f.keys()
              if k.startswith("model.layers.0.mlp.up_proj.")}  # fmt: skip
-  args = weight_args(spec).as_json()
-  scheme = QuantizationScheme(
-    targets=["Linear"], weights=QuantizationArgs(**{k: v for k, v in args.items() if v is not None})
-  )
-  theirs = FloatQuantizationCompressor.decompress(state, scheme)["weight"].numpy()
+  args = {k: v for k, v in weight_args(spec).as_json().items() if v is not None}
+  scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
+  theirs = compressor.decompress(state, scheme)["weight"].float().numpy()
   q = params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
   np.testing.assert_array_equal(theirs, np.asarray(dequantize(q)).T)
   model = load_model(out)
@@ -350,6 +359,11 @@ def test_fp8_weights_are_float_quantized_and_read_back(model_dir, tmp_path):
     if hasattr(a, "spec"):
       assert_same_qarray(b, a)
   windows = np.arange(64)[None] % 1000
-  diff, scale, _, _ = compare_with_transformers(out, windows, dtype=torch.float32)
-  print(f"fp8: max |Δlogit| {diff:.2e} (max |logit| {scale:.2f})")
+  from transformers import CompressedTensorsConfig
+
+  # compressed-tensors decompresses MXFP4 to bfloat16 on the first forward, which a float32 model then refuses;
+  # dequantizing at load time works
+  load = dict(quantization_config=CompressedTensorsConfig(dequantize=True)) if "mxfp4" in fmt else {}
+  diff, scale, _, _ = compare_with_transformers(out, windows, dtype=torch.float32, **load)
+  print(f"{fmt}: max |Δlogit| {diff:.2e} (max |logit| {scale:.2f})")
   assert diff < 1e-4 * scale
