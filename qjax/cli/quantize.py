@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 from absl import flags
 
 from qjax.calib import text as texts
@@ -27,7 +28,7 @@ from qjax.calib.runner import RunnerOptions, check_checkpoint_dir, remove_checkp
 from qjax.cli import Interrupted
 from qjax.cli import recipes as cli_recipes
 from qjax.cli.estimate import estimate, estimate_sizes
-from qjax.core import ClipSearch, InputError, ggml
+from qjax.core import ClipSearch, Fp8Grid, InputError, MxFp4Grid, ggml
 from qjax.core.ggml_grid import LAYOUTS
 from qjax.core.qspec import QSpec
 from qjax.eval import TensorLog, evaluate, sizes, write_report
@@ -50,6 +51,7 @@ from qjax.transforms.gguf_recipes import RECIPES
 from qjax.transforms.recipes import Recipe
 
 ALLOWED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's list
+GRIDS = ("affine", "fp8", "mxfp4")
 
 
 DAMP = 0.01
@@ -68,6 +70,7 @@ class Settings:
   bits: int = 4
   group_size: int = 128
   partial_groups: bool = False
+  grid: str = "affine"
   sym: bool = True
   desc_act: bool = False
   act_group_aware: bool = True
@@ -120,6 +123,13 @@ flags.DEFINE_bool(
   "partial_groups", _D.partial_groups, "With --export=gptq/gptq_v2, allow a group size that does not divide a "
   "layer's input width: the last group is shorter, as GPTQ defines it, but only GPTQModel's and transformers' torch "
   "kernel (backend='torch') read such files; vLLM, Marlin, ExLlama and GPTQModel's default CPU kernel refuse them."
+)  # fmt: skip
+flags.DEFINE_enum(
+  "grid", _D.grid, list(GRIDS), "The number format codes are rounded into: affine (integer codes, a scale and "
+  "optional zero point per group: GPTQ, AWQ, compressed-tensors pack-quantized), fp8 (E4M3 codes, a float scale per "
+  "group; with --bits=8, usually --group_size=-1), mxfp4 (E2M1 codes, a power-of-two scale per 32; with "
+  "--group_size=32). fp8 and mxfp4 export to a qjax directory or --export=compressed-tensors. Example: --grid=fp8 "
+  "--bits=8 --group_size=-1."
 )  # fmt: skip
 flags.DEFINE_bool("sym", _D.sym, "Symmetric grid (fixed zero point); --nosym stores a zero point per group.")
 flags.DEFINE_bool("desc_act", _D.desc_act, "GPTQ act-order: quantize input channels by decreasing Hessian diagonal.")
@@ -253,6 +263,27 @@ def _recipe_function(s: Settings, method_given: bool):
   return cli_recipes.METHODS[s.method], s.method, s.method
 
 
+def settings_spec(s: Settings) -> QSpec:
+  """The spec of every rounded linear that --bits, --group_size, --sym and --grid name.
+
+  Raises:
+    ValueError: naming the flags, for a floating-point grid with other bits, groups or a zero point.
+  """
+  if s.grid == "affine":
+    return QSpec(bits=s.bits, group_size=s.group_size, symmetric=s.sym, partial_groups=True)
+  if s.grid not in GRIDS:
+    raise ValueError(f"--grid must be one of {GRIDS}, got {s.grid!r}.")
+  need = {"fp8": dict(bits=8), "mxfp4": dict(bits=4, group_size=32)}[s.grid]
+  got = {"bits": s.bits, "group_size": s.group_size}
+  if any(got[k] != v for k, v in need.items()) or not s.sym:
+    wanted = " ".join(f"--{k}={v}" for k, v in need.items())
+    raise ValueError(f"--grid={s.grid} needs {wanted} and a symmetric grid (no --nosym), got --bits={s.bits} "
+                     f"--group_size={s.group_size}{'' if s.sym else ' --nosym'}.")  # fmt: skip
+  if s.grid == "fp8":
+    return QSpec(bits=8, group_size=s.group_size, scale_dtype=np.float32, grid=Fp8Grid(), partial_groups=True)
+  return QSpec(bits=4, group_size=32, grid=MxFp4Grid())
+
+
 def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, name: str, uses_gptq: bool) -> None:
   """Raises for settings that contradict each other, the target or the model (naming the flag)."""
   if s.group_size not in ALLOWED_GROUP_SIZES:
@@ -271,6 +302,11 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
     raise ValueError(f"--export={target} writes linears rounded by RTN or GPTQ; use a --method that rounds.")
   if name == "none" and not target.is_gguf:
     raise ValueError("--method=none quantizes nothing by itself; give --export=gguf:<TYPE> (e.g. gguf:Q4_K_M).")
+  if s.grid != "affine" and (target.is_gguf or target.kind in ("gptq", "gptq_v2", "awq")):
+    raise ValueError(
+      f"--grid={s.grid} with --export={target}: that format stores integer codes (GGUF: its own block types); "
+      "export to a qjax directory or --export=compressed-tensors."
+    )
   if target.is_hf:
     check_spec(target, spec, act_order=act_order)
     check_group_size(target, s.group_size, config, partial_groups=s.partial_groups)
@@ -284,7 +320,7 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
     ValueError, NotImplementedError, FileNotFoundError: naming the flag.
   """
   target = parse_target(s.export)
-  spec = QSpec(bits=s.bits, group_size=s.group_size, symmetric=s.sym, partial_groups=True)
+  spec = settings_spec(s)
   gptq_config = _gptq_config(s, target)
   fn, recipe_id, name = _recipe_function(s, method_given)
   parameters = inspect.signature(fn).parameters
@@ -314,8 +350,9 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
     label = ("" if name in ("none", "rtn") else f"{short} ") + f"gguf {target.gguf_type}"
     label += " imatrix" if s.imatrix else ""
   else:
-    label = f"{short} w{s.bits}g{s.group_size}"
+    label = f"{short} w{s.bits}g{s.group_size}" + ("" if s.grid == "affine" else f" {s.grid}")
   default_name = f"gguf-{target.gguf_type}" if target.is_gguf else f"{s.method}-w{s.bits}g{s.group_size}"
+  default_name += "" if s.grid == "affine" else f"-{s.grid}"
   if target.is_hf:
     default_name += f"-{target.kind}"
   out = s.out or os.path.join("runs", default_name)

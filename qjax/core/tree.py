@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.core.errors import InputError
+from qjax.core.fp_grid import Fp8Grid, MxFp4Grid
+from qjax.core.grid import Grid
 from qjax.core.qarray import QArray, is_qarray
 from qjax.core.qspec import QSpec
 
@@ -73,20 +75,51 @@ def nest(path: str, subtree) -> dict:
   return subtree
 
 
+NAMED_GRIDS = ("fp8", "mxfp4")
+"""Grids other than the default one that a spec stores by name: `Fp8Grid` (with the spec's scale dtype) and
+`MxFp4Grid`."""
+
+
+def grid_name(spec: QSpec) -> str | None:
+  """``"fp8"`` or ``"mxfp4"`` for the floating-point grids, None for the grid the other fields imply.
+
+  Raises:
+    ValueError: for any other grid (a custom grid cannot be stored by name).
+  """
+  grid = spec.grid
+  if grid is None:
+    return None
+  if isinstance(grid, Fp8Grid):
+    if grid != Fp8Grid(scale_dtype=spec.scale_dtype):
+      raise ValueError(f"an FP8 QArray's grid stores scales in its spec's {spec.scale_dtype}, got {grid}.")
+    return "fp8"
+  if grid == MxFp4Grid():
+    return "mxfp4"
+  raise ValueError(
+    f"a QArray on the custom grid {grid!r} cannot be stored by name; dequantize it, or store the grid's codes and "
+    "parameters yourself."
+  )
+
+
+def named_grid(name: str, scale_dtype: np.dtype) -> Grid:
+  """The grid `grid_name` names."""
+  if name not in NAMED_GRIDS:
+    raise ValueError(f"grid expected one of {NAMED_GRIDS}, got {name!r}")
+  return Fp8Grid(scale_dtype=np.dtype(scale_dtype)) if name == "fp8" else MxFp4Grid()
+
+
 def spec_to_json(spec: QSpec) -> dict:
-  """A spec as JSON; the grid is implied by the other fields (a custom grid cannot be stored)."""
-  if not spec.has_default_grid:
-    raise ValueError(
-      f"a QArray on the custom grid {spec.grid!r} cannot be stored by name; dequantize it, or store the grid's "
-      "codes and parameters yourself."
-    )
+  """A spec as JSON; the grid is implied by the other fields, or one of `NAMED_GRIDS`."""
+  name = grid_name(spec)
   d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "grid"}
   d["scale_dtype"] = str(spec.scale_dtype)
-  return d
+  return d if name is None else {**d, "grid": name}
 
 
 def spec_from_json(d: dict) -> QSpec:
-  return QSpec(**{**d, "scale_dtype": np.dtype(d["scale_dtype"])})
+  scale_dtype = np.dtype(d["scale_dtype"])
+  grid = None if d.get("grid") is None else named_grid(d["grid"], scale_dtype)
+  return QSpec(**{**d, "scale_dtype": scale_dtype, "grid": grid})
 
 
 def flatten_params(params: Params) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

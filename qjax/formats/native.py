@@ -22,7 +22,14 @@ from qjax.core import ggml, packing
 from qjax.core.errors import InputError
 from qjax.core.files import one_line
 from qjax.core.qspec import PACKED, QSpec
-from qjax.core.tree import FORMAT_VERSION, QARRAY_FIELDS, flatten_params, spec_from_json, unflatten_params
+from qjax.core.tree import (
+  FORMAT_VERSION,
+  QARRAY_FIELDS,
+  flatten_params,
+  grid_name,
+  spec_from_json,
+  unflatten_params,
+)
 from qjax.formats.output import atomic_directory
 from qjax.models.checkpoint import (
   TensorInfo,
@@ -43,7 +50,7 @@ FLAX_LAYER = re.compile(r"model/layers_(\d+)/")
 # numpy dtype name -> safetensors dtype name, for the dtypes a QArray's tensors are stored in.
 STORED_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32", "int32": "I32", "uint8": "U8"}
 SPEC_TYPES = {"bits": int, "group_size": int, "symmetric": bool, "scale_dtype": str, "layout": str,
-              "partial_groups": bool}  # fmt: skip
+              "partial_groups": bool, "grid": str}  # fmt: skip
 
 
 def is_qjax_dir(path: str) -> bool:
@@ -173,9 +180,10 @@ def _qarray_tensors(spec: QSpec, shape: tuple[int, int], axis: int) -> dict[str,
   if k % period:
     raise ValueError(f"the contraction length {k} is not a multiple of {period}, as {spec.bits}-bit packing needs")
   groups = (spec.num_groups(k), n)
+  scale_dtype = "uint8" if grid_name(spec) == "mxfp4" else str(spec.scale_dtype)  # E8M0 exponent bytes
   return {
     "codes": TensorInfo((packing.packed_length(k, spec.bits), n), "U32"),
-    "scale": TensorInfo(groups, STORED_DTYPES[str(spec.scale_dtype)]),
+    "scale": TensorInfo(groups, STORED_DTYPES[scale_dtype]),
     "zero": None if spec.symmetric else TensorInfo(groups, "I32"),
     "perm": perm,
   }

@@ -7,7 +7,7 @@ import pytest
 
 from qjax.core import QSpec, dequantize, quantize
 from qjax.core.fp_grid import Fp8Grid, MxFp4Grid, e2m1_codes, e2m1_values, e4m3_codes, e4m3_values
-from qjax.formats.compressed_tensors import to_compressed
+from qjax.formats.awq import to_awq
 from qjax.formats.gptq import to_gptq
 
 
@@ -72,7 +72,7 @@ def test_hf_integer_formats_refuse_floating_point_codes():
   w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
   q = quantize(w, QSpec(bits=4, group_size=32, grid=MxFp4Grid()))
   assert np.abs(np.asarray(dequantize(q)) - w).max() < np.abs(w).max() / 4
-  for export in (to_gptq, to_compressed):
+  for export in (to_gptq, to_awq):  # compressed-tensors has formats of its own for them
     with pytest.raises(ValueError, match=r"integer codes on the affine grid.*got MxFp4Grid"):
       export(q)
   q8 = quantize(w, QSpec(bits=8, group_size=-1, grid=Fp8Grid()))

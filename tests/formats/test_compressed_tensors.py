@@ -233,8 +233,9 @@ def test_bad_schemes_and_tensors_are_named(model_dir, tmp_path):
   cases = [
     (dict(num_bits=7), r"config_groups.group_0: int num_bits must be one of \(2, 3, 4, 5, 6, 8\), got 7"),
     (dict(strategy="block"), r"weight strategy must be one of \('group', 'channel', 'tensor'\), got 'block'"),
-    (dict(type="float"), r"float num_bits must be one of \(8,\), got 4"),
+    (dict(type="float", num_bits=6), r"float num_bits must be one of \(4, 8\), got 6"),
     (dict(type="float", num_bits=8), r"format 'pack-quantized' does not hold float weights \('float-quantized' does\)"),
+    (dict(type="float", group_size=16), r"4-bit float weights are read as MXFP4 .* \(NVFP4's groups of 16"),
     (dict(type="fp4"), r"weights of type 'fp4' are not read"),
     (dict(group_size=64), r"model.layers.0.self_attn.q_proj.weight_scale: expected shape \(64, 1\)"),
   ]
@@ -367,3 +368,22 @@ def test_floating_point_weights_are_written_as_the_package_reads_them(model_dir,
   diff, scale, _, _ = compare_with_transformers(out, windows, dtype=torch.float32, **load)
   print(f"{fmt}: max |Δlogit| {diff:.2e} (max |logit| {scale:.2f})")
   assert diff < 1e-4 * scale
+
+
+def test_floating_point_grids_from_the_command_line(model_dir, tmp_path):
+  from qjax.cli.quantize import run
+
+  base = dict(model=model_dir, nsamples=2, seqlen=32, eval_windows=0)
+  for grid, flags, export in [("fp8", dict(bits=8, group_size=-1), None),
+                              ("mxfp4", dict(group_size=32), "compressed-tensors")]:  # fmt: skip
+    out = str(tmp_path / grid)
+    run(Settings(method="gptq", grid=grid, export=export, out=out, **base, **flags), show_progress=False)
+    q = load_model(out).params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
+    assert type(q.spec.rounding_grid).__name__ == {"fp8": "Fp8Grid", "mxfp4": "MxFp4Grid"}[grid]
+  config = open_checkpoint(model_dir).config
+  with pytest.raises(ValueError, match="--grid=fp8 needs --bits=8 and a symmetric grid"):
+    plan(Settings(grid="fp8", group_size=-1), config)
+  with pytest.raises(ValueError, match="--grid=mxfp4 needs --bits=4 --group_size=32"):
+    plan(Settings(grid="mxfp4", group_size=64), config)
+  with pytest.raises(ValueError, match="--grid=mxfp4 with --export=gptq: that format stores integer codes"):
+    plan(Settings(grid="mxfp4", group_size=32, export="gptq"), config)

@@ -402,9 +402,14 @@ def test_tensor_of_a_dtype_numpy_lacks_is_refused_before_it_is_read(gptq_dir, tm
   import ml_dtypes
 
   out = shutil.copytree(gptq_dir, tmp_path / "f8")
-  rewrite_tensor(str(out), "model.layers.0.mlp.up_proj.qweight", lambda x: x.astype(ml_dtypes.float8_e4m3fn))
-  with pytest.raises(InputError, match=r"tensor model\.layers\.0\.mlp\.up_proj\.qweight has dtype F8_E4M3; qjax reads"):
+  rewrite_tensor(str(out), "model.layers.0.mlp.up_proj.qweight", lambda x: x.astype(ml_dtypes.float8_e5m2))
+  with pytest.raises(InputError, match=r"tensor model\.layers\.0\.mlp\.up_proj\.qweight has dtype F8_E5M2; qjax reads"):
     load_gptq(str(out))
+  # FP8 E4M3 is read (compressed-tensors' FP8 codes), and refused where the format expects integer words
+  e4m3 = shutil.copytree(gptq_dir, tmp_path / "e4m3")
+  rewrite_tensor(str(e4m3), "model.layers.0.mlp.up_proj.qweight", lambda x: x.astype(ml_dtypes.float8_e4m3fn))
+  with pytest.raises(InputError, match=r"up_proj\.qweight: expected shape \(8, 128\) int32 .* got \(8, 128\) float8"):
+    load_gptq(str(e4m3))
 
 
 def test_nan_scale_in_an_awq_directory_is_refused_at_load(tmp_path):
