@@ -6,7 +6,9 @@ only the chosen subcommand's module is imported and only its flags exist.
 
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from absl import app, flags, logging
@@ -14,7 +16,7 @@ from absl import app, flags, logging
 COMMANDS = {
   "quantize": ("qjax.cli.quantize", "quantize a model (GPTQ, AWQ, RTN, GGUF recipes), report its cost, export it"),
   "eval": ("qjax.cli.evaluate", "perplexity, KL divergence and top-1 agreement of a model on a text"),
-  "convert": ("qjax.cli.convert", "convert a GPTQ, AWQ or qjax model to GGUF, GPTQ or AWQ"),
+  "convert": ("qjax.cli.convert", "convert a GPTQ, AWQ, compressed-tensors or qjax model to another format"),
   "bench": ("qjax.cli.bench", "time a model's prefill and decode on this device"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, OSError)
@@ -22,6 +24,20 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedErr
 
 class Interrupted(Exception):
   """Ctrl-C during a command: its message says what was kept and how to go on."""
+
+
+# Python prints and drops an exception raised in a garbage-collection callback or a finalizer; JAX runs a callback
+# on every collection, so a Ctrl-C landing there would be lost and the run would go on to the end.
+_DROPPING_FRAMES = ("_xla_gc_callback", "__del__")
+
+
+def on_sigint(signum, frame) -> None:
+  """Raises KeyboardInterrupt as Python's own handler does, except where Python would drop it (`_DROPPING_FRAMES`):
+  there the signal is delivered again a moment later, outside that frame."""
+  if frame is not None and frame.f_code.co_name in _DROPPING_FRAMES:
+    threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+    return
+  raise KeyboardInterrupt
 
 
 def usage() -> str:
@@ -75,6 +91,7 @@ def run(argv: list[str] | None = None) -> None:
   def main(args):
     # JAX and orbax log at INFO through absl; a user wants progress lines, not those.
     logging.set_verbosity(logging.INFO if flags.FLAGS.verbose else logging.WARNING)
+    signal.signal(signal.SIGINT, on_sigint)
     try:
       module.main(args)
     except (Interrupted, KeyboardInterrupt) as e:

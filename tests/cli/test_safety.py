@@ -219,3 +219,21 @@ def test_the_same_command_twice_gives_identical_bytes(model_dir, tmp_path):
     with safe_open(os.path.join(out, "model.safetensors"), "numpy") as f:
       loaded.append({k: f.get_tensor(k).tobytes() for k in f.keys()})
   assert loaded[0] == loaded[1]
+
+
+def test_a_ctrl_c_python_would_drop_is_delivered_again(monkeypatch):
+  """Inside JAX's garbage-collection callback an exception is printed and dropped: the handler re-sends the signal."""
+  import types
+
+  from qjax.cli import on_sigint
+
+  sent = []
+  monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+  in_gc = types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="_xla_gc_callback"))
+  on_sigint(signal.SIGINT, in_gc)  # returns instead of raising
+  deadline = time.time() + 5
+  while not sent and time.time() < deadline:
+    time.sleep(0.01)
+  assert sent == [(os.getpid(), signal.SIGINT)]
+  with pytest.raises(KeyboardInterrupt):
+    on_sigint(signal.SIGINT, types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="run")))
