@@ -36,6 +36,7 @@ from qjax.eval.report import RunReport
 from qjax.formats import open_checkpoint
 from qjax.formats.output import atomic_directory, check_output
 from qjax.formats.targets import (
+  GROUP_SIZES,
   Target,
   check_group_size,
   check_shapes,
@@ -50,7 +51,6 @@ from qjax.transforms import observe, recipes
 from qjax.transforms.gguf_recipes import RECIPES
 from qjax.transforms.recipes import Recipe
 
-ALLOWED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's list
 GRIDS = ("affine", "fp8", "mxfp4")
 
 
@@ -114,7 +114,7 @@ flags.DEFINE_string(
 )  # fmt: skip
 flags.DEFINE_enum("bits", str(_D.bits), ["2", "3", "4", "5", "6", "8"], "Bits per weight code. Example: --bits=3.")
 flags.DEFINE_integer(
-    "group_size", _D.group_size, f"Input channels sharing a scale, one of {ALLOWED_GROUP_SIZES} (-1: per output "
+    "group_size", _D.group_size, f"Input channels sharing a scale, one of {GROUP_SIZES} (-1: per output "
     "channel). "
     "Where it does not divide a layer's input width the last group is shorter (a qjax directory; a Hugging Face "
     "export refuses it unless --partial_groups). Example: --group_size=64."
@@ -286,8 +286,8 @@ def settings_spec(s: Settings) -> QSpec:
 
 def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, name: str, uses_gptq: bool) -> None:
   """Raises for settings that contradict each other, the target or the model (naming the flag)."""
-  if s.group_size not in ALLOWED_GROUP_SIZES:
-    raise ValueError(f"--group_size must be one of {ALLOWED_GROUP_SIZES}, got {s.group_size}.")
+  if s.group_size not in GROUP_SIZES:
+    raise ValueError(f"--group_size must be one of {GROUP_SIZES}, got {s.group_size}.")
   if s.nsamples < 1 or s.seqlen < 2:
     raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {s.nsamples} and {s.seqlen}.")
   if s.imatrix and not target.quantizes:
@@ -302,7 +302,7 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
     raise ValueError(f"--export={target} writes linears rounded by RTN or GPTQ; use a --method that rounds.")
   if name == "none" and not target.is_gguf:
     raise ValueError("--method=none quantizes nothing by itself; give --export=gguf:<TYPE> (e.g. gguf:Q4_K_M).")
-  if s.grid != "affine" and (target.is_gguf or target.kind in ("gptq", "gptq_v2", "awq")):
+  if s.grid != "affine" and (target.is_gguf or target.is_gptq or target.kind == "awq"):
     raise ValueError(
       f"--grid={s.grid} with --export={target}: that format stores integer codes (GGUF: its own block types); "
       "export to a qjax directory or --export=compressed-tensors."

@@ -12,6 +12,8 @@ References: llama.cpp ``ggml-quants.c`` (``quantize_row_mxfp4_ref``, ``best_inde
 ``dequantize_row_mxfp4``), ``ggml-impl.h`` (``ggml_e8m0_to_fp32_half``), ``ggml-common.h`` (``kvalues_mxfp4``).
 """
 
+import functools
+
 import numpy as np
 from jax import numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -25,6 +27,7 @@ from qjax.core.ggml_legacy import ByteRows
 LEVELS = np.array(ggml.MXFP4_LEVELS, np.int32)
 
 
+@functools.cache
 def _log2f_round_up_thresholds() -> np.ndarray:
   """For each frexp exponent E (index E + 149): the smallest mantissa m in [0.5, 1) whose ``log2f(m * 2**E)``
   rounds up to E itself, as a correctly rounded float32 log2 does (2.0 when none does)."""
@@ -41,14 +44,12 @@ def _log2f_round_up_thresholds() -> np.ndarray:
   return out
 
 
-_ROUND_UP = _log2f_round_up_thresholds()
-
-
 def floor_log2f(x: Float[Array, "..."]) -> Int[Array, "..."]:
   """``floorf(log2f(x))`` for positive finite float32 `x`, with a correctly rounded ``log2f``: the exact exponent,
   or one more for values within half an ulp of the next power of two."""
   mantissa, exponent = jnp.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
-  rounds_up = mantissa >= jnp.asarray(_ROUND_UP)[jnp.clip(exponent + 149, 0, _ROUND_UP.size - 1)]
+  thresholds = _log2f_round_up_thresholds()  # built on first use, not when qjax is imported
+  rounds_up = mantissa >= jnp.asarray(thresholds)[jnp.clip(exponent + 149, 0, thresholds.size - 1)]
   return jnp.where(rounds_up, exponent, exponent - 1)
 
 

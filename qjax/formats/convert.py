@@ -174,7 +174,7 @@ def to_hf(q: QArray, target: Target, *, path: str = "weight") -> tuple[QArray, T
     The QArray to write and its `TensorConversion` row (``exact`` when copied).
   """
   q = gptq.canonical_act_order(q)
-  if q.perm is None or target.kind in ("gptq", "gptq_v2"):
+  if q.perm is None or target.is_gptq:
     return q, TensorConversion(path, describe(q), target.kind, True, 0.0, 0.0)
   out = quantize(dequantize(q), q.spec, axis=q.axis)
   return out, _error(path, q, out, target.kind, False)

@@ -18,6 +18,7 @@ from qjax.models.config import LlamaConfig
 from qjax.transforms.gguf_recipes import RECIPES
 
 HF_FORMATS = ("gptq", "gptq_v2", "awq", "compressed-tensors")
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's list; -1: one group per output channel
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Who reads a GPTQ checkpoint whose group size does not divide a layer's input width (a shorter last group).
 PARTIAL_GROUP_READERS = (
@@ -43,6 +44,11 @@ class Target(NamedTuple):
   @property
   def is_gguf(self) -> bool:
     return self.kind == "gguf"
+
+  @property
+  def is_gptq(self) -> bool:
+    """A GPTQ directory (v1 or v2 zero points)."""
+    return self.kind in gptq.CHECKPOINT_FORMATS
 
   @property
   def is_hf(self) -> bool:
@@ -120,12 +126,12 @@ def check_group_size(target: Target, group_size: int, config: LlamaConfig, *, pa
   for module in LINEAR_MODULES:
     widths.setdefault(hf_quantized.linear_shape(config, module)[0], []).append(module)
   bad = {k: modules for k, modules in widths.items() if k % group_size}
-  if not bad or (partial_groups and target.kind in ("gptq", "gptq_v2")):
+  if not bad or (partial_groups and target.is_gptq):
     return
-  divisors = [g for g in (16, 32, 64, 128, 256, 512, 1024) if all(k % g == 0 for k in widths)]
+  divisors = [g for g in GROUP_SIZES if g != -1 and all(k % g == 0 for k in widths)]
   found = "; ".join(f"in={k} ({', '.join(modules)})" for k, modules in bad.items())
   way_out = f"use --group_size in {[*divisors, -1]} (-1: one group per output channel)"
-  if target.kind in ("gptq", "gptq_v2"):
+  if target.is_gptq:
     way_out += f", or --partial_groups for a shorter last group ({PARTIAL_GROUP_READERS})"
   raise ValueError(f"--export={target} with --group_size={group_size}: {group_size} does not divide {found}; "
                    f"{way_out}.")  # fmt: skip
@@ -139,7 +145,7 @@ def check_shapes(target: Target, spec: QSpec, config: LlamaConfig) -> None:
     k, n = hf_quantized.linear_shape(config, module)
     if target.kind == "awq":
       awq.check_awq_shape(k, n, spec.group_size, module, "--export=awq")
-    elif target.kind in ("gptq", "gptq_v2"):
+    elif target.is_gptq:
       for what, length in (("the input width", k), ("the output width", n)):
         gptq.check_packable(length, spec.bits, what, module, f"--export={target}")
 
