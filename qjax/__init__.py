@@ -2,8 +2,8 @@
 
 The curated surface, enough for a script's whole path (each subpackage exports more):
 
-* grids and data: `QSpec`, `QArray`, the `Grid` protocol (`AffineGrid`, `GgmlGrid`, `Fp8Grid`, `MxFp4Grid`),
-  `quantize`, `dequantize`;
+* grids and data: `QSpec`, `QArray`, the `Grid` protocol (`AffineGrid`, `GgmlGrid`, `Fp8Grid`, `MxFp4Grid`,
+  `NvFp4Grid`), `quantize`, `dequantize`;
 * transforms and recipes: `Transform`, `chain`, `masked`, `partition`, `per_leaf`, `observe`, `Rule`, `plan`,
   `quantize_params`, the method transforms (`rtn`, `gptq`, `kquant`, `awq`, `learned_clipping`, `rotate`),
   equivalence folding (`ScaleGroup`, `fold_scales`), `Recipe` and the named recipes in `recipes`;
@@ -30,6 +30,7 @@ from qjax.core import GgmlGrid as GgmlGrid
 from qjax.core import Grid as Grid
 from qjax.core import GroupParams as GroupParams
 from qjax.core import MxFp4Grid as MxFp4Grid
+from qjax.core import NvFp4Grid as NvFp4Grid
 from qjax.core import QArray as QArray
 from qjax.core import QSpec as QSpec
 from qjax.core import dequantize as dequantize
@@ -81,6 +82,7 @@ __all__ = [
   "GroupParams",
   "LlamaBlocks",
   "MxFp4Grid",
+  "NvFp4Grid",
   "QArray",
   "QSpec",
   "Recipe",

@@ -28,7 +28,7 @@ from qjax.calib.runner import RunnerOptions, check_checkpoint_dir, remove_checkp
 from qjax.cli import Interrupted
 from qjax.cli import recipes as cli_recipes
 from qjax.cli.estimate import estimate, estimate_sizes
-from qjax.core import ClipSearch, Fp8Grid, InputError, MxFp4Grid, ggml
+from qjax.core import ClipSearch, Fp8Grid, InputError, MxFp4Grid, NvFp4Grid, ggml
 from qjax.core.ggml_grid import LAYOUTS
 from qjax.core.qspec import QSpec
 from qjax.eval import TensorLog, evaluate, sizes, write_report
@@ -51,7 +51,7 @@ from qjax.transforms import observe, recipes
 from qjax.transforms.gguf_recipes import RECIPES
 from qjax.transforms.recipes import Recipe
 
-GRIDS = ("affine", "fp8", "mxfp4")
+GRIDS = ("affine", "fp8", "mxfp4", "nvfp4")
 
 
 DAMP = 0.01
@@ -128,8 +128,9 @@ flags.DEFINE_enum(
   "grid", _D.grid, list(GRIDS), "The number format codes are rounded into: affine (integer codes, a scale and "
   "optional zero point per group: GPTQ, AWQ, compressed-tensors pack-quantized), fp8 (E4M3 codes, a float scale per "
   "group; with --bits=8, usually --group_size=-1), mxfp4 (E2M1 codes, a power-of-two scale per 32; with "
-  "--group_size=32). fp8 and mxfp4 export to a qjax directory or --export=compressed-tensors. Example: --grid=fp8 "
-  "--bits=8 --group_size=-1."
+  "--group_size=32), nvfp4 (E2M1 codes, an E4M3 scale per 16 and a power-of-two scale per tensor, shared by q/k/v "
+  "and by gate/up as vLLM needs; with --group_size=16). fp8, mxfp4 and nvfp4 export to a qjax directory or "
+  "--export=compressed-tensors. Example: --grid=fp8 --bits=8 --group_size=-1."
 )  # fmt: skip
 flags.DEFINE_bool("sym", _D.sym, "Symmetric grid (fixed zero point); --nosym stores a zero point per group.")
 flags.DEFINE_bool("desc_act", _D.desc_act, "GPTQ act-order: quantize input channels by decreasing Hessian diagonal.")
@@ -273,7 +274,7 @@ def settings_spec(s: Settings) -> QSpec:
     return QSpec(bits=s.bits, group_size=s.group_size, symmetric=s.sym, partial_groups=True)
   if s.grid not in GRIDS:
     raise ValueError(f"--grid must be one of {GRIDS}, got {s.grid!r}.")
-  need = {"fp8": dict(bits=8), "mxfp4": dict(bits=4, group_size=32)}[s.grid]
+  need = {"fp8": dict(bits=8), "mxfp4": dict(bits=4, group_size=32), "nvfp4": dict(bits=4, group_size=16)}[s.grid]
   got = {"bits": s.bits, "group_size": s.group_size}
   if any(got[k] != v for k, v in need.items()) or not s.sym:
     wanted = " ".join(f"--{k}={v}" for k, v in need.items())
@@ -281,6 +282,8 @@ def settings_spec(s: Settings) -> QSpec:
                      f"--group_size={s.group_size}{'' if s.sym else ' --nosym'}.")  # fmt: skip
   if s.grid == "fp8":
     return QSpec(bits=8, group_size=s.group_size, scale_dtype=np.float32, grid=Fp8Grid(), partial_groups=True)
+  if s.grid == "nvfp4":
+    return QSpec(bits=4, group_size=16, grid=NvFp4Grid())  # its global scale is fixed per fused set of linears
   return QSpec(bits=4, group_size=32, grid=MxFp4Grid())
 
 

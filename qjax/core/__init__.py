@@ -5,9 +5,11 @@ from qjax.core.affine import ClipSearch as ClipSearch
 from qjax.core.errors import InputError as InputError
 from qjax.core.fp_grid import Fp8Grid as Fp8Grid
 from qjax.core.fp_grid import MxFp4Grid as MxFp4Grid
+from qjax.core.fp_grid import NvFp4Grid as NvFp4Grid
 from qjax.core.ggml_grid import GgmlGrid as GgmlGrid
 from qjax.core.grid import Grid as Grid
 from qjax.core.grid import GroupParams as GroupParams
+from qjax.core.grid import TensorGrid as TensorGrid
 from qjax.core.packing import pack as pack
 from qjax.core.packing import unpack as unpack
 from qjax.core.qarray import QArray as QArray
@@ -32,8 +34,10 @@ __all__ = [
   "GroupParams",
   "InputError",
   "MxFp4Grid",
+  "NvFp4Grid",
   "QArray",
   "QSpec",
+  "TensorGrid",
   "dequantize",
   "flatten_params",
   "from_codes",

@@ -79,3 +79,24 @@ def empty_params(grid: Grid, like: Float[Array, "k out"], groups: int, group: in
   """
   shapes = jax.eval_shape(grid.fit, jax.ShapeDtypeStruct((groups, group, like.shape[1]), jnp.float32))
   return jax.tree.map(lambda s: jnp.zeros_like(like, s.dtype, shape=s.shape), shapes)
+
+
+@runtime_checkable
+class TensorGrid(Grid, Protocol):
+  """A grid with one parameter per tensor besides its group parameters (NVFP4's global scale).
+
+  `fit` needs that parameter fixed first: a quantizer fixes it once per matrix, before its jitted work, with
+  ``for_tensor(max|w|)`` (through `qjax.core.QSpec.for_tensor`). GPTQ fits a group at a time and cannot see the
+  whole tensor then, so the grid cannot find the parameter inside `fit`.
+
+  Attributes:
+    fixed: whether the per-tensor parameter is set.
+  """
+
+  @property
+  def fixed(self) -> bool: ...
+
+  def for_tensor(self, amax: Float[Array, ""]) -> "TensorGrid":
+    """This grid with its per-tensor parameter set from the tensor's largest magnitude `amax` (a static Python
+    value when `amax` is concrete, a traced one inside a transformation)."""
+    ...

@@ -243,11 +243,13 @@ def quantize(w: Array, spec: QSpec, *, axis: int = 0, clip: ClipSearch | None = 
 
   Args:
     w: 2-D float array; groups run along `axis`.
-    spec: the grid, group size and ``packed`` layout.
+    spec: the grid, group size and ``packed`` layout; a per-tensor grid parameter not yet set (NVFP4's global
+      scale) is fixed from `w` (`QSpec.for_tensor`).
     axis: the contraction axis (0 for a Dense kernel ``[in, out]``).
     clip: optional MSE clipping search (affine grids).
   """
   w = jnp.asarray(w)
+  spec = spec.for_tensor(jnp.max(jnp.abs(w))) if spec.needs_tensor_fit else spec
   canonical = w if axis == 0 else w.T
   codes, params = round_to_grid(canonical, spec, clip=clip)
   return from_codes(codes, params, spec, dtype=w.dtype, axis=axis)

@@ -8,7 +8,7 @@ import numpy as np
 from qjax.core import ggml
 from qjax.core.affine import AffineGrid
 from qjax.core.ggml_grid import GgmlGrid
-from qjax.core.grid import Grid
+from qjax.core.grid import Grid, TensorGrid
 from qjax.core.packing import SUPPORTED_BITS
 
 PACKED = "packed"
@@ -100,6 +100,20 @@ class QSpec:
     """The grid codes are rounded into: `grid` if one was given, else the one the other fields imply."""
     return self._default_grid() if self.grid is None else self.grid
 
+  def for_tensor(self, amax) -> "QSpec":
+    """This spec with its grid's per-tensor parameter set from a matrix's largest magnitude `amax`, if the grid has
+    one not yet set (`qjax.core.grid.TensorGrid`, e.g. NVFP4's global scale); else this spec.
+
+    Quantizers call it once per matrix before their jitted work; with a traced `amax` the result holds a traced
+    parameter and serves only inside that trace (it cannot be a static argument).
+    """
+    return dataclasses.replace(self, grid=self.grid.for_tensor(amax)) if self.needs_tensor_fit else self
+
+  @property
+  def needs_tensor_fit(self) -> bool:
+    """Whether the grid has a per-tensor parameter not yet set (see `for_tensor`)."""
+    return isinstance(self.grid, TensorGrid) and not self.grid.fixed
+
   @staticmethod
   def ggml(type_name: str) -> "QSpec":
     """The spec of a ggml block type, e.g. ``QSpec.ggml("Q4_K")``."""
@@ -143,5 +157,6 @@ class QSpec:
     if self.is_ggml:
       return ggml.BLOCK_TYPES[self.layout].bits_per_weight
     group = self.group_length(in_features)
-    per_group = self.scale_dtype.itemsize * 8 + (0 if self.symmetric else self.bits)
+    scale_bits = getattr(self.rounding_grid, "scale_bits", self.scale_dtype.itemsize * 8)  # MX/NV FP4: byte scales
+    per_group = scale_bits + (0 if self.symmetric else self.bits)
     return self.bits + per_group / group

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.core.errors import InputError
-from qjax.core.fp_grid import Fp8Grid, MxFp4Grid
+from qjax.core.fp_grid import Fp8Grid, MxFp4Grid, NvFp4Grid, valid_global_scale
 from qjax.core.grid import Grid
 from qjax.core.qarray import QArray, is_qarray
 from qjax.core.qspec import QSpec
@@ -75,16 +75,17 @@ def nest(path: str, subtree) -> dict:
   return subtree
 
 
-NAMED_GRIDS = ("fp8", "mxfp4")
-"""Grids other than the default one that a spec stores by name: `Fp8Grid` (with the spec's scale dtype) and
-`MxFp4Grid`."""
+NAMED_GRIDS = ("fp8", "mxfp4", "nvfp4")
+"""Grids other than the default one that a spec stores by name: `Fp8Grid` (with the spec's scale dtype),
+`MxFp4Grid` and `NvFp4Grid` (with its global scale)."""
 
 
 def grid_name(spec: QSpec) -> str | None:
-  """``"fp8"`` or ``"mxfp4"`` for the floating-point grids, None for the grid the other fields imply.
+  """``"fp8"``, ``"mxfp4"`` or ``"nvfp4"`` for the floating-point grids, None for the grid the other fields imply.
 
   Raises:
-    ValueError: for any other grid (a custom grid cannot be stored by name).
+    ValueError: for any other grid (a custom grid cannot be stored by name), or an NVFP4 grid without its global
+      scale.
   """
   grid = spec.grid
   if grid is None:
@@ -95,30 +96,47 @@ def grid_name(spec: QSpec) -> str | None:
     return "fp8"
   if grid == MxFp4Grid():
     return "mxfp4"
+  if isinstance(grid, NvFp4Grid):
+    if not grid.fixed:
+      raise ValueError("an NVFP4 QArray's grid needs its global scale; quantize with rtn_quantize or gptq_quantize.")
+    return "nvfp4"
   raise ValueError(
     f"a QArray on the custom grid {grid!r} cannot be stored by name; dequantize it, or store the grid's codes and "
     "parameters yourself."
   )
 
 
-def named_grid(name: str, scale_dtype: np.dtype) -> Grid:
-  """The grid `grid_name` names."""
+def named_grid(name: str, scale_dtype: np.dtype, global_scale: float | None = None) -> Grid:
+  """The grid `grid_name` names (NVFP4's with `global_scale`, a positive finite number)."""
   if name not in NAMED_GRIDS:
     raise ValueError(f"grid expected one of {NAMED_GRIDS}, got {name!r}")
+  if name == "nvfp4":
+    if isinstance(global_scale, bool) or not isinstance(global_scale, (int, float)):
+      raise ValueError(f"an nvfp4 grid expected a number as global_scale, got {global_scale!r}")
+    if not valid_global_scale(global_scale):
+      raise ValueError(f"an nvfp4 grid expected a positive finite global_scale above 1e-35, got {global_scale!r}")
+    return NvFp4Grid(global_scale=float(global_scale))
   return Fp8Grid(scale_dtype=np.dtype(scale_dtype)) if name == "fp8" else MxFp4Grid()
 
 
 def spec_to_json(spec: QSpec) -> dict:
-  """A spec as JSON; the grid is implied by the other fields, or one of `NAMED_GRIDS`."""
+  """A spec as JSON; the grid is implied by the other fields, or one of `NAMED_GRIDS` (NVFP4's with its
+  ``global_scale``)."""
   name = grid_name(spec)
   d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "grid"}
   d["scale_dtype"] = str(spec.scale_dtype)
+  if name == "nvfp4":
+    d["global_scale"] = spec.grid.global_scale
   return d if name is None else {**d, "grid": name}
 
 
 def spec_from_json(d: dict) -> QSpec:
+  d = dict(d)
   scale_dtype = np.dtype(d["scale_dtype"])
-  grid = None if d.get("grid") is None else named_grid(d["grid"], scale_dtype)
+  global_scale = d.pop("global_scale", None)
+  if global_scale is not None and d.get("grid") != "nvfp4":
+    raise ValueError(f"global_scale belongs to the nvfp4 grid, got grid {d.get('grid')!r}")
+  grid = None if d.get("grid") is None else named_grid(d["grid"], scale_dtype, global_scale)
   return QSpec(**{**d, "scale_dtype": scale_dtype, "grid": grid})
 
 

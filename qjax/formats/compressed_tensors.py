@@ -23,7 +23,9 @@ FP8 weights (`qjax.core.fp_grid.Fp8Grid`) use the ``float-quantized`` format: ``
 the codes themselves, and ``weight_scale`` (out, groups), ``W = float(weight) * scale``. MXFP4 weights
 (`qjax.core.fp_grid.MxFp4Grid`) use ``mxfp4-pack-quantized``: ``weight_packed`` (out, in / 2) uint8, two E2M1 codes
 a byte (the even input in the low nibble), and ``weight_scale`` (out, in / 32) uint8, the E8M0 exponent bytes,
-``W = e2m1(code) * 2**(scale - 127)``.
+``W = e2m1(code) * 2**(scale - 127)``. NVFP4 weights (`qjax.core.fp_grid.NvFp4Grid`, strategy ``tensor_group``) use
+``nvfp4-pack-quantized``: ``weight_packed`` as MXFP4's, ``weight_scale`` (out, in / 16) float8_e4m3fn and
+``weight_global_scale`` (1,) float32, ``W = e2m1(code) * (float(scale) / global_scale)``.
 
 ``config.json["quantization_config"]`` says ``quant_method: compressed-tensors``, ``format: pack-quantized``,
 ``quantization_status: compressed``, and the schemes: ``config_groups`` (each ``targets``, module names, ``re:``
@@ -43,7 +45,7 @@ import numpy as np
 
 from qjax.core import GroupParams, QArray, QSpec, is_qarray, packing
 from qjax.core.errors import InputError
-from qjax.core.fp_grid import Fp8Grid, MxFp4Grid
+from qjax.core.fp_grid import Fp8Grid, MxFp4Grid, NvFp4Grid, valid_global_scale
 from qjax.core.qarray import unpacked_codes
 from qjax.core.tree import leaves_with_paths
 from qjax.formats import gptq, hf_quantized
@@ -55,8 +57,9 @@ QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 FLOAT_QUANTIZED = "float-quantized"
 MXFP4_PACK_QUANTIZED = "mxfp4-pack-quantized"
-FORMATS = (PACK_QUANTIZED, FLOAT_QUANTIZED, MXFP4_PACK_QUANTIZED)
-STRATEGIES = ("group", "channel", "tensor")
+NVFP4_PACK_QUANTIZED = "nvfp4-pack-quantized"
+FORMATS = (PACK_QUANTIZED, FLOAT_QUANTIZED, MXFP4_PACK_QUANTIZED, NVFP4_PACK_QUANTIZED)
+STRATEGIES = ("group", "channel", "tensor", "tensor_group")
 MARKER = "weight_scale"  # the tensor every quantized linear has, in every format
 
 ACTORDER_GROUP_MSG = (
@@ -73,11 +76,11 @@ class WeightArgs(NamedTuple):
   Attributes:
     num_bits: code width.
     symmetric: no stored zero point (the fixed ``2**(bits-1)``).
-    strategy: ``"group"``, ``"channel"`` or ``"tensor"``.
-    group_size: inputs per group for ``"group"``, else None.
+    strategy: ``"group"``, ``"channel"``, ``"tensor"`` or ``"tensor_group"`` (NVFP4: groups and a global scale).
+    group_size: inputs per group for ``"group"`` and ``"tensor_group"``, else None.
     actorder: None, ``"weight"`` (act-order during calibration only, groups in input order) or ``"group"``
       (groups in activation order, a ``weight_g_idx``; read only).
-    kind: ``"int"`` (``pack-quantized``) or ``"float"`` (FP8 E4M3, ``float-quantized``).
+    kind: ``"int"`` (``pack-quantized``) or ``"float"`` (FP8 E4M3 ``float-quantized``; 4-bit: MXFP4 or NVFP4).
   """
 
   num_bits: int
@@ -91,12 +94,17 @@ class WeightArgs(NamedTuple):
   def format(self) -> str:
     if self.kind == "int":
       return PACK_QUANTIZED
-    return FLOAT_QUANTIZED if self.num_bits == 8 else MXFP4_PACK_QUANTIZED
+    if self.num_bits == 8:
+      return FLOAT_QUANTIZED
+    return NVFP4_PACK_QUANTIZED if self.strategy == "tensor_group" else MXFP4_PACK_QUANTIZED
 
-  def qspec(self, scale_dtype) -> QSpec:
-    group_size = self.group_size if self.strategy == "group" else -1
+  def qspec(self, scale_dtype, global_scale: float | None = None) -> QSpec:
+    """The spec of a layer stored with these arguments (an NVFP4 one with the layer's `global_scale`)."""
+    group_size = self.group_size if self.strategy in ("group", "tensor_group") else -1
     if self.format == MXFP4_PACK_QUANTIZED:  # the grid's scales are E8M0 bytes, not floats
       return QSpec(bits=4, group_size=group_size, grid=MxFp4Grid())
+    if self.format == NVFP4_PACK_QUANTIZED:  # E4M3 scale bytes
+      return QSpec(bits=4, group_size=group_size, grid=NvFp4Grid(global_scale=global_scale))
     grid = Fp8Grid(scale_dtype=np.dtype(scale_dtype)) if self.kind == "float" else None
     return QSpec(bits=self.num_bits, group_size=group_size, symmetric=self.symmetric, scale_dtype=scale_dtype,
                  grid=grid)  # fmt: skip
@@ -110,13 +118,20 @@ class WeightArgs(NamedTuple):
       "strategy": self.strategy,
       "dynamic": False,
     }
+    if self.format == NVFP4_PACK_QUANTIZED:
+      args["scale_dtype"] = "torch.float8_e4m3fn"  # as compressed-tensors' NVFP4A16 preset serialises it
     return args if self.actorder is None else {**args, "actorder": self.actorder}
 
 
+FLOAT_GRIDS = (Fp8Grid, MxFp4Grid, NvFp4Grid)
+
+
 def weight_args(spec: QSpec, *, actorder: str | None = None) -> WeightArgs:
-  """The scheme arguments of a qjax spec (group size -1 is the ``channel`` strategy; `Fp8Grid` is FP8 and
-  `MxFp4Grid` MXFP4)."""
-  kind = "float" if isinstance(spec.rounding_grid, (Fp8Grid, MxFp4Grid)) else "int"
+  """The scheme arguments of a qjax spec (group size -1 is the ``channel`` strategy; `Fp8Grid` is FP8, `MxFp4Grid`
+  MXFP4 and `NvFp4Grid` NVFP4's ``tensor_group``)."""
+  kind = "float" if isinstance(spec.rounding_grid, FLOAT_GRIDS) else "int"
+  if isinstance(spec.rounding_grid, NvFp4Grid):
+    return WeightArgs(4, True, "tensor_group", spec.group_size, actorder, kind)
   if spec.group_size == -1:
     return WeightArgs(spec.bits, spec.symmetric, "channel", None, actorder, kind)
   return WeightArgs(spec.bits, spec.symmetric, "group", spec.group_size, actorder, kind)
@@ -159,7 +174,7 @@ def to_compressed(q: QArray, *, name: str = "weight") -> dict[str, np.ndarray]:
     >>> {k: v.shape for k, v in to_compressed(q).items()}
     {'weight_packed': (8, 8), 'weight_scale': (8, 2), 'weight_shape': (2,)}
   """
-  if isinstance(q.spec.rounding_grid, (Fp8Grid, MxFp4Grid)):
+  if isinstance(q.spec.rounding_grid, FLOAT_GRIDS):
     return _float_tensors(q, name)
   gptq.check_packed_linear(q, name, "to_compressed")
   if q.perm is not None:
@@ -182,29 +197,41 @@ def to_compressed(q: QArray, *, name: str = "weight") -> dict[str, np.ndarray]:
 
 
 def _float_tensors(q: QArray, name: str) -> dict[str, np.ndarray]:
-  """The tensors of an FP8 QArray (``float-quantized``: the E4M3 codes as ``weight``) or an MXFP4 one
-  (``mxfp4-pack-quantized``: two codes a byte), and the scales."""
+  """The tensors of an FP8 QArray (``float-quantized``: the E4M3 codes as ``weight``), an MXFP4 or NVFP4 one
+  (``mxfp4-pack-quantized``, ``nvfp4-pack-quantized``: two codes a byte), and the scales."""
   if q.axis != 0 or q.perm is not None or q.spec.layout != "packed":
     raise ValueError(f"`to_compressed` expected a packed Dense kernel without act-order for {name}.")
   codes = np.ascontiguousarray(np.asarray(unpacked_codes(q)).astype(np.uint8).T)  # (out, in)
   scale = np.ascontiguousarray(np.asarray(q.scale).T)
   if isinstance(q.spec.rounding_grid, Fp8Grid):
     return {"weight": codes.view(ml_dtypes.float8_e4m3fn), "weight_scale": scale}
-  if q.spec.group_size != 32:
-    raise ValueError(f"`to_compressed` expected MXFP4 groups of 32 for {name}, got {q.spec.group_size}.")
-  return {"weight_packed": codes[:, 0::2] | (codes[:, 1::2] << 4), "weight_scale": scale}
+  packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+  grid = q.spec.rounding_grid
+  group = 16 if isinstance(grid, NvFp4Grid) else 32
+  if q.spec.group_size != group:
+    raise ValueError(f"`to_compressed` expected {type(grid).__name__} groups of {group} for {name}, "
+                     f"got {q.spec.group_size}.")  # fmt: skip
+  if isinstance(grid, MxFp4Grid):
+    return {"weight_packed": packed, "weight_scale": scale}
+  return {
+    "weight_packed": packed,
+    "weight_scale": scale.view(ml_dtypes.float8_e4m3fn),
+    "weight_global_scale": np.array([grid.global_scale], np.float32),
+  }
 
 
 def expected_shapes(args: WeightArgs, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
   """The stored shape of each tensor of a (k, n) linear (``weight_g_idx`` included for ``actorder: group``)."""
   k, n = shape
   bits = args.num_bits
-  groups = {"group": -(-k // (args.group_size or 1)), "channel": 1, "tensor": 0}[args.strategy]
+  groups = {"channel": 1, "tensor": 0}.get(args.strategy) or -(-k // args.group_size)
   scale = (1,) if args.strategy == "tensor" else (n, groups)
   if args.format == FLOAT_QUANTIZED:
     return {"weight": (n, k), "weight_scale": scale}
   if args.format == MXFP4_PACK_QUANTIZED:
     return {"weight_packed": (n, k // 2), "weight_scale": scale}
+  if args.format == NVFP4_PACK_QUANTIZED:
+    return {"weight_packed": (n, k // 2), "weight_scale": scale, "weight_global_scale": (1,)}
   shapes = {"weight_packed": (n, -(-k * bits // 32)), "weight_scale": scale, "weight_shape": (2,)}
   if not args.symmetric:
     shapes["weight_zero_point"] = (1,) if args.strategy == "tensor" else (-(-n * bits // 32), groups)
@@ -221,7 +248,7 @@ def check_compressed_tensors(
   scales."""
   k, n = shape
   prefix = f"{source}: " if source else ""
-  if args.strategy == "group":
+  if args.strategy in ("group", "tensor_group"):
     check_group_length(args.group_size, k, f"{prefix}{name}")
     if k % args.group_size:
       raise InputError(
@@ -229,11 +256,13 @@ def check_compressed_tensors(
         "last group."
       )
   described = f"{args.num_bits}-bit {args.strategy} compressed-tensors of a ({n}, {k}) linear"
-  mxfp4 = args.format == MXFP4_PACK_QUANTIZED
+  mxfp4, nvfp4 = args.format == MXFP4_PACK_QUANTIZED, args.format == NVFP4_PACK_QUANTIZED
+  float_scales = (np.float16, np.float32, jnp.bfloat16)
   dtypes = {
     "weight": (ml_dtypes.float8_e4m3fn,),
-    "weight_packed": (np.uint8,) if mxfp4 else (np.int32,),
-    "weight_scale": (np.uint8,) if mxfp4 else (np.float16, np.float32, jnp.bfloat16),
+    "weight_packed": (np.uint8,) if mxfp4 or nvfp4 else (np.int32,),
+    "weight_scale": (np.uint8,) if mxfp4 else (ml_dtypes.float8_e4m3fn,) if nvfp4 else float_scales,
+    "weight_global_scale": (np.float32,),
     "weight_shape": (np.int64, np.int32),
     "weight_zero_point": (np.int8,) if args.strategy == "tensor" else (np.int32,),
     "weight_g_idx": (np.int32, np.int64),
@@ -246,6 +275,15 @@ def check_compressed_tensors(
     raise InputError(f"{prefix}{name}.weight_g_idx: values must lie in [0, {k // args.group_size}).")
   if mxfp4 and (t["weight_scale"] == 255).any():
     raise InputError(f"{prefix}{name}.weight_scale: E8M0 scale 255 is NaN in the format.")
+  if nvfp4:
+    if (np.asarray(t["weight_scale"]).view(np.uint8) & 0x7F == 0x7F).any():
+      raise InputError(f"{prefix}{name}.weight_scale: an E4M3 scale is NaN.")
+    global_scale = float(t["weight_global_scale"][0])
+    if not valid_global_scale(global_scale):
+      raise InputError(
+        f"{prefix}{name}.weight_global_scale: expected a positive finite divisor above 1e-35, got {global_scale}."
+      )
+    return
   check_finite(f"{name}.weight_scale", t["weight_scale"], source or name)
 
 
@@ -263,13 +301,15 @@ def from_compressed(
   if args.strategy == "tensor":
     scale = np.broadcast_to(scale.reshape(1, 1), (n, 1))
   if args.kind == "float":
-    params = GroupParams(jnp.asarray(np.ascontiguousarray(scale.T)), None)
-    if args.format == MXFP4_PACK_QUANTIZED:
-      packed = np.asarray(t["weight_packed"])
-      codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, k).T
-      return gptq.build_qarray(codes, params, spec=args.qspec(None), dtype=np.dtype(dtype))
-    codes = np.asarray(t["weight"]).view(np.uint8).T
-    return gptq.build_qarray(codes, params, spec=args.qspec(scale.dtype), dtype=np.dtype(dtype))
+    if args.format == FLOAT_QUANTIZED:
+      params = GroupParams(jnp.asarray(np.ascontiguousarray(scale.T)), None)
+      codes = np.asarray(t["weight"]).view(np.uint8).T
+      return gptq.build_qarray(codes, params, spec=args.qspec(scale.dtype), dtype=np.dtype(dtype))
+    params = GroupParams(jnp.asarray(np.ascontiguousarray(scale.view(np.uint8).T)), None)
+    packed = np.asarray(t["weight_packed"])
+    codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, k).T
+    global_scale = float(t["weight_global_scale"][0]) if "weight_global_scale" in t else None
+    return gptq.build_qarray(codes, params, spec=args.qspec(None, global_scale), dtype=np.dtype(dtype))
   offset = 1 << (bits - 1)
   if args.strategy == "tensor":
     zero = None if args.symmetric else np.full((1, n), int(t["weight_zero_point"][0]) + offset, np.int32)
@@ -347,9 +387,9 @@ def parse_weight_args(weights: Any, source: str) -> WeightArgs:
   if strategy not in STRATEGIES:
     raise InputError(f"{source}: weight strategy must be one of {STRATEGIES}, got {show(strategy)}.")
   group_size = weights.get("group_size")
-  if strategy == "group":
+  if strategy in ("group", "tensor_group"):
     if type(group_size) is not int or not 0 < group_size < MAX_SIZE:
-      raise InputError(f"{source}: group strategy needs a group_size in [1, 2**31), got {show(group_size)}.")
+      raise InputError(f"{source}: {strategy} strategy needs a group_size in [1, 2**31), got {show(group_size)}.")
   else:
     group_size = None
   actorder = weights.get("actorder")
@@ -362,11 +402,13 @@ def parse_weight_args(weights: Any, source: str) -> WeightArgs:
   symmetric = _bool(weights.get("symmetric", True), "symmetric", source)
   if kind == "float" and not symmetric:
     raise InputError(f"{source}: float weights with a zero point are not read; FP8 and FP4 weights are symmetric.")
-  if kind == "float" and bits == 4 and (strategy, group_size) != ("group", 32):
+  if kind == "float" and bits == 4 and (strategy, group_size) not in (("group", 32), ("tensor_group", 16)):
     raise InputError(
-      f"{source}: 4-bit float weights are read as MXFP4 (group strategy, group_size 32), got strategy "
-      f"{show(strategy)} group_size {show(group_size)} (NVFP4's groups of 16 with a global scale are not read yet)."
+      f"{source}: 4-bit float weights are read as MXFP4 (group strategy, group_size 32) or NVFP4 (tensor_group "
+      f"strategy, group_size 16), got strategy {show(strategy)} group_size {show(group_size)}."
     )
+  if strategy == "tensor_group" and (kind, bits) != ("float", 4):
+    raise InputError(f"{source}: the tensor_group strategy is NVFP4's (4-bit float weights), got {kind} {bits}-bit.")
   return WeightArgs(bits, symmetric, strategy, group_size, actorder, kind)
 
 
@@ -433,7 +475,7 @@ def parse_schemes(qc: dict[str, Any], source: str) -> Schemes:
     if fmt not in FORMATS:
       raise InputError(
         f"{where}: format {show(fmt)} is not read; qjax reads {PACK_QUANTIZED!r} (integer weights), "
-        f"{FLOAT_QUANTIZED!r} (FP8 weights) and {MXFP4_PACK_QUANTIZED!r}."
+        f"{FLOAT_QUANTIZED!r} (FP8 weights), {MXFP4_PACK_QUANTIZED!r} and {NVFP4_PACK_QUANTIZED!r}."
       )
     for acts in ("input_activations", "output_activations"):
       if scheme.get(acts):
@@ -460,13 +502,13 @@ def save_compressed_tensors(
   overwrite: bool = False,
 ) -> None:
   """Writes quantized params as a compressed-tensors directory that vLLM and transformers load: ``pack-quantized``
-  integer weights, ``float-quantized`` FP8 ones, ``mxfp4-pack-quantized`` MXFP4 ones.
+  integer weights, ``float-quantized`` FP8 ones, ``mxfp4-pack-quantized`` MXFP4 and ``nvfp4-pack-quantized`` NVFP4
+  ones.
 
-  Every quantized leaf must be a ``packed`` Dense kernel of a decoder linear or ``lm_head`` (affine, `Fp8Grid` or
-  `MxFp4Grid`),
-  without an act-order permutation, with a group size dividing its input width; linears may differ in settings
-  (one scheme each).
-  Everything else is written in float16.
+  Every quantized leaf must be a ``packed`` Dense kernel of a decoder linear or ``lm_head`` (affine, `Fp8Grid`,
+  `MxFp4Grid` or `NvFp4Grid`), without an act-order permutation, with a group size dividing its input width;
+  linears may differ in settings (one scheme each). NVFP4 linears that vLLM runs as one matrix (q/k/v, gate/up)
+  must share their global scale (`qjax.transforms.per_leaf` fixes it so). Everything else is written in float16.
 
   Args:
     out_dir: the directory to create (written beside it and renamed when complete; see `qjax.formats.output`).
@@ -511,13 +553,37 @@ def write_compressed_tensors(
   if config.tie_word_embeddings:
     dense_linears.append("lm_head")  # the tied head is a Linear in transformers; it stays the embedding
   tensors = hf_quantized.hf_tensors(params, lambda module, q: to_compressed(q, name=module))
+  check_fused_global_scales(tensors)
   qc = quantization_config(args_by_module, dense_linears)
   hf_quantized.write_hf_directory(directory, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes)
 
 
+# Linears vLLM loads into one matrix (QKVParallelLinear, MergedColumnParallelLinear): it keeps one NVFP4 global
+# scale for all of them (the largest), so they must be written with the same one.
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def check_fused_global_scales(tensors: dict[str, np.ndarray]) -> None:
+  """Raises naming the modules when linears vLLM fuses (`VLLM_FUSED`) have different NVFP4 global scales."""
+  scales: dict[tuple[str, int], dict[str, float]] = {}
+  for name, value in tensors.items():
+    module, _, field = name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    fused = next((i for i, members in enumerate(VLLM_FUSED) if leaf in members), None)
+    if field == "weight_global_scale" and fused is not None:
+      scales.setdefault((parent, fused), {})[module] = float(value[0])
+  for by_module in scales.values():
+    if len(set(by_module.values())) > 1:
+      raise ValueError(
+        f"NVFP4 linears that vLLM runs as one matrix have different global scales: {by_module}; vLLM keeps one for "
+        "all of them and would decode the others wrongly. Quantize them through one transform (`qjax.transforms.rtn`"
+        "/`gptq` fix one scale per fused set), or give each spec NvFp4Grid(global_scale=...) for the set."
+      )
+
+
 def load_compressed_tensors(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
-  """Reads a compressed-tensors directory (qjax's, llm-compressor's; ``pack-quantized`` or ``float-quantized``
-  FP8 weights) into qjax params.
+  """Reads a compressed-tensors directory (qjax's, llm-compressor's; ``pack-quantized``, ``float-quantized`` FP8,
+  MXFP4 or NVFP4 weights) into qjax params.
 
   Args:
     model_dir: a Hugging Face directory whose ``quantization_config`` says ``compressed-tensors``.

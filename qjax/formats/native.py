@@ -50,7 +50,7 @@ FLAX_LAYER = re.compile(r"model/layers_(\d+)/")
 # numpy dtype name -> safetensors dtype name, for the dtypes a QArray's tensors are stored in.
 STORED_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32", "int32": "I32", "uint8": "U8"}
 SPEC_TYPES = {"bits": int, "group_size": int, "symmetric": bool, "scale_dtype": str, "layout": str,
-              "partial_groups": bool, "grid": str}  # fmt: skip
+              "partial_groups": bool, "grid": str, "global_scale": float}  # fmt: skip
 
 
 def is_qjax_dir(path: str) -> bool:
@@ -180,7 +180,7 @@ def _qarray_tensors(spec: QSpec, shape: tuple[int, int], axis: int) -> dict[str,
   if k % period:
     raise ValueError(f"the contraction length {k} is not a multiple of {period}, as {spec.bits}-bit packing needs")
   groups = (spec.num_groups(k), n)
-  scale_dtype = "uint8" if grid_name(spec) == "mxfp4" else str(spec.scale_dtype)  # E8M0 exponent bytes
+  scale_dtype = "uint8" if grid_name(spec) in ("mxfp4", "nvfp4") else str(spec.scale_dtype)  # E8M0/E4M3 bytes
   return {
     "codes": TensorInfo((packing.packed_length(k, spec.bits), n), "U32"),
     "scale": TensorInfo(groups, STORED_DTYPES[scale_dtype]),
@@ -236,7 +236,11 @@ def _check_against_config(info: dict[str, TensorInfo], leaves: dict, config, con
 def _check_values(tensors: dict[str, np.ndarray], leaves: dict, weights: str) -> None:
   """Raises naming the tensor when a dense weight or a scale holds NaN or Inf, or a ``perm`` is no permutation."""
   for name, value in tensors.items():
-    if ":" not in name or name.endswith(":scale"):
+    if name.endswith(":scale") and value.dtype == np.uint8:  # MXFP4's E8M0 or NVFP4's E4M3 scale bytes
+      nan = value == 255 if grid_name(leaves[name.rpartition(":")[0]][0]) == "mxfp4" else value & 0x7F == 0x7F
+      if nan.any():
+        raise InputError(f"{weights}: tensor {name} holds NaN scale codes.")
+    elif ":" not in name or name.endswith(":scale"):
       check_finite(name, value, weights)
     elif name.endswith(":perm") and not np.array_equal(np.sort(value), np.arange(len(value))):
       raise InputError(f"{weights}: tensor {name} expected a permutation of 0..{len(value) - 1}.")

@@ -432,7 +432,8 @@ def gptq_quantize(
     w: (in, out) float32|bfloat16|float16 Flax kernel (contraction axis 0).
     h: (in, in) float32 Hessian ``2XᵀX/n`` or ``XᵀX`` of the inputs of `w` (its scale
       does not matter).
-    spec: the grid and group size (dividing ``in``, or -1); ``packed`` layout.
+    spec: the grid and group size (dividing ``in``, or -1); ``packed`` layout; a per-tensor grid parameter not
+      yet set (NVFP4's global scale) is fixed from `w`'s original weights (`QSpec.for_tensor`).
     config: the sweep order, dampening and block size (`GptqConfig`).
     mesh: optional device mesh; ``out`` must be divisible by the size of `mesh_axis`.
     mesh_axis: mesh axis name(s) to split ``out`` over; default all axes of `mesh`.
@@ -467,6 +468,7 @@ def gptq_quantize(
     >>> q.scale.shape, bool(info.ok), round(float(info.damp), 4)
     ((2, 8), True, 0.01)
   """
+  spec = spec.for_tensor(jnp.max(jnp.abs(jnp.asarray(w)))) if spec.needs_tensor_fit else spec
   q, info = gptq_core(w, h, spec=spec, config=config, mesh=mesh, mesh_axis=mesh_axis)
   try:
     ok = bool(info.ok)

@@ -3,12 +3,12 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from qjax.core import ClipSearch, QArray, QSpec, quantize
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "axis", "clip"))
 def rtn_quantize(w: Float[Array, "in out"], *, spec: QSpec, axis: int = 0, clip: ClipSearch | None = None) -> QArray:
   """Quantizes each group to its nearest grid point; no calibration data.
 
@@ -18,7 +18,8 @@ def rtn_quantize(w: Float[Array, "in out"], *, spec: QSpec, axis: int = 0, clip:
 
   Args:
     w: (in, out) float32|bfloat16|float16; groups run along `axis`.
-    spec: bits, group size, symmetry, scale dtype (``packed`` layout).
+    spec: bits, group size, symmetry, scale dtype (``packed`` layout); a per-tensor grid parameter not yet set
+      (NVFP4's global scale) is fixed from `w` (`QSpec.for_tensor`).
     axis: contraction axis of `w` (0 for a Flax Dense kernel).
     clip: optional MSE clipping search (`qjax.core.ClipSearch`).
 
@@ -36,4 +37,9 @@ def rtn_quantize(w: Float[Array, "in out"], *, spec: QSpec, axis: int = 0, clip:
     >>> q.codes.shape, q.scale.shape
     ((32, 16), (4, 16))
   """
+  return _rtn(w, spec=spec.for_tensor(jnp.max(jnp.abs(w))) if spec.needs_tensor_fit else spec, axis=axis, clip=clip)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "axis", "clip"))
+def _rtn(w, *, spec: QSpec, axis: int, clip: ClipSearch | None) -> QArray:
   return quantize(w, spec, axis=axis, clip=clip)

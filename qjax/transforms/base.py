@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from qjax.core import is_qarray
+from qjax.core import QSpec, is_qarray
 from qjax.core.tree import MaskedNode, get_path, leaves_with_paths, map_with_path, replace_path
 
 Params = Any
@@ -69,13 +69,19 @@ def stateless(
   return Transform(lambda _: EmptyState(), update, frozenset(stats), whole_block)
 
 
-def per_leaf(quantize_leaf: Callable[[Any, LeafStats], Any], *, stats: frozenset[str] = frozenset()) -> Transform:
+def per_leaf(
+  quantize_leaf: Callable[..., Any], *, stats: frozenset[str] = frozenset(), spec: QSpec | None = None
+) -> Transform:
   """Lifts a function on one weight matrix to a transform over every visible leaf.
 
   Args:
-    quantize_leaf: ``(w, leaf_stats) -> QArray | Array`` for one 2-D weight; it
-      receives ``extra["stats"][path]`` (an empty mapping when absent).
+    quantize_leaf: ``(w, leaf_stats) -> QArray | Array`` for one 2-D weight; it receives ``extra["stats"][path]``
+      (an empty mapping when absent). With `spec`: ``(w, leaf_stats, spec) -> ...``.
     stats: the statistics `quantize_leaf` reads.
+    spec: the spec `quantize_leaf` rounds into, when it has a per-tensor parameter to fix (a
+      `qjax.core.grid.TensorGrid`, NVFP4's global scale): it is fixed from the largest magnitude of the leaf and of
+      its fused siblings, the visible leaves of the same parent module with the same input width (q/k/v, gate/up:
+      runtimes such as vLLM run them as one matrix with one such parameter).
 
   Raises (from update):
     ValueError: naming every leaf that is not 2-D or is already quantized.
@@ -83,25 +89,46 @@ def per_leaf(quantize_leaf: Callable[[Any, LeafStats], Any], *, stats: frozenset
 
   def update_fn(params, *, stats=None, **_):
     stats = stats or {}
+    leaves = [(path, w) for path, w in leaves_with_paths(params) if not isinstance(w, MaskedNode)]
     bad = [
       f"{path}: {'already a QArray' if is_qarray(w) else f'shape {np.shape(w)} is not 2-D'}"
-      for path, w in leaves_with_paths(params)
-      if not isinstance(w, MaskedNode) and (is_qarray(w) or np.ndim(w) != 2)
+      for path, w in leaves
+      if is_qarray(w) or np.ndim(w) != 2
     ]
     if bad:
       raise ValueError("a per-leaf quantizer expected dense 2-D weights, got:\n  " + "\n  ".join(bad))
+    specs = None if spec is None else fused_specs(spec, dict(leaves))
 
     def quantize(path, w):
       if isinstance(w, MaskedNode):
         return w
       try:
-        return quantize_leaf(w, stats.get(path, {}))
+        if specs is None:
+          return quantize_leaf(w, stats.get(path, {}))
+        return quantize_leaf(w, stats.get(path, {}), specs[path])
       except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
     return map_with_path(quantize, params)
 
   return stateless(update_fn, stats=stats)
+
+
+def fused_specs(spec: QSpec, leaves: Mapping[str, Any]) -> dict[str, QSpec]:
+  """`spec` for each of `leaves` ((in, out) kernels by path), its per-tensor parameter fixed jointly for siblings:
+  kernels ``parent/name/kernel`` of one parent with one input width (`per_leaf`). Without such a parameter, `spec`
+  for every leaf."""
+  if not spec.needs_tensor_fit:
+    return dict.fromkeys(leaves, spec)
+  sets: dict[tuple[str, int], list[str]] = {}
+  for path, w in leaves.items():
+    parent = path.rsplit("/", 2)[0] if path.count("/") >= 2 else ""
+    sets.setdefault((parent, np.shape(w)[0]), []).append(path)
+  specs = {}
+  for paths in sets.values():
+    amax = max(float(np.max(np.abs(np.asarray(leaves[p], np.float32)))) for p in paths)
+    specs.update(dict.fromkeys(paths, spec.for_tensor(amax)))
+  return specs
 
 
 OUTSIDE_RUNNER_MSG = (

@@ -26,7 +26,7 @@ def rtn(spec: QSpec, *, clip: ClipSearch | None = None) -> Transform:
     >>> q["kernel"].spec.bits
     4
   """
-  return per_leaf(lambda w, _: rtn_quantize(w, spec=spec, clip=clip))
+  return per_leaf(lambda w, _, spec: rtn_quantize(w, spec=spec, clip=clip), spec=spec)
 
 
 def gptq(spec: QSpec, config: GptqConfig = GptqConfig(), *, mesh: Mesh | None = None) -> Transform:
@@ -48,14 +48,14 @@ def gptq(spec: QSpec, config: GptqConfig = GptqConfig(), *, mesh: Mesh | None = 
     (['hessian'], 4)
   """
 
-  def quantize_leaf(w, leaf_stats):
+  def quantize_leaf(w, leaf_stats, spec):
     if "hessian" not in leaf_stats:
       raise ValueError(MISSING_HESSIAN_MSG.format(shape=np.shape(w), got=sorted(leaf_stats)))
     split = mesh if mesh is not None and np.shape(w)[1] % mesh.size == 0 else None
     q, _ = gptq_quantize(w, leaf_stats["hessian"], spec=spec, config=config, mesh=split)
     return q
 
-  return per_leaf(quantize_leaf, stats=frozenset({"hessian"}))
+  return per_leaf(quantize_leaf, stats=frozenset({"hessian"}), spec=spec)
 
 
 MISSING_IMATRIX_MSG = (

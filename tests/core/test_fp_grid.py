@@ -1,14 +1,27 @@
 """Floating-point grids: every E2M1 and E4M3 code decoded as the format specifications define it, rounding to the
-nearest value (ties to even) against a brute-force float64 oracle, MX's shared exponent, GPTQ and RTN into them."""
+nearest value (ties to even) against a brute-force float64 oracle, MX's shared exponent, NVFP4's two-level scales,
+GPTQ and RTN into them."""
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 from qjax.core import QSpec, dequantize, quantize
-from qjax.core.fp_grid import Fp8Grid, MxFp4Grid, e2m1_codes, e2m1_values, e4m3_codes, e4m3_values
+from qjax.core.fp_grid import (
+  Fp8Grid,
+  MxFp4Grid,
+  NvFp4Grid,
+  e2m1_codes,
+  e2m1_values,
+  e4m3_codes,
+  e4m3_values,
+  nvfp4_global_scale,
+)
+from qjax.core.qarray import unpacked_codes
 from qjax.formats.awq import to_awq
 from qjax.formats.gptq import to_gptq
+from qjax.transforms import rtn
+from qjax.transforms.base import fused_specs
 
 
 def spec_value(code: int, exp_bits: int, man_bits: int, bias: int, nan_code: int | None) -> float:
@@ -77,3 +90,50 @@ def test_hf_integer_formats_refuse_floating_point_codes():
       export(q)
   q8 = quantize(w, QSpec(bits=8, group_size=-1, grid=Fp8Grid()))
   assert np.abs(np.asarray(dequantize(q8)) - w).max() <= np.abs(w).max() / 16  # 3 mantissa bits
+
+
+def test_nvfp4_scales_and_values_are_the_formats():
+  rng = np.random.default_rng(2)
+  for magnitude in (1e-3, 0.02, 1.0, 300.0):
+    spread = np.exp(rng.uniform(-6, 0, (8, 1, 24))).repeat(16, axis=1).reshape(128, 24)  # groups far apart in size
+    w = (rng.standard_normal((128, 24)) * magnitude * spread).astype(np.float32)
+    w[16:32, 3] = 0.0  # an all-zero group
+    q = quantize(w, QSpec(bits=4, group_size=16, grid=NvFp4Grid()))
+    gs = q.spec.grid.global_scale
+    assert gs == 2.0 ** np.floor(np.log2(448 * 6 / np.abs(w).max()))  # a power of two
+    scales = np.asarray(e4m3_values(q.scale), np.float64)
+    assert 224 < scales.max() <= 448  # the largest group's scale in E4M3's top binade
+    assert scales[1, 3] == 0.125  # compressed-tensors' scale for a group that rounds to 0
+    # the format's decode in float64: W = e2m1(code) * e4m3(scale) / global_scale
+    codes = np.asarray(unpacked_codes(q)).astype(np.int64)
+    e2m1 = np.asarray(e2m1_values(np.arange(16)), np.float64)
+    expected = e2m1[codes] * scales.repeat(16, axis=0) / gs
+    np.testing.assert_array_equal(np.asarray(dequantize(q), np.float64), expected)
+    # each value is the nearest point of its group's grid (max|w| of a group maps to at most 6 scale units)
+    err = np.abs(np.asarray(dequantize(q)) - w).reshape(8, 16, 24).max(axis=1)
+    assert np.all(err <= scales / gs * 1.0 + 1e-30)  # E2M1's widest step, 2, halved
+  assert float(nvfp4_global_scale(0.0)) == 1.0
+  with pytest.raises(ValueError, match=r"NvFp4Grid has no global scale yet; fix it per matrix"):
+    NvFp4Grid().fit(np.ones((1, 16, 2), np.float32))
+
+
+def test_fused_linears_share_one_nvfp4_global_scale():
+  rng = np.random.default_rng(3)
+  widths = {"self_attn/q_proj": (64, 64), "self_attn/k_proj": (64, 32), "self_attn/v_proj": (64, 32),
+            "mlp/gate_proj": (64, 128), "mlp/up_proj": (64, 128), "mlp/down_proj": (128, 64)}  # fmt: skip
+  scale = {"self_attn/k_proj": 40.0, "mlp/gate_proj": 30.0}  # one outlier linear in each fused set
+  block = {}
+  for name, shape in widths.items():
+    part, module = name.split("/")
+    w = (rng.standard_normal(shape) * scale.get(name, 1.0)).astype(np.float32)
+    block.setdefault(part, {})[module] = {"kernel": w}
+  params = {"model": {"layers_0": block}}
+  specs = fused_specs(QSpec(bits=4, group_size=16, grid=NvFp4Grid()), {
+    f"model/layers_0/{n}/kernel": block[n.split("/")[0]][n.split("/")[1]]["kernel"] for n in widths})  # fmt: skip
+  gs = {n.removeprefix("model/layers_0/").removesuffix("/kernel"): s.grid.global_scale for n, s in specs.items()}
+  k_max = np.abs(block["self_attn"]["k_proj"]["kernel"]).max()
+  assert gs["self_attn/q_proj"] == gs["self_attn/k_proj"] == gs["self_attn/v_proj"] == nvfp4_global_scale(k_max)
+  assert gs["mlp/gate_proj"] == gs["mlp/up_proj"] != gs["mlp/down_proj"]  # down reads another input
+  t = rtn(QSpec(bits=4, group_size=16, grid=NvFp4Grid()))
+  q, _ = t.update(params, t.init(params))
+  assert q["model"]["layers_0"]["self_attn"]["v_proj"]["kernel"].spec.grid.global_scale == gs["self_attn/v_proj"]

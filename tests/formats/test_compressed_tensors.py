@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from qjax.cli.quantize import Settings, plan
-from qjax.core import Fp8Grid, MxFp4Grid, QSpec, dequantize, quantize
+from qjax.core import Fp8Grid, MxFp4Grid, NvFp4Grid, QSpec, dequantize, quantize
 from qjax.core.errors import InputError
 from qjax.core.tree import leaves_with_paths, map_with_path
 from qjax.formats import Target, convert_model, load_model, open_checkpoint
@@ -328,8 +328,9 @@ def test_convert_between_gptq_awq_and_compressed_tensors(model_dir, tmp_path):
     (QSpec(bits=8, group_size=-1, scale_dtype=np.float32, grid=Fp8Grid()), "float-quantized",
      "naive_quantized.base.FloatQuantizationCompressor"),
     (QSpec(bits=4, group_size=32, grid=MxFp4Grid()), "mxfp4-pack-quantized", "mxfp4.base.MXFP4PackedCompressor"),
+    (QSpec(bits=4, group_size=16, grid=NvFp4Grid()), "nvfp4-pack-quantized", "nvfp4.base.NVFP4PackedCompressor"),
   ],
-  ids=["fp8", "mxfp4"],
+  ids=["fp8", "mxfp4", "nvfp4"],
 )  # fmt: skip
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")  # transformers: our loading flags win
 def test_floating_point_weights_are_written_as_the_package_reads_them(model_dir, tmp_path, spec, fmt, compressor):
@@ -354,6 +355,12 @@ def test_floating_point_weights_are_written_as_the_package_reads_them(model_dir,
   theirs = compressor.decompress(state, scheme)["weight"].float().numpy()
   q = params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
   np.testing.assert_array_equal(theirs, np.asarray(dequantize(q)).T)
+  if "nvfp4" in fmt:  # its compressor, given qjax's scales, packs qjax's dequantized weights into the same bytes
+    again = dict(state, weight=torch.from_numpy(theirs.copy()), weight_scale=state["weight_scale"].float())
+    np.testing.assert_array_equal(compressor.compress(again, scheme)["weight_packed"].numpy(),
+                                  state["weight_packed"].numpy())  # fmt: skip
+    gate = params["model"]["layers_0"]["mlp"]["gate_proj"]["kernel"]  # vLLM runs gate and up as one matrix
+    assert gate.spec.grid.global_scale == q.spec.grid.global_scale == float(state["weight_global_scale"][0])
   model = load_model(out)
   for (_, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(model.params), strict=True):
     if hasattr(a, "spec"):
@@ -361,12 +368,23 @@ def test_floating_point_weights_are_written_as_the_package_reads_them(model_dir,
   windows = np.arange(64)[None] % 1000
   from transformers import CompressedTensorsConfig
 
-  # compressed-tensors decompresses MXFP4 to bfloat16 on the first forward, which a float32 model then refuses;
-  # dequantizing at load time works
-  load = dict(quantization_config=CompressedTensorsConfig(dequantize=True)) if "mxfp4" in fmt else {}
+  # compressed-tensors decompresses MXFP4 and NVFP4 to bfloat16 on the first forward, which a float32 model then
+  # refuses; dequantizing at load time works
+  load = dict(quantization_config=CompressedTensorsConfig(dequantize=True)) if "fp4" in fmt else {}
   diff, scale, _, _ = compare_with_transformers(out, windows, dtype=torch.float32, **load)
   print(f"{fmt}: max |Δlogit| {diff:.2e} (max |logit| {scale:.2f})")
   assert diff < 1e-4 * scale
+
+
+def test_nvfp4_linears_vllm_fuses_must_share_their_global_scale(model_dir, tmp_path):
+  checkpoint = open_checkpoint(model_dir)
+  nvfp4 = QSpec(bits=4, group_size=16, grid=NvFp4Grid())
+  rules = [Rule(r".*/k_proj/kernel", rtn(dataclasses.replace(nvfp4, grid=NvFp4Grid(global_scale=2.0**20)))),
+           Rule(LINEARS, rtn(nvfp4))]  # fmt: skip
+  params = quantize_params(checkpoint.params(), rules)
+  with pytest.raises(ValueError, match=r"vLLM runs as one matrix have different global scales: .*k_proj"):
+    save_compressed_tensors(str(tmp_path / "ct"), checkpoint.config, params, None)
+  assert not os.path.exists(tmp_path / "ct")
 
 
 def test_floating_point_grids_from_the_command_line(model_dir, tmp_path):
@@ -374,11 +392,16 @@ def test_floating_point_grids_from_the_command_line(model_dir, tmp_path):
 
   base = dict(model=model_dir, nsamples=2, seqlen=32, eval_windows=0)
   for grid, flags, export in [("fp8", dict(bits=8, group_size=-1), None),
-                              ("mxfp4", dict(group_size=32), "compressed-tensors")]:  # fmt: skip
+                              ("mxfp4", dict(group_size=32), "compressed-tensors"),
+                              ("nvfp4", dict(group_size=16), "compressed-tensors")]:  # fmt: skip
     out = str(tmp_path / grid)
     run(Settings(method="gptq", grid=grid, export=export, out=out, **base, **flags), show_progress=False)
-    q = load_model(out).params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"]
-    assert type(q.spec.rounding_grid).__name__ == {"fp8": "Fp8Grid", "mxfp4": "MxFp4Grid"}[grid]
+    block = load_model(out).params["model"]["layers_1"]
+    q = block["mlp"]["down_proj"]["kernel"]
+    assert type(q.spec.rounding_grid).__name__ == {"fp8": "Fp8Grid", "mxfp4": "MxFp4Grid", "nvfp4": "NvFp4Grid"}[grid]
+  # GPTQ ran q/k/v as one sequential group: one global scale, as vLLM needs; o_proj quantized alone has its own
+  attn = {m: block["self_attn"][m]["kernel"].spec.grid.global_scale for m in ("q_proj", "k_proj", "v_proj")}
+  assert len(set(attn.values())) == 1, attn
   config = open_checkpoint(model_dir).config
   with pytest.raises(ValueError, match="--grid=fp8 needs --bits=8 and a symmetric grid"):
     plan(Settings(grid="fp8", group_size=-1), config)
@@ -386,3 +409,5 @@ def test_floating_point_grids_from_the_command_line(model_dir, tmp_path):
     plan(Settings(grid="mxfp4", group_size=64), config)
   with pytest.raises(ValueError, match="--grid=mxfp4 with --export=gptq: that format stores integer codes"):
     plan(Settings(grid="mxfp4", group_size=32, export="gptq"), config)
+  with pytest.raises(ValueError, match="--grid=nvfp4 needs --bits=4 --group_size=16"):
+    plan(Settings(grid="nvfp4", group_size=32), config)

@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 from safetensors.numpy import save_file
 
-from qjax.core import Fp8Grid, InputError, QSpec, dequantize, is_qarray
+from qjax.core import Fp8Grid, InputError, NvFp4Grid, QSpec, dequantize, is_qarray
 from qjax.core.tree import leaves_with_paths
 from qjax.models import checkpoint
 from qjax.models.checkpoint import hf_tensor_shapes, param_shapes, set_nested
@@ -288,7 +288,8 @@ def quantized_params(spec: QSpec, config: LlamaConfig = TINY) -> dict:
 
 def write_quantized_dir(model_dir: str, kind: str, config: LlamaConfig = TINY) -> None:
   """A 4-bit group-32 directory of random weights as qjax writes it: ``kind`` "gptq", "awq", "compressed-tensors" or
-  "qjax"; or "compressed-tensors-fp8", FP8 weights with a scale per channel."""
+  "qjax"; or "compressed-tensors-fp8", FP8 weights with a scale per channel; or "compressed-tensors-nvfp4" and
+  "qjax-nvfp4", NVFP4 weights."""
   from qjax.formats import save_awq, save_gptq, save_quantized
   from qjax.formats.compressed_tensors import save_compressed_tensors
 
@@ -302,6 +303,12 @@ def write_quantized_dir(model_dir: str, kind: str, config: LlamaConfig = TINY) -
   elif kind == "compressed-tensors-fp8":
     params = quantized_params(QSpec(bits=8, group_size=-1, scale_dtype=np.float32, grid=Fp8Grid()), config)
     save_compressed_tensors(model_dir, config, params, None)
+  elif kind == "compressed-tensors-nvfp4":
+    save_compressed_tensors(model_dir, config, quantized_params(QSpec(bits=4, group_size=16, grid=NvFp4Grid()), config),
+                            None)  # fmt: skip
+  elif kind == "qjax-nvfp4":
+    params = quantized_params(QSpec(bits=4, group_size=16, grid=NvFp4Grid()), config)
+    save_quantized(model_dir, config, params, _NoTokenizer(), metadata={"source_model": "tiny"})
   else:
     params = quantized_params(QSpec(bits=4, group_size=32, symmetric=False), config)
     save_quantized(model_dir, config, params, _NoTokenizer(), metadata={"source_model": "tiny"})

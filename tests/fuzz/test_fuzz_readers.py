@@ -332,7 +332,7 @@ QC_KEYS = ["bits", "group_size", "sym", "desc_act", "checkpoint_format", "format
 CT_KEYS = ["config_groups", "format", "ignore", "quantization_status", "sparsity_config", "transform_config",
            "kv_cache_scheme", "quant_method"]  # fmt: skip
 CT_WEIGHT_KEYS = ["num_bits", "type", "symmetric", "group_size", "strategy", "actorder", "dynamic"]
-SPEC_FIELDS = ["bits", "group_size", "symmetric", "scale_dtype", "layout", "partial_groups"]
+SPEC_FIELDS = ["bits", "group_size", "symmetric", "scale_dtype", "layout", "partial_groups", "grid", "global_scale"]
 CAST = {"float16": np.float16, "float32": np.float32, "int32": np.int32, "int64": np.int64, "uint8": np.uint8,
         "uint32": np.uint32, "bool": np.bool_, "complex64": np.complex64, "bfloat16": ml_dtypes.bfloat16,
         "float8_e4m3fn": ml_dtypes.float8_e4m3fn}  # fmt: skip
@@ -393,7 +393,30 @@ def mutate_manifest(draw, path: str) -> None:
   target = draw(st.sampled_from(["spec", "entry", "drop", "copy", "version"]))
   if target == "spec":
     entries[leaf]["spec"][draw(st.sampled_from(SPEC_FIELDS))] = draw(
-      st.sampled_from([2, 3, 4, 8, 16, 32, 64, -1, True, False, "float32", "bfloat16", "Q4_0", "Q8_0", "kernel_int4"])
+      st.sampled_from(
+        [
+          2,
+          3,
+          4,
+          8,
+          16,
+          32,
+          64,
+          -1,
+          True,
+          False,
+          "float32",
+          "bfloat16",
+          "Q4_0",
+          "Q8_0",
+          "kernel_int4",
+          "nvfp4",
+          "mxfp4",
+          1e-38,
+          0.5,
+          4096.0,
+        ]
+      )
       | JSON
     )
   elif target == "entry":
@@ -412,7 +435,7 @@ def mutate_manifest(draw, path: str) -> None:
 
 def mutate_quantized_dir(draw, case: str, kind: str) -> None:
   """One or two mutations of the config, the quantization config, the tensors or (qjax) the manifest."""
-  targets = ["config", "tensors", "tensors"] + (["manifest", "manifest"] if kind == "qjax" else [])
+  targets = ["config", "tensors", "tensors"] + (["manifest", "manifest"] if kind.startswith("qjax") else [])
   weights = os.path.join(case, "model.safetensors")
   tensors = read_safetensors(weights, list(safetensors_header(weights)))  # FP8 codes too, as ml_dtypes arrays
   for _ in range(draw(st.integers(1, 2))):
@@ -434,7 +457,7 @@ def mutate_quantized_dir(draw, case: str, kind: str) -> None:
         args = scheme.get("weights")
         scheme["weights"] = edit_json(draw, args if isinstance(args, dict) else {}, CT_WEIGHT_KEYS)
         config["quantization_config"] = edit_json(draw, qc, CT_KEYS) if draw(st.booleans()) else qc
-      elif kind != "qjax" and isinstance(qc, dict) and draw(st.booleans()):
+      elif not kind.startswith("qjax") and isinstance(qc, dict) and draw(st.booleans()):
         config["quantization_config"] = edit_json(draw, qc, QC_KEYS)
       else:
         config = edit_json(draw, config, [*CONFIG_KEYS, "quantization_config", "qjax"])
@@ -448,7 +471,9 @@ LOADERS = {
   "awq": load_awq,
   "compressed-tensors": load_compressed_tensors,
   "compressed-tensors-fp8": load_compressed_tensors,
+  "compressed-tensors-nvfp4": load_compressed_tensors,
   "qjax": lambda d: load_quantized(d)[:2],
+  "qjax-nvfp4": lambda d: load_quantized(d)[:2],
 }
 
 

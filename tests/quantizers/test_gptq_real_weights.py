@@ -8,7 +8,7 @@ import pytest
 from qjax.calib import text as texts
 from qjax.calib.runner import RunnerOptions, _Batches, _BlockRunner
 from qjax.core import QSpec, dequantize
-from qjax.core.fp_grid import Fp8Grid, MxFp4Grid
+from qjax.core.fp_grid import Fp8Grid, MxFp4Grid, NvFp4Grid
 from qjax.formats import open_checkpoint
 from qjax.models.blocks import LlamaBlocks
 from qjax.quantizers import GptqConfig, gptq_quantize, rtn_quantize
@@ -60,8 +60,12 @@ def test_gptq_beats_rtn_on_every_linear_and_act_order_helps(layer_problems, bits
 @pytest.mark.slow
 @pytest.mark.parametrize(
   "spec",
-  [QSpec(bits=4, group_size=32, grid=MxFp4Grid()), QSpec(bits=8, group_size=-1, grid=Fp8Grid())],
-  ids=["mxfp4", "fp8_e4m3_per_channel"],
+  [
+    QSpec(bits=4, group_size=32, grid=MxFp4Grid()),
+    QSpec(bits=4, group_size=16, grid=NvFp4Grid()),
+    QSpec(bits=8, group_size=-1, grid=Fp8Grid()),
+  ],
+  ids=["mxfp4", "nvfp4", "fp8_e4m3_per_channel"],
 )
 def test_gptq_beats_rtn_on_floating_point_grids(layer_problems, spec):
   ratios = {}
