@@ -21,30 +21,30 @@ from qjax.eval.metrics import evaluate
 from qjax.formats import open_checkpoint
 from qjax.models import logits_fn
 
-_NSAMPLES = flags.DEFINE_integer("nsamples", 16, "Calibration windows.")
-_SEQLEN = flags.DEFINE_integer("seqlen", 256, "Tokens per calibration window.")
-_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows of 512 tokens.")
-_BITS = flags.DEFINE_list("bits", ["4", "3"], "Bit widths.")
-_OUT = flags.DEFINE_string("out", "experiments/awq_recipes", "Output path prefix (.json, .md).")
+FLAGS = flags.FLAGS  # --nsamples, --seqlen and --eval_windows are the quantize command's own flags
+FLAGS.set_default("nsamples", 16)
+FLAGS.set_default("seqlen", 256)
+_BITS = flags.DEFINE_list("bit_widths", ["4", "3"], "Bit widths.")
+_OUT = flags.DEFINE_string("prefix", "experiments/awq_recipes", "Output path prefix (.json, .md).")
 
 METHODS = ["rtn", "awq", "gptq", "awq+gptq", "rotate+rtn", "rotate+gptq", "lwc"]
-_METHODS = flags.DEFINE_list("methods", METHODS, "Methods to run; the other rows of an existing --out JSON are kept.")
+_METHODS = flags.DEFINE_list("methods", METHODS, "Methods to run; the other rows of an existing PREFIX.json are kept.")
 
 
 def main(argv):
   del argv
   checkpoint = open_checkpoint("default")
   tokenizer = checkpoint.tokenizer()
-  windows = calibration_windows(Settings(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value), tokenizer)
+  windows = calibration_windows(Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen), tokenizer)
   eval_windows = texts.eval_windows(
-    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=_EVAL_WINDOWS.value
+    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=FLAGS.eval_windows
   )
   float_fn = logits_fn(checkpoint.config, checkpoint.params())
   rows = []
   for bits in map(int, _BITS.value):
     for method in _METHODS.value:
-      s = Settings(method=method, bits=bits, group_size=128, sym=False, nsamples=_NSAMPLES.value,
-                   seqlen=_SEQLEN.value)  # fmt: skip
+      s = Settings(method=method, bits=bits, group_size=128, sym=False, nsamples=FLAGS.nsamples,
+                   seqlen=FLAGS.seqlen)  # fmt: skip
       start = time.perf_counter()
       _, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
       params = jax.block_until_ready(params)

@@ -26,11 +26,11 @@ from qjax.eval.metrics import evaluate
 from qjax.formats import export, open_checkpoint, parse_target
 from qjax.models import logits_fn
 
-_NSAMPLES = flags.DEFINE_integer("nsamples", 16, "Calibration windows.")
-_SEQLEN = flags.DEFINE_integer("seqlen", 256, "Tokens per calibration window.")
+FLAGS = flags.FLAGS  # --nsamples, --seqlen and --eval_windows are the quantize command's own flags
+FLAGS.set_default("nsamples", 16)
+FLAGS.set_default("seqlen", 256)
 _EVAL_SEQLEN = flags.DEFINE_integer("eval_seqlen", 512, "Tokens per evaluation window.")
-_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows.")
-_OUT = flags.DEFINE_string("out", "experiments/compare_methods", "Output path prefix (.json, .md, .png).")
+_OUT = flags.DEFINE_string("prefix", "experiments/compare_methods", "Output path prefix (.json, .md, .png).")
 _ROWS = flags.DEFINE_list(
   "rows", None, "Only these rows (qjax row names or GGUF recipes); the other rows of an existing JSON are kept."
 )
@@ -80,11 +80,11 @@ def main(argv):
   del argv
   checkpoint = open_checkpoint("default")
   tokenizer = checkpoint.tokenizer()
-  windows = calibration_windows(Settings(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value), tokenizer)
+  windows = calibration_windows(Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen), tokenizer)
   eval_windows = texts.eval_windows(
     texts.tokenize(tokenizer, texts.load_text("default", "evaluation")),
     _EVAL_SEQLEN.value,
-    max_windows=_EVAL_WINDOWS.value,
+    max_windows=FLAGS.eval_windows,
   )
   float_fn = logits_fn(checkpoint.config, checkpoint.params())
 
@@ -93,7 +93,7 @@ def main(argv):
 
   rows = []
   for name, kw in filter(lambda row: wanted(row[0]), QJAX_ROWS):
-    s = Settings(nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, group_size=128, **kw)
+    s = Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, group_size=128, **kw)
     _, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
     result = evaluate(logits_fn(config, params), eval_windows, reference_fn=float_fn, label=name)
     bpw, mb = weight_bits(params)
@@ -101,8 +101,8 @@ def main(argv):
                      kl=result.kl_divergence, top1=result.top1_agreement, bpw=bpw, size_mb=mb))  # fmt: skip
   with tempfile.TemporaryDirectory() as tmp:
     for recipe, imatrix in filter(lambda row: wanted(row[0]), GGUF_ROWS):
-      s = Settings(method="none", export=f"gguf:{recipe}", imatrix=imatrix, nsamples=_NSAMPLES.value,
-                   seqlen=_SEQLEN.value)  # fmt: skip
+      s = Settings(method="none", export=f"gguf:{recipe}", imatrix=imatrix, nsamples=FLAGS.nsamples,
+                   seqlen=FLAGS.seqlen)  # fmt: skip
       p, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
       path = export(parse_target(s.export), os.path.join(tmp, f"{recipe}-{imatrix}"), config, params, tokenizer,
                     name="default")  # fmt: skip

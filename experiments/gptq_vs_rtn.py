@@ -2,7 +2,7 @@
 
 Reproduces the GPTQ table in the README:
 
-  .venv/bin/python experiments/gptq_vs_rtn.py --out=experiments/gptq_vs_rtn.json
+  .venv/bin/python experiments/gptq_vs_rtn.py --results=experiments/gptq_vs_rtn.json
 
 Same calibration windows (--nsamples x --seqlen from the built-in text, seed 0) for every
 GPTQ run, same evaluation windows (--eval_windows x 512 tokens) for every model, KL divergence
@@ -19,10 +19,10 @@ from qjax.eval.metrics import evaluate
 from qjax.formats import open_checkpoint
 from qjax.models import logits_fn
 
-_NSAMPLES = flags.DEFINE_integer("nsamples", 32, "Calibration windows.")
-_SEQLEN = flags.DEFINE_integer("seqlen", 512, "Tokens per calibration window.")
-_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 33, "Evaluation windows of 512 tokens (33 = the whole text).")
-_OUT = flags.DEFINE_string("out", "experiments/gptq_vs_rtn.json", "Results file.")
+FLAGS = flags.FLAGS  # --nsamples, --seqlen and --eval_windows are the quantize command's own flags
+FLAGS.set_default("eval_windows", 33)  # the whole built-in evaluation text
+
+_RESULTS = flags.DEFINE_string("results", "experiments/gptq_vs_rtn.json", "Results file.")
 
 VARIANTS = [
   ("RTN", dict(method="rtn")),
@@ -37,23 +37,23 @@ def main(argv):
   checkpoint = open_checkpoint("default")
   tokenizer = checkpoint.tokenizer()
   windows = texts.calibration_windows(
-    texts.tokenize(tokenizer, texts.load_text("default", "calibration")), _NSAMPLES.value, _SEQLEN.value, seed=0
+    texts.tokenize(tokenizer, texts.load_text("default", "calibration")), FLAGS.nsamples, FLAGS.seqlen, seed=0
   )
   eval_windows = texts.eval_windows(
-    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=_EVAL_WINDOWS.value
+    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=FLAGS.eval_windows
   )
   float_fn = logits_fn(checkpoint.config, checkpoint.params())
   rows = []
   for bits in (4, 3):
     for name, kw in VARIANTS:
-      s = Settings(bits=bits, group_size=128, nsamples=_NSAMPLES.value, seqlen=_SEQLEN.value, **kw)
+      s = Settings(bits=bits, group_size=128, nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, **kw)
       _, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
       result = evaluate(logits_fn(config, params), eval_windows, reference_fn=float_fn, label=name)
       rows.append({"bits": bits, "method": name, "perplexity": result.perplexity, "kl": result.kl_divergence,
                    "top1": result.top1_agreement, "float_perplexity": result.reference_perplexity})  # fmt: skip
       print(f"w{bits}g128 {name:26s} ppl {result.perplexity:8.3f}  KL {result.kl_divergence:.4f}", flush=True)
-  with open(_OUT.value, "w") as f:
-    json.dump({"nsamples": _NSAMPLES.value, "seqlen": _SEQLEN.value, "eval_tokens": result.tokens, "rows": rows}, f,
+  with open(_RESULTS.value, "w") as f:
+    json.dump({"nsamples": FLAGS.nsamples, "seqlen": FLAGS.seqlen, "eval_tokens": result.tokens, "rows": rows}, f,
               indent=2)  # fmt: skip
 
 

@@ -15,7 +15,8 @@ from absl import app, flags
 
 from qjax.calib import text as texts
 from qjax.formats import open_checkpoint
-from qjax.models import LlamaForCausalLM, default_model_dir
+from qjax.formats.default_model import default_model_dir
+from qjax.models import LlamaForCausalLM
 
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per forward pass.")
 _SEQLEN = flags.DEFINE_integer("seqlen", 512, "Tokens per sequence.")

@@ -5,7 +5,7 @@ on the same calibration windows (32 x 256 tokens of the built-in text), each at 
 dampening; both quantized models are then scored by the same evaluator on the same windows.
 
   scripts/env.sh test  # once, for gptqmodel and torch
-  GPTQMODEL_CPU_WORKERS=2 .venv/bin/python scripts/bench_quantize.py --out=experiments/bench_quantize.json
+  GPTQMODEL_CPU_WORKERS=2 .venv/bin/python scripts/bench_quantize.py --results=experiments/bench_quantize.json
 """
 
 import json
@@ -26,17 +26,17 @@ from qjax.eval.metrics import evaluate
 from qjax.formats import default_model_dir, open_checkpoint
 from qjax.models import logits_fn
 
-_NSAMPLES = flags.DEFINE_integer("nsamples", 32, "Calibration windows.")
-_SEQLEN = flags.DEFINE_integer("seqlen", 256, "Tokens per calibration window.")
-_BITS = flags.DEFINE_integer("bits", 4, "Bits.")
-_GROUP = flags.DEFINE_integer("group_size", 64, "Group size.")
-_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows of 512 tokens.")
+FLAGS = flags.FLAGS  # --nsamples, --seqlen, --bits, --group_size, --eval_windows: the quantize command's own flags
+FLAGS.set_default("seqlen", 256)
+FLAGS.set_default("group_size", 64)
 _GPTQMODEL = flags.DEFINE_bool("gptqmodel", True, "Also run gptqmodel (about 10 minutes on 2 cores).")
-_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+_OUT = flags.DEFINE_string("results", None, "Write the results as JSON here.")
 
 
 def run_qjax(checkpoint, windows):
-  s = Settings(method="gptq", bits=_BITS.value, group_size=_GROUP.value, nsamples=len(windows), seqlen=windows.shape[1])
+  s = Settings(
+    method="gptq", bits=FLAGS.bits, group_size=FLAGS.group_size, nsamples=len(windows), seqlen=windows.shape[1]
+  )
   start = time.perf_counter()
   _, _, params = quantize_with(s, checkpoint=checkpoint, windows=windows, show_progress=True)
   jax.block_until_ready(params)
@@ -48,7 +48,7 @@ def run_gptqmodel(windows, out_dir):
   from gptqmodel import GPTQModel, QuantizeConfig
 
   torch.set_num_threads(os.cpu_count())
-  config = QuantizeConfig(bits=_BITS.value, group_size=_GROUP.value, sym=True)
+  config = QuantizeConfig(bits=FLAGS.bits, group_size=FLAGS.group_size, sym=True)
   model = GPTQModel.load(default_model_dir(), config, device="cpu")
   calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in windows]
   start = time.perf_counter()
@@ -69,10 +69,10 @@ def main(argv):
   checkpoint = open_checkpoint("default")
   tokenizer = checkpoint.tokenizer()
   windows = texts.calibration_windows(
-    texts.tokenize(tokenizer, texts.load_text("default", "calibration")), _NSAMPLES.value, _SEQLEN.value, seed=0
+    texts.tokenize(tokenizer, texts.load_text("default", "calibration")), FLAGS.nsamples, FLAGS.seqlen, seed=0
   )
   eval_windows = texts.eval_windows(
-    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=_EVAL_WINDOWS.value
+    texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=FLAGS.eval_windows
   )
   float_fn = logits_fn(checkpoint.config, checkpoint.params())
   rows = {"float": {"perplexity": evaluate(float_fn, eval_windows, label="float").perplexity}}
@@ -89,7 +89,7 @@ def main(argv):
       result = evaluate(fn, eval_windows, reference_fn=float_fn, label="gptqmodel")
     rows["gptqmodel"] = {"seconds": seconds, "perplexity": result.perplexity, "kl": result.kl_divergence, "damp": damp}
 
-  print(f"\nGPTQ w{_BITS.value} g{_GROUP.value} sym, {len(windows)} x {windows.shape[1]} calibration tokens")
+  print(f"\nGPTQ w{FLAGS.bits} g{FLAGS.group_size} sym, {len(windows)} x {windows.shape[1]} calibration tokens")
   print(f"{'':10s} {'seconds':>9s} {'perplexity':>11s} {'KL':>9s}")
   for name, row in rows.items():
     secs = f"{row['seconds']:9.1f}" if "seconds" in row else f"{'-':>9s}"
