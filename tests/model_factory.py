@@ -18,8 +18,11 @@ def write_random_llama(
   vocab: int | None = None,
   tie: bool = False,
   seed: int = 0,
+  family: str = "Llama",
+  head_dim: int | None = None,
 ) -> str:
-  """A random LlamaForCausalLM with the default model's tokenizer, saved with safetensors.
+  """A random ``{family}ForCausalLM`` (``Llama``, ``Qwen3``, ...) with the default model's tokenizer, saved with
+  safetensors.
 
   Norm weights are perturbed away from 1 so that they matter. Returns `path`.
   """
@@ -30,7 +33,7 @@ def write_random_llama(
   from qjax.models import SafetensorsCheckpoint
 
   tokenizer = SafetensorsCheckpoint.load_tokenizer(default_model_dir(), _vocab_config())
-  config = transformers.LlamaConfig(
+  config = getattr(transformers, f"{family}Config")(
     vocab_size=vocab or len(tokenizer),
     hidden_size=hidden,
     intermediate_size=intermediate,
@@ -40,9 +43,10 @@ def write_random_llama(
     max_position_embeddings=1024,
     tie_word_embeddings=tie,
     rms_norm_eps=1e-5,
+    head_dim=head_dim or hidden // heads,
   )
   torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(config).eval()
+  model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:

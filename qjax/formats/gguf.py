@@ -6,6 +6,7 @@ metadata key types, and how a tokenizer is described. Files are written to a tem
 path beside the target and renamed when complete, so an interrupted write leaves nothing.
 """
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -24,7 +25,12 @@ from qjax.formats.gguf_reader import GGUF_LAYER_NAMES, rope_permute
 from qjax.formats.output import atomic_file, check_file_output
 from qjax.models.config import LlamaConfig
 
-GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+GGUF_ARCH = {
+  "LlamaForCausalLM": "llama",
+  "MistralForCausalLM": "llama",
+  "Qwen2ForCausalLM": "qwen2",
+  "Qwen3ForCausalLM": "qwen3",
+}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 """The float storage types of a GGUF tensor qjax writes (BF16 goes through `gguf.quants`)."""
 
@@ -170,26 +176,21 @@ def _bpe_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 
 class _Collector:
-  """Stands in for a GGUFWriter to capture what `gguf.SpecialVocab.add_to_gguf` would write."""
+  """Stands in for a GGUFWriter to capture what `gguf.SpecialVocab.add_to_gguf` would write: it calls the writer's
+  own methods (so the keys are the writer's, e.g. ``tokenizer.ggml.padding_token_id``, which llama.cpp reads),
+  whose values all end in ``add_key_value``, recorded here."""
 
   def __init__(self):
     self.entries: list[KeyValue] = []
 
+  def add_key_value(self, key: str, value: Any, vtype: gguf.GGUFValueType, sub_type=None) -> None:
+    self.entries.append(KeyValue(key, value, vtype, sub_type))
+
   def __getattr__(self, name: str) -> Callable:
-    key_types = {
-      "add_token_merges": ("tokenizer.ggml.merges", gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING),
-      "add_chat_template": ("tokenizer.chat_template", gguf.GGUFValueType.STRING, None),
-    }
-    if name in key_types:
-      key, vtype, sub = key_types[name]
-      return lambda value: self.entries.append(KeyValue(key, value, vtype, sub))
-    if name.startswith("add_add_"):
-      key = f"tokenizer.ggml.{name.removeprefix('add_')}"
-      return lambda value: self.entries.append(KeyValue(key, bool(value), gguf.GGUFValueType.BOOL))
-    if name.endswith("_token_id"):
-      key = f"tokenizer.ggml.{name.removeprefix('add_')}"
-      return lambda value: self.entries.append(KeyValue(key, int(value), gguf.GGUFValueType.UINT32))
-    raise AttributeError(name)
+    method = getattr(gguf.GGUFWriter, name, None) if name.startswith("add_") else None
+    if method is None:
+      raise AttributeError(name)
+    return functools.partial(method, self)
 
 
 def _special_vocab(tokenizer_dir: str, vocab_size: int, *, load_merges: bool) -> list[KeyValue]:
@@ -210,7 +211,6 @@ def model_metadata(config: LlamaConfig, *, file_type: str, name: str, descriptio
     KeyValue(QUANTIZED_BY, f"qjax {__version__}" + (f": {description}" if description else ""), string),
     KeyValue("general.file_type", FILE_TYPES[file_type], u32),
     KeyValue("general.quantization_version", gguf.GGML_QUANT_VERSION, u32),
-    KeyValue(f"{arch}.vocab_size", config.vocab_size, u32),
     KeyValue(f"{arch}.context_length", config.max_position_embeddings, u32),
     KeyValue(f"{arch}.embedding_length", config.hidden_size, u32),
     KeyValue(f"{arch}.block_count", config.num_hidden_layers, u32),
@@ -219,10 +219,14 @@ def model_metadata(config: LlamaConfig, *, file_type: str, name: str, descriptio
     KeyValue(f"{arch}.attention.head_count_kv", config.num_key_value_heads, u32),
     KeyValue(f"{arch}.attention.key_length", config.head_dim, u32),
     KeyValue(f"{arch}.attention.value_length", config.head_dim, u32),
-    KeyValue(f"{arch}.rope.dimension_count", config.head_dim, u32),
     KeyValue(f"{arch}.rope.freq_base", config.rope_theta, f32),
     KeyValue(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps, f32),
   ]
+  if arch == "llama":  # what convert_hf_to_gguf.py adds for the llama architecture only
+    entries += [
+      KeyValue(f"{arch}.vocab_size", config.vocab_size, u32),
+      KeyValue(f"{arch}.rope.dimension_count", config.head_dim, u32),
+    ]
   if config.rope_scaling.rope_type == "linear":
     entries += [
       KeyValue(f"{arch}.rope.scaling.type", "linear", string),

@@ -29,7 +29,11 @@ from qjax.models.config import LlamaConfig, RopeScaling, checked_config, config_
 from qjax.models.config import token_id as config_token_id
 
 # GGUF architecture -> (HF architecture, llama.cpp permuted the Q/K rows for its RoPE).
-GGUF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", True), "qwen2": ("Qwen2ForCausalLM", False)}
+GGUF_ARCHITECTURES = {
+  "llama": ("LlamaForCausalLM", True),
+  "qwen2": ("Qwen2ForCausalLM", False),
+  "qwen3": ("Qwen3ForCausalLM", False),
+}
 
 # GGUF tensor name (inside `blk.{i}.`) -> HF module name (inside `model.layers.{i}.`).
 GGUF_LAYER_NAMES = {
@@ -42,6 +46,8 @@ GGUF_LAYER_NAMES = {
   "ffn_down": "mlp.down_proj",
   "attn_norm": "input_layernorm",
   "ffn_norm": "post_attention_layernorm",
+  "attn_q_norm": "self_attn.q_norm",  # Qwen3
+  "attn_k_norm": "self_attn.k_norm",
 }
 GGUF_LAYER = re.compile(r"blk\.(\d+)\.")
 
@@ -359,9 +365,11 @@ class GgufCheckpoint(Checkpoint):
   def layer_params(self, i: int) -> Params:
     params = {}
     for gguf_name, hf_module in GGUF_LAYER_NAMES.items():
+      if hf_module.endswith(("q_norm", "k_norm")) and not self.config.qk_norm:
+        continue
       path = tuple(hf_module.split("."))
       w = self._hf_orientation(f"blk.{i}.{gguf_name}.weight")
-      if hf_module.endswith("layernorm"):
+      if hf_module.endswith("norm"):
         set_nested(params, (*path, "scale"), w.astype(self.dtype))
       else:
         set_nested(params, (*path, "kernel"), np.ascontiguousarray(w.T).astype(self.dtype))

@@ -34,6 +34,7 @@ LAYER_MODULES = (
   "mlp.down_proj",
 )
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3: (head_dim,) weights shared by every head
 
 
 WEIGHTS = "model.safetensors"
@@ -74,8 +75,8 @@ def hf_layer_tensors(config: LlamaConfig, i: int) -> dict[str, tuple[tuple[str, 
     )
     if has_bias:
       names[f"model.layers.{i}.{module}.bias"] = (*path, "bias"), False
-  for norm in LAYER_NORMS:
-    names[f"model.layers.{i}.{norm}.weight"] = (norm, "scale"), False
+  for norm in LAYER_NORMS + (HEAD_NORMS if config.qk_norm else ()):
+    names[f"model.layers.{i}.{norm}.weight"] = (*norm.split("."), "scale"), False
   return names
 
 
@@ -102,9 +103,10 @@ def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   """
   linear = linear_shapes(config)
   shapes = {"model.embed_tokens.weight": linear["lm_head"], "model.norm.weight": (config.hidden_size,)}
+  norms = {"q_norm": (config.head_dim,), "k_norm": (config.head_dim,)}
   for i in range(config.num_hidden_layers):
     for name, (path, _) in hf_layer_tensors(config, i).items():
-      out_in = linear.get(path[-2], (config.hidden_size,))
+      out_in = linear.get(path[-2]) or norms.get(path[-2], (config.hidden_size,))
       shapes[name] = out_in if path[-1] == "kernel" else out_in[:1]
   if not config.tie_word_embeddings:
     shapes["lm_head.weight"] = linear["lm_head"]

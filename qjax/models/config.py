@@ -9,11 +9,12 @@ from typing import Any, Literal
 from qjax.core.errors import InputError
 from qjax.core.files import one_line, read_bounded
 
-# Hugging Face architecture name -> what differs from plain Llama.
+# Hugging Face architecture name -> its model_type and what differs from plain Llama.
 ARCHITECTURES = {
-  "LlamaForCausalLM": {},
-  "MistralForCausalLM": {},
-  "Qwen2ForCausalLM": {"attention_bias": True},
+  "LlamaForCausalLM": {"model_type": "llama"},
+  "MistralForCausalLM": {"model_type": "mistral"},
+  "Qwen2ForCausalLM": {"model_type": "qwen2", "attention_bias": True},
+  "Qwen3ForCausalLM": {"model_type": "qwen3", "qk_norm": True},  # RMSNorm over each head's queries and keys
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 MAX_SIZE = 2**31  # every size, count and token id a config gives must lie below it
@@ -39,7 +40,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-  """Hyperparameters of a Llama-family decoder (Llama 1-3, Mistral, Qwen2, SmolLM).
+  """Hyperparameters of a Llama-family decoder (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM).
 
   Hashable, so a model built from it can be a static argument under jit.
   """
@@ -77,9 +78,12 @@ class LlamaConfig:
 
   @property
   def model_type(self) -> str:
-    return {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}[
-      self.architecture
-    ]
+    return ARCHITECTURES[self.architecture]["model_type"]
+
+  @property
+  def qk_norm(self) -> bool:
+    """Whether queries and keys pass an RMSNorm over each head (``q_norm``, ``k_norm``; Qwen3) before RoPE."""
+    return ARCHITECTURES[self.architecture].get("qk_norm", False)
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json") -> "LlamaConfig":
@@ -161,6 +165,8 @@ class LlamaConfig:
     }
     if self.architecture == "LlamaForCausalLM":
       hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+    if self.architecture == "Qwen3ForCausalLM":
+      hf.update(attention_bias=self.attention_bias, use_sliding_window=False)
     if self.rope_freq_factors is not None:
       hf["qjax_rope_freq_factors"] = list(self.rope_freq_factors)  # no Hugging Face key holds explicit factors
     if self.sliding_window is not None:

@@ -1,4 +1,8 @@
-"""Flax implementation of the Llama family (Llama 1-3, Mistral, Qwen2, SmolLM) as Hugging Face defines it.
+"""Flax implementation of the Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM) as Hugging Face defines it.
+
+One model with per-family options rather than a class per family: the families differ in a few switches (biases,
+a sliding window, Qwen3's per-head query/key norms), and one block structure keeps the calibration runner, the
+scale groups and every exporter's name map shared.
 
 Parameter paths mirror Hugging Face module names, so rules read naturally and
 checkpoint conversion is a rename: ``model/layers_3/self_attn/q_proj/kernel`` is
@@ -138,6 +142,9 @@ class Attention(nn.Module):
     q = Linear(heads * hd, cfg.attention_bias, self.dtype, name="q_proj")(x).reshape(b, t, heads, hd)
     k = Linear(kv_heads * hd, cfg.attention_bias, self.dtype, name="k_proj")(x).reshape(b, t, kv_heads, hd)
     v = Linear(kv_heads * hd, cfg.attention_bias, self.dtype, name="v_proj")(x).reshape(b, t, kv_heads, hd)
+    if cfg.qk_norm:  # Qwen3: each head's queries and keys normalised (one weight over head_dim) before RoPE
+      q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
+      k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
     cos, sin = rope_tables(cfg, positions)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is None:

@@ -107,8 +107,8 @@ def _layer_type(recipe: str, category: str, i: int, config: "LlamaConfig", *, im
 
 
 def _is_70b(config: "LlamaConfig") -> bool:
-  # llama.cpp's LLM_TYPE_70B for the llama architecture: 80 layers.
-  return config.architecture != "Qwen2ForCausalLM" and config.num_hidden_layers == 80
+  # llama.cpp's LLM_TYPE_70B for the llama architecture (qjax writes Llama and Mistral as it): 80 layers.
+  return config.architecture in ("LlamaForCausalLM", "MistralForCausalLM") and config.num_hidden_layers == 80
 
 
 def _output_type(recipe: str, row_length: int) -> str:

@@ -1,4 +1,5 @@
-"""Logit parity of the Flax Llama family with `transformers` (torch, float32) on random small configs."""
+"""Logit parity of the Flax Llama family (Qwen3 included) with `transformers` (torch, float32) on random small
+configs."""
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,8 @@ VARIANTS = {
     ),
   ),
   "qwen2_bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+  "qwen3_tied": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
+  "qwen3_untied": ("Qwen3Config", dict(num_key_value_heads=1, tie_word_embeddings=False, rope_theta=1e6)),
   "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8, head_dim=16)),
 }
 
@@ -51,6 +54,7 @@ def hf_model_dir(request, tmp_path_factory):
   model_cls = {
     "LlamaConfig": "LlamaForCausalLM",
     "Qwen2Config": "Qwen2ForCausalLM",
+    "Qwen3Config": "Qwen3ForCausalLM",
     "MistralConfig": "MistralForCausalLM",
   }
   model = getattr(transformers, model_cls[config_cls])(config).eval()

@@ -1,0 +1,101 @@
+"""Qwen3 (RMSNorm over each head's queries and keys, no Q/K permutation in GGUF, head_dim apart from hidden/heads)
+through every format: GGUF as llama.cpp writes and runs it, GPTQ, AWQ and compressed-tensors directories that
+transformers loads, and qjax's importers back."""
+
+import dataclasses
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax.calib import text as texts
+from qjax.cli.quantize import Settings, run
+from qjax.core.tree import leaves_with_paths
+from qjax.formats import GgufCheckpoint, export, load_model, open_checkpoint, parse_target
+from qjax.formats.gptq import canonical_act_order
+from qjax.models import logits_fn
+from tests.formats.test_gguf import assert_same_tensors, llama_cpp_logits, llama_quantize
+from tests.formats.test_gptq import assert_same_qarray, compare_with_transformers
+from tests.model_factory import quantize_like_cli, write_random_llama
+
+# The qwen3.* keys llama.cpp's convert_hf_to_gguf.py writes for such a model (its vendored copy, run by hand on this
+# model: the same keys and values, every tensor byte for byte; it needs sentencepiece importable, so no test runs it).
+CONVERTER_KEYS = [
+  "qwen3.attention.head_count", "qwen3.attention.head_count_kv", "qwen3.attention.key_length",
+  "qwen3.attention.layer_norm_rms_epsilon", "qwen3.attention.value_length", "qwen3.block_count",
+  "qwen3.context_length", "qwen3.embedding_length", "qwen3.feed_forward_length", "qwen3.rope.freq_base",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+  """A random Qwen3 whose rows are whole 256-blocks, with head_dim 96 (hidden / heads would be 64)."""
+  return write_random_llama(str(tmp_path_factory.mktemp("qwen3")), layers=2, hidden=256, intermediate=512, heads=4,
+                            kv_heads=2, family="Qwen3", head_dim=96)  # fmt: skip
+
+
+def window(checkpoint, n=96):
+  return texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))[:n]
+
+
+@pytest.mark.slow
+def test_gguf_is_llama_cpps_and_runs_there(qwen3, tmp_path):
+  checkpoint = open_checkpoint(qwen3)
+  assert checkpoint.config.qk_norm and checkpoint.config.head_dim == 96
+  f32 = run(Settings(model=qwen3, method="none", export="gguf:F32", eval_windows=0, out=str(tmp_path / "f")),
+            show_progress=False)[1]  # fmt: skip
+  reader = gguf.GGUFReader(f32)
+  assert reader.fields["general.architecture"].contents() == "qwen3"
+  assert sorted(k for k in reader.fields if k.startswith("qwen3.")) == CONVERTER_KEYS
+  types = {t.name: t.tensor_type.name for t in reader.tensors}
+  assert types["blk.1.attn_q_norm.weight"] == types["blk.1.attn_k_norm.weight"] == "F32"
+  back = GgufCheckpoint(f32)  # no permutation to undo: every tensor reads back as written
+  for (path, a), (_, b) in zip(leaves_with_paths(checkpoint.params()), leaves_with_paths(back.params()), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+  w = window(checkpoint)
+  ours = np.asarray(logits_fn(back.config, back.params())(jnp.asarray(w[None])))[0]
+  theirs = llama_cpp_logits(f32, w)
+  assert np.abs(ours - theirs).max() < 2e-3 * np.abs(ours).max()
+  # Q4_K_M: llama_quantize's own file from the F32 one, tensor for tensor; llama.cpp runs it as qjax does
+  q4 = run(Settings(model=qwen3, method="none", export="gguf:Q4_K_M", eval_windows=0, out=str(tmp_path / "q")),
+           show_progress=False)[1]  # fmt: skip
+  llama_quantize(f32, str(tmp_path / "llama.gguf"), "Q4_K_M")
+  assert_same_tensors(q4, str(tmp_path / "llama.gguf"))
+  quantized = GgufCheckpoint(q4)
+  ours = np.asarray(logits_fn(quantized.config, quantized.params())(jnp.asarray(w[None])))[0]
+  theirs = llama_cpp_logits(q4, w)  # llama.cpp rounds activations to 8 bits for k-quant dot products
+  rms = lambda x: float(np.sqrt(np.mean(x**2)))
+  assert rms(ours - theirs) < 0.02 * rms(ours)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")  # third-party deprecation warnings while loading
+@pytest.mark.parametrize(
+  "settings",
+  [
+    dict(method="gptq", desc_act=True, export="gptq", group_size=64),
+    dict(method="awq+gptq", export="awq", group_size=64, sym=False),
+    dict(method="rtn", export="compressed-tensors", group_size=32),
+  ],
+  ids=["gptq_act_order", "awq", "compressed_tensors"],
+)
+def test_hf_exports_load_in_transformers_and_back(qwen3, tmp_path, settings):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("gptqmodel")
+  s = Settings(model=qwen3, nsamples=4, seqlen=64, **settings)
+  checkpoint, config, params = quantize_like_cli(s)
+  out = export(parse_target(s.export), str(tmp_path / "q"), config, params, checkpoint.tokenizer(), name="qwen3")
+  loaded = load_model(out)
+  assert loaded.config.architecture == "Qwen3ForCausalLM"
+  for (_, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(loaded.params), strict=True):
+    if hasattr(a, "spec"):  # act-order groups read back in GPTQ's canonical order; groups divide every width
+      a = canonical_act_order(a) if a.perm is not None else a
+      spec = dataclasses.replace(a.spec, partial_groups=b.spec.partial_groups)
+      assert_same_qarray(b, dataclasses.replace(a, spec=spec))
+  windows = window(checkpoint, 128).reshape(2, 64)
+  diff, scale, ppl_theirs, ppl_ours = compare_with_transformers(out, windows, dtype=torch.float32)
+  print(f"Qwen3 {settings}: max |Δlogit| {diff:.5f} (max |logit| {scale:.2f}); perplexity transformers "
+        f"{ppl_theirs:.4f} qjax {ppl_ours:.4f}")  # fmt: skip
+  assert diff < 3e-3 * scale
+  assert abs(ppl_theirs - ppl_ours) / ppl_ours < 1e-3
