@@ -3,7 +3,7 @@
 The curated surface, enough for a script's whole path (each subpackage exports more):
 
 * grids and data: `QSpec`, `QArray`, the `Grid` protocol (`AffineGrid`, `GgmlGrid`, `Fp8Grid`, `MxFp4Grid`,
-  `NvFp4Grid`), `quantize`, `dequantize`;
+  `NvFp4Grid`, `PerTensorGrid`), `quantize`, `dequantize`;
 * transforms and recipes: `Transform`, `chain`, `masked`, `partition`, `per_leaf`, `observe`, `Rule`, `plan`,
   `quantize_params`, the method transforms (`rtn`, `gptq`, `kquant`, `awq`, `learned_clipping`, `rotate`),
   equivalence folding (`ScaleGroup`, `fold_scales`), `Recipe` and the named recipes in `recipes`;
@@ -31,6 +31,7 @@ from qjax.core import Grid as Grid
 from qjax.core import GroupParams as GroupParams
 from qjax.core import MxFp4Grid as MxFp4Grid
 from qjax.core import NvFp4Grid as NvFp4Grid
+from qjax.core import PerTensorGrid as PerTensorGrid
 from qjax.core import QArray as QArray
 from qjax.core import QSpec as QSpec
 from qjax.core import dequantize as dequantize
@@ -83,6 +84,7 @@ __all__ = [
   "LlamaBlocks",
   "MxFp4Grid",
   "NvFp4Grid",
+  "PerTensorGrid",
   "QArray",
   "QSpec",
   "Recipe",

@@ -28,7 +28,7 @@ from qjax.calib.runner import RunnerOptions, check_checkpoint_dir, remove_checkp
 from qjax.cli import Interrupted
 from qjax.cli import recipes as cli_recipes
 from qjax.cli.estimate import estimate, estimate_sizes
-from qjax.core import ClipSearch, Fp8Grid, InputError, MxFp4Grid, NvFp4Grid, ggml
+from qjax.core import ClipSearch, Fp8Grid, InputError, MxFp4Grid, NvFp4Grid, PerTensorGrid, ggml
 from qjax.core.ggml_grid import LAYOUTS
 from qjax.core.qspec import QSpec
 from qjax.eval import TensorLog, evaluate, sizes, write_report
@@ -71,6 +71,7 @@ class Settings:
   group_size: int = 128
   partial_groups: bool = False
   grid: str = "affine"
+  per_tensor: bool = False
   sym: bool = True
   desc_act: bool = False
   act_group_aware: bool = True
@@ -131,6 +132,11 @@ flags.DEFINE_enum(
   "--group_size=32), nvfp4 (E2M1 codes, an E4M3 scale per 16 and a power-of-two scale per tensor, shared by q/k/v "
   "and by gate/up as vLLM needs; with --group_size=16). fp8, mxfp4 and nvfp4 export to a qjax directory or "
   "--export=compressed-tensors. Example: --grid=fp8 --bits=8 --group_size=-1."
+)  # fmt: skip
+flags.DEFINE_bool(
+  "per_tensor", _D.per_tensor, "One scale for each whole weight matrix (compressed-tensors' tensor strategy), on "
+  "the symmetric affine or fp8 grid with --group_size=-1; exported with --export=compressed-tensors or to a qjax "
+  "directory. Example: --grid=fp8 --bits=8 --group_size=-1 --per_tensor."
 )  # fmt: skip
 flags.DEFINE_bool("sym", _D.sym, "Symmetric grid (fixed zero point); --nosym stores a zero point per group.")
 flags.DEFINE_bool("desc_act", _D.desc_act, "GPTQ act-order: quantize input channels by decreasing Hessian diagonal.")
@@ -270,6 +276,16 @@ def settings_spec(s: Settings) -> QSpec:
   Raises:
     ValueError: naming the flags, for a floating-point grid with other bits, groups or a zero point.
   """
+  if s.per_tensor and (s.grid not in ("affine", "fp8") or s.group_size != -1 or not s.sym):
+    raise ValueError(f"--per_tensor needs --grid=affine or fp8, --group_size=-1 and a symmetric grid, got "
+                     f"--grid={s.grid} --group_size={s.group_size}{'' if s.sym else ' --nosym'}.")  # fmt: skip
+  spec = _grid_spec(s)
+  if s.per_tensor:
+    return dataclasses.replace(spec, grid=PerTensorGrid(grid=spec.rounding_grid))
+  return spec
+
+
+def _grid_spec(s: Settings) -> QSpec:
   if s.grid == "affine":
     return QSpec(bits=s.bits, group_size=s.group_size, symmetric=s.sym, partial_groups=True)
   if s.grid not in GRIDS:
@@ -310,6 +326,9 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
       f"--grid={s.grid} with --export={target}: that format stores integer codes (GGUF: its own block types); "
       "export to a qjax directory or --export=compressed-tensors."
     )
+  if s.per_tensor and (target.is_gguf or target.is_gptq or target.kind == "awq"):
+    raise ValueError(f"--per_tensor with --export={target}: that format has no one-scale-per-matrix form; export "
+                     "to a qjax directory or --export=compressed-tensors.")  # fmt: skip
   if target.is_hf:
     check_spec(target, spec, act_order=act_order)
     check_group_size(target, s.group_size, config, partial_groups=s.partial_groups)
@@ -354,8 +373,9 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
     label += " imatrix" if s.imatrix else ""
   else:
     label = f"{short} w{s.bits}g{s.group_size}" + ("" if s.grid == "affine" else f" {s.grid}")
+    label += " per-tensor" if s.per_tensor else ""
   default_name = f"gguf-{target.gguf_type}" if target.is_gguf else f"{s.method}-w{s.bits}g{s.group_size}"
-  default_name += "" if s.grid == "affine" else f"-{s.grid}"
+  default_name += ("" if s.grid == "affine" else f"-{s.grid}") + ("-tensor" if s.per_tensor else "")
   if target.is_hf:
     default_name += f"-{target.kind}"
   out = s.out or os.path.join("runs", default_name)

@@ -12,6 +12,7 @@ from qjax.core.grid import GroupParams as GroupParams
 from qjax.core.grid import TensorGrid as TensorGrid
 from qjax.core.packing import pack as pack
 from qjax.core.packing import unpack as unpack
+from qjax.core.per_tensor import PerTensorGrid as PerTensorGrid
 from qjax.core.qarray import QArray as QArray
 from qjax.core.qarray import dequantize as dequantize
 from qjax.core.qarray import from_codes as from_codes
@@ -35,6 +36,7 @@ __all__ = [
   "InputError",
   "MxFp4Grid",
   "NvFp4Grid",
+  "PerTensorGrid",
   "QArray",
   "QSpec",
   "TensorGrid",

@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.core.affine import AffineGrid
 from qjax.core.errors import InputError
 from qjax.core.fp_grid import Fp8Grid, MxFp4Grid, NvFp4Grid, valid_global_scale
 from qjax.core.grid import Grid
+from qjax.core.per_tensor import PerTensorGrid
 from qjax.core.qarray import QArray, is_qarray
 from qjax.core.qspec import QSpec
 
@@ -75,69 +77,98 @@ def nest(path: str, subtree) -> dict:
   return subtree
 
 
-NAMED_GRIDS = ("fp8", "mxfp4", "nvfp4")
+NAMED_GRIDS = ("fp8", "mxfp4", "nvfp4", "tensor-affine", "tensor-fp8")
 """Grids other than the default one that a spec stores by name: `Fp8Grid` (with the spec's scale dtype),
-`MxFp4Grid` and `NvFp4Grid` (with its global scale)."""
+`MxFp4Grid`, `NvFp4Grid` (with its ``global_scale``) and `PerTensorGrid` over the spec's symmetric affine grid or
+its `Fp8Grid` (with its ``tensor_scale``)."""
 
 
 def grid_name(spec: QSpec) -> str | None:
-  """``"fp8"``, ``"mxfp4"`` or ``"nvfp4"`` for the floating-point grids, None for the grid the other fields imply.
+  """The `NAMED_GRIDS` name of `spec`'s grid, None for the grid the other fields imply.
 
   Raises:
-    ValueError: for any other grid (a custom grid cannot be stored by name), or an NVFP4 grid without its global
-      scale.
+    ValueError: for any other grid (a custom grid cannot be stored by name), or a grid whose per-tensor parameter
+      is not set.
   """
   grid = spec.grid
   if grid is None:
     return None
+  if isinstance(grid, (NvFp4Grid, PerTensorGrid)) and not grid.fixed:
+    raise ValueError(f"a QArray's {type(grid).__name__} needs its per-tensor scale; quantize with rtn_quantize or "
+                     "gptq_quantize.")  # fmt: skip
+  if isinstance(grid, PerTensorGrid):
+    grid, prefix = grid.grid, "tensor-"
+  else:
+    prefix = ""
   if isinstance(grid, Fp8Grid):
     if grid != Fp8Grid(scale_dtype=spec.scale_dtype):
       raise ValueError(f"an FP8 QArray's grid stores scales in its spec's {spec.scale_dtype}, got {grid}.")
-    return "fp8"
+    return f"{prefix}fp8"
+  if prefix and grid == AffineGrid(bits=spec.bits, symmetric=spec.symmetric, scale_dtype=spec.scale_dtype):
+    return "tensor-affine"
   if grid == MxFp4Grid():
     return "mxfp4"
   if isinstance(grid, NvFp4Grid):
-    if not grid.fixed:
-      raise ValueError("an NVFP4 QArray's grid needs its global scale; quantize with rtn_quantize or gptq_quantize.")
     return "nvfp4"
   raise ValueError(
-    f"a QArray on the custom grid {grid!r} cannot be stored by name; dequantize it, or store the grid's codes and "
-    "parameters yourself."
+    f"a QArray on the custom grid {spec.grid!r} cannot be stored by name; dequantize it, or store the grid's codes "
+    "and parameters yourself."
   )
 
 
-def named_grid(name: str, scale_dtype: np.dtype, global_scale: float | None = None) -> Grid:
-  """The grid `grid_name` names (NVFP4's with `global_scale`, a positive finite number)."""
+def _positive_float(value, what: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < np.inf:
+    raise ValueError(f"{what} expected a positive finite number, got {value!r}")
+  return float(value)
+
+
+def named_grid(spec: QSpec, name: str, tensor_param: float | None = None) -> Grid:
+  """The grid `grid_name` names, for `spec`'s other fields; `tensor_param` is NVFP4's global scale or a
+  `PerTensorGrid`'s scale."""
   if name not in NAMED_GRIDS:
     raise ValueError(f"grid expected one of {NAMED_GRIDS}, got {name!r}")
   if name == "nvfp4":
-    if isinstance(global_scale, bool) or not isinstance(global_scale, (int, float)):
-      raise ValueError(f"an nvfp4 grid expected a number as global_scale, got {global_scale!r}")
-    if not valid_global_scale(global_scale):
-      raise ValueError(f"an nvfp4 grid expected a positive finite global_scale above 1e-35, got {global_scale!r}")
-    return NvFp4Grid(global_scale=float(global_scale))
-  return Fp8Grid(scale_dtype=np.dtype(scale_dtype)) if name == "fp8" else MxFp4Grid()
+    if (
+      isinstance(tensor_param, bool)
+      or not isinstance(tensor_param, (int, float))
+      or not valid_global_scale(tensor_param)
+    ):
+      raise ValueError(f"an nvfp4 grid expected a positive finite global_scale above 1e-35, got {tensor_param!r}")
+    return NvFp4Grid(global_scale=float(tensor_param))
+  if name == "mxfp4":
+    return MxFp4Grid()
+  fp8 = Fp8Grid(scale_dtype=spec.scale_dtype)
+  if name == "fp8":
+    return fp8
+  inner = fp8 if name == "tensor-fp8" else AffineGrid(bits=spec.bits, symmetric=True, scale_dtype=spec.scale_dtype)
+  return PerTensorGrid(grid=inner, scale=_positive_float(tensor_param, f"a {name} grid's tensor_scale"))
+
+
+TENSOR_PARAMS = {"nvfp4": "global_scale", "tensor-affine": "tensor_scale", "tensor-fp8": "tensor_scale"}
 
 
 def spec_to_json(spec: QSpec) -> dict:
-  """A spec as JSON; the grid is implied by the other fields, or one of `NAMED_GRIDS` (NVFP4's with its
-  ``global_scale``)."""
+  """A spec as JSON; the grid is implied by the other fields, or one of `NAMED_GRIDS` (with its per-tensor
+  parameter, `TENSOR_PARAMS`)."""
   name = grid_name(spec)
   d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "grid"}
   d["scale_dtype"] = str(spec.scale_dtype)
-  if name == "nvfp4":
-    d["global_scale"] = spec.grid.global_scale
+  if name in TENSOR_PARAMS:
+    d[TENSOR_PARAMS[name]] = spec.grid.global_scale if name == "nvfp4" else spec.grid.scale
   return d if name is None else {**d, "grid": name}
 
 
 def spec_from_json(d: dict) -> QSpec:
   d = dict(d)
-  scale_dtype = np.dtype(d["scale_dtype"])
-  global_scale = d.pop("global_scale", None)
-  if global_scale is not None and d.get("grid") != "nvfp4":
-    raise ValueError(f"global_scale belongs to the nvfp4 grid, got grid {d.get('grid')!r}")
-  grid = None if d.get("grid") is None else named_grid(d["grid"], scale_dtype, global_scale)
-  return QSpec(**{**d, "scale_dtype": scale_dtype, "grid": grid})
+  name = d.pop("grid", None)
+  params = {key: d.pop(key) for key in set(TENSOR_PARAMS.values()) if key in d}
+  wanted = TENSOR_PARAMS.get(name)
+  extra = sorted(set(params) - {wanted})
+  if extra:
+    owner = "nvfp4" if extra[0] == "global_scale" else "tensor-affine or tensor-fp8"
+    raise ValueError(f"{extra[0]} belongs to the {owner} grid, got grid {name!r}")
+  spec = QSpec(**{**d, "scale_dtype": np.dtype(d["scale_dtype"])})
+  return spec if name is None else dataclasses.replace(spec, grid=named_grid(spec, name, params.get(wanted)))
 
 
 def flatten_params(params: Params) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -35,6 +35,7 @@ References: the ``compressed-tensors`` package (``compressors/pack_quantized``, 
 ``utils/match.py``); vLLM ``compressed_tensors_wNa16.py``.
 """
 
+import dataclasses
 import os
 import re
 from typing import Any, NamedTuple
@@ -43,9 +44,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from qjax.core import GroupParams, QArray, QSpec, is_qarray, packing
+from qjax.core import AffineGrid, GroupParams, QArray, QSpec, is_qarray, packing
 from qjax.core.errors import InputError
 from qjax.core.fp_grid import Fp8Grid, MxFp4Grid, NvFp4Grid, valid_global_scale
+from qjax.core.per_tensor import PerTensorGrid
 from qjax.core.qarray import unpacked_codes
 from qjax.core.tree import leaves_with_paths
 from qjax.formats import gptq, hf_quantized
@@ -98,14 +100,19 @@ class WeightArgs(NamedTuple):
       return FLOAT_QUANTIZED
     return NVFP4_PACK_QUANTIZED if self.strategy == "tensor_group" else MXFP4_PACK_QUANTIZED
 
-  def qspec(self, scale_dtype, global_scale: float | None = None) -> QSpec:
-    """The spec of a layer stored with these arguments (an NVFP4 one with the layer's `global_scale`)."""
+  def qspec(self, scale_dtype, tensor_param: float | None = None) -> QSpec:
+    """The spec of a layer stored with these arguments; `tensor_param` is an NVFP4 layer's global scale or a
+    symmetric ``tensor`` layer's one scale (a `PerTensorGrid`; with a zero point, scales per channel)."""
     group_size = self.group_size if self.strategy in ("group", "tensor_group") else -1
     if self.format == MXFP4_PACK_QUANTIZED:  # the grid's scales are E8M0 bytes, not floats
       return QSpec(bits=4, group_size=group_size, grid=MxFp4Grid())
     if self.format == NVFP4_PACK_QUANTIZED:  # E4M3 scale bytes
-      return QSpec(bits=4, group_size=group_size, grid=NvFp4Grid(global_scale=global_scale))
-    grid = Fp8Grid(scale_dtype=np.dtype(scale_dtype)) if self.kind == "float" else None
+      return QSpec(bits=4, group_size=group_size, grid=NvFp4Grid(global_scale=tensor_param))
+    scale_dtype = np.dtype(scale_dtype)
+    grid = Fp8Grid(scale_dtype=scale_dtype) if self.kind == "float" else None
+    if self.strategy == "tensor" and self.symmetric:
+      inner = grid or AffineGrid(bits=self.num_bits, symmetric=True, scale_dtype=scale_dtype)
+      grid = PerTensorGrid(grid=inner, scale=tensor_param)
     return QSpec(bits=self.num_bits, group_size=group_size, symmetric=self.symmetric, scale_dtype=scale_dtype,
                  grid=grid)  # fmt: skip
 
@@ -126,12 +133,20 @@ class WeightArgs(NamedTuple):
 FLOAT_GRIDS = (Fp8Grid, MxFp4Grid, NvFp4Grid)
 
 
+def _grid(spec: QSpec):
+  """The grid whose codes are stored: a `PerTensorGrid`'s inner grid (its one scale is the ``tensor`` strategy)."""
+  grid = spec.rounding_grid
+  return grid.grid if isinstance(grid, PerTensorGrid) else grid
+
+
 def weight_args(spec: QSpec, *, actorder: str | None = None) -> WeightArgs:
   """The scheme arguments of a qjax spec (group size -1 is the ``channel`` strategy; `Fp8Grid` is FP8, `MxFp4Grid`
-  MXFP4 and `NvFp4Grid` NVFP4's ``tensor_group``)."""
-  kind = "float" if isinstance(spec.rounding_grid, FLOAT_GRIDS) else "int"
+  MXFP4, `NvFp4Grid` NVFP4's ``tensor_group`` and `PerTensorGrid` the ``tensor`` strategy)."""
+  kind = "float" if isinstance(_grid(spec), FLOAT_GRIDS) else "int"
   if isinstance(spec.rounding_grid, NvFp4Grid):
     return WeightArgs(4, True, "tensor_group", spec.group_size, actorder, kind)
+  if isinstance(spec.rounding_grid, PerTensorGrid):
+    return WeightArgs(spec.bits, True, "tensor", None, actorder, kind)
   if spec.group_size == -1:
     return WeightArgs(spec.bits, spec.symmetric, "channel", None, actorder, kind)
   return WeightArgs(spec.bits, spec.symmetric, "group", spec.group_size, actorder, kind)
@@ -174,8 +189,11 @@ def to_compressed(q: QArray, *, name: str = "weight") -> dict[str, np.ndarray]:
     >>> {k: v.shape for k, v in to_compressed(q).items()}
     {'weight_packed': (8, 8), 'weight_scale': (8, 2), 'weight_shape': (2,)}
   """
-  if isinstance(q.spec.rounding_grid, FLOAT_GRIDS):
+  if isinstance(_grid(q.spec), FLOAT_GRIDS):
     return _float_tensors(q, name)
+  if isinstance(q.spec.rounding_grid, PerTensorGrid):  # integer codes, one scale
+    q = dataclasses.replace(q, spec=dataclasses.replace(q.spec, grid=q.spec.rounding_grid.grid))
+    return {**to_compressed(q, name=name), "weight_scale": np.asarray(q.scale).reshape(-1)[:1].copy()}
   gptq.check_packed_linear(q, name, "to_compressed")
   if q.perm is not None:
     raise ValueError(ACTORDER_GROUP_MSG.format(name=name))
@@ -203,7 +221,9 @@ def _float_tensors(q: QArray, name: str) -> dict[str, np.ndarray]:
     raise ValueError(f"`to_compressed` expected a packed Dense kernel without act-order for {name}.")
   codes = np.ascontiguousarray(np.asarray(unpacked_codes(q)).astype(np.uint8).T)  # (out, in)
   scale = np.ascontiguousarray(np.asarray(q.scale).T)
-  if isinstance(q.spec.rounding_grid, Fp8Grid):
+  if isinstance(q.spec.rounding_grid, PerTensorGrid):
+    scale = scale.reshape(-1)[:1].copy()  # the tensor strategy's one scale
+  if isinstance(_grid(q.spec), Fp8Grid):
     return {"weight": codes.view(ml_dtypes.float8_e4m3fn), "weight_scale": scale}
   packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
   grid = q.spec.rounding_grid
@@ -224,7 +244,8 @@ def expected_shapes(args: WeightArgs, shape: tuple[int, int]) -> dict[str, tuple
   """The stored shape of each tensor of a (k, n) linear (``weight_g_idx`` included for ``actorder: group``)."""
   k, n = shape
   bits = args.num_bits
-  groups = {"channel": 1, "tensor": 0}.get(args.strategy) or -(-k // args.group_size)
+  groups = {"channel": 1, "tensor": 0}.get(args.strategy)
+  groups = -(-k // args.group_size) if groups is None else groups
   scale = (1,) if args.strategy == "tensor" else (n, groups)
   if args.format == FLOAT_QUANTIZED:
     return {"weight": (n, k), "weight_scale": scale}
@@ -300,29 +321,40 @@ def from_compressed(
   scale = np.asarray(t["weight_scale"])
   if args.strategy == "tensor":
     scale = np.broadcast_to(scale.reshape(1, 1), (n, 1))
+  one_scale = float(scale.reshape(-1)[0]) if args.strategy == "tensor" else None
   if args.kind == "float":
     if args.format == FLOAT_QUANTIZED:
       params = GroupParams(jnp.asarray(np.ascontiguousarray(scale.T)), None)
       codes = np.asarray(t["weight"]).view(np.uint8).T
-      return gptq.build_qarray(codes, params, spec=args.qspec(scale.dtype), dtype=np.dtype(dtype))
+      return _build_qarray(codes, params, spec=args.qspec(scale.dtype, one_scale), dtype=np.dtype(dtype))
     params = GroupParams(jnp.asarray(np.ascontiguousarray(scale.view(np.uint8).T)), None)
     packed = np.asarray(t["weight_packed"])
     codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, k).T
     global_scale = float(t["weight_global_scale"][0]) if "weight_global_scale" in t else None
-    return gptq.build_qarray(codes, params, spec=args.qspec(None, global_scale), dtype=np.dtype(dtype))
+    return _build_qarray(codes, params, spec=args.qspec(None, global_scale), dtype=np.dtype(dtype))
   offset = 1 << (bits - 1)
   if args.strategy == "tensor":
     zero = None if args.symmetric else np.full((1, n), int(t["weight_zero_point"][0]) + offset, np.int32)
   else:
     zero = None if args.symmetric else unpack_rows(t["weight_zero_point"].T, bits, n).astype(np.int32)
-  spec = args.qspec(scale.dtype)
+  spec = args.qspec(scale.dtype, one_scale)
   codes = unpack_rows(t["weight_packed"], bits, k).T
   perm = None
   if "weight_g_idx" in t:
     perm = gptq.perm_from_group_index(t["weight_g_idx"].astype(np.int32), spec, name)
     codes = codes if perm is None else codes[perm]
   params = GroupParams(jnp.asarray(np.ascontiguousarray(scale.T)), None if zero is None else jnp.asarray(zero))
-  return gptq.build_qarray(codes, params, spec=spec, perm=perm, dtype=np.dtype(dtype))
+  return _build_qarray(codes, params, spec=spec, perm=perm, dtype=np.dtype(dtype))
+
+
+def _build_qarray(codes, params, *, spec: QSpec, perm=None, dtype) -> QArray:
+  """`gptq.build_qarray`, compiled once per layout rather than once per per-tensor scale: the packing does not
+  depend on the grid, so a grid with a per-tensor parameter is set after it."""
+  if spec.grid is None or not isinstance(spec.grid, (NvFp4Grid, PerTensorGrid)):
+    return gptq.build_qarray(codes, params, spec=spec, perm=perm, dtype=dtype)
+  plain = dataclasses.replace(spec, grid=None, symmetric=True)
+  q = gptq.build_qarray(codes, params, spec=plain, perm=perm, dtype=dtype)
+  return dataclasses.replace(q, spec=spec)
 
 
 # ---- the quantization_config ----

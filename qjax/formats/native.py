@@ -50,7 +50,7 @@ FLAX_LAYER = re.compile(r"model/layers_(\d+)/")
 # numpy dtype name -> safetensors dtype name, for the dtypes a QArray's tensors are stored in.
 STORED_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32", "int32": "I32", "uint8": "U8"}
 SPEC_TYPES = {"bits": int, "group_size": int, "symmetric": bool, "scale_dtype": str, "layout": str,
-              "partial_groups": bool, "grid": str, "global_scale": float}  # fmt: skip
+              "partial_groups": bool, "grid": str, "global_scale": float, "tensor_scale": float}  # fmt: skip
 
 
 def is_qjax_dir(path: str) -> bool:

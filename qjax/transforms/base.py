@@ -79,9 +79,10 @@ def per_leaf(
       (an empty mapping when absent). With `spec`: ``(w, leaf_stats, spec) -> ...``.
     stats: the statistics `quantize_leaf` reads.
     spec: the spec `quantize_leaf` rounds into, when it has a per-tensor parameter to fix (a
-      `qjax.core.grid.TensorGrid`, NVFP4's global scale): it is fixed from the largest magnitude of the leaf and of
-      its fused siblings, the visible leaves of the same parent module with the same input width (q/k/v, gate/up:
-      runtimes such as vLLM run them as one matrix with one such parameter).
+      `qjax.core.grid.TensorGrid`: NVFP4's global scale, a `PerTensorGrid`'s scale): it is fixed from the largest
+      magnitude of the leaf and of its fused siblings, the visible leaves of the same parent module with the same
+      input width (q/k/v, gate/up: runtimes such as vLLM run them as one matrix with one such parameter, and
+      rescale to the largest when they differ).
 
   Raises (from update):
     ValueError: naming every leaf that is not 2-D or is already quantized.

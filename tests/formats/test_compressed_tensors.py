@@ -6,13 +6,14 @@ import json
 import os
 import re
 
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from qjax.cli.quantize import Settings, plan
-from qjax.core import Fp8Grid, MxFp4Grid, NvFp4Grid, QSpec, dequantize, quantize
+from qjax.core import AffineGrid, Fp8Grid, MxFp4Grid, NvFp4Grid, PerTensorGrid, QSpec, dequantize, quantize
 from qjax.core.errors import InputError
 from qjax.core.tree import leaves_with_paths, map_with_path
 from qjax.formats import Target, convert_model, load_model, open_checkpoint
@@ -63,6 +64,34 @@ def test_round_trip_is_exact(bits, group_size, symmetric):
   assert t["weight_scale"].shape == (N, q.scale.shape[0]) and t["weight_scale"].dtype == np.float16
   assert ("weight_zero_point" in t) == (not symmetric)
   assert_same_qarray(from_compressed(t, args, (K, N)), q)
+
+
+@pytest.mark.parametrize(
+  "inner", [AffineGrid(bits=8, symmetric=True, scale_dtype=np.float16), Fp8Grid()], ids=["int8", "fp8"]
+)
+def test_one_scale_per_tensor_round_trips_and_decompresses_as_the_package_does(inner):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("compressed_tensors")
+  from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+  from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+  from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+  w = np.random.default_rng(4).standard_normal((K, N)).astype(np.float32)
+  spec = QSpec(bits=8, group_size=-1, scale_dtype=inner.scale_dtype, grid=PerTensorGrid(grid=inner))
+  q = quantize(w, spec)
+  assert np.unique(np.asarray(q.scale)).size == 1 and q.spec.grid.scale == float(np.asarray(q.scale)[0, 0])
+  args = weight_args(q.spec)
+  assert (args.strategy, args.group_size, args.symmetric) == ("tensor", None, True)
+  t = to_compressed(q)
+  assert t["weight_scale"].shape == (1,)
+  assert_same_qarray(from_compressed(t, args, (K, N)), q)
+  scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**{k: v for k, v in args.as_json().items()
+                                                                              if v is not None}))  # fmt: skip
+  compressor = FloatQuantizationCompressor if isinstance(inner, Fp8Grid) else PackedQuantizationCompressor
+  fp8 = lambda v: torch.from_numpy(v.view(np.uint8)).view(torch.float8_e4m3fn)  # torch has no ml_dtypes bridge
+  state = {k: fp8(v) if v.dtype == ml_dtypes.float8_e4m3fn else torch.from_numpy(np.array(v)) for k, v in t.items()}
+  theirs = compressor.decompress(state, scheme)["weight"]
+  np.testing.assert_array_equal(theirs.float().numpy(), np.asarray(dequantize(q)).T.astype(inner.scale_dtype))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -150,8 +179,9 @@ def package_written_directory(model_dir, out, weights: dict):
     dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=False),
     dict(num_bits=8, type="int", strategy="channel", symmetric=True),
     dict(num_bits=4, type="int", strategy="tensor", symmetric=False),
+    dict(num_bits=8, type="int", strategy="tensor", symmetric=True),
   ],
-  ids=["w4g32", "w4g32_asym", "w8_channel", "w4_tensor_asym"],
+  ids=["w4g32", "w4g32_asym", "w8_channel", "w4_tensor_asym", "w8_tensor"],
 )
 def test_directories_the_package_writes_read_as_it_decompresses_them(model_dir, tmp_path, weights):
   pytest.importorskip("compressed_tensors")
@@ -167,6 +197,12 @@ def test_directories_the_package_writes_read_as_it_decompresses_them(model_dir, 
     theirs = PackedQuantizationCompressor.decompress(state, scheme)["weight"].numpy()
     path = name.replace("layers.", "layers_").replace(".", "/") + "/kernel"
     np.testing.assert_array_equal(np.asarray(dequantize(leaves[path])).T, theirs, err_msg=name)
+    if weights["strategy"] == "tensor" and weights["symmetric"]:  # one scale: written back as the package wrote it
+      assert isinstance(leaves[path].spec.rounding_grid, PerTensorGrid)
+      ours = to_compressed(leaves[path])
+      assert set(ours) == set(state) and ours["weight_scale"].shape == (1,)
+      for field, value in ours.items():
+        np.testing.assert_array_equal(value, state[field].numpy(), err_msg=f"{name}.{field}")
 
 
 def test_directory_round_trip_and_config(model_dir, tmp_path):
@@ -391,14 +427,18 @@ def test_floating_point_grids_from_the_command_line(model_dir, tmp_path):
   from qjax.cli.quantize import run
 
   base = dict(model=model_dir, nsamples=2, seqlen=32, eval_windows=0)
+  grids = {"fp8": "Fp8Grid", "mxfp4": "MxFp4Grid", "nvfp4": "NvFp4Grid", "affine": "PerTensorGrid"}
   for grid, flags, export in [("fp8", dict(bits=8, group_size=-1), None),
                               ("mxfp4", dict(group_size=32), "compressed-tensors"),
-                              ("nvfp4", dict(group_size=16), "compressed-tensors")]:  # fmt: skip
+                              ("affine", dict(bits=8, group_size=-1, per_tensor=True), "compressed-tensors"),
+                              ("nvfp4", dict(group_size=16), None)]:  # fmt: skip
     out = str(tmp_path / grid)
     run(Settings(method="gptq", grid=grid, export=export, out=out, **base, **flags), show_progress=False)
     block = load_model(out).params["model"]["layers_1"]
     q = block["mlp"]["down_proj"]["kernel"]
-    assert type(q.spec.rounding_grid).__name__ == {"fp8": "Fp8Grid", "mxfp4": "MxFp4Grid", "nvfp4": "NvFp4Grid"}[grid]
+    assert type(q.spec.rounding_grid).__name__ == grids[grid]
+  weights = read_json(os.path.join(tmp_path, "affine", "config.json"))["quantization_config"]["config_groups"]
+  assert weights["group_0"]["weights"]["strategy"] == "tensor"
   # GPTQ ran q/k/v as one sequential group: one global scale, as vLLM needs; o_proj quantized alone has its own
   attn = {m: block["self_attn"][m]["kernel"].spec.grid.global_scale for m in ("q_proj", "k_proj", "v_proj")}
   assert len(set(attn.values())) == 1, attn
@@ -411,3 +451,7 @@ def test_floating_point_grids_from_the_command_line(model_dir, tmp_path):
     plan(Settings(grid="mxfp4", group_size=32, export="gptq"), config)
   with pytest.raises(ValueError, match="--grid=nvfp4 needs --bits=4 --group_size=16"):
     plan(Settings(grid="nvfp4", group_size=32), config)
+  with pytest.raises(ValueError, match="--per_tensor needs --grid=affine or fp8, --group_size=-1"):
+    plan(Settings(per_tensor=True, group_size=32), config)
+  with pytest.raises(ValueError, match="--per_tensor with --export=gptq: that format has no one-scale-per-matrix"):
+    plan(Settings(per_tensor=True, group_size=-1, export="gptq"), config)

@@ -455,6 +455,7 @@ def edit_manifest(directory, fn) -> None:
     (lambda m: m["quantized"].pop(Q_PROJ), rf"tensors the config does not describe: \['{Q_PROJ}:codes'"),
     (lambda m: m.update(quantized=[]), "quantized expected an object of leaf path -> entry"),
     (lambda m: m["quantized"][Q_PROJ]["spec"].update(global_scale=2.0), "global_scale belongs to the nvfp4 grid"),
+    (lambda m: m["quantized"][Q_PROJ]["spec"].update(tensor_scale=0.5), "tensor_scale belongs to the tensor-affine"),
     (
       lambda m: m["quantized"][Q_PROJ]["spec"].update(grid="nvfp4", global_scale=-1.0),
       "nvfp4 grid expected a positive finite global_scale above 1e-35, got -1.0",
@@ -462,7 +463,7 @@ def edit_manifest(directory, fn) -> None:
   ],
   ids=[
     *("group_size", "bits", "bad_bits", "symmetric", "bits_type", "shape", "axis", "dtype", "dropped", "not_object"),
-    *("global_scale_without_nvfp4", "negative_global_scale"),
+    *("global_scale_without_nvfp4", "tensor_scale_without_per_tensor", "negative_global_scale"),
   ],
 )
 def test_qjax_directory_whose_tensors_disagree_with_its_manifest(qjax_dir, tmp_path, edit, message):
