@@ -76,9 +76,8 @@ def test_gguf_is_llama_cpps_and_runs_there(qwen3, tmp_path):
   [
     dict(method="gptq", desc_act=True, export="gptq", group_size=64),
     dict(method="awq+gptq", export="awq", group_size=64, sym=False),
-    dict(method="rtn", export="compressed-tensors", group_size=32),
   ],
-  ids=["gptq_act_order", "awq", "compressed_tensors"],
+  ids=["gptq_act_order", "awq"],  # compressed-tensors reuses the same Hugging Face name map and writer
 )
 def test_hf_exports_load_in_transformers_and_back(qwen3, tmp_path, settings):
   torch = pytest.importorskip("torch")

@@ -40,8 +40,7 @@ VARIANTS = {
     ),
   ),
   "qwen2_bias": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-  "qwen3_tied": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
-  "qwen3_untied": ("Qwen3Config", dict(num_key_value_heads=1, tie_word_embeddings=False, rope_theta=1e6)),
+  "qwen3": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=24, tie_word_embeddings=True, rope_theta=1e6)),
   "mistral_window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8, head_dim=16)),
 }
 
