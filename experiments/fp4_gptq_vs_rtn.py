@@ -16,7 +16,7 @@ import time
 from absl import app, flags
 
 from qjax.calib import text as texts
-from qjax.cli.quantize import Settings, quantize_with, settings_spec
+from qjax.cli.quantize import Settings, calibration_windows, quantize_with, settings_spec
 from qjax.eval.metrics import evaluate
 from qjax.formats import open_checkpoint
 from qjax.models import logits_fn
@@ -38,9 +38,7 @@ def main(argv):
   del argv
   checkpoint = open_checkpoint("default")
   tokenizer = checkpoint.tokenizer()
-  windows = texts.calibration_windows(
-    texts.tokenize(tokenizer, texts.load_text("default", "calibration")), FLAGS.nsamples, FLAGS.seqlen, seed=0
-  )
+  windows = calibration_windows(Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen), tokenizer)
   eval_windows = texts.eval_windows(
     texts.tokenize(tokenizer, texts.load_text("default", "evaluation")), 512, max_windows=FLAGS.eval_windows
   )
