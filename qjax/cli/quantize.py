@@ -321,12 +321,13 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
     raise ValueError(f"--export={target} writes linears rounded by RTN or GPTQ; use a --method that rounds.")
   if name == "none" and not target.is_gguf:
     raise ValueError("--method=none quantizes nothing by itself; give --export=gguf:<TYPE> (e.g. gguf:Q4_K_M).")
-  if s.grid != "affine" and (target.is_gguf or target.is_gptq or target.kind == "awq"):
+  affine_groups_only = target.is_gguf or target.is_gptq or target.kind == "awq"
+  if s.grid != "affine" and affine_groups_only:
     raise ValueError(
       f"--grid={s.grid} with --export={target}: that format stores integer codes (GGUF: its own block types); "
       "export to a qjax directory or --export=compressed-tensors."
     )
-  if s.per_tensor and (target.is_gguf or target.is_gptq or target.kind == "awq"):
+  if s.per_tensor and affine_groups_only:
     raise ValueError(f"--per_tensor with --export={target}: that format has no one-scale-per-matrix form; export "
                      "to a qjax directory or --export=compressed-tensors.")  # fmt: skip
   if target.is_hf:
