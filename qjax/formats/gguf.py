@@ -21,7 +21,7 @@ from qjax.core import QArray, is_qarray
 from qjax.core import ggml as ggml_types
 from qjax.core.tree import leaves_with_paths
 from qjax.formats.gguf_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
-from qjax.formats.gguf_reader import GGUF_LAYER_NAMES, rope_permute
+from qjax.formats.gguf_reader import LLAMA_CPP_SWA_PATTERN, gguf_layer_names, llama_cpp_layer_types, rope_permute
 from qjax.formats.output import atomic_file, check_file_output
 from qjax.models.config import LlamaConfig
 
@@ -30,6 +30,7 @@ GGUF_ARCH = {
   "MistralForCausalLM": "llama",
   "Qwen2ForCausalLM": "qwen2",
   "Qwen3ForCausalLM": "qwen3",
+  "Gemma3ForCausalLM": "gemma3",
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
 """The float storage types of a GGUF tensor qjax writes (BF16 goes through `gguf.quants`)."""
@@ -41,7 +42,6 @@ FILE_TYPES = {
     "IQ4_XS": 30, "BF16": 32,
 }  # fmt: skip
 
-_HF_MODULE_TO_GGUF = {v: k for k, v in GGUF_LAYER_NAMES.items()}
 QUANTIZED_BY = "general.quantized_by"
 
 
@@ -54,7 +54,7 @@ class KeyValue(NamedTuple):
   sub_type: gguf.GGUFValueType | None = None
 
 
-def gguf_tensor_name(path: str) -> str:
+def gguf_tensor_name(path: str, config: LlamaConfig) -> str:
   """GGUF name of a Flax parameter path, e.g. ``model/layers_3/mlp/down_proj/kernel`` -> ``blk.3.ffn_down.weight``.
 
   Raises:
@@ -71,8 +71,9 @@ def gguf_tensor_name(path: str) -> str:
     layer = parts[1].removeprefix("layers_")
     module = ".".join(parts[2:-1])
     kind = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(parts[-1])
-    if module in _HF_MODULE_TO_GGUF and kind:
-      return f"blk.{layer}.{_HF_MODULE_TO_GGUF[module]}.{kind}"
+    hf_to_gguf = {hf: name for name, hf in gguf_layer_names(config).items()}
+    if module in hf_to_gguf and kind:
+      return f"blk.{layer}.{hf_to_gguf[module]}.{kind}"
   raise ValueError(f"parameter {path!r} has no GGUF tensor name.")
 
 
@@ -232,8 +233,39 @@ def model_metadata(config: LlamaConfig, *, file_type: str, name: str, descriptio
       KeyValue(f"{arch}.rope.scaling.type", "linear", string),
       KeyValue(f"{arch}.rope.scaling.factor", config.rope_scaling.factor, f32),
     ]
-  if config.sliding_window is not None:
-    raise NotImplementedError("llama.cpp's llama architecture has no sliding window; this model cannot be exported.")
+  if arch == "gemma3":
+    entries += _gemma3_metadata(config)
+  elif config.sliding_window is not None:
+    raise NotImplementedError(f"llama.cpp's {arch} architecture has no sliding window; this model cannot be exported.")
+  return entries
+
+
+def _gemma3_metadata(config: LlamaConfig) -> list[KeyValue]:
+  """The sliding-window keys convert_hf_to_gguf.py writes for Gemma 3, and the layer pattern when it is not the
+  every-6th-layer-global that llama.cpp assumes without one (the converter omits it; llama.cpp would misread such a
+  model).
+
+  Raises:
+    NotImplementedError: for an attention scale llama.cpp cannot be told (it derives it from the shapes).
+  """
+  derived = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else config.head_dim
+  if config.attention_scale != derived**-0.5:
+    raise NotImplementedError(
+      f"llama.cpp derives Gemma 3's attention scale from head_dim={derived}; query_pre_attn_scalar="
+      f"{config.query_pre_attn_scalar} cannot be written to GGUF."
+    )
+  entries = [
+    KeyValue("gemma3.rope.freq_base_swa", config.rope_local_theta or config.rope_theta, gguf.GGUFValueType.FLOAT32)
+  ]
+  if config.sliding_window is None:
+    return entries
+  entries.append(KeyValue("gemma3.attention.sliding_window", config.sliding_window, gguf.GGUFValueType.UINT32))
+  types = config.layer_types or ("sliding_attention",) * config.num_hidden_layers
+  if types != llama_cpp_layer_types(config.num_hidden_layers, LLAMA_CPP_SWA_PATTERN):
+    flags = [t == "sliding_attention" for t in types]
+    entries.append(
+      KeyValue("gemma3.attention.sliding_window_pattern", flags, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
+    )
   return entries
 
 
@@ -307,7 +339,7 @@ def gguf_tensors(config: LlamaConfig, params, *, float_type: str = "F32") -> Ite
   if factors is not None:
     yield GgufTensor("rope_freqs.weight", factors, "F32")
   for path in order:
-    yield _to_gguf_orientation(config, gguf_tensor_name(path), leaves[path], float_type)
+    yield _to_gguf_orientation(config, gguf_tensor_name(path, config), leaves[path], float_type)
 
 
 def _add_tensor(writer: gguf.GGUFWriter, tensor: GgufTensor) -> None:

@@ -33,9 +33,10 @@ GGUF_ARCHITECTURES = {
   "llama": ("LlamaForCausalLM", True),
   "qwen2": ("Qwen2ForCausalLM", False),
   "qwen3": ("Qwen3ForCausalLM", False),
+  "gemma3": ("Gemma3ForCausalLM", False),
 }
 
-# GGUF tensor name (inside `blk.{i}.`) -> HF module name (inside `model.layers.{i}.`).
+# GGUF tensor name (inside `blk.{i}.`) -> HF module name (inside `model.layers.{i}.`), shared by every family.
 GGUF_LAYER_NAMES = {
   "attn_q": "self_attn.q_proj",
   "attn_k": "self_attn.k_proj",
@@ -45,10 +46,34 @@ GGUF_LAYER_NAMES = {
   "ffn_up": "mlp.up_proj",
   "ffn_down": "mlp.down_proj",
   "attn_norm": "input_layernorm",
-  "ffn_norm": "post_attention_layernorm",
-  "attn_q_norm": "self_attn.q_norm",  # Qwen3
-  "attn_k_norm": "self_attn.k_norm",
 }
+QK_NORM_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}  # Qwen3, Gemma 3
+# llama.cpp's ffn_norm is the norm the MLP reads: Gemma's post_attention_layernorm normalises the attention output.
+MLP_NORM_NAMES = {"ffn_norm": "post_attention_layernorm"}
+GEMMA_NORM_NAMES = {
+  "ffn_norm": "pre_feedforward_layernorm",
+  "post_attention_norm": "post_attention_layernorm",
+  "post_ffw_norm": "post_feedforward_layernorm",
+}
+LLAMA_CPP_SWA_PATTERN = 6  # llama.cpp's Gemma 3 default: every 6th layer global
+
+
+def gguf_layer_names(config: LlamaConfig) -> dict[str, str]:
+  """GGUF tensor name (inside ``blk.{i}.``) -> Hugging Face module (inside ``model.layers.{i}.``) for `config`'s
+  family."""
+  return {
+    **GGUF_LAYER_NAMES,
+    **(GEMMA_NORM_NAMES if config.gemma else MLP_NORM_NAMES),
+    **(QK_NORM_NAMES if config.qk_norm else {}),
+  }
+
+
+def llama_cpp_layer_types(n_layers: int, pattern: int = LLAMA_CPP_SWA_PATTERN) -> tuple[str, ...]:
+  """The layer types llama.cpp assumes for a sliding-window pattern of `pattern` (0: every layer sliding)."""
+  sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
+  return tuple("sliding_attention" if s else "full_attention" for s in sliding)
+
+
 GGUF_LAYER = re.compile(r"blk\.(\d+)\.")
 
 # ---- the header, walked with every count and length checked against the bytes left ----
@@ -280,11 +305,12 @@ class GgufCheckpoint(Checkpoint):
       "head_dim": f"{a}.attention.key_length",
     }
     other = ("context_length", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.type",
-             "rope.scaling.factor")  # fmt: skip
+             "rope.scaling.factor", "attention.sliding_window", "rope.freq_base_swa")  # fmt: skip
     names = [*keys.values(), *(f"{a}.{k}" for k in other), "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]
     meta = {k: self._field(k) for k in names if k in self._reader.fields}
     if keys["vocab_size"] not in meta and "tokenizer.ggml.tokens" in self._reader.fields:
       meta[keys["vocab_size"]] = len(self._reader.fields["tokenizer.ggml.tokens"].data)
+    family = self._gemma_fields(meta) if a == "gemma3" else {}
     return checked_config(
       meta,
       keys,
@@ -298,6 +324,32 @@ class GgufCheckpoint(Checkpoint):
       architecture=GGUF_ARCHITECTURES[a][0],
       bos_token_id=config_token_id(meta, "tokenizer.ggml.bos_token_id", src),
       eos_token_id=config_token_id(meta, "tokenizer.ggml.eos_token_id", src),
+      **family,
+    )
+
+  def _gemma_fields(self, meta: dict) -> dict:
+    """Gemma 3's sliding-window layers as llama.cpp reads them: the window, the pattern (a period, or a flag per
+    layer; default every 6th layer global), the local RoPE base (default 10000), and the attention scale llama.cpp
+    derives (1/sqrt(head_dim); the 62-layer 27B model's 1/sqrt(hidden / heads))."""
+    a, src = self._arch, self.source
+    layers = config_int(meta, f"{a}.block_count", src)
+    key = f"{a}.attention.sliding_window_pattern"
+    pattern = self._field(key, LLAMA_CPP_SWA_PATTERN)
+    if isinstance(pattern, list):
+      if len(pattern) != layers or not all(isinstance(p, bool) for p in pattern):
+        raise InputError(f"{src}: {key} expected {layers} booleans, got {show(pattern)}.")
+      types = tuple("sliding_attention" if p else "full_attention" for p in pattern)
+    else:
+      types = llama_cpp_layer_types(layers, config_int({key: pattern}, key, src, minimum=0))
+    window = config_int(meta, f"{a}.attention.sliding_window", src, default=None)
+    head_dim = config_int(meta, f"{a}.attention.key_length", src)
+    if layers == 62:
+      head_dim = config_int(meta, f"{a}.embedding_length", src) // config_int(meta, f"{a}.attention.head_count", src)
+    return dict(
+      sliding_window=window,
+      layer_types=types if window else None,
+      rope_local_theta=config_float(meta, f"{a}.rope.freq_base_swa", src, 10000.0),
+      query_pre_attn_scalar=head_dim,
     )
 
   def _rope_scaling(self, meta: dict) -> RopeScaling:
@@ -314,7 +366,7 @@ class GgufCheckpoint(Checkpoint):
     of a float or quantized type (from the tensor infos; no data is read)."""
     src, config = self.source, self.config
     check_layer_count(self._tensors, config, layer=GGUF_LAYER, config_path=f"{src} metadata", source=src)
-    expected = {_gguf_name(name): shape for name, shape in hf_tensor_shapes(config).items()}
+    expected = {_gguf_name(name, config): shape for name, shape in hf_tensor_shapes(config).items()}
     if "rope_freqs.weight" in self._tensors:
       expected["rope_freqs.weight"] = (config.head_dim // 2,)
     missing = sorted(set(expected) - set(self._tensors))
@@ -364,9 +416,7 @@ class GgufCheckpoint(Checkpoint):
 
   def layer_params(self, i: int) -> Params:
     params = {}
-    for gguf_name, hf_module in GGUF_LAYER_NAMES.items():
-      if hf_module.endswith(("q_norm", "k_norm")) and not self.config.qk_norm:
-        continue
+    for gguf_name, hf_module in gguf_layer_names(self.config).items():
       path = tuple(hf_module.split("."))
       w = self._hf_orientation(f"blk.{i}.{gguf_name}.weight")
       if hf_module.endswith("norm"):
@@ -418,14 +468,12 @@ class GgufCheckpoint(Checkpoint):
     return check_tokenizer(tok, self.config, self.source)
 
 
-def _gguf_name(hf_name: str) -> str:
+def _gguf_name(hf_name: str, config: LlamaConfig) -> str:
   """The GGUF name of a Hugging Face tensor name (``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``)."""
   fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}  # fmt: skip
   if hf_name in fixed:
     return fixed[hf_name]
   _, _, i, *module, kind = hf_name.split(".")
-  return f"blk.{i}.{_HF_TO_GGUF['.'.join(module)]}.{kind}"
-
-
-_HF_TO_GGUF = {hf: name for name, hf in GGUF_LAYER_NAMES.items()}
+  hf_to_gguf = {hf: name for name, hf in gguf_layer_names(config).items()}
+  return f"blk.{i}.{hf_to_gguf['.'.join(module)]}.{kind}"

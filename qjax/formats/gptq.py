@@ -382,7 +382,7 @@ def write_gptq(
   """`save_gptq`'s files, written into the existing `directory`."""
   spec = hf_quantized.model_spec(params, "GPTQ")
   tensors = hf_quantized.hf_tensors(
-    params, lambda module, q: to_gptq(q, checkpoint_format=checkpoint_format, name=module)._asdict()
+    params, lambda module, q: to_gptq(q, checkpoint_format=checkpoint_format, name=module)._asdict(), config
   )
   desc_act = any(is_qarray(leaf) and leaf.perm is not None for _, leaf in leaves_with_paths(params))
   lm_head = "lm_head.qweight" in tensors

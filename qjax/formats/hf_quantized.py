@@ -27,6 +27,7 @@ from qjax.models.checkpoint import (
   hf_layer_tensors,
   hf_tensor_shapes,
   linear_shapes,
+  norm_offset,
 )
 from qjax.models.config import LlamaConfig, read_json, show
 
@@ -84,12 +85,15 @@ def model_spec(params, fmt: str) -> QSpec:
   return next(iter(quantized.values())).spec
 
 
-def hf_tensors(params, quantized: Callable[[str, QArray], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def hf_tensors(
+  params, quantized: Callable[[str, QArray], dict[str, np.ndarray]], config: LlamaConfig
+) -> dict[str, np.ndarray]:
   """Every leaf as Hugging Face tensors: dense leaves in float16 (kernels transposed to [out, in]).
 
   Args:
     params: the Flax parameter tree.
     quantized: ``(module name, QArray) -> {suffix: array}`` for quantized leaves.
+    config: the model's config (Gemma's norms are stored less their offset).
 
   Raises:
     ValueError: naming the tensor when a dense value overflows float16.
@@ -101,7 +105,7 @@ def hf_tensors(params, quantized: Callable[[str, QArray], dict[str, np.ndarray]]
       module = name.removesuffix(".weight")
       tensors.update({f"{module}.{suffix}": value for suffix, value in quantized(module, leaf).items()})
       continue
-    w = np.asarray(leaf, np.float32)
+    w = np.asarray(leaf, np.float32) - np.float32(norm_offset(config, name))
     half = (w.T if path.endswith("/kernel") else w).astype(np.float16)
     if not np.isfinite(half).all():
       raise ValueError(f"{name}: values beyond float16's range (max |x| = {np.abs(w).max():.4g}).")
@@ -269,8 +273,9 @@ def read_hf_params(
   tensors.check_dense(dense_shapes, config_path)
 
   def dense(name: str, transpose: bool) -> np.ndarray:
-    w = tensors.get_many([name])[name].astype(dtype)
+    w = tensors.get_many([name])[name]
     check_finite(name, w, tensors.files[name])
+    w = (w.astype(np.float32) + norm_offset(config, name)).astype(dtype)
     return np.ascontiguousarray(w.T) if transpose else w
 
   def leaf(name: str, transpose: bool):

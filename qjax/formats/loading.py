@@ -1,5 +1,5 @@
-"""Opening a model by name: the built-in default, a Hugging Face directory (float, GPTQ, AWQ or compressed-tensors),
-a GGUF file, or a qjax directory."""
+"""Opening a model by name: a built-in model (``default``, ``gemma3-270m``), a Hugging Face directory (float, GPTQ,
+AWQ or compressed-tensors), a GGUF file, or a qjax directory."""
 
 import dataclasses
 import os
@@ -8,12 +8,11 @@ from typing import Any
 import numpy as np
 
 from qjax.formats import awq, compressed_tensors, gptq, hf_quantized, native
-from qjax.formats.default_model import default_model_dir
+from qjax.formats.default_model import BUILTIN_MODELS, builtin_model_dir
 from qjax.formats.gguf_reader import GgufCheckpoint
 from qjax.models.checkpoint import Checkpoint, SafetensorsCheckpoint
 from qjax.models.config import LlamaConfig
 
-DEFAULT = "default"
 QUANTIZED_LOADERS = {
   "gptq": gptq.load_gptq,
   "awq": awq.load_awq,
@@ -41,18 +40,20 @@ class LoadedModel:
 
 
 def open_checkpoint(model: str, *, dtype=np.float32) -> Checkpoint:
-  """A lazily read float checkpoint: ``"default"``, a Hugging Face directory, or a ``.gguf`` file.
+  """A lazily read float checkpoint: a built-in model's name, a Hugging Face directory, or a ``.gguf`` file.
 
   Raises:
     FileNotFoundError: if the path does not exist.
     ValueError: for a qjax, GPTQ or AWQ (already quantized) directory, which holds no float checkpoint.
   """
-  if model == DEFAULT:
-    return SafetensorsCheckpoint(default_model_dir(), dtype)
+  if model in BUILTIN_MODELS:
+    return SafetensorsCheckpoint(builtin_model_dir(model), dtype)
   if model.endswith(".gguf"):
     return GgufCheckpoint(model, dtype)
   if not os.path.exists(model):
-    raise FileNotFoundError(f"{model}: no such model (a Hugging Face directory, a .gguf file, or 'default').")
+    raise FileNotFoundError(
+      f"{model}: no such model (a Hugging Face directory, a .gguf file, or a built-in: {sorted(BUILTIN_MODELS)})."
+    )
   if native.is_qjax_dir(model):
     raise ValueError(f"{model}: a quantized qjax directory cannot be quantized again; start from the float model.")
   method = quant_method(model)
@@ -79,11 +80,12 @@ def load_model(model: str, *, dtype=np.float32) -> LoadedModel:
   Raises:
     ValueError: for a Hugging Face directory quantized with a method qjax does not read.
   """
-  if model != DEFAULT and os.path.isdir(model) and native.is_qjax_dir(model):
+  builtin = model in BUILTIN_MODELS
+  if not builtin and os.path.isdir(model) and native.is_qjax_dir(model):
     config, params, metadata = native.load_quantized(model)
     tokenizer = SafetensorsCheckpoint.load_tokenizer(model, config)
     return LoadedModel(config, params, tokenizer, model, metadata.get("source_model"))
-  method = quant_method(model) if model != DEFAULT and os.path.isdir(model) else None
+  method = quant_method(model) if not builtin and os.path.isdir(model) else None
   if method is not None:
     if method not in QUANTIZED_LOADERS:
       raise ValueError(

@@ -1,4 +1,5 @@
-"""The Llama family as the calibration runner sees it: the embedding, one decoder block at a time, the head.
+"""The Llama family (Gemma 3 included) as the calibration runner sees it: the embedding, one decoder block at a time,
+the head.
 
 `LlamaBlocks` hands out the parts of a lazily read checkpoint and says where they can be reparametrised: the
 scale groups of AWQ-style scalings and where each part touches the residual stream (for rotations).
@@ -24,31 +25,44 @@ SEQUENTIAL_GROUPS = (
 NO_CLIP = ("self_attn/q_proj", "self_attn/k_proj")
 
 # Inside a block: the norms and the linears that read them, and the linears that write to the stream.
-READERS = {
-  "input_layernorm": ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
-  "post_attention_layernorm": ("mlp/gate_proj", "mlp/up_proj"),
-}
+ATTENTION_INPUTS = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj")
+MLP_INPUTS = ("mlp/gate_proj", "mlp/up_proj")
 WRITERS = ("self_attn/o_proj", "mlp/down_proj")
 
 
+def block_readers(block) -> dict[str, tuple[str, ...]]:
+  """The norms of a block and the linears that read them: Gemma's MLP reads ``pre_feedforward_layernorm`` (its
+  ``post_attention_layernorm`` normalises the attention's output), the others' ``post_attention_layernorm``."""
+  mlp_norm = "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in block else "post_attention_layernorm"
+  return {"input_layernorm": ATTENTION_INPUTS, mlp_norm: MLP_INPUTS}
+
+
 def scale_groups(block) -> list[ScaleGroup]:
-  """AWQ's scale groups of a Llama-family block (AutoAWQ's `get_layers_for_scaling`).
+  """AWQ's scale groups of a Llama-family block (AutoAWQ's `get_layers_for_scaling`; Gemma's as AutoAWQ's Gemma 2:
+  the norms that read the residual stream, whatever normalises the outputs).
 
   The v -> o group exists only without grouped-query attention: with it, o's input channels
   (one per query head) do not map one to one onto v's output channels.
   """
   attn = block["self_attn"]
-  groups = [ScaleGroup("input_layernorm", READERS["input_layernorm"], "self_attn")]
+  (attn_norm, attn_inputs), (mlp_norm, mlp_inputs) = block_readers(block).items()
+  groups = [ScaleGroup(attn_norm, attn_inputs, "self_attn")]
   if attn["v_proj"]["kernel"].shape[::-1] == attn["o_proj"]["kernel"].shape:
     groups.append(ScaleGroup("self_attn/v_proj", ("self_attn/o_proj",), "self_attn/o_proj"))
-  groups.append(ScaleGroup("post_attention_layernorm", READERS["post_attention_layernorm"], "mlp"))
+  groups.append(ScaleGroup(mlp_norm, mlp_inputs, "mlp"))
   groups.append(ScaleGroup("mlp/up_proj", ("mlp/down_proj",), "mlp/down_proj"))
   return groups
 
 
 def residual_stream(part) -> ResidualStream:
   """Where a part of a Llama-family model (full paths: embedding, ``model/layers_i`` blocks, norm and head)
-  touches the residual stream."""
+  touches the residual stream.
+
+  Raises:
+    ValueError: for Gemma blocks: their outputs pass a norm with its own weights before joining the stream
+      (``post_attention_layernorm``, ``post_feedforward_layernorm``), so a rotation of the stream cannot be folded
+      into ``o_proj``/``down_proj``: ``(w * rmsnorm(y)) Q`` is no norm of ``y Q'`` for any ``Q'``.
+  """
   model = part.get("model", {})
   readers, writers, embeddings = {}, [], []
   if "embed_tokens" in model:
@@ -56,7 +70,12 @@ def residual_stream(part) -> ResidualStream:
   for name in model:
     if name.startswith("layers_"):
       prefix = f"model/{name}"
-      for norm, linears in READERS.items():
+      if "post_feedforward_layernorm" in model[name]:
+        raise ValueError(
+          f"{prefix}: a rotation cannot be folded into Gemma blocks: their outputs pass weighted norms "
+          "(post_attention_layernorm, post_feedforward_layernorm) before joining the residual stream."
+        )
+      for norm, linears in block_readers(model[name]).items():
         readers[f"{prefix}/{norm}"] = tuple(f"{prefix}/{m}" for m in linears)
       writers += [f"{prefix}/{m}" for m in WRITERS]
   if "norm" in model and "lm_head" in part:
@@ -83,8 +102,9 @@ class LlamaBlocks:
     self.num_layers = checkpoint.config.num_hidden_layers
     self.tied = checkpoint.config.tie_word_embeddings
     self.dtype = dtype
-    self._layer = DecoderLayer(self.config, dtype)
-    self._embed = Embed(self.config.vocab_size, self.config.hidden_size, dtype)
+    # One block function per kind of layer (full or sliding-window attention), so each compiles once.
+    self._layer_fns = {sliding: self._block_fn(DecoderLayer(self.config, dtype, sliding)) for sliding in (False, True)}
+    self._embed = Embed(self.config.vocab_size, self.config.hidden_size, dtype, self.config.embed_scale)
 
   def layer_prefix(self, i: int) -> str:
     return f"model/layers_{i}"
@@ -92,9 +112,17 @@ class LlamaBlocks:
   def layer_params(self, i: int):
     return self.checkpoint.layer_params(i)
 
-  def apply_layer(self, params, h: jax.Array) -> jax.Array:
-    positions = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
-    return self._layer.apply({"params": params}, h, positions)[0]
+  @staticmethod
+  def _block_fn(layer: DecoderLayer):
+    def apply(params, h: jax.Array) -> jax.Array:
+      positions = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
+      return layer.apply({"params": params}, h, positions)[0]
+
+    return apply
+
+  def layer_fn(self, i: int):
+    """Block `i` as a function ``(params, h (b, t, d)) -> (b, t, d)``; the same function for blocks of one kind."""
+    return self._layer_fns[self.config.sliding(i)]
 
   def embed_params(self):
     return {"model": {"embed_tokens": self.checkpoint.embed_params()}}

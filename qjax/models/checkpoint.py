@@ -34,6 +34,7 @@ LAYER_MODULES = (
   "mlp.down_proj",
 )
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+GEMMA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma: a norm on each block output too
 HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3: (head_dim,) weights shared by every head
 
 
@@ -75,9 +76,15 @@ def hf_layer_tensors(config: LlamaConfig, i: int) -> dict[str, tuple[tuple[str, 
     )
     if has_bias:
       names[f"model.layers.{i}.{module}.bias"] = (*path, "bias"), False
-  for norm in LAYER_NORMS + (HEAD_NORMS if config.qk_norm else ()):
+  for norm in LAYER_NORMS + (GEMMA_NORMS if config.gemma else ()) + (HEAD_NORMS if config.qk_norm else ()):
     names[f"model.layers.{i}.{norm}.weight"] = (*norm.split("."), "scale"), False
   return names
+
+
+def norm_offset(config: LlamaConfig, hf_name: str) -> float:
+  """What the norm multiplier qjax holds exceeds the Hugging Face tensor `hf_name` by: 1 for Gemma's norms (stored as
+  ``w`` for a multiplier ``1 + w``), else 0. Readers add it, writers subtract it."""
+  return config.norm_offset if hf_name.endswith("norm.weight") else 0.0
 
 
 def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -488,9 +495,11 @@ class SafetensorsCheckpoint(Checkpoint):
     Raises:
       InputError: naming the tensor when it holds NaN or Inf, or the file when it cannot be read.
     """
-    out = {name: value.astype(self.dtype) for name, value in self._tensors.read(names).items()}
-    for name, value in out.items():
+    out = {}
+    for name, value in self._tensors.read(names).items():
       check_finite(name, value, self._tensors.files[name])
+      offset = norm_offset(self.config, name)  # added in float32, as transformers computes 1 + w
+      out[name] = (value.astype(np.float32) + offset if offset else value).astype(self.dtype)
     return out
 
   def get(self, name: str) -> np.ndarray:

@@ -15,8 +15,12 @@ ARCHITECTURES = {
   "MistralForCausalLM": {"model_type": "mistral"},
   "Qwen2ForCausalLM": {"model_type": "qwen2", "attention_bias": True},
   "Qwen3ForCausalLM": {"model_type": "qwen3", "qk_norm": True},  # RMSNorm over each head's queries and keys
+  # Gemma 3: GeGLU, embeddings scaled by sqrt(hidden), norms after attention and the MLP too, norm weights stored
+  # as w and applied as 1 + w, sliding-window and global layers with their own RoPE bases.
+  "Gemma3ForCausalLM": {"model_type": "gemma3_text", "qk_norm": True, "gemma": True},
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**31  # every size, count and token id a config gives must lie below it
 MAX_JSON_BYTES = 64 << 20  # config.json, an index or a manifest: megabytes at most; refused before parsing
 REQUIRED = object()
@@ -61,6 +65,9 @@ class LlamaConfig:
   attention_bias: bool = False
   mlp_bias: bool = False
   sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None  # per layer, one of LAYER_TYPES; None: `sliding_window` applies to all
+  rope_local_theta: float | None = None  # RoPE base of sliding-window layers when it differs (Gemma 3)
+  query_pre_attn_scalar: int | None = None  # attention scores are scaled by its -1/2 power (default: head_dim)
   architecture: str = "LlamaForCausalLM"
   bos_token_id: int | None = None
   eos_token_id: int | None = None
@@ -75,6 +82,11 @@ class LlamaConfig:
       )
     if self.rope_scaling.rope_type not in ROPE_TYPES:
       raise NotImplementedError(f"rope type {self.rope_scaling.rope_type!r} is not supported; qjax has {ROPE_TYPES}.")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+        raise ValueError(
+          f"layer_types expected {self.num_hidden_layers} entries of {LAYER_TYPES}, got {show(self.layer_types)}."
+        )
 
   @property
   def model_type(self) -> str:
@@ -84,6 +96,33 @@ class LlamaConfig:
   def qk_norm(self) -> bool:
     """Whether queries and keys pass an RMSNorm over each head (``q_norm``, ``k_norm``; Qwen3) before RoPE."""
     return ARCHITECTURES[self.architecture].get("qk_norm", False)
+
+  @property
+  def gemma(self) -> bool:
+    """Gemma 3's block: GeGLU (tanh GELU), embeddings scaled by sqrt(hidden_size), an RMSNorm on the attention and
+    MLP outputs too (``post_attention_layernorm``, ``post_feedforward_layernorm``; the MLP reads
+    ``pre_feedforward_layernorm``), and norm weights that checkpoints store as ``w`` for a multiplier ``1 + w``."""
+    return ARCHITECTURES[self.architecture].get("gemma", False)
+
+  @property
+  def norm_offset(self) -> float:
+    """What a Hugging Face checkpoint's norm weight is short of the multiplier the norm applies (qjax's value)."""
+    return 1.0 if self.gemma else 0.0
+
+  @property
+  def embed_scale(self) -> float:
+    """The factor token embeddings are multiplied by on the way in (not on the tied head)."""
+    return math.sqrt(self.hidden_size) if self.gemma else 1.0
+
+  @property
+  def attention_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  def sliding(self, i: int) -> bool:
+    """Whether layer `i` attends within `sliding_window` tokens only."""
+    if self.sliding_window is None:
+      return False
+    return self.layer_types is None or self.layer_types[i] == "sliding_attention"
 
   @classmethod
   def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json") -> "LlamaConfig":
@@ -123,6 +162,8 @@ class LlamaConfig:
       bos_token_id=token_id(hf, "bos_token_id", source),
       eos_token_id=token_id(hf, "eos_token_id", source),
     )
+    if ARCHITECTURES[arch].get("gemma"):
+      fields.update(gemma_fields(hf, source))
     keys = {"num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim"}
     return checked_config(hf, keys | {f: f for f in SIZE_FIELDS}, source, **fields)
 
@@ -167,11 +208,68 @@ class LlamaConfig:
       hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
     if self.architecture == "Qwen3ForCausalLM":
       hf.update(attention_bias=self.attention_bias, use_sliding_window=False)
+    if self.gemma:  # the keys every transformers version reads (v5 turns them into rope_parameters)
+      del hf["hidden_act"]
+      hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=self.query_pre_attn_scalar,
+                sliding_window=self.sliding_window, layer_types=list(self.layer_types or ()),
+                rope_local_base_freq=self.rope_local_theta, attention_bias=self.attention_bias,
+                final_logit_softcapping=None, attn_logit_softcapping=None)  # fmt: skip
+      return hf
     if self.rope_freq_factors is not None:
       hf["qjax_rope_freq_factors"] = list(self.rope_freq_factors)  # no Hugging Face key holds explicit factors
     if self.sliding_window is not None:
       hf.update(sliding_window=self.sliding_window, use_sliding_window=True)
     return hf
+
+
+def gemma_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+  """The `LlamaConfig` fields of a Gemma 3 text config (``Gemma3TextConfig``), with its defaults.
+
+  RoPE comes as transformers 5 writes it (``rope_parameters`` per layer type) or as older versions do
+  (``rope_theta``, ``rope_local_base_freq``, ``rope_scaling``); layers follow ``layer_types`` or, in older configs,
+  ``sliding_window_pattern`` (every n-th layer global).
+
+  Raises:
+    InputError: naming `source` and the key for what qjax's model does not compute (another activation, logit
+      soft-capping, bidirectional attention, scaled RoPE on sliding layers) or a malformed value.
+  """
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+  if act != "gelu_pytorch_tanh":
+    raise InputError(f"{source}: hidden_activation expected 'gelu_pytorch_tanh', got {show(act)}.")
+  for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+    if hf.get(key) is not None:
+      raise InputError(f"{source}: {key} is not supported (Gemma 3 has none), got {show(hf[key])}.")
+  if config_bool(hf, "use_bidirectional_attention", source, default=False):
+    raise InputError(f"{source}: use_bidirectional_attention is not supported; qjax's models are causal.")
+  rope = hf.get("rope_parameters")
+  if isinstance(rope, dict) and ("full_attention" in rope or "sliding_attention" in rope):
+    full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+  else:
+    full = hf.get("rope_scaling") or {}
+    local = {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+  if not isinstance(full, dict) or not isinstance(local, dict):
+    raise InputError(f"{source}: rope_parameters expected objects per layer type, got {show(rope)}.")
+  if local.get("rope_type", "default") != "default":
+    raise InputError(f"{source}: rope_parameters.sliding_attention.rope_type expected 'default', got "
+                     f"{show(local['rope_type'])}.")  # fmt: skip
+  layers = config_int(hf, "num_hidden_layers", source)
+  types = hf.get("layer_types")
+  if types is None:
+    pattern = config_int(hf, "sliding_window_pattern", source, default=6)
+    types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+  if not isinstance(types, list) or len(types) != layers or not all(t in LAYER_TYPES for t in types):
+    raise InputError(f"{source}: layer_types expected {layers} entries of {LAYER_TYPES}, got {show(types)}.")
+  theta = full.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+  return dict(
+    rope_scaling=rope_scaling(full, source),
+    rope_theta=config_float({"rope_theta": theta}, "rope_theta", source),
+    rope_local_theta=config_float(local, "rope_theta", source, 10000.0),
+    sliding_window=config_int(hf, "sliding_window", source, default=4096),
+    layer_types=tuple(types),
+    query_pre_attn_scalar=config_int(hf, "query_pre_attn_scalar", source, default=256),
+    tie_word_embeddings=config_bool(hf, "tie_word_embeddings", source, default=True),
+    max_position_embeddings=config_int(hf, "max_position_embeddings", source, default=131072),
+  )
 
 
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")

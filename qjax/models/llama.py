@@ -1,8 +1,13 @@
-"""Flax implementation of the Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM) as Hugging Face defines it.
+"""Flax implementation of the Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM, Gemma 3) as Hugging Face
+defines it.
 
 One model with per-family options rather than a class per family: the families differ in a few switches (biases,
-a sliding window, Qwen3's per-head query/key norms), and one block structure keeps the calibration runner, the
-scale groups and every exporter's name map shared.
+a sliding window, Qwen3's per-head query/key norms, Gemma 3's GeGLU, extra norms and per-layer attention), and one
+block structure keeps the calibration runner, the scale groups and every exporter's name map shared.
+
+A norm's ``scale`` is the multiplier it applies. Gemma's checkpoints store ``scale - 1``; the offset lives in
+the Hugging Face readers and writers (`LlamaConfig.norm_offset`), so every transform that folds into a norm (AWQ's
+scales, a rotation) sees one kind of norm.
 
 Parameter paths mirror Hugging Face module names, so rules read naturally and
 checkpoint conversion is a rename: ``model/layers_3/self_attn/q_proj/kernel`` is
@@ -84,10 +89,16 @@ class RMSNorm(nn.Module):
     return jnp.broadcast_to(scale.astype(x.dtype), x.shape) * h.astype(x.dtype)
 
 
-def rope_frequencies(config: LlamaConfig) -> np.ndarray:
-  """Inverse frequencies ``(head_dim / 2,)`` float32, with Llama-3 or linear scaling applied."""
+def rope_frequencies(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
+  """Inverse frequencies ``(head_dim / 2,)`` float32, with Llama-3 or linear scaling applied.
+
+  `local`: a sliding-window layer's, when the model gives those their own base (unscaled, as Gemma 3's).
+  """
   dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+  if local and config.rope_local_theta is not None:
+    return (1.0 / (config.rope_local_theta**exponents)).astype(np.float32)
+  inv_freq = 1.0 / (config.rope_theta**exponents)
   if config.rope_freq_factors is not None:
     return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
   scaling = config.rope_scaling
@@ -106,9 +117,10 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def rope_tables(config: LlamaConfig, positions: Int[Array, "b t"]) -> tuple[Array, Array]:
+def rope_tables(config: LlamaConfig, positions: Int[Array, "b t"], *, local: bool = False) -> tuple[Array, Array]:
   """cos and sin tables ``(batch, seq, head_dim)`` float32 for rotate-half RoPE."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_frequencies(config))[None, None]
+  inv_freq = rope_frequencies(config, local=local)
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -120,19 +132,24 @@ def apply_rope(x: Float[Array, "b t h d"], cos: Array, sin: Array) -> Float[Arra
   return out.astype(x.dtype)
 
 
-def attention_mask(config: LlamaConfig, q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"]) -> Array:
-  """(batch, 1, t, s) bool: causal, and within the sliding window when the model has one."""
+def attention_mask(q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], window: int | None) -> Array:
+  """(batch, 1, t, s) bool: causal, and within `window` tokens (``q - k < window``) unless it is None."""
   allowed = k_pos[:, None, :] <= q_pos[:, :, None]
-  if config.sliding_window is not None:
-    allowed &= k_pos[:, None, :] > q_pos[:, :, None] - config.sliding_window
+  if window is not None:
+    allowed &= k_pos[:, None, :] > q_pos[:, :, None] - window
   return allowed[:, None]
 
 
 class Attention(nn.Module):
-  """Grouped-query attention with rotate-half RoPE and an optional KV cache."""
+  """Grouped-query attention with rotate-half RoPE and an optional KV cache.
+
+  Attributes:
+    sliding: this layer attends within ``config.sliding_window`` tokens (with the local RoPE base, if any).
+  """
 
   config: LlamaConfig
   dtype: jnp.dtype = jnp.float32
+  sliding: bool = False
 
   @nn.compact
   def __call__(self, x, positions, cache: KVCache | None = None):
@@ -145,7 +162,7 @@ class Attention(nn.Module):
     if cfg.qk_norm:  # Qwen3: each head's queries and keys normalised (one weight over head_dim) before RoPE
       q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
-    cos, sin = rope_tables(cfg, positions)
+    cos, sin = rope_tables(cfg, positions, local=self.sliding)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is None:
       k_all, v_all, k_pos = k, v, positions
@@ -159,8 +176,9 @@ class Attention(nn.Module):
     groups = heads // kv_heads
     qg = q.reshape(b, t, kv_heads, groups, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(hd)
-    mask = attention_mask(cfg, positions, k_pos)[:, :, None]  # (b, 1, 1, t, s)
+    scores = scores * cfg.attention_scale
+    window = cfg.sliding_window if self.sliding else None
+    mask = attention_mask(positions, k_pos, window)[:, :, None]  # (b, 1, 1, t, s)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(q.dtype), preferred_element_type=jnp.float32)
@@ -169,7 +187,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  """SwiGLU ``down(silu(gate(x)) * up(x))``, or GeGLU with tanh GELU for Gemma."""
 
   config: LlamaConfig
   dtype: jnp.dtype = jnp.float32
@@ -179,34 +197,50 @@ class MLP(nn.Module):
     cfg = self.config
     gate = Linear(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="gate_proj")(x)
     up = Linear(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="up_proj")(x)
-    return Linear(cfg.hidden_size, cfg.mlp_bias, self.dtype, name="down_proj")(nn.silu(gate) * up)
+    act = jax.nn.gelu(gate, approximate=True) if cfg.gemma else nn.silu(gate)
+    return Linear(cfg.hidden_size, cfg.mlp_bias, self.dtype, name="down_proj")(act * up)
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm decoder block: attention and SwiGLU MLP, each with a residual connection."""
+  """One pre-norm decoder block: attention and MLP, each with a residual connection (Gemma: and a norm on each
+  output before it joins the residual stream).
+
+  Attributes:
+    sliding: the layer's attention is sliding-window (`LlamaConfig.sliding`).
+  """
 
   config: LlamaConfig
   dtype: jnp.dtype = jnp.float32
+  sliding: bool = False
 
   @nn.compact
   def __call__(
     self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], cache: KVCache | None = None
   ) -> tuple[Float[Array, "b t d"], KVCache | None]:
     cfg = self.config
-    h, cache = Attention(cfg, self.dtype, name="self_attn")(
-      RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, cache
-    )
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, name=name)
+    attention = Attention(cfg, self.dtype, self.sliding, name="self_attn")
+    h, cache = attention(norm("input_layernorm")(x), positions, cache)
+    if cfg.gemma:
+      x = x + norm("post_attention_layernorm")(h)
+      return x + norm("post_feedforward_layernorm")(
+        MLP(cfg, self.dtype, name="mlp")(norm("pre_feedforward_layernorm")(x))
+      ), cache
     x = x + h
-    x = x + MLP(cfg, self.dtype, name="mlp")(RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
-    return x, cache
+    return x + MLP(cfg, self.dtype, name="mlp")(norm("post_attention_layernorm")(x)), cache
 
 
 class Embed(nn.Module):
-  """Token embedding ``(vocab, hidden)``; may be a `QArray` quantized along ``hidden``."""
+  """Token embedding ``(vocab, hidden)``; may be a `QArray` quantized along ``hidden``.
+
+  Attributes:
+    scale: the factor looked-up rows are multiplied by (Gemma: sqrt(hidden)); not applied by `attend`.
+  """
 
   num_embeddings: int
   features: int
   dtype: jnp.dtype = jnp.float32
+  scale: float = 1.0
 
   def setup(self):
     shape = (self.num_embeddings, self.features)
@@ -216,8 +250,10 @@ class Embed(nn.Module):
     table = self.embedding
     if is_qarray(table):
       # Dequantized whole, then gathered: small next to the (vocab x hidden) head matmul.
-      return jnp.take(dequantize(table), ids, axis=0).astype(self.dtype)
-    return jnp.take(table, ids, axis=0).astype(self.dtype)
+      rows = jnp.take(dequantize(table), ids, axis=0).astype(self.dtype)
+    else:
+      rows = jnp.take(table, ids, axis=0).astype(self.dtype)
+    return rows if self.scale == 1.0 else rows * jnp.asarray(self.scale, self.dtype)
 
   def attend(self, h: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
     """Tied output embedding: ``h @ embedding.T``."""
@@ -234,8 +270,8 @@ class LlamaModel(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype)
-    self.layers = [DecoderLayer(cfg, self.dtype) for _ in range(cfg.num_hidden_layers)]
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, cfg.embed_scale)
+    self.layers = [DecoderLayer(cfg, self.dtype, cfg.sliding(i)) for i in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
   def __call__(self, ids, positions, caches=None):

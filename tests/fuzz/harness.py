@@ -123,6 +123,8 @@ SYSTEM_FILES = re.compile(r"/proc/(self|\d+)/(mountinfo|cgroup|status|stat|maps)
 def _allowed_roots(case_dir: str) -> list[str]:
   """Where a case may open files: its directory, the Python installation (lazy imports) and the repository."""
   roots = {case_dir, sys.prefix, sys.base_prefix, sys.exec_prefix, REPO}
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # jax's own cache of compiled programs (scripts/env.sh sets it)
+    roots.add(os.environ["JAX_COMPILATION_CACHE_DIR"])
   return [os.path.realpath(r) for r in roots]
 
 

@@ -24,7 +24,7 @@ def layer_problems():
   tokens = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "calibration"))
   windows = texts.calibration_windows(tokens, 8, 256)
   h = np.concatenate([np.asarray(blocks.embed(blocks.embed_params(), jnp.asarray(w[None]))) for w in windows])
-  batches, runner = _Batches(h, RunnerOptions(batch_size=8)), _BlockRunner(blocks)
+  batches, runner = _Batches(h, RunnerOptions(batch_size=8)), _BlockRunner(blocks.layer_fn(0))
   problems = {}
   for i in range(7):
     params = jax.tree.map(jnp.asarray, blocks.layer_params(i))

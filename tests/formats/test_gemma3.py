@@ -1,0 +1,157 @@
+"""Gemma 3 (GeGLU, embeddings scaled by sqrt(hidden), four norms per block stored as w for 1 + w, sliding-window and
+global layers with their own RoPE bases, query_pre_attn_scalar) through qjax's loader, every format and llama.cpp."""
+
+import dataclasses
+import json
+import os
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax.calib import text as texts
+from qjax.cli.quantize import Settings, run
+from qjax.core.errors import InputError
+from qjax.core.tree import leaves_with_paths
+from qjax.formats import GgufCheckpoint, export, load_model, open_checkpoint, parse_target
+from qjax.formats.gptq import canonical_act_order
+from qjax.models import LlamaConfig, logits_fn
+from tests.formats.test_gguf import assert_same_tensors, llama_cpp_logits, llama_quantize
+from tests.formats.test_gptq import assert_same_qarray, compare_with_transformers
+from tests.model_factory import quantize_like_cli, write_random_llama
+
+# The gemma3.* keys llama.cpp's convert_hf_to_gguf.py writes for the `gemma3` model below (its vendored copy, run by
+# hand: the same keys and values and every tensor byte for byte, norms stored as 1 + w). qjax adds
+# attention.sliding_window_pattern only for a pattern other than llama.cpp's every-6th-layer default.
+CONVERTER_KEYS = [
+  "gemma3.attention.head_count", "gemma3.attention.head_count_kv", "gemma3.attention.key_length",
+  "gemma3.attention.layer_norm_rms_epsilon", "gemma3.attention.sliding_window", "gemma3.attention.value_length",
+  "gemma3.block_count", "gemma3.context_length", "gemma3.embedding_length", "gemma3.feed_forward_length",
+  "gemma3.rope.freq_base", "gemma3.rope.freq_base_swa",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+  """A random tied Gemma 3 with rows of whole 256-blocks: 7 layers (the 6th global, as llama.cpp assumes without a
+  pattern key), a 16-token window, head_dim 128 apart from hidden / heads."""
+  return write_random_llama(str(tmp_path_factory.mktemp("gemma3")), layers=7, hidden=256, intermediate=512, heads=4,
+                            kv_heads=1, tie=True, family="Gemma3", head_dim=128, sliding_window=16,
+                            query_pre_attn_scalar=128)  # fmt: skip
+
+
+def window(checkpoint, n=96):
+  return texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))[:n]
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(tie=True, sliding_window=8, query_pre_attn_scalar=24,
+         layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    dict(tie=False, sliding_window=5, rope_parameters={
+      "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50000.0},
+      "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
+  ],
+  ids=["tied_layer_types_scalar", "untied_linear_rope"],
+)  # fmt: skip
+def test_logits_match_transformers(tmp_path, options):
+  torch = pytest.importorskip("torch")
+  import transformers
+
+  path = write_random_llama(str(tmp_path / "m"), layers=3, hidden=64, intermediate=96, heads=4, kv_heads=2,
+                            family="Gemma3", head_dim=32, **options)  # fmt: skip
+  checkpoint = open_checkpoint(path)
+  config = checkpoint.config
+  assert config.gemma and config.qk_norm and config.sliding(0) and config.embed_scale == 8.0
+  ids = np.random.default_rng(0).integers(0, 1000, (2, 20))  # longer than either window
+  ours = np.asarray(logits_fn(config, checkpoint.params())(jnp.asarray(ids)))
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = model(torch.tensor(ids)).logits.numpy()
+  assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
+  # the config qjax writes is read back by transformers and by qjax as the same model
+  hf = transformers.AutoConfig.for_model(**config.to_hf_dict())
+  assert hf.layer_types == list(config.layer_types) and hf.query_pre_attn_scalar == config.query_pre_attn_scalar
+  assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+@pytest.mark.slow
+def test_gguf_is_llama_cpps_and_runs_there(gemma3, tmp_path):
+  checkpoint = open_checkpoint(gemma3)
+  f32 = run(Settings(model=gemma3, method="none", export="gguf:F32", eval_windows=0, out=str(tmp_path / "f")),
+            show_progress=False)[1]  # fmt: skip
+  reader = gguf.GGUFReader(f32)
+  assert reader.fields["general.architecture"].contents() == "gemma3"
+  assert sorted(k for k in reader.fields if k.startswith("gemma3.")) == CONVERTER_KEYS
+  stored = {t.name: np.asarray(t.data) for t in reader.tensors}
+  hf_norm = np.asarray(checkpoint.params()["model"]["layers_0"]["post_feedforward_layernorm"]["scale"])
+  np.testing.assert_array_equal(stored["blk.0.post_ffw_norm.weight"], hf_norm)  # 1 + w, as the converter writes
+  back = GgufCheckpoint(f32)
+  assert back.config.layer_types == checkpoint.config.layer_types and back.config.rope_local_theta == 10000.0
+  for (path, a), (_, b) in zip(leaves_with_paths(checkpoint.params()), leaves_with_paths(back.params()), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+  w = window(checkpoint)  # 96 tokens: the 16-token window matters
+  ours = np.asarray(logits_fn(back.config, back.params())(jnp.asarray(w[None])))[0]
+  theirs = llama_cpp_logits(f32, w)
+  assert np.abs(ours - theirs).max() < 2e-3 * np.abs(ours).max()
+  q4 = run(Settings(model=gemma3, method="none", export="gguf:Q4_K_M", eval_windows=0, out=str(tmp_path / "q")),
+           show_progress=False)[1]  # fmt: skip
+  llama_quantize(f32, str(tmp_path / "llama.gguf"), "Q4_K_M")
+  assert_same_tensors(q4, str(tmp_path / "llama.gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")  # third-party deprecation warnings while loading
+@pytest.mark.parametrize(
+  "settings",
+  [
+    dict(method="gptq", desc_act=True, export="gptq", group_size=64),
+    dict(method="awq+gptq", export="awq", group_size=64, sym=False),
+  ],
+  ids=["gptq_act_order", "awq"],
+)
+def test_hf_exports_load_in_transformers_and_back(gemma3, tmp_path, settings):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("gptqmodel")
+  s = Settings(model=gemma3, nsamples=4, seqlen=64, **settings)
+  checkpoint, config, params = quantize_like_cli(s)
+  out = export(parse_target(s.export), str(tmp_path / "q"), config, params, checkpoint.tokenizer(), name="gemma3")
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["model_type"] == "gemma3_text"
+  loaded = load_model(out)
+  assert loaded.config == config
+  for (path, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(loaded.params), strict=True):
+    if hasattr(a, "spec"):  # act-order groups read back in GPTQ's canonical order; groups divide every width
+      a = canonical_act_order(a) if a.perm is not None else a
+      assert_same_qarray(
+        b, dataclasses.replace(a, spec=dataclasses.replace(a.spec, partial_groups=b.spec.partial_groups))
+      )
+    else:  # norms go out as w = scale - 1 in float16 and come back as 1 + w
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-3, err_msg=path)
+  windows = window(checkpoint, 128).reshape(2, 64)
+  diff, scale, ppl_theirs, ppl_ours = compare_with_transformers(out, windows, dtype=torch.float32)
+  print(f"Gemma 3 {settings}: max |Δlogit| {diff:.5f} (max |logit| {scale:.2f}); perplexity transformers "
+        f"{ppl_theirs:.4f} qjax {ppl_ours:.4f}")  # fmt: skip
+  assert diff < 3e-3 * scale
+  assert abs(ppl_theirs - ppl_ours) / ppl_ours < 1e-3
+
+
+def test_what_gemma_cannot_do_is_named(gemma3, tmp_path):
+  with pytest.raises(ValueError, match=r"model/layers_0: a rotation cannot be folded into Gemma blocks"):
+    quantize_like_cli(Settings(model=gemma3, method="rotate+rtn", nsamples=1, seqlen=16))
+  with open(os.path.join(gemma3, "config.json")) as f:
+    hf = json.load(f)
+  for key, value, message in [
+    ("hidden_activation", "gelu", r"hidden_activation expected 'gelu_pytorch_tanh', got 'gelu'"),
+    ("final_logit_softcapping", 30.0, r"final_logit_softcapping is not supported"),
+    ("layer_types", ["full_attention"], r"layer_types expected 7 entries"),
+  ]:
+    with pytest.raises(InputError, match=rf"x\.json: {message}"):
+      LlamaConfig.from_hf_dict({**hf, key: value}, source="x.json")
+  odd = dataclasses.replace(open_checkpoint(gemma3).config, query_pre_attn_scalar=100)
+  with pytest.raises(NotImplementedError, match=r"query_pre_attn_scalar=100 cannot be written to GGUF"):
+    from qjax.formats.gguf import model_metadata
+
+    model_metadata(odd, file_type="F32", name="x")
