@@ -54,8 +54,8 @@ def main(argv):
                    "top1": result.top1_agreement, "float_perplexity": result.reference_perplexity})  # fmt: skip
       print(f"w{bits}g128 {name:26s} ppl {result.perplexity:8.3f}  KL {result.kl_divergence:.4f}", flush=True)
   with open(_RESULTS.value, "w") as f:
-    json.dump({"model": FLAGS.model, "nsamples": FLAGS.nsamples, "seqlen": FLAGS.seqlen, "eval_tokens": result.tokens, "rows": rows}, f,
-              indent=2)  # fmt: skip
+    results = {"model": FLAGS.model, "nsamples": FLAGS.nsamples, "seqlen": FLAGS.seqlen, "eval_tokens": result.tokens}
+    json.dump({**results, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
