@@ -1,7 +1,8 @@
-"""One table of methods on the built-in default model and text: qjax's and llama.cpp's recipes side by side.
+"""One table of methods on a built-in model and the built-in text: qjax's and llama.cpp's recipes side by side.
 
   .venv/bin/python experiments/compare_methods.py          # writes experiments/compare_methods.{json,md,png}
   .venv/bin/python experiments/compare_methods.py --rows=AWQ+GPTQ,Q4_K_M   # reruns those rows, keeps the others
+  .venv/bin/python experiments/compare_methods.py --model=gemma3-270m      # experiments/compare_methods_gemma3-270m.*
 
 Rows: RTN, GPTQ (group-aware order), GPTQ act-order, AWQ, AWQ+GPTQ at 4 bits in groups of 128
 (calibrated on 16 x 256 tokens),
@@ -30,7 +31,10 @@ FLAGS = flags.FLAGS  # --nsamples, --seqlen and --eval_windows are the quantize 
 FLAGS.set_default("nsamples", 16)
 FLAGS.set_default("seqlen", 256)
 _EVAL_SEQLEN = flags.DEFINE_integer("eval_seqlen", 512, "Tokens per evaluation window.")
-_OUT = flags.DEFINE_string("prefix", "experiments/compare_methods", "Output path prefix (.json, .md, .png).")
+_OUT = flags.DEFINE_string(
+  "prefix", None, "Output path prefix (.json, .md, .png); default experiments/compare_methods[_MODEL]."
+)
+MODEL_NAMES = {"default": "Default model (SmolLM2-135M-Instruct)", "gemma3-270m": "Gemma 3 270M"}
 _ROWS = flags.DEFINE_list(
   "rows", None, "Only these rows (qjax row names or GGUF recipes); the other rows of an existing JSON are kept."
 )
@@ -78,7 +82,10 @@ def llama_cpp_fn(path: str, seqlen: int):
 
 def main(argv):
   del argv
-  checkpoint = open_checkpoint("default")
+  if _OUT.value is None:
+    suffix = "" if FLAGS.model == "default" else f"_{FLAGS.model}"
+    FLAGS.prefix = f"experiments/compare_methods{suffix}"
+  checkpoint = open_checkpoint(FLAGS.model)
   tokenizer = checkpoint.tokenizer()
   windows = calibration_windows(Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen), tokenizer)
   eval_windows = texts.eval_windows(
@@ -93,7 +100,7 @@ def main(argv):
 
   rows = []
   for name, kw in filter(lambda row: wanted(row[0]), QJAX_ROWS):
-    s = Settings(nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, group_size=128, **kw)
+    s = Settings(model=FLAGS.model, nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, group_size=128, **kw)
     _, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
     result = evaluate(logits_fn(config, params), eval_windows, reference_fn=float_fn, label=name)
     bpw, mb = weight_bits(params)
@@ -101,11 +108,11 @@ def main(argv):
                      kl=result.kl_divergence, top1=result.top1_agreement, bpw=bpw, size_mb=mb))  # fmt: skip
   with tempfile.TemporaryDirectory() as tmp:
     for recipe, imatrix in filter(lambda row: wanted(row[0]), GGUF_ROWS):
-      s = Settings(method="none", export=f"gguf:{recipe}", imatrix=imatrix, nsamples=FLAGS.nsamples,
-                   seqlen=FLAGS.seqlen)  # fmt: skip
+      s = Settings(model=FLAGS.model, method="none", export=f"gguf:{recipe}", imatrix=imatrix,
+                   nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen)  # fmt: skip
       p, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
       path = export(parse_target(s.export), os.path.join(tmp, f"{recipe}-{imatrix}"), config, params, tokenizer,
-                    name="default")  # fmt: skip
+                    name=FLAGS.model)  # fmt: skip
       fn, llm = llama_cpp_fn(path, _EVAL_SEQLEN.value)
       try:
         result = evaluate(fn, eval_windows, reference_fn=float_fn, label=p.label)
@@ -127,7 +134,7 @@ def write_outputs(rows, float_ppl: float, tokens: int) -> None:
   with open(f"{_OUT.value}.json", "w") as f:
     json.dump({"float_perplexity": float_ppl, "eval_tokens": tokens, "rows": rows}, f, indent=2)
   lines = [
-    f"Default model (SmolLM2-135M-Instruct), built-in evaluation text, {tokens} scored tokens; float perplexity "
+    f"{MODEL_NAMES.get(FLAGS.model, FLAGS.model)}, built-in evaluation text, {tokens} scored tokens; float perplexity "
     f"{float_ppl:.3f}. KL divergence and top-1 agreement against qjax's float model on the same tokens.",
     "",
     "| method | runtime | perplexity | KL | top-1 | bits/weight | size MB |",

@@ -3,7 +3,7 @@
 Reproduces the GPTQ table in the README (the default model), and the two models side by side:
 
   .venv/bin/python experiments/gptq_vs_rtn.py --results=experiments/gptq_vs_rtn.json
-  .venv/bin/python experiments/gptq_vs_rtn.py --model=gemma3-270m --bits=4 --nsamples=16 --seqlen=256 \
+  .venv/bin/python experiments/gptq_vs_rtn.py --model=gemma3-270m --widths=4 --nsamples=16 --seqlen=256 \
       --eval_windows=8 --results=experiments/gptq_vs_rtn_gemma3-270m.json   # and --model=default likewise
 
 Same calibration windows (--nsamples x --seqlen from the built-in text, seed 0) for every
@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS  # --nsamples, --seqlen and --eval_windows are the quantize 
 FLAGS.set_default("eval_windows", 33)  # the whole built-in evaluation text
 
 _RESULTS = flags.DEFINE_string("results", "experiments/gptq_vs_rtn.json", "Results file.")
-_BITS = flags.DEFINE_list("bits", ["4", "3"], "Bit widths to compare.")
+_WIDTHS = flags.DEFINE_list("widths", ["4", "3"], "Bit widths to compare (--bits is the quantize command's own flag).")
 
 VARIANTS = [
   ("RTN", dict(method="rtn")),
@@ -45,7 +45,7 @@ def main(argv):
   )
   float_fn = logits_fn(checkpoint.config, checkpoint.params())
   rows = []
-  for bits in map(int, _BITS.value):
+  for bits in map(int, _WIDTHS.value):
     for name, kw in VARIANTS:
       s = Settings(model=FLAGS.model, bits=bits, group_size=128, nsamples=FLAGS.nsamples, seqlen=FLAGS.seqlen, **kw)
       _, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)

@@ -136,6 +136,8 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> list[KeyValue]:
         KeyValue("tokenizer.ggml.model", "llama", gguf.GGUFValueType.STRING),
         KeyValue("tokenizer.ggml.pre", "default", gguf.GGUFValueType.STRING),
       ]
+      if not _adds_space_prefix(tokenizer):  # Gemma: llama.cpp's SentencePiece tokenizer would prepend one
+        entries.append(KeyValue("tokenizer.ggml.add_space_prefix", False, gguf.GGUFValueType.BOOL))
     entries += [
       KeyValue("tokenizer.ggml.tokens", tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING),
       KeyValue("tokenizer.ggml.token_type", types, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
@@ -144,6 +146,12 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> list[KeyValue]:
       entries.append(KeyValue("tokenizer.ggml.scores", scores, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.FLOAT32))
     entries += _special_vocab(tmp, vocab_size, load_merges=kind == "gpt2")
   return entries
+
+
+def _adds_space_prefix(tokenizer) -> bool:
+  """Whether a SentencePiece-style tokenizer turns a text's first word into ``▁word`` (Llama 2) or not (Gemma)."""
+  pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))
+  return bool(pieces) and pieces[0].startswith("\u2581")
 
 
 def _merge_scores(tokenizer) -> dict[str, float]:

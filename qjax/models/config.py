@@ -44,7 +44,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-  """Hyperparameters of a Llama-family decoder (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM).
+  """Hyperparameters of a Llama-family decoder (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM, Gemma 3).
 
   Hashable, so a model built from it can be a static argument under jit.
   """
