@@ -22,9 +22,3 @@ hypothesis.settings.load_profile("qjax")
 def model_dir(tmp_path_factory):
   """A small random Llama directory (2 layers, hidden 64), written once per test module."""
   return write_random_llama(str(tmp_path_factory.mktemp("llama")))
-
-
-def pytest_collection_modifyitems(items):
-  """The slow interop tests first (a stable sort keeps the rest in order), so that two workers end together on
-  short tests instead of one waiting out a long test started last."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -29,6 +29,14 @@ class Interrupted(Exception):
 # Python prints and drops an exception raised in a garbage-collection callback or a finalizer; JAX runs a callback
 # on every collection, so a Ctrl-C landing there would be lost and the run would go on to the end.
 _DROPPING_FRAMES = ("_xla_gc_callback", "__del__")
+# Set by `on_sigint`. An error raised after it is the Ctrl-C in disguise: a C++ extension that calls back into
+# Python (JAX's compilation caches compare keys with __eq__) turns a KeyboardInterrupt raised there into its own error.
+_SIGINT = threading.Event()
+
+
+def interrupted(e: BaseException) -> bool:
+  """Whether `e` ends the command because the user pressed Ctrl-C."""
+  return isinstance(e, KeyboardInterrupt) or _SIGINT.is_set()
 
 
 def on_sigint(signum, frame) -> None:
@@ -37,6 +45,7 @@ def on_sigint(signum, frame) -> None:
   if frame is not None and frame.f_code.co_name in _DROPPING_FRAMES:
     threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
     return
+  _SIGINT.set()
   raise KeyboardInterrupt
 
 
@@ -94,10 +103,12 @@ def run(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_sigint)
     try:
       module.main(args)
-    except (Interrupted, KeyboardInterrupt) as e:
-      sys.stderr.write(f"\nqjax {command}: {e or 'interrupted.'}\n")
-      sys.exit(130)
-    except USER_ERRORS as e:
+    except (KeyboardInterrupt, Exception) as e:
+      if isinstance(e, Interrupted) or interrupted(e):
+        sys.stderr.write(f"\nqjax {command}: {e if isinstance(e, Interrupted) else 'interrupted.'}\n")
+        sys.exit(130)
+      if not isinstance(e, USER_ERRORS):
+        raise
       if flags.FLAGS.verbose:
         traceback.print_exc()
       _fail(command, _describe(e), "run with --verbose for the full traceback")

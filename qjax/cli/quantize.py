@@ -25,7 +25,7 @@ from absl import flags
 from qjax.calib import text as texts
 from qjax.calib.quantize import needs_calibration, quantize_model
 from qjax.calib.runner import RunnerOptions, check_checkpoint_dir, remove_checkpoints
-from qjax.cli import Interrupted
+from qjax.cli import Interrupted, interrupted
 from qjax.cli import recipes as cli_recipes
 from qjax.cli.estimate import estimate, estimate_sizes
 from qjax.core import ClipSearch, Fp8Grid, InputError, MxFp4Grid, NvFp4Grid, PerTensorGrid, ggml
@@ -529,8 +529,10 @@ def main(argv):
   s = Settings.from_flags()
   try:
     report, written, p = run(s, method_given=flags.FLAGS["method"].present)
-  except KeyboardInterrupt:
-    raise Interrupted(_interrupted_message(s)) from None
+  except (KeyboardInterrupt, Exception) as e:
+    if interrupted(e):
+      raise Interrupted(_interrupted_message(s)) from None
+    raise
   print(report.table())
   print(f"\nwrote {written}  (evaluate: qjax eval --model={written})")
   print(f"report: {os.path.join(p.out, 'report.json')}  total {time.perf_counter() - start:.0f}s")

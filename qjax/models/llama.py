@@ -220,14 +220,13 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, name=name)
     attention = Attention(cfg, self.dtype, self.sliding, name="self_attn")
+    mlp = MLP(cfg, self.dtype, name="mlp")
     h, cache = attention(norm("input_layernorm")(x), positions, cache)
-    if cfg.gemma:
+    if cfg.gemma:  # each output normalised before it joins the stream; the MLP reads pre_feedforward_layernorm
       x = x + norm("post_attention_layernorm")(h)
-      return x + norm("post_feedforward_layernorm")(
-        MLP(cfg, self.dtype, name="mlp")(norm("pre_feedforward_layernorm")(x))
-      ), cache
+      return x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x))), cache
     x = x + h
-    return x + MLP(cfg, self.dtype, name="mlp")(norm("post_attention_layernorm")(x)), cache
+    return x + mlp(norm("post_attention_layernorm")(x)), cache
 
 
 class Embed(nn.Module):

@@ -34,9 +34,9 @@ CONVERTER_KEYS = [
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
-  """A random tied Gemma 3 with rows of whole 256-blocks: 7 layers (the 6th global, as llama.cpp assumes without a
+  """A random tied Gemma 3 with rows of whole 256-blocks: 6 layers (the 6th global, as llama.cpp assumes without a
   pattern key), a 16-token window, head_dim 128 apart from hidden / heads."""
-  return write_random_llama(str(tmp_path_factory.mktemp("gemma3")), layers=7, hidden=256, intermediate=512, heads=4,
+  return write_random_llama(str(tmp_path_factory.mktemp("gemma3")), layers=6, hidden=256, intermediate=512, heads=4,
                             kv_heads=1, tie=True, family="Gemma3", head_dim=128, sliding_window=16,
                             query_pre_attn_scalar=128)  # fmt: skip
 
@@ -146,7 +146,7 @@ def test_what_gemma_cannot_do_is_named(gemma3, tmp_path):
   for key, value, message in [
     ("hidden_activation", "gelu", r"hidden_activation expected 'gelu_pytorch_tanh', got 'gelu'"),
     ("final_logit_softcapping", 30.0, r"final_logit_softcapping is not supported"),
-    ("layer_types", ["full_attention"], r"layer_types expected 7 entries"),
+    ("layer_types", ["full_attention"], r"layer_types expected 6 entries"),
   ]:
     with pytest.raises(InputError, match=rf"x\.json: {message}"):
       LlamaConfig.from_hf_dict({**hf, key: value}, source="x.json")
