@@ -68,7 +68,6 @@ BUILTIN_MODELS = {
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
   ),
 }
-DEFAULT_GGUF_NAME = BUILTIN_MODELS["default"].gguf_name
 
 
 def _chunk_path(model: BuiltinModel, module: str, relative: str) -> str:
