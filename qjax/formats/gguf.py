@@ -21,7 +21,12 @@ from qjax.core import QArray, is_qarray
 from qjax.core import ggml as ggml_types
 from qjax.core.tree import leaves_with_paths
 from qjax.formats.gguf_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
-from qjax.formats.gguf_reader import LLAMA_CPP_SWA_PATTERN, gguf_layer_names, llama_cpp_layer_types, rope_permute
+from qjax.formats.gguf_reader import (
+  hf_to_gguf_layer_names,
+  llama_cpp_gemma3_attention_scalar,
+  llama_cpp_layer_types,
+  rope_permute,
+)
 from qjax.formats.output import atomic_file, check_file_output
 from qjax.models.config import LlamaConfig
 
@@ -71,7 +76,7 @@ def gguf_tensor_name(path: str, config: LlamaConfig) -> str:
     layer = parts[1].removeprefix("layers_")
     module = ".".join(parts[2:-1])
     kind = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(parts[-1])
-    hf_to_gguf = {hf: name for name, hf in gguf_layer_names(config).items()}
+    hf_to_gguf = hf_to_gguf_layer_names(config)
     if module in hf_to_gguf and kind:
       return f"blk.{layer}.{hf_to_gguf[module]}.{kind}"
   raise ValueError(f"parameter {path!r} has no GGUF tensor name.")
@@ -256,7 +261,9 @@ def _gemma3_metadata(config: LlamaConfig) -> list[KeyValue]:
   Raises:
     NotImplementedError: for an attention scale llama.cpp cannot be told (it derives it from the shapes).
   """
-  derived = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else config.head_dim
+  derived = llama_cpp_gemma3_attention_scalar(
+    config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.head_dim
+  )
   if config.attention_scale != derived**-0.5:
     raise NotImplementedError(
       f"llama.cpp derives Gemma 3's attention scale from head_dim={derived}; query_pre_attn_scalar="
@@ -269,7 +276,7 @@ def _gemma3_metadata(config: LlamaConfig) -> list[KeyValue]:
     return entries
   entries.append(KeyValue("gemma3.attention.sliding_window", config.sliding_window, gguf.GGUFValueType.UINT32))
   types = config.layer_types or ("sliding_attention",) * config.num_hidden_layers
-  if types != llama_cpp_layer_types(config.num_hidden_layers, LLAMA_CPP_SWA_PATTERN):
+  if types != llama_cpp_layer_types(config.num_hidden_layers):
     flags = [t == "sliding_attention" for t in types]
     entries.append(
       KeyValue("gemma3.attention.sliding_window_pattern", flags, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)

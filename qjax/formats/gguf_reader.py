@@ -68,6 +68,17 @@ def gguf_layer_names(config: LlamaConfig) -> dict[str, str]:
   }
 
 
+def hf_to_gguf_layer_names(config: LlamaConfig) -> dict[str, str]:
+  """Hugging Face module (inside ``model.layers.{i}.``) -> GGUF tensor name (inside ``blk.{i}.``)."""
+  return {hf: name for name, hf in gguf_layer_names(config).items()}
+
+
+def llama_cpp_gemma3_attention_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> int:
+  """The ``query_pre_attn_scalar`` llama.cpp derives for Gemma 3 (GGUF has no key for it): ``head_dim``, except
+  ``hidden / heads`` for the 62-layer 27B model."""
+  return hidden // heads if layers == 62 else head_dim
+
+
 def llama_cpp_layer_types(n_layers: int, pattern: int = LLAMA_CPP_SWA_PATTERN) -> tuple[str, ...]:
   """The layer types llama.cpp assumes for a sliding-window pattern of `pattern` (0: every layer sliding)."""
   sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layers)]
@@ -342,14 +353,17 @@ class GgufCheckpoint(Checkpoint):
     else:
       types = llama_cpp_layer_types(layers, config_int({key: pattern}, key, src, minimum=0))
     window = config_int(meta, f"{a}.attention.sliding_window", src, default=None)
-    head_dim = config_int(meta, f"{a}.attention.key_length", src)
-    if layers == 62:
-      head_dim = config_int(meta, f"{a}.embedding_length", src) // config_int(meta, f"{a}.attention.head_count", src)
+    scalar = llama_cpp_gemma3_attention_scalar(
+      layers,
+      config_int(meta, f"{a}.embedding_length", src),
+      config_int(meta, f"{a}.attention.head_count", src),
+      config_int(meta, f"{a}.attention.key_length", src),
+    )
     return dict(
       sliding_window=window,
       layer_types=types if window else None,
       rope_local_theta=config_float(meta, f"{a}.rope.freq_base_swa", src, 10000.0),
-      query_pre_attn_scalar=head_dim,
+      query_pre_attn_scalar=scalar,
     )
 
   def _rope_scaling(self, meta: dict) -> RopeScaling:
@@ -475,5 +489,4 @@ def _gguf_name(hf_name: str, config: LlamaConfig) -> str:
   if hf_name in fixed:
     return fixed[hf_name]
   _, _, i, *module, kind = hf_name.split(".")
-  hf_to_gguf = {hf: name for name, hf in gguf_layer_names(config).items()}
-  return f"blk.{i}.{hf_to_gguf['.'.join(module)]}.{kind}"
+  return f"blk.{i}.{hf_to_gguf_layer_names(config)['.'.join(module)]}.{kind}"

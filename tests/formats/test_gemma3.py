@@ -14,10 +14,10 @@ from qjax.calib import text as texts
 from qjax.cli.quantize import Settings, run
 from qjax.core.errors import InputError
 from qjax.core.tree import leaves_with_paths
-from qjax.formats import GgufCheckpoint, export, load_model, open_checkpoint, parse_target
+from qjax.formats import export, load_model, open_checkpoint, parse_target
 from qjax.formats.gptq import canonical_act_order
 from qjax.models import LlamaConfig, logits_fn
-from tests.formats.test_gguf import assert_same_tensors, llama_cpp_logits, llama_quantize
+from tests.formats.test_gguf import assert_f32_reads_back_and_runs_in_llama_cpp, assert_recipe_is_llama_quantizes
 from tests.formats.test_gptq import assert_same_qarray, compare_with_transformers
 from tests.model_factory import quantize_like_cli, write_random_llama
 
@@ -88,18 +88,9 @@ def test_gguf_is_llama_cpps_and_runs_there(gemma3, tmp_path):
   stored = {t.name: np.asarray(t.data) for t in reader.tensors}
   hf_norm = np.asarray(checkpoint.params()["model"]["layers_0"]["post_feedforward_layernorm"]["scale"])
   np.testing.assert_array_equal(stored["blk.0.post_ffw_norm.weight"], hf_norm)  # 1 + w, as the converter writes
-  back = GgufCheckpoint(f32)
+  back = assert_f32_reads_back_and_runs_in_llama_cpp(checkpoint, f32, window(checkpoint))  # 96 tokens, window 16
   assert back.config.layer_types == checkpoint.config.layer_types and back.config.rope_local_theta == 10000.0
-  for (path, a), (_, b) in zip(leaves_with_paths(checkpoint.params()), leaves_with_paths(back.params()), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
-  w = window(checkpoint)  # 96 tokens: the 16-token window matters
-  ours = np.asarray(logits_fn(back.config, back.params())(jnp.asarray(w[None])))[0]
-  theirs = llama_cpp_logits(f32, w)
-  assert np.abs(ours - theirs).max() < 2e-3 * np.abs(ours).max()
-  q4 = run(Settings(model=gemma3, method="none", export="gguf:Q4_K_M", eval_windows=0, out=str(tmp_path / "q")),
-           show_progress=False)[1]  # fmt: skip
-  llama_quantize(f32, str(tmp_path / "llama.gguf"), "Q4_K_M")
-  assert_same_tensors(q4, str(tmp_path / "llama.gguf"))
+  assert_recipe_is_llama_quantizes(gemma3, f32, tmp_path)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 from qjax.calib import text as texts
 from qjax.cli.quantize import Settings, plan, run
 from qjax.core import dequantize
+from qjax.core.tree import leaves_with_paths
 from qjax.eval.metrics import evaluate
 from qjax.formats import GgufCheckpoint, open_checkpoint
 from qjax.formats import gguf as gguf_format
@@ -37,6 +38,28 @@ def assert_same_tensors(ours: str, theirs: str) -> None:
   assert not types, types
   differ = [n for n in a if not np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data))]
   assert not differ, differ
+
+
+def assert_f32_reads_back_and_runs_in_llama_cpp(checkpoint, f32: str, window: np.ndarray) -> GgufCheckpoint:
+  """qjax's F32 GGUF file of `checkpoint` reads back tensor for tensor, and llama.cpp's logits on `window` are
+  qjax's within 2e-3 of the largest. Returns the file read back."""
+  back = GgufCheckpoint(f32)
+  for (path, a), (_, b) in zip(leaves_with_paths(checkpoint.params()), leaves_with_paths(back.params()), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+  ours = np.asarray(logits_fn(back.config, back.params())(jnp.asarray(window[None])))[0]
+  theirs = llama_cpp_logits(f32, window)
+  assert np.abs(ours - theirs).max() < 2e-3 * np.abs(ours).max()
+  return back
+
+
+def assert_recipe_is_llama_quantizes(model: str, f32: str, tmp_path, recipe: str = "Q4_K_M") -> str:
+  """qjax's `recipe` file of `model` is `llama_model_quantize`'s of the F32 file `f32`, tensor for tensor. Returns
+  qjax's file."""
+  ours = run(Settings(model=model, method="none", export=f"gguf:{recipe}", eval_windows=0, out=str(tmp_path / "q")),
+             show_progress=False)[1]  # fmt: skip
+  llama_quantize(f32, str(tmp_path / "llama.gguf"), recipe)
+  assert_same_tensors(ours, str(tmp_path / "llama.gguf"))
+  return ours
 
 
 def llama_cpp_perplexity(path: str, windows: np.ndarray) -> float:

@@ -15,7 +15,11 @@ from qjax.core.tree import leaves_with_paths
 from qjax.formats import GgufCheckpoint, export, load_model, open_checkpoint, parse_target
 from qjax.formats.gptq import canonical_act_order
 from qjax.models import logits_fn
-from tests.formats.test_gguf import assert_same_tensors, llama_cpp_logits, llama_quantize
+from tests.formats.test_gguf import (
+  assert_f32_reads_back_and_runs_in_llama_cpp,
+  assert_recipe_is_llama_quantizes,
+  llama_cpp_logits,
+)
 from tests.formats.test_gptq import assert_same_qarray, compare_with_transformers
 from tests.model_factory import quantize_like_cli, write_random_llama
 
@@ -50,18 +54,10 @@ def test_gguf_is_llama_cpps_and_runs_there(qwen3, tmp_path):
   assert sorted(k for k in reader.fields if k.startswith("qwen3.")) == CONVERTER_KEYS
   types = {t.name: t.tensor_type.name for t in reader.tensors}
   assert types["blk.1.attn_q_norm.weight"] == types["blk.1.attn_k_norm.weight"] == "F32"
-  back = GgufCheckpoint(f32)  # no permutation to undo: every tensor reads back as written
-  for (path, a), (_, b) in zip(leaves_with_paths(checkpoint.params()), leaves_with_paths(back.params()), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
   w = window(checkpoint)
-  ours = np.asarray(logits_fn(back.config, back.params())(jnp.asarray(w[None])))[0]
-  theirs = llama_cpp_logits(f32, w)
-  assert np.abs(ours - theirs).max() < 2e-3 * np.abs(ours).max()
+  assert_f32_reads_back_and_runs_in_llama_cpp(checkpoint, f32, w)  # no permutation to undo
   # Q4_K_M: llama_quantize's own file from the F32 one, tensor for tensor; llama.cpp runs it as qjax does
-  q4 = run(Settings(model=qwen3, method="none", export="gguf:Q4_K_M", eval_windows=0, out=str(tmp_path / "q")),
-           show_progress=False)[1]  # fmt: skip
-  llama_quantize(f32, str(tmp_path / "llama.gguf"), "Q4_K_M")
-  assert_same_tensors(q4, str(tmp_path / "llama.gguf"))
+  q4 = assert_recipe_is_llama_quantizes(qwen3, f32, tmp_path)
   quantized = GgufCheckpoint(q4)
   ours = np.asarray(logits_fn(quantized.config, quantized.params())(jnp.asarray(w[None])))[0]
   theirs = llama_cpp_logits(q4, w)  # llama.cpp rounds activations to 8 bits for k-quant dot products
