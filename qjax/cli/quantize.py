@@ -47,6 +47,7 @@ from qjax.formats.targets import (
   parse_target,
 )
 from qjax.models import LlamaBlocks, LlamaConfig, logits_fn
+from qjax.models.checkpoint import param_shapes, set_nested
 from qjax.quantizers import GptqConfig
 from qjax.transforms import observe, recipes
 from qjax.transforms.gguf_recipes import RECIPES
@@ -365,6 +366,11 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
     return cli_recipes.call(fn, values, name=name)
 
   recipe = build(config)
+  if recipe.unties_head:  # a rotation: refused now, before any work, where the model's stream cannot take one
+    skeleton: dict = {}
+    for path in param_shapes(config):
+      set_nested(skeleton, tuple(path.split("/")), None)
+    LlamaBlocks.residual_stream(skeleton)
   if recipe.unties_head and config.tie_word_embeddings:
     # A rotation gives a tied model its own head: the GGUF recipe types the embedding and the output as llama.cpp
     # types them in the untied model it will be handed.
