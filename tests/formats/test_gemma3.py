@@ -70,6 +70,7 @@ def test_logits_match_transformers(tmp_path, options):
   model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
   with torch.no_grad():
     theirs = model(torch.tensor(ids)).logits.numpy()
+  print(f"Gemma 3 {options}: max |Δlogit| against transformers {np.abs(ours - theirs).max():.3g}")
   assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
   # the config qjax writes is read back by transformers and by qjax as the same model
   hf = transformers.AutoConfig.for_model(**config.to_hf_dict())
