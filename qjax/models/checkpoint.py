@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from qjax.core.errors import InputError
 from qjax.core.files import one_line, regular_file
 from qjax.models.config import LlamaConfig, read_json, show
+from qjax.models.fused import fused_modules, fused_of, part_widths, split_layer
 
 Params = dict
 
@@ -66,12 +67,16 @@ def set_nested(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def hf_layer_tensors(config: LlamaConfig, i: int) -> dict[str, tuple[tuple[str, ...], bool]]:
-  """HF tensor name -> (Flax path inside the layer, transposed?) for decoder layer `i`."""
+  """HF tensor name -> (Flax path inside the layer, transposed?) for decoder layer `i`, as the checkpoint stores it:
+  a family that fuses projections (Phi-3) lists ``qkv_proj`` and ``gate_up_proj``, whose Flax paths
+  `qjax.models.fused.split_layer` then splits."""
   names = {}
-  for module in LAYER_MODULES:
+  fused = fused_of(config)
+  modules = dict.fromkeys(fused.get(module, module) for module in LAYER_MODULES)
+  for module in modules:
     path = tuple(module.split("."))
     names[f"model.layers.{i}.{module}.weight"] = (*path, "kernel"), True
-    has_bias = (config.attention_bias and module.split(".")[-1] in ("q_proj", "k_proj", "v_proj")) or (
+    has_bias = (config.attention_bias and module.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "qkv_proj")) or (
       config.mlp_bias and module.startswith("mlp.")
     )
     if has_bias:
@@ -95,9 +100,11 @@ def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
     "q_proj": (q, hidden),
     "k_proj": (kv, hidden),
     "v_proj": (kv, hidden),
+    "qkv_proj": (q + 2 * kv, hidden),
     "o_proj": (hidden, q),
     "gate_proj": (inter, hidden),
     "up_proj": (inter, hidden),
+    "gate_up_proj": (2 * inter, hidden),
     "down_proj": (hidden, inter),
     "lm_head": (config.vocab_size, hidden),
   }
@@ -126,7 +133,13 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   hf = hf_tensor_shapes(config)
   for i in range(config.num_hidden_layers):
     for name, (path, transpose) in hf_layer_tensors(config, i).items():
-      shapes["/".join(("model", f"layers_{i}", *path))] = hf[name][::-1] if transpose else hf[name]
+      shape = hf[name][::-1] if transpose else hf[name]
+      module = ".".join(path[:-1])
+      if module not in fused_modules(config):
+        shapes["/".join(("model", f"layers_{i}", *path))] = shape
+        continue
+      for part, width in zip(fused_modules(config)[module], part_widths(config, module), strict=True):
+        shapes["/".join(("model", f"layers_{i}", *part.split("."), path[-1]))] = (*shape[:-1], width)  # [in, out]
   shapes["model/norm/scale"] = (config.hidden_size,)
   if not config.tie_word_embeddings:
     shapes["lm_head/kernel"] = (config.hidden_size, config.vocab_size)
@@ -518,7 +531,7 @@ class SafetensorsCheckpoint(Checkpoint):
     params = {}
     for name, (path, transpose) in names.items():
       set_nested(params, path, np.ascontiguousarray(tensors[name].T) if transpose else tensors[name])
-    return params
+    return split_layer(params, self.config)
 
   def head_params(self) -> Params:
     head = {"norm": {"scale": self.get("model.norm.weight")}}

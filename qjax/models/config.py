@@ -18,8 +18,17 @@ ARCHITECTURES = {
   # Gemma 3: GeGLU, embeddings scaled by sqrt(hidden), norms after attention and the MLP too, norm weights stored
   # as w and applied as 1 + w, sliding-window and global layers with their own RoPE bases.
   "Gemma3ForCausalLM": {"model_type": "gemma3_text", "qk_norm": True, "gemma": True},
+  # Phi-3 (and Phi-4-mini): checkpoints fuse q/k/v into qkv_proj and gate/up into gate_up_proj (`qjax.models.fused`);
+  # LongRoPE, and RoPE over a leading fraction of each head.
+  "Phi3ForCausalLM": {"model_type": "phi3", "fused_projections": True},
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# The `RopeScaling` fields each type writes to a Hugging Face config.
+ROPE_KEYS = {
+  "linear": ("factor",),
+  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+  "longrope": ("short_factor", "long_factor", "factor", "attention_factor", "original_max_position_embeddings"),
+}
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**31  # every size, count and token id a config gives must lie below it
 MAX_JSON_BYTES = 64 << 20  # config.json, an index or a manifest: megabytes at most; refused before parsing
@@ -31,20 +40,25 @@ class RopeScaling:
   """RoPE frequency scaling (``rope_scaling`` / ``rope_parameters`` in a HF config).
 
   Attributes:
-    rope_type: ``"default"`` (none), ``"linear"`` (positions divided by `factor`) or
-      ``"llama3"`` (Llama 3.1's wavelength-dependent scaling of the frequencies).
+    rope_type: ``"default"`` (none), ``"linear"`` (positions divided by `factor`),
+      ``"llama3"`` (Llama 3.1's wavelength-dependent scaling of the frequencies) or ``"longrope"`` (Phi-3: each
+      frequency divided by `short_factor`, or by `long_factor` when a forward pass reaches beyond
+      `original_max_position_embeddings`; cos and sin multiplied by `attention_factor`).
   """
 
-  rope_type: Literal["default", "linear", "llama3"] = "default"
+  rope_type: Literal["default", "linear", "llama3", "longrope"] = "default"
   factor: float = 1.0
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+  short_factor: tuple[float, ...] | None = None
+  long_factor: tuple[float, ...] | None = None
+  attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-  """Hyperparameters of a Llama-family decoder (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM, Gemma 3).
+  """Hyperparameters of a Llama-family decoder (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM, Gemma 3, Phi-3).
 
   Hashable, so a model built from it can be a static argument under jit.
   """
@@ -68,6 +82,7 @@ class LlamaConfig:
   layer_types: tuple[str, ...] | None = None  # per layer, one of LAYER_TYPES; None: `sliding_window` applies to all
   rope_local_theta: float | None = None  # RoPE base of sliding-window layers when it differs (Gemma 3)
   query_pre_attn_scalar: int | None = None  # attention scores are scaled by its -1/2 power (default: head_dim)
+  partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim * factor) dimensions of each head
   architecture: str = "LlamaForCausalLM"
   bos_token_id: int | None = None
   eos_token_id: int | None = None
@@ -82,6 +97,16 @@ class LlamaConfig:
       )
     if self.rope_scaling.rope_type not in ROPE_TYPES:
       raise NotImplementedError(f"rope type {self.rope_scaling.rope_type!r} is not supported; qjax has {ROPE_TYPES}.")
+    if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+      raise ValueError(
+        f"partial_rotary_factor={self.partial_rotary_factor} of head_dim={self.head_dim} expected a positive even "
+        f"number of rotated dimensions, got {self.rotary_dim}."
+      )
+    if self.rope_scaling.rope_type == "longrope":
+      for key in ("short_factor", "long_factor"):
+        factors = getattr(self.rope_scaling, key)
+        if factors is None or len(factors) != self.rotary_dim // 2:
+          raise ValueError(f"rope_scaling.{key} expected {self.rotary_dim // 2} factors, got {show(factors)}.")
     if self.layer_types is not None:
       if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
         raise ValueError(
@@ -115,6 +140,16 @@ class LlamaConfig:
     return math.sqrt(self.hidden_size) if self.gemma else 1.0
 
   @property
+  def fused_projections(self) -> bool:
+    """Whether checkpoints store q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (Phi-3)."""
+    return ARCHITECTURES[self.architecture].get("fused_projections", False)
+
+  @property
+  def rotary_dim(self) -> int:
+    """How many leading dimensions of each head RoPE rotates (all, unless `partial_rotary_factor` < 1)."""
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  @property
   def attention_scale(self) -> float:
     return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
@@ -145,12 +180,11 @@ class LlamaConfig:
     if not isinstance(rope, dict):
       raise InputError(f"{source}: rope_scaling expected an object, got {show(rope)}.")
     sliding = None
-    if config_bool(hf, "use_sliding_window", source, default=arch == "MistralForCausalLM"):
+    if config_bool(hf, "use_sliding_window", source, default=arch in ("MistralForCausalLM", "Phi3ForCausalLM")):
       sliding = config_int(hf, "sliding_window", source, default=None)
     factors = hf.get("qjax_rope_freq_factors")
     fields = dict(
       architecture=arch,
-      rope_scaling=rope_scaling(rope, source),
       rope_theta=config_float(hf, "rope_theta", source, default=config_float(rope, "rope_theta", source, 10000.0)),
       rms_norm_eps=config_float(hf, "rms_norm_eps", source, default=1e-6),
       max_position_embeddings=config_int(hf, "max_position_embeddings", source, default=4096),
@@ -164,6 +198,12 @@ class LlamaConfig:
     )
     if ARCHITECTURES[arch].get("gemma"):
       fields.update(gemma_fields(hf, source))
+    elif arch == "Phi3ForCausalLM":
+      fields.update(phi3_fields(hf, source))
+    else:
+      fields["rope_scaling"] = rope_scaling(rope, source)
+    if fields["rope_scaling"].rope_type == "longrope" and arch != "Phi3ForCausalLM":
+      raise InputError(f"{source}: rope_scaling.rope_type 'longrope' is supported for Phi3ForCausalLM only.")
     keys = {"num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim"}
     return checked_config(hf, keys | {f: f for f in SIZE_FIELDS}, source, **fields)
 
@@ -184,7 +224,9 @@ class LlamaConfig:
     """The Hugging Face ``config.json`` dictionary of this config."""
     rope = None
     if self.rope_scaling.rope_type != "default":
-      rope = dataclasses.asdict(self.rope_scaling)
+      keys = ROPE_KEYS[self.rope_scaling.rope_type]
+      rope = {"rope_type": self.rope_scaling.rope_type, **{k: getattr(self.rope_scaling, k) for k in keys}}
+      rope = {k: list(v) if isinstance(v, tuple) else v for k, v in rope.items()}
     hf = {
       "architectures": [self.architecture],
       "model_type": self.model_type,
@@ -214,6 +256,12 @@ class LlamaConfig:
                 sliding_window=self.sliding_window, layer_types=list(self.layer_types or ()),
                 rope_local_base_freq=self.rope_local_theta, attention_bias=self.attention_bias,
                 final_logit_softcapping=None, attn_logit_softcapping=None)  # fmt: skip
+      return hf
+    if self.fused_projections:
+      hf.update(partial_rotary_factor=self.partial_rotary_factor, sliding_window=self.sliding_window,
+                original_max_position_embeddings=self.rope_scaling.original_max_position_embeddings)  # fmt: skip
+      if rope is not None:  # Phi3Config reads the original length from the top level
+        rope.pop("original_max_position_embeddings")
       return hf
     if self.rope_freq_factors is not None:
       hf["qjax_rope_freq_factors"] = list(self.rope_freq_factors)  # no Hugging Face key holds explicit factors
@@ -270,6 +318,33 @@ def gemma_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
     tie_word_embeddings=config_bool(hf, "tie_word_embeddings", source, default=True),
     max_position_embeddings=config_int(hf, "max_position_embeddings", source, default=131072),
   )
+
+
+def phi3_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+  """The `LlamaConfig` fields of a Phi-3 config (``Phi3Config``): its RoPE (default or LongRoPE, with the
+  original length at the top level and the attention factor transformers derives) and ``partial_rotary_factor``.
+
+  Raises:
+    InputError: naming `source` and the key for another RoPE type or a malformed value.
+  """
+  rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind in ("su", "yarn"):  # transformers reads Phi-3's older names as LongRoPE
+    rope["rope_type"] = kind = "longrope"
+  partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+  fields = dict(partial_rotary_factor=config_float({"partial_rotary_factor": partial}, "partial_rotary_factor", source))
+  original = config_int(hf, "original_max_position_embeddings", source,
+                        default=config_int(rope, "original_max_position_embeddings", source, 4096))  # fmt: skip
+  if kind != "longrope":  # the original length is kept all the same: llama.cpp's converter writes it
+    scaling = rope_scaling(rope, source)
+    return fields | dict(rope_scaling=dataclasses.replace(scaling, original_max_position_embeddings=original))
+  max_len = config_int(hf, "max_position_embeddings", source, default=4096)
+  factor = config_float(rope, "factor", source, max_len / original)
+  derived = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+  scaling = rope_scaling({**rope, "original_max_position_embeddings": original}, source)
+  return fields | dict(rope_scaling=dataclasses.replace(
+    scaling, factor=factor, attention_factor=config_float(rope, "attention_factor", source, derived)
+  ))  # fmt: skip
 
 
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -354,12 +429,16 @@ def rope_scaling(rope: dict[str, Any], source: str) -> RopeScaling:
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type not in ROPE_TYPES:
     raise InputError(f"{source}: rope_scaling.rope_type expected one of {ROPE_TYPES}, got {show(rope_type)}.")
+  factors = {}
+  if rope_type == "longrope":
+    factors = {k: float_list(rope.get(k), f"rope_scaling.{k}", source) for k in ("short_factor", "long_factor")}
   return RopeScaling(
     rope_type=rope_type,
     factor=config_float(rope, "factor", source, 1.0),
     low_freq_factor=config_float(rope, "low_freq_factor", source, 1.0),
     high_freq_factor=config_float(rope, "high_freq_factor", source, 4.0),
     original_max_position_embeddings=config_int(rope, "original_max_position_embeddings", source, 8192),
+    **factors,
   )
 
 

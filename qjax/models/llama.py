@@ -1,9 +1,10 @@
-"""Flax implementation of the Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM, Gemma 3) as Hugging Face
+"""Flax implementation of the Llama family (Llama 1-3, Mistral, Qwen2, Qwen3, SmolLM, Gemma 3, Phi-3) as Hugging Face
 defines it.
 
 One model with per-family options rather than a class per family: the families differ in a few switches (biases,
-a sliding window, Qwen3's per-head query/key norms, Gemma 3's GeGLU, extra norms and per-layer attention), and one
-block structure keeps the calibration runner, the scale groups and every exporter's name map shared.
+a sliding window, Qwen3's per-head query/key norms, Gemma 3's GeGLU, extra norms and per-layer attention, Phi-3's
+LongRoPE and partial rotary dimensions), and one block structure keeps the calibration runner, the scale groups and
+every exporter's name map shared. Phi-3's fused projections exist on disk only (`qjax.models.fused`).
 
 A norm's ``scale`` is the multiplier it applies. Gemma's checkpoints store ``scale - 1``; the offset lives in
 the Hugging Face readers and writers (`LlamaConfig.norm_offset`), so every transform that folds into a norm (AWQ's
@@ -89,12 +90,13 @@ class RMSNorm(nn.Module):
     return jnp.broadcast_to(scale.astype(x.dtype), x.shape) * h.astype(x.dtype)
 
 
-def rope_frequencies(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
-  """Inverse frequencies ``(head_dim / 2,)`` float32, with Llama-3 or linear scaling applied.
+def rope_frequencies(config: LlamaConfig, *, local: bool = False, long: bool = False) -> np.ndarray:
+  """Inverse frequencies ``(rotary_dim / 2,)`` float32, with Llama-3, linear or LongRoPE scaling applied.
 
   `local`: a sliding-window layer's, when the model gives those their own base (unscaled, as Gemma 3's).
+  `long`: LongRoPE's long factors (for a pass beyond the original length) rather than its short ones.
   """
-  dim = config.head_dim
+  dim = config.rotary_dim
   exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
   if local and config.rope_local_theta is not None:
     return (1.0 / (config.rope_local_theta**exponents)).astype(np.float32)
@@ -102,6 +104,9 @@ def rope_frequencies(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
   if config.rope_freq_factors is not None:
     return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
   scaling = config.rope_scaling
+  if scaling.rope_type == "longrope":
+    factors = np.asarray(scaling.long_factor if long else scaling.short_factor, np.float32)
+    return (1.0 / (factors * config.rope_theta**exponents)).astype(np.float32)
   if scaling.rope_type == "linear":
     return (inv_freq / scaling.factor).astype(np.float32)
   if scaling.rope_type == "llama3":
@@ -118,18 +123,32 @@ def rope_frequencies(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
 
 
 def rope_tables(config: LlamaConfig, positions: Int[Array, "b t"], *, local: bool = False) -> tuple[Array, Array]:
-  """cos and sin tables ``(batch, seq, head_dim)`` float32 for rotate-half RoPE."""
-  inv_freq = rope_frequencies(config, local=local)
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
+  """cos and sin tables ``(batch, seq, rotary_dim)`` float32 for rotate-half RoPE.
+
+  LongRoPE switches to its long factors for the whole pass when any position reaches beyond the original length,
+  as transformers does (so a KV-cached decode switches at that step, and earlier keys keep the short ones).
+  """
+  local = local and config.rope_local_theta is not None  # a sliding layer with the model's one RoPE otherwise
+  inv_freq = jnp.asarray(rope_frequencies(config, local=local))
+  scaling = config.rope_scaling
+  if scaling.rope_type == "longrope" and not local:
+    long = jnp.max(positions) + 1 > scaling.original_max_position_embeddings
+    inv_freq = jnp.where(long, jnp.asarray(rope_frequencies(config, long=True)), inv_freq)
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
+  if scaling.rope_type == "longrope" and scaling.attention_factor != 1.0:
+    return jnp.cos(emb) * scaling.attention_factor, jnp.sin(emb) * scaling.attention_factor
   return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: Float[Array, "b t h d"], cos: Array, sin: Array) -> Float[Array, "b t h d"]:
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  out = x.astype(jnp.float32) * cos[:, :, None] + rotated.astype(jnp.float32) * sin[:, :, None]
-  return out.astype(x.dtype)
+  """Rotate-half RoPE on the first ``cos.shape[-1]`` dimensions of each head; the rest pass unchanged."""
+  dim = cos.shape[-1]
+  rot, rest = x[..., :dim], x[..., dim:]
+  half = dim // 2
+  rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+  out = (rot.astype(jnp.float32) * cos[:, :, None] + rotated.astype(jnp.float32) * sin[:, :, None]).astype(x.dtype)
+  return out if dim == x.shape[-1] else jnp.concatenate([out, rest], axis=-1)
 
 
 def attention_mask(q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], window: int | None) -> Array:

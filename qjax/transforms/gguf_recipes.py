@@ -57,6 +57,19 @@ CATEGORIES = {
 }
 
 
+# A family that fuses projections (Phi-3) stores q/k/v as one attn_qkv tensor, which llama.cpp treats as it treats
+# attn_v, and gate/up as one ffn_up tensor. Rows are quantized one by one, so quantizing the parts with the fused
+# tensor's type and concatenating their rows gives llama.cpp's fused tensor.
+FUSED_CATEGORIES = {**CATEGORIES, "self_attn/q_proj": "attn_qkv", "self_attn/k_proj": "attn_qkv",
+                    "self_attn/v_proj": "attn_qkv", "mlp/gate_proj": "ffn_up"}  # fmt: skip
+ATTN_V_LIKE = ("attn_v", "attn_qkv")  # llama.cpp's category_is_attn_v
+
+
+def categories(config: "LlamaConfig") -> dict[str, str]:
+  """Flax module inside a layer -> the category of the llama.cpp tensor holding it."""
+  return FUSED_CATEGORIES if config.fused_projections else CATEGORIES
+
+
 def check_recipe(recipe: str) -> str:
   if recipe not in RECIPES:
     raise ValueError(f"unknown GGUF recipe {recipe!r}; known recipes: {', '.join(RECIPES)} (and F32, F16, BF16).")
@@ -71,7 +84,7 @@ def use_more_bits(i: int, n: int) -> bool:
 def _layer_type(recipe: str, category: str, i: int, config: "LlamaConfig", *, imatrix: bool) -> str:
   """The type llama.cpp picks for a decoder-layer tensor before the shape fallback."""
   t, n = RECIPES[recipe], config.num_hidden_layers
-  if category == "attn_v":
+  if category in ATTN_V_LIKE:
     if recipe == "Q2_K":
       t = "Q4_K" if config.num_attention_heads // config.num_key_value_heads >= 4 else "Q3_K"
     elif recipe == "Q3_K_M":
@@ -158,7 +171,7 @@ def tensor_types(recipe: str, config: "LlamaConfig", *, imatrix: bool = False) -
   if not config.tie_word_embeddings:
     chosen["lm_head/kernel"] = ("output", output, hidden)
   for i in range(config.num_hidden_layers):
-    for module, category in CATEGORIES.items():
+    for module, category in categories(config).items():
       layer_type = _layer_type(recipe, category, i, config, imatrix=imatrix)
       chosen[f"model/layers_{i}/{module}/kernel"] = (category, layer_type, rows[module])
   types = {}
@@ -207,5 +220,5 @@ def gguf_recipe(
   for (module, type_name), layers in by_kind.items():
     pattern = f"model/layers_({'|'.join(map(str, layers))})/{module}/kernel"
     transform = kquant(type_name, imatrix=imatrix) if linear is None else linear(type_name)
-    rules.append(Rule(pattern, transform, name=f"{CATEGORIES[module]} {type_name}"))
+    rules.append(Rule(pattern, transform, name=f"{categories(config)[module]} {type_name}"))
   return rules

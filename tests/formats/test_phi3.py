@@ -1,0 +1,170 @@
+"""Phi-3 (fused qkv_proj and gate_up_proj, LongRoPE, RoPE over a fraction of each head) through qjax's loader,
+every format and llama.cpp."""
+
+import dataclasses
+import json
+import os
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from qjax.calib import text as texts
+from qjax.cli.quantize import Settings, run
+from qjax.core.errors import InputError
+from qjax.core.tree import leaves_with_paths
+from qjax.formats import export, load_model, open_checkpoint, parse_target
+from qjax.formats.gptq import canonical_act_order
+from qjax.models import LlamaConfig, logits_fn
+from tests.formats.test_gguf import assert_f32_reads_back_and_runs_in_llama_cpp, assert_recipe_is_llama_quantizes
+from tests.formats.test_gptq import assert_same_qarray, compare_with_transformers
+from tests.model_factory import quantize_like_cli, write_random_llama
+
+# The phi3.* keys llama.cpp's convert_hf_to_gguf.py writes for the LongRoPE model below (its vendored copy, run by
+# hand on this model: the same keys and values, and every tensor byte for byte).
+CONVERTER_KEYS = [
+  "phi3.attention.head_count", "phi3.attention.head_count_kv", "phi3.attention.layer_norm_rms_epsilon",
+  "phi3.attention.sliding_window", "phi3.block_count", "phi3.context_length", "phi3.embedding_length",
+  "phi3.feed_forward_length", "phi3.rope.dimension_count", "phi3.rope.freq_base", "phi3.rope.scaling.attn_factor",
+  "phi3.rope.scaling.original_context_length",
+]  # fmt: skip
+
+
+def longrope(rotary_dim: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  factors = lambda lo, hi: [float(f) for f in rng.uniform(lo, hi, rotary_dim // 2).round(4)]
+  return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": factors(1.0, 1.5),
+          "long_factor": factors(1.0, 8.0)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+  """A random untied Phi-3 with rows of whole 256-blocks, LongRoPE (original length 64 of 1024: attention factor
+  1.29) over half of each head. (Its directory name becomes the GGUF's general.name, and llama.cpp looks up Phi-3's
+  own special tokens in any model named like "phi3", which this vocabulary lacks.)"""
+  return write_random_llama(str(tmp_path_factory.mktemp("fused")), layers=2, hidden=256, intermediate=512, heads=4,
+                            kv_heads=2, family="Phi3", rope_parameters=longrope(32), partial_rotary_factor=0.5,
+                            original_max_position_embeddings=64)  # fmt: skip
+
+
+def window(checkpoint, n=96):
+  """The evaluation text's first `n` tokens: beyond the original length, so LongRoPE uses its long factors (llama.cpp
+  too, whose context is then longer than the original)."""
+  return texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))[:n]
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(tie=False, rope_parameters=longrope(12), partial_rotary_factor=0.75, original_max_position_embeddings=16,
+         sliding_window=8),
+    dict(tie=True, rope_parameters=longrope(16, seed=1), original_max_position_embeddings=32),
+  ],
+  ids=["untied_long_factors_partial_rotary_window", "tied_short_factors"],
+)  # fmt: skip
+def test_logits_match_transformers(tmp_path, options):
+  torch = pytest.importorskip("torch")
+  import transformers
+
+  path = write_random_llama(str(tmp_path / "m"), layers=2, hidden=64, intermediate=96, heads=4, kv_heads=2,
+                            family="Phi3", **options)  # fmt: skip
+  with safe_open(os.path.join(path, "model.safetensors"), "numpy") as f:
+    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(f.keys())
+  checkpoint = open_checkpoint(path)
+  config = checkpoint.config
+  assert config.fused_projections and config.rope_scaling.rope_type == "longrope"
+  assert config.rope_scaling.attention_factor > 1.1  # max_position_embeddings 1024 over 16 or 32
+  ids = np.random.default_rng(0).integers(0, 1000, (2, 20))  # beyond an original length of 16, within one of 32
+  ours = np.asarray(logits_fn(config, checkpoint.params())(jnp.asarray(ids)))
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = model(torch.tensor(ids)).logits.numpy()
+  print(f"Phi-3 {sorted(options)}: max |Δlogit| against transformers {np.abs(ours - theirs).max():.3g}")
+  assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
+  # the config qjax writes is read back by transformers and by qjax as the same model
+  hf = transformers.AutoConfig.for_model(**config.to_hf_dict())
+  assert hf.rope_parameters["rope_type"] == "longrope"
+  assert hf.original_max_position_embeddings == options["original_max_position_embeddings"]
+  assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+@pytest.mark.slow
+def test_gguf_is_llama_cpps_and_runs_there(phi3, tmp_path):
+  checkpoint = open_checkpoint(phi3)
+  f32 = run(Settings(model=phi3, method="none", export="gguf:F32", eval_windows=0, out=str(tmp_path / "f")),
+            show_progress=False)[1]  # fmt: skip
+  reader = gguf.GGUFReader(f32)
+  assert reader.fields["general.architecture"].contents() == "phi3"
+  assert sorted(k for k in reader.fields if k.startswith("phi3.")) == CONVERTER_KEYS
+  stored = {t.name: np.asarray(t.data) for t in reader.tensors}
+  with safe_open(os.path.join(phi3, "model.safetensors"), "numpy") as f:  # the fused tensors, as the model stores them
+    for gguf_name, hf_name in [("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")]:
+      np.testing.assert_array_equal(
+        stored[f"blk.1.{gguf_name}.weight"], f.get_tensor(f"model.layers.1.{hf_name}.weight")
+      )
+  rope = checkpoint.config.rope_scaling
+  np.testing.assert_array_equal(stored["rope_factors_long.weight"], np.float32(rope.long_factor))
+  back = assert_f32_reads_back_and_runs_in_llama_cpp(checkpoint, f32, window(checkpoint))
+  back_rope = back.config.rope_scaling  # GGUF holds float32 factors
+  assert back.config.rotary_dim == 32 and back_rope.original_max_position_embeddings == 64 and back_rope.factor == 16
+  for key in ("short_factor", "long_factor", "attention_factor"):
+    np.testing.assert_array_equal(np.float32(getattr(back_rope, key)), np.float32(getattr(rope, key)))
+  assert_recipe_is_llama_quantizes(phi3, f32, tmp_path)  # attn_qkv typed as attn_v: Q6_K in both layers of two
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")  # third-party deprecation warnings while loading
+@pytest.mark.parametrize(
+  "settings",
+  [
+    dict(method="gptq", desc_act=True, export="gptq", group_size=64),
+    dict(method="awq+gptq", export="awq", group_size=64, sym=False),
+  ],
+  ids=["gptq_act_order", "awq"],
+)
+def test_hf_exports_fuse_load_in_transformers_and_back(phi3, tmp_path, settings):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("gptqmodel")
+  s = Settings(model=phi3, nsamples=4, seqlen=96, **settings)
+  checkpoint, config, params = quantize_like_cli(s)
+  out = export(parse_target(s.export), str(tmp_path / "q"), config, params, checkpoint.tokenizer(), name="phi3")
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["model_type"] == "phi3"
+  with safe_open(os.path.join(out, "model.safetensors"), "numpy") as f:
+    names = set(f.keys())
+  assert "model.layers.0.self_attn.qkv_proj.qweight" in names and "model.layers.0.mlp.gate_up_proj.scales" in names
+  assert not any("q_proj" in n or "gate_proj." in n for n in names)
+  loaded = load_model(out)
+  assert loaded.config == config
+  for (path, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(loaded.params), strict=True):
+    if hasattr(a, "spec"):  # act-order groups read back in GPTQ's canonical order; groups divide every width
+      a = canonical_act_order(a) if a.perm is not None else a
+      assert_same_qarray(
+        b, dataclasses.replace(a, spec=dataclasses.replace(a.spec, partial_groups=b.spec.partial_groups))
+      )
+    else:
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-3, err_msg=path)
+  windows = window(checkpoint, 192).reshape(2, 96)
+  diff, scale, ppl_theirs, ppl_ours = compare_with_transformers(out, windows, dtype=torch.float32)
+  print(f"Phi-3 {settings}: max |Δlogit| {diff:.5f} (max |logit| {scale:.2f}); perplexity transformers "
+        f"{ppl_theirs:.4f} qjax {ppl_ours:.4f}")  # fmt: skip
+  assert diff < 3e-3 * scale
+  assert abs(ppl_theirs - ppl_ours) / ppl_ours < 1e-3
+
+
+def test_bad_phi3_configs_are_named(phi3, tmp_path):
+  with open(os.path.join(phi3, "config.json")) as f:
+    hf = json.load(f)
+  rope = hf.get("rope_parameters") or hf["rope_scaling"]
+  for change, message in [
+    (dict(rope_parameters={**rope, "long_factor": rope["long_factor"][:-1]}), r"long_factor expected 16 factors"),
+    (dict(rope_parameters={**rope, "rope_type": "dynamic"}), r"rope_type expected one of"),
+    (dict(partial_rotary_factor=0.01), r"partial_rotary_factor=0.01 of head_dim=64"),
+  ]:
+    with pytest.raises(InputError, match=r"config\.json: .*" + message):
+      LlamaConfig.from_hf_dict({**hf, **change}, source="config.json")
+  llama = {**hf, "architectures": ["LlamaForCausalLM"], "rope_scaling": rope}
+  with pytest.raises(InputError, match=r"'longrope' is supported for Phi3ForCausalLM only"):
+    LlamaConfig.from_hf_dict(llama, source="config.json")
