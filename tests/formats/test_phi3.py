@@ -168,3 +168,18 @@ def test_bad_phi3_configs_are_named(phi3, tmp_path):
   llama = {**hf, "architectures": ["LlamaForCausalLM"], "rope_scaling": rope}
   with pytest.raises(InputError, match=r"'longrope' is supported for Phi3ForCausalLM only"):
     LlamaConfig.from_hf_dict(llama, source="config.json")
+
+
+def test_compressed_tensors_export_fuses_and_reads_back(phi3, tmp_path):
+  s = Settings(model=phi3, method="rtn", export="compressed-tensors", group_size=64, sym=False)
+  checkpoint, config, params = quantize_like_cli(s)
+  out = export(parse_target(s.export), str(tmp_path / "ct"), config, params, checkpoint.tokenizer(), name="phi3")
+  with safe_open(os.path.join(out, "model.safetensors"), "numpy") as f:
+    packed = f.get_tensor("model.layers.0.self_attn.qkv_proj.weight_packed")
+  assert packed.shape == (256 + 2 * 128, 256 // 8)  # q, k and v rows in one tensor, 8 codes a word
+  loaded = load_model(out)
+  for (_, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(loaded.params), strict=True):
+    if hasattr(a, "spec"):  # groups divide every width
+      assert_same_qarray(
+        b, dataclasses.replace(a, spec=dataclasses.replace(a.spec, partial_groups=b.spec.partial_groups))
+      )

@@ -29,9 +29,10 @@ def test_paley_and_fallback():
   assert not np.allclose(random_rotation(12, seed=1), random_rotation(12, seed=2))
 
 
-@pytest.mark.parametrize(("family", "tie"), [("Llama", False), ("Llama", True), ("Qwen3", True)])
+@pytest.mark.parametrize(("family", "tie"), [("Llama", False), ("Llama", True), ("Qwen3", True), ("Phi3", False)])
 def test_rotation_folded_into_the_model_leaves_it_unchanged(tmp_path, family, tie):
-  # Qwen3's per-head q/k norms act on the projections' outputs, which the rotation leaves unchanged
+  # Qwen3's per-head q/k norms act on the projections' outputs, which the rotation leaves unchanged; so does Phi-3's
+  # RoPE over part of each head. Phi-3's fused projections are rotated as their parts.
   path = write_random_llama(str(tmp_path / "m"), layers=2, hidden=64, intermediate=128, tie=tie, family=family)
   checkpoint = SafetensorsCheckpoint(path)
   rotated = quantize_model(LlamaBlocks(checkpoint), [rotate(seed=0)])
