@@ -257,7 +257,7 @@ class LlamaConfig:
                 rope_local_base_freq=self.rope_local_theta, attention_bias=self.attention_bias,
                 final_logit_softcapping=None, attn_logit_softcapping=None)  # fmt: skip
       return hf
-    if self.fused_projections:
+    if self.architecture == "Phi3ForCausalLM":
       hf.update(partial_rotary_factor=self.partial_rotary_factor, sliding_window=self.sliding_window,
                 original_max_position_embeddings=self.rope_scaling.original_max_position_embeddings)  # fmt: skip
       if rope is not None:  # Phi3Config reads the original length from the top level
