@@ -137,8 +137,8 @@ def split_layer(layer: dict, config: LlamaConfig) -> dict:
       if is_qarray(value):
         values[leaf] = split_outputs(value, widths, fused)
       else:
-        value = np.asarray(value)
-        values[leaf] = np.split(value, np.cumsum(widths)[:-1], axis=-1)  # kernel [in, out], bias [out]
+        pieces = np.split(np.asarray(value), np.cumsum(widths)[:-1], axis=-1)  # kernel [in, out], bias [out]
+        values[leaf] = [np.ascontiguousarray(p) for p in pieces]  # own buffers: writers need contiguous arrays
     _drop(layer, fused)
     for i, part in enumerate(parts):
       _put(layer, part, {leaf: pieces[i] for leaf, pieces in values.items()})
