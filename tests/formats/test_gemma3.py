@@ -13,13 +13,11 @@ import pytest
 from qjax.calib import text as texts
 from qjax.cli.quantize import Settings, plan, run
 from qjax.core.errors import InputError
-from qjax.core.tree import leaves_with_paths
-from qjax.formats import export, load_model, open_checkpoint, parse_target
-from qjax.formats.gptq import canonical_act_order
+from qjax.formats import load_model, open_checkpoint
 from qjax.models import LlamaConfig, logits_fn
 from tests.formats.test_gguf import assert_f32_reads_back_and_runs_in_llama_cpp, assert_recipe_is_llama_quantizes
-from tests.formats.test_gptq import assert_same_qarray, compare_with_transformers
-from tests.model_factory import quantize_like_cli, write_random_llama
+from tests.formats.test_gptq import FAMILY_EXPORTS, assert_reads_back, assert_transformers_agrees, family_export
+from tests.model_factory import write_random_llama
 
 # The gemma3.* keys llama.cpp's convert_hf_to_gguf.py writes for the `gemma3` model below (its vendored copy, run by
 # hand: the same keys and values and every tensor byte for byte, norms stored as 1 + w). qjax adds
@@ -96,38 +94,15 @@ def test_gguf_is_llama_cpps_and_runs_there(gemma3, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")  # third-party deprecation warnings while loading
-@pytest.mark.parametrize(
-  "settings",
-  [
-    dict(method="gptq", desc_act=True, export="gptq", group_size=64),
-    dict(method="awq+gptq", export="awq", group_size=64, sym=False),
-  ],
-  ids=["gptq_act_order", "awq"],
-)
+@FAMILY_EXPORTS
 def test_hf_exports_load_in_transformers_and_back(gemma3, tmp_path, settings):
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("gptqmodel")
-  s = Settings(model=gemma3, nsamples=4, seqlen=64, **settings)
-  checkpoint, config, params = quantize_like_cli(s)
-  out = export(parse_target(s.export), str(tmp_path / "q"), config, params, checkpoint.tokenizer(), name="gemma3")
+  checkpoint, config, params, out = family_export(gemma3, str(tmp_path / "q"), settings)
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["model_type"] == "gemma3_text"
   loaded = load_model(out)
   assert loaded.config == config
-  for (path, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(loaded.params), strict=True):
-    if hasattr(a, "spec"):  # act-order groups read back in GPTQ's canonical order; groups divide every width
-      a = canonical_act_order(a) if a.perm is not None else a
-      assert_same_qarray(
-        b, dataclasses.replace(a, spec=dataclasses.replace(a.spec, partial_groups=b.spec.partial_groups))
-      )
-    else:  # norms go out as w = scale - 1 in float16 and come back as 1 + w
-      np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-3, err_msg=path)
-  windows = window(checkpoint, 128).reshape(2, 64)
-  diff, scale, ppl_theirs, ppl_ours = compare_with_transformers(out, windows, dtype=torch.float32)
-  print(f"Gemma 3 {settings}: max |Δlogit| {diff:.5f} (max |logit| {scale:.2f}); perplexity transformers "
-        f"{ppl_theirs:.4f} qjax {ppl_ours:.4f}")  # fmt: skip
-  assert diff < 3e-3 * scale
-  assert abs(ppl_theirs - ppl_ours) / ppl_ours < 1e-3
+  assert_reads_back(params, loaded.params, dense_atol=1e-3)  # norms go out as w = scale - 1 in float16, back as 1 + w
+  assert_transformers_agrees(out, window(checkpoint, 128).reshape(2, 64), f"Gemma 3 {settings}")
 
 
 def test_what_gemma_cannot_do_is_named(gemma3, tmp_path):

@@ -16,12 +16,12 @@ from qjax.cli.quantize import Settings, plan, run
 from qjax.core import QSpec, dequantize, from_codes, is_qarray, quantize, round_to_grid
 from qjax.core.tree import leaves_with_paths, map_with_path
 from qjax.eval.metrics import evaluate
-from qjax.formats import hf_quantized, load_model, open_checkpoint
+from qjax.formats import export, hf_quantized, load_model, open_checkpoint, parse_target
 from qjax.formats.gptq import canonical_act_order, from_gptq, load_gptq, save_gptq, to_gptq
 from qjax.models import logits_fn
 from qjax.quantizers import GptqConfig, gptq_quantize
 from qjax.transforms import Rule, quantize_params, rtn
-from tests.model_factory import LINEARS, quantized_params
+from tests.model_factory import LINEARS, quantize_like_cli, quantized_params
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # gptqmodel's worker pool needs it on small machines
 
@@ -36,6 +36,18 @@ def assert_same_qarray(a, b):
       assert np.asarray(x).dtype == np.asarray(y).dtype, field
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=field)
   assert (a.spec, a.shape, a.dtype, a.axis) == (b.spec, b.shape, b.dtype, b.axis)
+
+
+def assert_reads_back(params, loaded_params, *, dense_atol: float | None = None) -> None:
+  """An export's params read back: every quantized leaf identical (act-order groups in GPTQ's canonical order; groups
+  that divide every width, so `partial_groups` is whatever the reader says), dense leaves within `dense_atol`."""
+  for (path, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(loaded_params), strict=True):
+    if is_qarray(a):
+      a = canonical_act_order(a) if a.perm is not None else a
+      spec = dataclasses.replace(a.spec, partial_groups=b.spec.partial_groups)
+      assert_same_qarray(b, dataclasses.replace(a, spec=spec))
+    elif dense_atol is not None:
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=dense_atol, err_msg=path)
 
 
 def act_order_qarray(w, spec, perm):
@@ -307,6 +319,39 @@ def compare_with_transformers(out, windows, **load):
     perplexity(theirs, windows),
     perplexity(mine, windows),
   )
+
+
+# A family's GPTQ and AWQ exports (tests/formats/test_{qwen3,gemma3,phi3}.py): act-order GPTQ, asymmetric AWQ+GPTQ.
+FAMILY_EXPORTS = pytest.mark.parametrize(
+  "settings",
+  [
+    dict(method="gptq", desc_act=True, export="gptq", group_size=64),
+    dict(method="awq+gptq", export="awq", group_size=64, sym=False),
+  ],
+  ids=["gptq_act_order", "awq"],
+)
+
+
+def family_export(model: str, out: str, settings: dict, *, seqlen: int = 64):
+  """``(checkpoint, config, params, export path)``: `model` quantized as `settings` say on 4 windows of `seqlen`
+  tokens, then exported to `out`."""
+  pytest.importorskip("torch")
+  pytest.importorskip("gptqmodel")
+  s = Settings(model=model, nsamples=4, seqlen=seqlen, **settings)
+  checkpoint, config, params = quantize_like_cli(s)
+  path = export(parse_target(s.export), out, config, params, checkpoint.tokenizer(), name=os.path.basename(model))
+  return checkpoint, config, params, path
+
+
+def assert_transformers_agrees(out, windows, label: str) -> None:
+  """transformers' logits on the export `out` are qjax's within 3e-3 of the largest, perplexity within 0.1%."""
+  import torch
+
+  diff, scale, ppl_theirs, ppl_ours = compare_with_transformers(out, windows, dtype=torch.float32)
+  print(f"{label}: max |Δlogit| {diff:.5f} (max |logit| {scale:.2f}); perplexity transformers {ppl_theirs:.4f} "
+        f"qjax {ppl_ours:.4f}")  # fmt: skip
+  assert diff < 3e-3 * scale
+  assert abs(ppl_theirs - ppl_ours) / ppl_ours < 1e-3
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Phi-3 (fused qkv_proj and gate_up_proj, LongRoPE, RoPE over a fraction of each head) through qjax's loader,
 every format and llama.cpp."""
 
-import dataclasses
 import json
 import os
 
@@ -14,12 +13,10 @@ from safetensors import safe_open
 from qjax.calib import text as texts
 from qjax.cli.quantize import Settings, run
 from qjax.core.errors import InputError
-from qjax.core.tree import leaves_with_paths
 from qjax.formats import export, load_model, open_checkpoint, parse_target
-from qjax.formats.gptq import canonical_act_order
 from qjax.models import LlamaConfig, logits_fn
 from tests.formats.test_gguf import assert_f32_reads_back_and_runs_in_llama_cpp, assert_recipe_is_llama_quantizes
-from tests.formats.test_gptq import assert_same_qarray, compare_with_transformers
+from tests.formats.test_gptq import FAMILY_EXPORTS, assert_reads_back, assert_transformers_agrees, family_export
 from tests.model_factory import quantize_like_cli, write_random_llama
 
 # The phi3.* keys llama.cpp's convert_hf_to_gguf.py writes for the LongRoPE model below (its vendored copy, run by
@@ -116,20 +113,9 @@ def test_gguf_is_llama_cpps_and_runs_there(phi3, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")  # third-party deprecation warnings while loading
-@pytest.mark.parametrize(
-  "settings",
-  [
-    dict(method="gptq", desc_act=True, export="gptq", group_size=64),
-    dict(method="awq+gptq", export="awq", group_size=64, sym=False),
-  ],
-  ids=["gptq_act_order", "awq"],
-)
+@FAMILY_EXPORTS
 def test_hf_exports_fuse_load_in_transformers_and_back(phi3, tmp_path, settings):
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("gptqmodel")
-  s = Settings(model=phi3, nsamples=4, seqlen=96, **settings)
-  checkpoint, config, params = quantize_like_cli(s)
-  out = export(parse_target(s.export), str(tmp_path / "q"), config, params, checkpoint.tokenizer(), name="phi3")
+  checkpoint, config, params, out = family_export(phi3, str(tmp_path / "q"), settings, seqlen=96)
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["model_type"] == "phi3"
   with safe_open(os.path.join(out, "model.safetensors"), "numpy") as f:
@@ -138,20 +124,8 @@ def test_hf_exports_fuse_load_in_transformers_and_back(phi3, tmp_path, settings)
   assert not any("q_proj" in n or "gate_proj." in n for n in names)
   loaded = load_model(out)
   assert loaded.config == config
-  for (path, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(loaded.params), strict=True):
-    if hasattr(a, "spec"):  # act-order groups read back in GPTQ's canonical order; groups divide every width
-      a = canonical_act_order(a) if a.perm is not None else a
-      assert_same_qarray(
-        b, dataclasses.replace(a, spec=dataclasses.replace(a.spec, partial_groups=b.spec.partial_groups))
-      )
-    else:
-      np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-3, err_msg=path)
-  windows = window(checkpoint, 192).reshape(2, 96)
-  diff, scale, ppl_theirs, ppl_ours = compare_with_transformers(out, windows, dtype=torch.float32)
-  print(f"Phi-3 {settings}: max |Δlogit| {diff:.5f} (max |logit| {scale:.2f}); perplexity transformers "
-        f"{ppl_theirs:.4f} qjax {ppl_ours:.4f}")  # fmt: skip
-  assert diff < 3e-3 * scale
-  assert abs(ppl_theirs - ppl_ours) / ppl_ours < 1e-3
+  assert_reads_back(params, loaded.params, dense_atol=1e-3)  # norms in float16
+  assert_transformers_agrees(out, window(checkpoint, 192).reshape(2, 96), f"Phi-3 {settings}")
 
 
 def test_bad_phi3_configs_are_named(phi3, tmp_path):
@@ -177,9 +151,4 @@ def test_compressed_tensors_export_fuses_and_reads_back(phi3, tmp_path):
   with safe_open(os.path.join(out, "model.safetensors"), "numpy") as f:
     packed = f.get_tensor("model.layers.0.self_attn.qkv_proj.weight_packed")
   assert packed.shape == (256 + 2 * 128, 256 // 8)  # q, k and v rows in one tensor, 8 codes a word
-  loaded = load_model(out)
-  for (_, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(loaded.params), strict=True):
-    if hasattr(a, "spec"):  # groups divide every width
-      assert_same_qarray(
-        b, dataclasses.replace(a, spec=dataclasses.replace(a.spec, partial_groups=b.spec.partial_groups))
-      )
+  assert_reads_back(params, load_model(out).params)

@@ -2,8 +2,6 @@
 through every format: GGUF as llama.cpp writes and runs it, GPTQ, AWQ and compressed-tensors directories that
 transformers loads, and qjax's importers back."""
 
-import dataclasses
-
 import gguf
 import jax.numpy as jnp
 import numpy as np
@@ -11,17 +9,15 @@ import pytest
 
 from qjax.calib import text as texts
 from qjax.cli.quantize import Settings, run
-from qjax.core.tree import leaves_with_paths
-from qjax.formats import GgufCheckpoint, export, load_model, open_checkpoint, parse_target
-from qjax.formats.gptq import canonical_act_order
+from qjax.formats import GgufCheckpoint, load_model, open_checkpoint
 from qjax.models import logits_fn
 from tests.formats.test_gguf import (
   assert_f32_reads_back_and_runs_in_llama_cpp,
   assert_recipe_is_llama_quantizes,
   llama_cpp_logits,
 )
-from tests.formats.test_gptq import assert_same_qarray, compare_with_transformers
-from tests.model_factory import quantize_like_cli, write_random_llama
+from tests.formats.test_gptq import FAMILY_EXPORTS, assert_reads_back, assert_transformers_agrees, family_export
+from tests.model_factory import write_random_llama
 
 # The qwen3.* keys llama.cpp's convert_hf_to_gguf.py writes for such a model (its vendored copy, run by hand on this
 # model: the same keys and values, every tensor byte for byte; it needs sentencepiece importable, so no test runs it).
@@ -67,30 +63,10 @@ def test_gguf_is_llama_cpps_and_runs_there(qwen3, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")  # third-party deprecation warnings while loading
-@pytest.mark.parametrize(
-  "settings",
-  [
-    dict(method="gptq", desc_act=True, export="gptq", group_size=64),
-    dict(method="awq+gptq", export="awq", group_size=64, sym=False),
-  ],
-  ids=["gptq_act_order", "awq"],  # compressed-tensors reuses the same Hugging Face name map and writer
-)
+@FAMILY_EXPORTS
 def test_hf_exports_load_in_transformers_and_back(qwen3, tmp_path, settings):
-  torch = pytest.importorskip("torch")
-  pytest.importorskip("gptqmodel")
-  s = Settings(model=qwen3, nsamples=4, seqlen=64, **settings)
-  checkpoint, config, params = quantize_like_cli(s)
-  out = export(parse_target(s.export), str(tmp_path / "q"), config, params, checkpoint.tokenizer(), name="qwen3")
+  checkpoint, config, params, out = family_export(qwen3, str(tmp_path / "q"), settings)
   loaded = load_model(out)
-  assert loaded.config.architecture == "Qwen3ForCausalLM"
-  for (_, a), (_, b) in zip(leaves_with_paths(params), leaves_with_paths(loaded.params), strict=True):
-    if hasattr(a, "spec"):  # act-order groups read back in GPTQ's canonical order; groups divide every width
-      a = canonical_act_order(a) if a.perm is not None else a
-      spec = dataclasses.replace(a.spec, partial_groups=b.spec.partial_groups)
-      assert_same_qarray(b, dataclasses.replace(a, spec=spec))
-  windows = window(checkpoint, 128).reshape(2, 64)
-  diff, scale, ppl_theirs, ppl_ours = compare_with_transformers(out, windows, dtype=torch.float32)
-  print(f"Qwen3 {settings}: max |Δlogit| {diff:.5f} (max |logit| {scale:.2f}); perplexity transformers "
-        f"{ppl_theirs:.4f} qjax {ppl_ours:.4f}")  # fmt: skip
-  assert diff < 3e-3 * scale
-  assert abs(ppl_theirs - ppl_ours) / ppl_ours < 1e-3
+  assert loaded.config == config and config.architecture == "Qwen3ForCausalLM"
+  assert_reads_back(params, loaded.params)
+  assert_transformers_agrees(out, window(checkpoint, 128).reshape(2, 64), f"Qwen3 {settings}")
