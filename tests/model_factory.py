@@ -60,6 +60,26 @@ def write_random_llama(
   return path
 
 
+def assert_logits_match_transformers(path: str, ids: np.ndarray, label: str):
+  """qjax's logits for the Hugging Face directory `path` (through qjax's own loader) on `ids` are transformers'
+  (torch, float32) within 1e-4. Returns qjax's checkpoint."""
+  import jax.numpy as jnp
+  import torch
+  import transformers
+
+  from qjax.formats import open_checkpoint
+  from qjax.models import logits_fn
+
+  checkpoint = open_checkpoint(path)
+  ours = np.asarray(logits_fn(checkpoint.config, checkpoint.params())(jnp.asarray(ids)))
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = model(torch.tensor(ids)).logits.numpy()
+  print(f"{label}: max |Δlogit| against transformers {np.abs(ours - theirs).max():.3g}")
+  assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
+  return checkpoint
+
+
 def _vocab_config():
   from qjax.models import LlamaConfig
 

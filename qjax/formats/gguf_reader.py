@@ -297,10 +297,14 @@ class GgufCheckpoint(Checkpoint):
     self.config = self._config()
     self._check_tensors()
     if "rope_freqs.weight" in self._tensors:
-      factors = self._tensor("rope_freqs.weight")
-      if (factors <= 0).any():
-        raise InputError(f"{path}: tensor rope_freqs.weight expected positive frequency factors.")
-      self.config = dataclasses.replace(self.config, rope_freq_factors=tuple(float(f) for f in factors))
+      self.config = dataclasses.replace(self.config, rope_freq_factors=self._frequency_factors("rope_freqs.weight"))
+
+  def _frequency_factors(self, name: str) -> tuple[float, ...]:
+    """A RoPE frequency-factor tensor (``rope_freqs``, LongRoPE's), every factor checked to be positive."""
+    factors = self._tensor(name)
+    if (factors <= 0).any():
+      raise InputError(f"{self.source}: tensor {name} expected positive frequency factors.")
+    return tuple(float(f) for f in factors)
 
   def _field(self, key: str, default=...):
     field = self._reader.fields.get(key)
@@ -405,10 +409,7 @@ class GgufCheckpoint(Checkpoint):
       t = self._tensors[name]
       if tuple(int(d) for d in t.shape) != (rotary // 2,) or t.tensor_type.name != "F32":
         raise InputError(f"{src}: tensor {name} expected ({rotary // 2},) F32 from rope.dimension_count={rotary}.")
-      values = self._tensor(name)
-      if (values <= 0).any():
-        raise InputError(f"{src}: tensor {name} expected positive frequency factors.")
-      factors[key] = tuple(float(v) for v in values)
+      factors[key] = self._frequency_factors(name)
     scaling = RopeScaling(
       rope_type="longrope",
       factor=context / original,

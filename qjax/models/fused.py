@@ -17,7 +17,8 @@ from qjax.core import QArray, is_qarray
 from qjax.core.qspec import PACKED
 from qjax.models.config import LlamaConfig
 
-# Hugging Face module inside a layer -> the modules it fuses, in the order their outputs are concatenated.
+# Hugging Face module inside a layer -> the modules it fuses, in the order their outputs are concatenated (each
+# ``parent.name``, the parent shared).
 FUSED_MODULES = {
   "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
   "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
@@ -101,34 +102,13 @@ def split_outputs(q: QArray, widths: tuple[int, ...], name: str = "weight") -> l
   return parts
 
 
-def _node(tree: dict, module: str) -> dict | None:
-  for key in module.split("."):
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
-def _put(tree: dict, module: str, value: dict) -> None:
-  *parents, last = module.split(".")
-  for key in parents:
-    tree = tree.setdefault(key, {})
-  tree[last] = value
-
-
-def _drop(tree: dict, module: str) -> None:
-  *parents, last = module.split(".")
-  for key in parents:
-    tree = tree[key]
-  del tree[last]
-
-
 def split_layer(layer: dict, config: LlamaConfig) -> dict:
   """A decoder layer's Flax params with each fused module (``kernel`` [in, out] dense or `QArray`, optional
   ``bias``) replaced by its parts; a layer without fused modules is returned as is."""
-  layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
+  layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}  # the parent dicts change
   for fused, parts in fused_modules(config).items():
-    node = _node(layer, fused)
+    parent, name = fused.split(".")
+    node = layer.get(parent, {}).get(name)
     if node is None:
       continue
     widths = part_widths(config, fused)
@@ -139,9 +119,9 @@ def split_layer(layer: dict, config: LlamaConfig) -> dict:
       else:
         pieces = np.split(np.asarray(value), np.cumsum(widths)[:-1], axis=-1)  # kernel [in, out], bias [out]
         values[leaf] = [np.ascontiguousarray(p) for p in pieces]  # own buffers: writers need contiguous arrays
-    _drop(layer, fused)
+    del layer[parent][name]
     for i, part in enumerate(parts):
-      _put(layer, part, {leaf: pieces[i] for leaf, pieces in values.items()})
+      layer[parent][part.split(".")[1]] = {leaf: pieces[i] for leaf, pieces in values.items()}
   return layer
 
 
@@ -151,9 +131,11 @@ def fuse_layer(layer: dict, config: LlamaConfig) -> dict:
   Raises:
     ValueError: when parts differ in what they hold (one quantized, another dense), or as `concat_outputs`.
   """
-  layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
+  layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}  # the parent dicts change
   for fused, parts in fused_modules(config).items():
-    nodes = [_node(layer, part) for part in parts]
+    parent, name = fused.split(".")
+    names = [part.split(".")[1] for part in parts]
+    nodes = [layer.get(parent, {}).get(part) for part in names]
     if any(node is None for node in nodes):
       continue
     if len({tuple(sorted(n)) for n in nodes}) > 1 or len({is_qarray(n.get("kernel")) for n in nodes}) > 1:
@@ -165,16 +147,10 @@ def fuse_layer(layer: dict, config: LlamaConfig) -> dict:
         value[leaf] = concat_outputs(pieces, fused)
       else:
         value[leaf] = np.concatenate([np.asarray(p) for p in pieces], axis=-1)
-    for part in parts:
-      _drop(layer, part)
-    _put(layer, fused, value)
+    for part in names:
+      del layer[parent][part]
+    layer[parent][name] = value
   return layer
-
-
-def map_layers(params: dict, fn) -> dict:
-  """`params` with ``fn(layer)`` applied to each ``model/layers_{i}`` subtree."""
-  model = {k: (fn(v) if k.startswith("layers_") else v) for k, v in params["model"].items()}
-  return {**params, "model": model}
 
 
 def fuse_params(params: dict, config: LlamaConfig) -> dict:
@@ -182,4 +158,5 @@ def fuse_params(params: dict, config: LlamaConfig) -> dict:
   families."""
   if not config.fused_projections:
     return params
-  return map_layers(params, lambda layer: fuse_layer(layer, config))
+  model = {k: fuse_layer(v, config) if k.startswith("layers_") else v for k, v in params["model"].items()}
+  return {**params, "model": model}

@@ -5,19 +5,21 @@ import dataclasses
 import json
 import os
 
-import gguf
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qjax.calib import text as texts
-from qjax.cli.quantize import Settings, plan, run
+from qjax.cli.quantize import Settings, plan
 from qjax.core.errors import InputError
 from qjax.formats import load_model, open_checkpoint
-from qjax.models import LlamaConfig, logits_fn
-from tests.formats.test_gguf import assert_f32_reads_back_and_runs_in_llama_cpp, assert_recipe_is_llama_quantizes
+from qjax.models import LlamaConfig
+from tests.formats.test_gguf import (
+  assert_f32_reads_back_and_runs_in_llama_cpp,
+  assert_recipe_is_llama_quantizes,
+  export_f32,
+)
 from tests.formats.test_gptq import FAMILY_EXPORTS, assert_reads_back, assert_transformers_agrees, family_export
-from tests.model_factory import write_random_llama
+from tests.model_factory import assert_logits_match_transformers, write_random_llama
 
 # The gemma3.* keys llama.cpp's convert_hf_to_gguf.py writes for the `gemma3` model below (its vendored copy, run by
 # hand: the same keys and values and every tensor byte for byte, norms stored as 1 + w). qjax adds
@@ -55,21 +57,14 @@ def window(checkpoint, n=96):
   ids=["tied_layer_types_scalar", "untied_linear_rope"],
 )  # fmt: skip
 def test_logits_match_transformers(tmp_path, options):
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   import transformers
 
   path = write_random_llama(str(tmp_path / "m"), layers=3, hidden=64, intermediate=96, heads=4, kv_heads=2,
                             family="Gemma3", head_dim=32, **options)  # fmt: skip
-  checkpoint = open_checkpoint(path)
-  config = checkpoint.config
-  assert config.gemma and config.qk_norm and config.sliding(0) and config.embed_scale == 8.0
   ids = np.random.default_rng(0).integers(0, 1000, (2, 20))  # longer than either window
-  ours = np.asarray(logits_fn(config, checkpoint.params())(jnp.asarray(ids)))
-  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-  with torch.no_grad():
-    theirs = model(torch.tensor(ids)).logits.numpy()
-  print(f"Gemma 3 {options}: max |Δlogit| against transformers {np.abs(ours - theirs).max():.3g}")
-  assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
+  config = assert_logits_match_transformers(path, ids, f"Gemma 3 {options}").config
+  assert config.gemma and config.qk_norm and config.sliding(0) and config.embed_scale == 8.0
   # the config qjax writes is read back by transformers and by qjax as the same model
   hf = transformers.AutoConfig.for_model(**config.to_hf_dict())
   assert hf.layer_types == list(config.layer_types) and hf.query_pre_attn_scalar == config.query_pre_attn_scalar
@@ -79,11 +74,7 @@ def test_logits_match_transformers(tmp_path, options):
 @pytest.mark.slow
 def test_gguf_is_llama_cpps_and_runs_there(gemma3, tmp_path):
   checkpoint = open_checkpoint(gemma3)
-  f32 = run(Settings(model=gemma3, method="none", export="gguf:F32", eval_windows=0, out=str(tmp_path / "f")),
-            show_progress=False)[1]  # fmt: skip
-  reader = gguf.GGUFReader(f32)
-  assert reader.fields["general.architecture"].contents() == "gemma3"
-  assert sorted(k for k in reader.fields if k.startswith("gemma3.")) == CONVERTER_KEYS
+  f32, reader = export_f32(gemma3, str(tmp_path / "f"), "gemma3", CONVERTER_KEYS)
   stored = {t.name: np.asarray(t.data) for t in reader.tensors}
   hf_norm = np.asarray(checkpoint.params()["model"]["layers_0"]["post_feedforward_layernorm"]["scale"])
   np.testing.assert_array_equal(stored["blk.0.post_ffw_norm.weight"], hf_norm)  # 1 + w, as the converter writes

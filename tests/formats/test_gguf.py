@@ -40,6 +40,17 @@ def assert_same_tensors(ours: str, theirs: str) -> None:
   assert not differ, differ
 
 
+def export_f32(model: str, out: str, arch: str, keys: list[str] | None = None) -> tuple[str, gguf.GGUFReader]:
+  """``(path, reader)`` of qjax's F32 GGUF file of `model` (``qjax quantize --method=none --export=gguf:F32``), checked
+  to declare architecture `arch` and, given `keys`, exactly those ``<arch>.*`` metadata keys."""
+  path = run(Settings(model=model, method="none", export="gguf:F32", eval_windows=0, out=out), show_progress=False)[1]
+  reader = gguf.GGUFReader(path)
+  assert reader.fields["general.architecture"].contents() == arch
+  if keys is not None:
+    assert sorted(k for k in reader.fields if k.startswith(f"{arch}.")) == keys
+  return path, reader
+
+
 def assert_f32_reads_back_and_runs_in_llama_cpp(checkpoint, f32: str, window: np.ndarray) -> GgufCheckpoint:
   """qjax's F32 GGUF file of `checkpoint` reads back tensor for tensor, and llama.cpp's logits on `window` are
   qjax's within 2e-3 of the largest. Returns the file read back."""
@@ -82,8 +93,7 @@ def llama_cpp_perplexity(path: str, windows: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def f32_export(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("f32"))
-  return run(Settings(method="none", export="gguf:F32", eval_windows=0, out=out), show_progress=False)[1]
+  return export_f32("default", str(tmp_path_factory.mktemp("f32")), "llama")[0]
 
 
 @pytest.mark.slow

@@ -1,23 +1,29 @@
 """Phi-3 (fused qkv_proj and gate_up_proj, LongRoPE, RoPE over a fraction of each head) through qjax's loader,
 every format and llama.cpp."""
 
+import dataclasses
 import json
 import os
 
-import gguf
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import safe_open
 
 from qjax.calib import text as texts
-from qjax.cli.quantize import Settings, run
+from qjax.cli.quantize import Settings
 from qjax.core.errors import InputError
-from qjax.formats import export, load_model, open_checkpoint, parse_target
-from qjax.models import LlamaConfig, logits_fn
-from tests.formats.test_gguf import assert_f32_reads_back_and_runs_in_llama_cpp, assert_recipe_is_llama_quantizes
+from qjax.core.tree import leaves_with_paths
+from qjax.formats import GgufCheckpoint, export, load_model, open_checkpoint, parse_target
+from qjax.models import LlamaConfig
+from qjax.models.config import RopeScaling
+from tests.formats.test_gguf import (
+  assert_f32_reads_back_and_runs_in_llama_cpp,
+  assert_recipe_is_llama_quantizes,
+  export_f32,
+)
 from tests.formats.test_gptq import FAMILY_EXPORTS, assert_reads_back, assert_transformers_agrees, family_export
-from tests.model_factory import quantize_like_cli, write_random_llama
+from tests.fuzz import harness
+from tests.model_factory import assert_logits_match_transformers, quantize_like_cli, write_random_llama
 
 # The phi3.* keys llama.cpp's convert_hf_to_gguf.py writes for the LongRoPE model below (its vendored copy, run by
 # hand on this model: the same keys and values, and every tensor byte for byte).
@@ -62,24 +68,17 @@ def window(checkpoint, n=96):
   ids=["untied_long_factors_partial_rotary_window", "tied_short_factors"],
 )  # fmt: skip
 def test_logits_match_transformers(tmp_path, options):
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   import transformers
 
   path = write_random_llama(str(tmp_path / "m"), layers=2, hidden=64, intermediate=96, heads=4, kv_heads=2,
                             family="Phi3", **options)  # fmt: skip
   with safe_open(os.path.join(path, "model.safetensors"), "numpy") as f:
     assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= set(f.keys())
-  checkpoint = open_checkpoint(path)
-  config = checkpoint.config
+  ids = np.random.default_rng(0).integers(0, 1000, (2, 20))  # beyond an original length of 16, within one of 32
+  config = assert_logits_match_transformers(path, ids, f"Phi-3 {sorted(options)}").config
   assert config.fused_projections and config.rope_scaling.rope_type == "longrope"
   assert config.rope_scaling.attention_factor > 1.1  # max_position_embeddings 1024 over 16 or 32
-  ids = np.random.default_rng(0).integers(0, 1000, (2, 20))  # beyond an original length of 16, within one of 32
-  ours = np.asarray(logits_fn(config, checkpoint.params())(jnp.asarray(ids)))
-  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-  with torch.no_grad():
-    theirs = model(torch.tensor(ids)).logits.numpy()
-  print(f"Phi-3 {sorted(options)}: max |Δlogit| against transformers {np.abs(ours - theirs).max():.3g}")
-  assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
   # the config qjax writes is read back by transformers and by qjax as the same model
   hf = transformers.AutoConfig.for_model(**config.to_hf_dict())
   assert hf.rope_parameters["rope_type"] == "longrope"
@@ -90,11 +89,7 @@ def test_logits_match_transformers(tmp_path, options):
 @pytest.mark.slow
 def test_gguf_is_llama_cpps_and_runs_there(phi3, tmp_path):
   checkpoint = open_checkpoint(phi3)
-  f32 = run(Settings(model=phi3, method="none", export="gguf:F32", eval_windows=0, out=str(tmp_path / "f")),
-            show_progress=False)[1]  # fmt: skip
-  reader = gguf.GGUFReader(f32)
-  assert reader.fields["general.architecture"].contents() == "phi3"
-  assert sorted(k for k in reader.fields if k.startswith("phi3.")) == CONVERTER_KEYS
+  f32, reader = export_f32(phi3, str(tmp_path / "f"), "phi3", CONVERTER_KEYS)
   stored = {t.name: np.asarray(t.data) for t in reader.tensors}
   with safe_open(os.path.join(phi3, "model.safetensors"), "numpy") as f:  # the fused tensors, as the model stores them
     for gguf_name, hf_name in [("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")]:
@@ -152,3 +147,23 @@ def test_compressed_tensors_export_fuses_and_reads_back(phi3, tmp_path):
     packed = f.get_tensor("model.layers.0.self_attn.qkv_proj.weight_packed")
   assert packed.shape == (256 + 2 * 128, 256 // 8)  # q, k and v rows in one tensor, 8 codes a word
   assert_reads_back(params, load_model(out).params)
+
+
+def test_tiny_phi3_gguf_round_trip_and_bad_rope_factors(tmp_path):
+  rope = RopeScaling(rope_type="longrope", short_factor=(1.0, 1.5, 2.0, 2.5), long_factor=(2.0, 3.0, 4.0, 5.0),
+                     factor=2.0, attention_factor=1.25, original_max_position_embeddings=64)  # fmt: skip
+  # phi3 files carry no vocab_size key: the vocabulary is the 63 tokens of the harness's tokenizer; GGUF holds the
+  # epsilon in float32
+  config = dataclasses.replace(harness.TINY, architecture="Phi3ForCausalLM", rope_scaling=rope, vocab_size=63,
+                               rms_norm_eps=float(np.float32(1e-5)))  # fmt: skip
+  path = str(tmp_path / "phi3.gguf")
+  harness.write_gguf_file(path, config)
+  back = GgufCheckpoint(path)
+  assert back.config == config  # the factors are exact in float32
+  for (p, a), (_, b) in zip(leaves_with_paths(harness.random_params(config)), leaves_with_paths(back.params()),
+                            strict=True):  # fmt: skip
+    np.testing.assert_array_equal(a, b, err_msg=p)  # split back from attn_qkv and the fused ffn_up
+  harness.write_gguf_file(path, dataclasses.replace(config, rope_scaling=dataclasses.replace(rope, long_factor=(
+    2.0, -3.0, 4.0, 5.0))))  # fmt: skip
+  with pytest.raises(InputError, match=r"phi3\.gguf: tensor rope_factors_long\.weight expected positive frequency"):
+    GgufCheckpoint(path)

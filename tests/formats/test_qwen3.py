@@ -2,18 +2,17 @@
 through every format: GGUF as llama.cpp writes and runs it, GPTQ, AWQ and compressed-tensors directories that
 transformers loads, and qjax's importers back."""
 
-import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qjax.calib import text as texts
-from qjax.cli.quantize import Settings, run
 from qjax.formats import GgufCheckpoint, load_model, open_checkpoint
 from qjax.models import logits_fn
 from tests.formats.test_gguf import (
   assert_f32_reads_back_and_runs_in_llama_cpp,
   assert_recipe_is_llama_quantizes,
+  export_f32,
   llama_cpp_logits,
 )
 from tests.formats.test_gptq import FAMILY_EXPORTS, assert_reads_back, assert_transformers_agrees, family_export
@@ -43,11 +42,7 @@ def window(checkpoint, n=96):
 def test_gguf_is_llama_cpps_and_runs_there(qwen3, tmp_path):
   checkpoint = open_checkpoint(qwen3)
   assert checkpoint.config.qk_norm and checkpoint.config.head_dim == 96
-  f32 = run(Settings(model=qwen3, method="none", export="gguf:F32", eval_windows=0, out=str(tmp_path / "f")),
-            show_progress=False)[1]  # fmt: skip
-  reader = gguf.GGUFReader(f32)
-  assert reader.fields["general.architecture"].contents() == "qwen3"
-  assert sorted(k for k in reader.fields if k.startswith("qwen3.")) == CONVERTER_KEYS
+  f32, reader = export_f32(qwen3, str(tmp_path / "f"), "qwen3", CONVERTER_KEYS)
   types = {t.name: t.tensor_type.name for t in reader.tensors}
   assert types["blk.1.attn_q_norm.weight"] == types["blk.1.attn_k_norm.weight"] == "F32"
   w = window(checkpoint)
