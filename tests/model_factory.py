@@ -60,6 +60,24 @@ def write_random_llama(
   return path
 
 
+def write_random_moe(path: str, *, family: str = "Mixtral", layers: int = 2, **config_kwargs) -> str:
+  """A random ``{family}ForCausalLM`` mixture of experts (`write_random_llama`'s sizes), its router weights scaled
+  up so each token's top-k experts win by clear margins (transformers and qjax route alike despite float
+  rounding)."""
+  import torch
+  from safetensors.torch import load_file, save_file
+
+  write_random_llama(path, family=family, layers=layers, **config_kwargs)
+  weights = os.path.join(path, "model.safetensors")
+  tensors = load_file(weights)
+  generator = torch.Generator().manual_seed(1)
+  for name, t in tensors.items():
+    if name.endswith(".gate.weight"):
+      tensors[name] = torch.randn(t.shape, generator=generator) * 0.5
+  save_file(tensors, weights, metadata={"format": "pt"})
+  return path
+
+
 def assert_logits_match_transformers(path: str, ids: np.ndarray, label: str):
   """qjax's logits for the Hugging Face directory `path` (through qjax's own loader) on `ids` are transformers'
   (torch, float32) within 1e-4. Returns qjax's checkpoint."""

@@ -37,6 +37,10 @@ LAYER_MODULES = (
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
 GEMMA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma: a norm on each block output too
 HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3: (head_dim,) weights shared by every head
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Where a family's checkpoints keep a sparse layer's router and experts, and its names for the expert projections.
+MOE_NAMES = {"MixtralForCausalLM": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"})}
+QWEN_MOE_NAMES = ("mlp", {p: p for p in EXPERT_PROJECTIONS})
 
 
 WEIGHTS = "model.safetensors"
@@ -73,6 +77,9 @@ def hf_layer_tensors(config: LlamaConfig, i: int) -> dict[str, tuple[tuple[str, 
   names = {}
   fused = fused_of(config)
   modules = dict.fromkeys(fused.get(module, module) for module in LAYER_MODULES)
+  if config.moe(i):  # the router; the experts are `hf_expert_tensors`
+    names[f"model.layers.{i}.{moe_names(config)[0]}.gate.weight"] = ("mlp", "gate", "kernel"), True
+    modules = [m for m in modules if not m.startswith("mlp.")]
   for module in modules:
     path = tuple(module.split("."))
     names[f"model.layers.{i}.{module}.weight"] = (*path, "kernel"), True
@@ -84,6 +91,30 @@ def hf_layer_tensors(config: LlamaConfig, i: int) -> dict[str, tuple[tuple[str, 
   for norm in LAYER_NORMS + (GEMMA_NORMS if config.gemma else ()) + (HEAD_NORMS if config.qk_norm else ()):
     names[f"model.layers.{i}.{norm}.weight"] = (*norm.split("."), "scale"), False
   return names
+
+
+def moe_names(config: LlamaConfig) -> tuple[str, dict[str, str]]:
+  """(the module holding a sparse layer's router and experts, {qjax projection: the checkpoint's name for it})."""
+  return MOE_NAMES.get(config.architecture, QWEN_MOE_NAMES)
+
+
+def hf_expert_tensors(config: LlamaConfig, i: int) -> dict[str, tuple[str, int]]:
+  """HF tensor name -> (projection, expert) for the experts of decoder layer `i` (none for a dense layer). Each is
+  ``[out, in]``; qjax holds a projection's experts stacked as ``mlp/experts/{projection}/kernel`` (E, in, out)."""
+  if not config.moe(i):
+    return {}
+  module, projections = moe_names(config)
+  return {
+    f"model.layers.{i}.{module}.experts.{e}.{projections[p]}.weight": (p, e)
+    for e in range(config.num_experts)
+    for p in EXPERT_PROJECTIONS
+  }
+
+
+def expert_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+  """[out, in] of one expert's projection."""
+  hidden, inter = config.hidden_size, config.expert_size
+  return {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
 
 
 def norm_offset(config: LlamaConfig, hf_name: str) -> float:
@@ -115,13 +146,14 @@ def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
   Call `check_layer_count` first: this lists ``num_hidden_layers`` layers, however many that is.
   """
-  linear = linear_shapes(config)
+  linear = linear_shapes(config) | {"gate": (config.num_experts, config.hidden_size)}
   shapes = {"model.embed_tokens.weight": linear["lm_head"], "model.norm.weight": (config.hidden_size,)}
   norms = {"q_norm": (config.head_dim,), "k_norm": (config.head_dim,)}
   for i in range(config.num_hidden_layers):
     for name, (path, _) in hf_layer_tensors(config, i).items():
       out_in = linear.get(path[-2]) or norms.get(path[-2], (config.hidden_size,))
       shapes[name] = out_in if path[-1] == "kernel" else out_in[:1]
+    shapes.update({name: expert_shapes(config)[p] for name, (p, _) in hf_expert_tensors(config, i).items()})
   if not config.tie_word_embeddings:
     shapes["lm_head.weight"] = linear["lm_head"]
   return shapes
@@ -140,10 +172,21 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         continue
       for part, width in zip(fused_modules(config)[module], part_widths(config, module), strict=True):
         shapes["/".join(("model", f"layers_{i}", *part.split("."), path[-1]))] = (*shape[:-1], width)  # [in, out]
+    if config.moe(i):
+      for p, (out, in_) in expert_shapes(config).items():
+        shapes[f"model/layers_{i}/mlp/experts/{p}/kernel"] = (config.num_experts, in_, out)
   shapes["model/norm/scale"] = (config.hidden_size,)
   if not config.tie_word_embeddings:
     shapes["lm_head/kernel"] = (config.hidden_size, config.vocab_size)
   return shapes
+
+
+def stack_experts(tensors: dict[str, np.ndarray], names: dict[str, tuple[str, int]], num_experts: int) -> Params:
+  """``{projection: {"kernel": (E, in, out)}}`` from one [out, in] tensor per expert (`hf_expert_tensors` names)."""
+  by_projection: dict[str, list] = {}
+  for name, (p, e) in names.items():
+    by_projection.setdefault(p, [None] * num_experts)[e] = tensors[name].T
+  return {p: {"kernel": np.stack(ws)} for p, ws in by_projection.items()}
 
 
 def check_layer_count(names, config: LlamaConfig, *, layer: re.Pattern, config_path: str, source: str) -> None:
@@ -531,6 +574,9 @@ class SafetensorsCheckpoint(Checkpoint):
     params = {}
     for name, (path, transpose) in names.items():
       set_nested(params, path, np.ascontiguousarray(tensors[name].T) if transpose else tensors[name])
+    experts = hf_expert_tensors(self.config, i)
+    if experts:
+      params["mlp"]["experts"] = stack_experts(self.get_many(list(experts)), experts, self.config.num_experts)
     return split_layer(params, self.config)
 
   def head_params(self) -> Params:

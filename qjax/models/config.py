@@ -21,6 +21,12 @@ ARCHITECTURES = {
   # Phi-3 (and Phi-4-mini): checkpoints fuse q/k/v into qkv_proj and gate/up into gate_up_proj (`qjax.models.fused`);
   # LongRoPE, and RoPE over a leading fraction of each head.
   "Phi3ForCausalLM": {"model_type": "phi3", "fused_projections": True},
+  # Mixtures of experts: a routed set of SwiGLU experts in place of the MLP (`qjax.models.moe`). Mixtral: softmax
+  # top-k with the chosen probabilities renormalised, every layer sparse; checkpoints name the experts w1/w2/w3.
+  "MixtralForCausalLM": {"model_type": "mixtral", "moe": True},
+  # Qwen3-MoE: Qwen3's attention; renormalising the top-k probabilities is optional (`norm_topk_prob`), and layers
+  # may stay dense (`mlp_only_layers`, `decoder_sparse_step`).
+  "Qwen3MoeForCausalLM": {"model_type": "qwen3_moe", "qk_norm": True, "moe": True},
 }
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 # The `RopeScaling` fields each type writes to a Hugging Face config.
@@ -29,6 +35,8 @@ ROPE_KEYS = {
   "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
   "longrope": ("short_factor", "long_factor", "factor", "attention_factor", "original_max_position_embeddings"),
 }
+# Architectures whose configs have no use_sliding_window: a sliding_window given applies.
+SLIDING_BY_DEFAULT = ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_SIZE = 2**31  # every size, count and token id a config gives must lie below it
 MAX_JSON_BYTES = 64 << 20  # config.json, an index or a manifest: megabytes at most; refused before parsing
@@ -83,6 +91,11 @@ class LlamaConfig:
   rope_local_theta: float | None = None  # RoPE base of sliding-window layers when it differs (Gemma 3)
   query_pre_attn_scalar: int | None = None  # attention scores are scaled by its -1/2 power (default: head_dim)
   partial_rotary_factor: float = 1.0  # RoPE rotates the first int(head_dim * factor) dimensions of each head
+  num_experts: int = 0  # experts of each sparse layer; 0: every layer is a dense MLP
+  num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
+  moe_intermediate_size: int | None = None  # width of one expert (default: intermediate_size)
+  norm_topk_prob: bool = True  # the k chosen routing probabilities are renormalised to sum to one
+  dense_layers: tuple[int, ...] = ()  # layers with a dense MLP of intermediate_size in a mixture-of-experts model
   architecture: str = "LlamaForCausalLM"
   bos_token_id: int | None = None
   eos_token_id: int | None = None
@@ -107,6 +120,10 @@ class LlamaConfig:
         factors = getattr(self.rope_scaling, key)
         if factors is None or len(factors) != self.rotary_dim // 2:
           raise ValueError(f"rope_scaling.{key} expected {self.rotary_dim // 2} factors, got {show(factors)}.")
+    if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(
+        f"num_experts_per_tok expected 1 .. num_experts={self.num_experts}, got {self.num_experts_per_tok}."
+      )
     if self.layer_types is not None:
       if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
         raise ValueError(
@@ -153,6 +170,15 @@ class LlamaConfig:
   def attention_scale(self) -> float:
     return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
+  @property
+  def expert_size(self) -> int:
+    """The intermediate width of one expert."""
+    return self.moe_intermediate_size or self.intermediate_size
+
+  def moe(self, i: int) -> bool:
+    """Whether layer `i` routes its tokens to experts (else it has a dense MLP)."""
+    return self.num_experts > 0 and i not in self.dense_layers
+
   def sliding(self, i: int) -> bool:
     """Whether layer `i` attends within `sliding_window` tokens only."""
     if self.sliding_window is None:
@@ -180,7 +206,7 @@ class LlamaConfig:
     if not isinstance(rope, dict):
       raise InputError(f"{source}: rope_scaling expected an object, got {show(rope)}.")
     sliding = None
-    if config_bool(hf, "use_sliding_window", source, default=arch in ("MistralForCausalLM", "Phi3ForCausalLM")):
+    if config_bool(hf, "use_sliding_window", source, default=arch in SLIDING_BY_DEFAULT):
       sliding = config_int(hf, "sliding_window", source, default=None)
     factors = hf.get("qjax_rope_freq_factors")
     fields = dict(
@@ -202,6 +228,8 @@ class LlamaConfig:
       fields.update(phi3_fields(hf, source))
     else:
       fields["rope_scaling"] = rope_scaling(rope, source)
+    if ARCHITECTURES[arch].get("moe"):
+      fields.update(moe_fields(hf, arch, source))
     if fields["rope_scaling"].rope_type == "longrope" and arch != "Phi3ForCausalLM":
       raise InputError(f"{source}: rope_scaling.rope_type 'longrope' is supported for Phi3ForCausalLM only.")
     keys = {"num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim"}
@@ -248,7 +276,7 @@ class LlamaConfig:
     }
     if self.architecture == "LlamaForCausalLM":
       hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-    if self.architecture == "Qwen3ForCausalLM":
+    if self.architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
       hf.update(attention_bias=self.attention_bias, use_sliding_window=False)
     if self.gemma:  # the keys every transformers version reads (v5 turns them into rope_parameters)
       del hf["hidden_act"]
@@ -263,6 +291,12 @@ class LlamaConfig:
       if rope is not None:  # Phi3Config reads the original length from the top level
         rope.pop("original_max_position_embeddings")
       return hf
+    if self.num_experts:
+      hf.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
+    if self.architecture == "Qwen3MoeForCausalLM":
+      hf.update(num_experts=self.num_experts, moe_intermediate_size=self.expert_size,
+                norm_topk_prob=self.norm_topk_prob, mlp_only_layers=list(self.dense_layers),
+                decoder_sparse_step=1)  # fmt: skip
     if self.rope_freq_factors is not None:
       hf["qjax_rope_freq_factors"] = list(self.rope_freq_factors)  # no Hugging Face key holds explicit factors
     if self.sliding_window is not None:
@@ -345,6 +379,37 @@ def phi3_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
   return fields | dict(rope_scaling=dataclasses.replace(
     scaling, factor=factor, attention_factor=config_float(rope, "attention_factor", source, derived)
   ))  # fmt: skip
+
+
+def moe_fields(hf: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
+  """The mixture-of-experts fields of a Mixtral or Qwen3-MoE config.
+
+  Qwen3-MoE's dense layers are those in ``mlp_only_layers`` and those that ``decoder_sparse_step`` skips (layer `i`
+  is sparse when ``(i + 1) % step == 0``), as transformers builds them.
+
+  Raises:
+    InputError: naming `source` and the key for a missing or malformed value, or more experts per token than experts.
+  """
+  experts_key = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
+  experts = config_int(hf, experts_key, source, default=8)
+  per_token = config_int(hf, "num_experts_per_tok", source, default=2)
+  if per_token > experts:
+    raise InputError(f"{source}: num_experts_per_tok={per_token} expected at most {experts_key}={experts}.")
+  if arch == "MixtralForCausalLM":
+    return dict(num_experts=experts, num_experts_per_tok=per_token)
+  layers = config_int(hf, "num_hidden_layers", source)
+  step = config_int(hf, "decoder_sparse_step", source, default=1)
+  only = hf.get("mlp_only_layers") or []
+  if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+    raise InputError(f"{source}: mlp_only_layers expected a list of layer numbers, got {show(only)}.")
+  dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+  return dict(
+    num_experts=experts,
+    num_experts_per_tok=per_token,
+    moe_intermediate_size=config_int(hf, "moe_intermediate_size", source),
+    norm_topk_prob=config_bool(hf, "norm_topk_prob", source, default=False),
+    dense_layers=dense,
+  )
 
 
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")

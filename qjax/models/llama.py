@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from qjax.core import QArray, dequantize, is_qarray
+from qjax.core import dequantize, is_qarray
 from qjax.kernels import qmatmul
 from qjax.models.config import LlamaConfig
+from qjax.models.linear import Linear, stored_param
+from qjax.models.moe import SparseMoeBlock
 
 
 class KVCache(NamedTuple):
@@ -46,34 +48,6 @@ class KVCache(NamedTuple):
 
   k: Array
   v: Array
-
-
-def _weight(module: nn.Module, name: str, shape: tuple[int, ...], init, dtype) -> Array | QArray:
-  # `self.param` would compare a stored QArray's leaves with the dense init shape; a
-  # stored value is used as is, dense or quantized.
-  if module.has_variable("params", name):
-    return module.get_variable("params", name)
-  return module.param(name, init, shape, dtype)
-
-
-class Linear(nn.Module):
-  """``y = x @ kernel (+ bias)`` where the kernel ``[in, out]`` may be a `QArray`."""
-
-  features: int
-  use_bias: bool = False
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
-    kernel = _weight(self, "kernel", (x.shape[-1], self.features), nn.initializers.normal(0.02), self.dtype)
-    if is_qarray(kernel):
-      y = qmatmul(x, kernel)
-    else:
-      y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
-      y = y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
-    return y
 
 
 class RMSNorm(nn.Module):
@@ -226,11 +200,15 @@ class DecoderLayer(nn.Module):
 
   Attributes:
     sliding: the layer's attention is sliding-window (`LlamaConfig.sliding`).
+    moe: the layer routes tokens to experts (`LlamaConfig.moe`) in place of its MLP.
+    all_experts: a sparse layer computes every expert on every token (calibration; `SparseMoeBlock`).
   """
 
   config: LlamaConfig
   dtype: jnp.dtype = jnp.float32
   sliding: bool = False
+  moe: bool = False
+  all_experts: bool = False
 
   @nn.compact
   def __call__(
@@ -239,7 +217,10 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, name=name)
     attention = Attention(cfg, self.dtype, self.sliding, name="self_attn")
-    mlp = MLP(cfg, self.dtype, name="mlp")
+    if self.moe:
+      mlp = SparseMoeBlock(cfg, self.dtype, self.all_experts, name="mlp")
+    else:
+      mlp = MLP(cfg, self.dtype, name="mlp")
     h, cache = attention(norm("input_layernorm")(x), positions, cache)
     if cfg.gemma:  # each output normalised before it joins the stream; the MLP reads pre_feedforward_layernorm
       x = x + norm("post_attention_layernorm")(h)
@@ -262,7 +243,7 @@ class Embed(nn.Module):
 
   def setup(self):
     shape = (self.num_embeddings, self.features)
-    self.embedding = _weight(self, "embedding", shape, nn.initializers.normal(0.02), self.dtype)
+    self.embedding = stored_param(self, "embedding", shape, nn.initializers.normal(0.02), self.dtype)
 
   def __call__(self, ids: Int[Array, "b t"]) -> Float[Array, "b t d"]:
     table = self.embedding
@@ -289,7 +270,7 @@ class LlamaModel(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, cfg.embed_scale)
-    self.layers = [DecoderLayer(cfg, self.dtype, cfg.sliding(i)) for i in range(cfg.num_hidden_layers)]
+    self.layers = [DecoderLayer(cfg, self.dtype, cfg.sliding(i), cfg.moe(i)) for i in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
   def __call__(self, ids, positions, caches=None):
