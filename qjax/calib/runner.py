@@ -36,11 +36,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qjax.calib import stats as calib_stats
+from qjax.calib.experts import ExpertPolicy, expert_statistics
 from qjax.core.errors import InputError
 from qjax.core.progress import progress
 from qjax.core.tree import flatten_params, map_with_path, nest, unflatten_params
 from qjax.transforms.base import Transform, flatten_stages, masked
-from qjax.transforms.capture import capture_linear_inputs, shared_inputs
+from qjax.transforms.capture import capture_linear_inputs, output_shapes, shared_inputs
 
 Params = Any
 
@@ -49,8 +50,9 @@ class BlockModel(Protocol):
   """What the runner needs from a model: its pieces, read and run one at a time."""
 
   num_layers: int
-  sequential_groups: tuple[tuple[str, ...], ...]  # linear module paths inside a block, in true-sequential order
 
+  # The linear module paths of a block (its params) in true-sequential order, grouped by the input they read.
+  def sequential_groups(self, block: Params) -> tuple[tuple[str, ...], ...]: ...
   def layer_prefix(self, i: int) -> str: ...  # e.g. "model/layers_3"
   def layer_params(self, i: int) -> Params: ...  # the block's params, relative to its prefix
   def layer_fn(self, i: int) -> Callable[[Params, jax.Array], jax.Array]: ...  # block i: (b, t, d) -> (b, t, d)
@@ -72,6 +74,9 @@ class RunnerOptions:
       later passes over the block skip them (each linear is then computed about once).
     float_inputs: collect statistics on the float model and feed each block float inputs
       (what llama.cpp's imatrix tool measures), instead of the quantized blocks' outputs.
+    experts: what the experts of a mixture of experts quantize with when they saw few tokens.
+    expert_tokens: called ``(experts' module path, tokens the router sent each expert (E,))`` for each sparse layer
+      (for reports).
     stop_after_block: testing hook: raise `Interrupted` after this many blocks (simulates a kill).
   """
 
@@ -82,6 +87,8 @@ class RunnerOptions:
   show_progress: bool = True
   cache_bytes: int = 4 << 30
   float_inputs: bool = False
+  experts: ExpertPolicy = dataclasses.field(default_factory=ExpertPolicy)
+  expert_tokens: Callable[[str, np.ndarray], None] | None = None
   stop_after_block: int | None = None
 
 
@@ -89,10 +96,10 @@ class Interrupted(RuntimeError):
   """Raised by the `stop_after_block` testing hook."""
 
 
-def _stage_groups(stage: Transform, model: BlockModel, options: RunnerOptions) -> list[tuple[str, ...] | None]:
+def _stage_groups(stage: Transform, groups, options: RunnerOptions) -> list[tuple[str, ...] | None]:
   """Module groups a stage is applied to in turn; None means the whole block at once."""
   if stage.stats and not stage.whole_block and options.true_sequential and not options.float_inputs:
-    return list(model.sequential_groups)
+    return list(groups)
   return [None]
 
 
@@ -132,10 +139,6 @@ class _Batches:
 
   def __iter__(self):
     return (self.h[i] for i in range(len(self)))
-
-  @property
-  def tokens_per_batch(self) -> int:
-    return self.h.shape[1] * self.h.shape[2]
 
   def map(self, fn: Callable) -> None:
     """Replaces batch ``j`` by ``fn(j, batch)``."""
@@ -293,7 +296,8 @@ class _BlockRunner:
   def input_stats(
     self, params, batches, modules, names, cache: _OutputCache | None = None, capture: tuple[str, ...] = ()
   ):
-    """{module: {stat: value, "tokens": n}} over all batches; linears reading one input share one dict.
+    """{module: {stat: value, "tokens": n}} over all batches; linears reading one input share one dict. An experts'
+    module has each value per expert (leading axis E), ``"tokens"`` (E,) and the router's ``"routed"`` (E,).
 
     Outputs of the `capture` modules are added to `cache`; cached outputs are reused.
     """
@@ -309,8 +313,7 @@ class _BlockRunner:
         return {m: calib_stats.update_states(states[m], inputs[m]) for m in reps}, outputs
 
       self._jitted[key] = jax.jit(step)
-    widths = _in_widths(params, reps)
-    states = {m: calib_stats.init_states(names, widths[m]) for m in reps}
+    states = {m: calib_stats.init_states(names, *_in_width(params, m)) for m in reps}
     for j, batch in enumerate(batches):
       states, outputs = self._jitted[key](params, batch, cache.batch(j), states)
       cache.add(outputs)
@@ -319,8 +322,10 @@ class _BlockRunner:
     return {m: finals[aliases[m]] for m in modules}
 
 
-def _in_widths(block: Params, modules: Sequence[str]) -> dict[str, int]:
-  return {m: int(_module(block, m)["kernel"].shape[0]) for m in modules}
+def _in_width(block: Params, module: str) -> tuple[int, int | None]:
+  """(input width, experts or None) of a linear: kernels (in, out), or an experts' (E, in, out)."""
+  shape = _module(block, module)["kernel"].shape
+  return int(shape[-2]), (int(shape[0]) if len(shape) == 3 else None)
 
 
 def _module(block: Params, path: str) -> Params:
@@ -330,8 +335,24 @@ def _module(block: Params, path: str) -> Params:
   return node
 
 
-def _out_bytes(block: Params, modules: Sequence[str], tokens: int) -> dict[str, int]:
-  return {m: tokens * int(_module(block, m)["kernel"].shape[1]) * 4 for m in modules}
+def _out_bytes(block_fn, block: Params, modules: Sequence[str], batch) -> dict[str, int]:
+  """Bytes of each linear's output on one batch (an experts' module: its grouped rows)."""
+  shapes = output_shapes(block_fn, modules, block, batch)
+  return {m: int(np.prod(shapes[m].shape)) * np.dtype(shapes[m].dtype).itemsize for m in modules}
+
+
+def _expert_stats(module_stats: dict[str, Any], policy: ExpertPolicy, prefix: str, report) -> dict[str, Any]:
+  """The statistics of an experts' module (those with per-expert ``"routed"`` counts) after `policy`; the router's
+  counts reported once per layer."""
+  out = {}
+  for m, s in module_stats.items():
+    if "routed" not in s:
+      out[m] = s
+      continue
+    out[m] = expert_statistics(s, policy)
+    if report is not None and m.endswith("gate_proj"):
+      report(f"{prefix}/{m.rsplit('/', 1)[0]}", np.asarray(s["routed"]))
+  return out
 
 
 def quantize_blocks(
@@ -388,10 +409,14 @@ def quantize_blocks(
     prefix, block_fn = model.layer_prefix(i), model.layer_fn(i)
     runner = runners.setdefault(block_fn, _BlockRunner(block_fn))
     block = float_block = jax.tree.map(jnp.asarray, model.layer_params(i))
-    linears = tuple(m for g in model.sequential_groups for m in g)
-    steps = [(stage, group) for stage in stages for group in _stage_groups(stage, model, options)]
-    cache = _OutputCache(0 if options.float_inputs else options.cache_bytes)
-    out_bytes = _out_bytes(block, linears, batches.tokens_per_batch)
+    groups = model.sequential_groups(block)
+    linears = tuple(m for g in groups for m in g)
+    steps = [(stage, group) for stage in stages for group in _stage_groups(stage, groups, options)]
+    # Statistics with every expert on every token come from another function, whose outputs the forward cannot reuse.
+    stats_fn = model.layer_fn(i, all_experts=True) if options.experts.all_experts else block_fn
+    stats_runner = runners.setdefault(stats_fn, _BlockRunner(stats_fn))
+    cache = _OutputCache(0 if options.float_inputs or stats_fn is not block_fn else options.cache_bytes)
+    out_bytes = _out_bytes(block_fn, block, linears, next(iter(batches)))
     for k, (stage, group) in enumerate(steps):
       extra = {"block_inputs": batches, "block_fn": block_fn, "block_model": model, "block_prefix": prefix}
       if stage.stats:
@@ -400,7 +425,8 @@ def quantize_blocks(
         changing = {m for _, g in steps[k:] for m in (g or linears)}
         capture = cache.plan([m for m in linears if m not in changing], out_bytes)
         source = float_block if options.float_inputs else block
-        module_stats = runner.input_stats(source, batches, modules, stage.stats, cache, capture)
+        module_stats = stats_runner.input_stats(source, batches, modules, stage.stats, cache, capture)
+        module_stats = _expert_stats(module_stats, options.experts, prefix, options.expert_tokens)
         extra["stats"] = {f"{prefix}/{m}/kernel": s for m, s in module_stats.items()}
       tree = nest(prefix, block)
       t = masked(stage, _group_mask(prefix, group))

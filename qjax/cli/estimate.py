@@ -36,12 +36,32 @@ class Sizes(NamedTuple):
   other_params: int
 
 
-def estimate_sizes(config: LlamaConfig) -> Sizes:
-  d, f, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+class _Layer(NamedTuple):
+  """What one decoder layer costs: weights stored, weights a token runs through, and the MLP's matrices."""
+
+  params: int
+  active_params: int
+  mlp_widths: tuple[int, ...]  # the intermediate width of each MLP matrix set (every expert of a sparse layer)
+  routed_tokens: float  # calibration tokens per MLP matrix set, per calibration token
+
+
+def _layer(config: LlamaConfig, i: int) -> _Layer:
+  d = config.hidden_size
   q_out = config.num_attention_heads * config.head_dim
   kv_out = config.num_key_value_heads * config.head_dim
-  block = d * (q_out + 2 * kv_out) + q_out * d + 3 * d * f
-  return Sizes(n * block, v * d * (1 if config.tie_word_embeddings else 2) + (2 * n + 1) * d)
+  attention = d * (q_out + 2 * kv_out) + q_out * d
+  if not config.moe(i):
+    return _Layer(attention + 3 * d * config.intermediate_size, attention + 3 * d * config.intermediate_size,
+                  (config.intermediate_size,), 1.0)  # fmt: skip
+  e, k, f = config.num_experts, config.num_experts_per_tok, config.expert_size
+  return _Layer(attention + e * 3 * d * f + d * e, attention + k * 3 * d * f + d * e, (f,) * e, k / e)
+
+
+def estimate_sizes(config: LlamaConfig) -> Sizes:
+  d, v, n = config.hidden_size, config.vocab_size, config.num_hidden_layers
+  routers = sum(d * config.num_experts for i in range(n) if config.moe(i))
+  linears = sum(_layer(config, i).params for i in range(n)) - routers
+  return Sizes(linears, v * d * (1 if config.tie_word_embeddings else 2) + (2 * n + 1) * d + routers)
 
 
 def measure_gflops() -> float:
@@ -70,29 +90,40 @@ def estimate(
 ) -> Estimate:
   """Peak memory and time of running `recipe` on a model with `config` (a forecast, not a measurement).
 
-  Stages reading a Hessian cost GPTQ's sweep; stages that run the block (AWQ) cost a grid of block passes.
+  Stages reading a Hessian cost GPTQ's sweep; stages that run the block (AWQ) cost a grid of block passes. A sparse
+  layer stores every expert but runs each token through its k; every expert's Hessians and sweep count.
   """
   stages = flatten_stages(recipe.stages)
   sweeps = any("hessian" in s.stats for s in stages)
   block_searches = sum(s.whole_block for s in stages)
-  d, f, v, n_layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+  d, v, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
   q_out = config.num_attention_heads * config.head_dim
   kv_out = config.num_key_value_heads * config.head_dim
-  block = d * (q_out + 2 * kv_out) + q_out * d + 3 * d * f
-  model = n_layers * block + v * d * (1 if config.tie_word_embeddings else 2)
+  layers = [_layer(config, i) for i in range(n_layers)]
+  block = max(layer.params for layer in layers)
+  f = max(max(layer.mlp_widths) for layer in layers)
+  embeddings = v * d * (1 if config.tie_word_embeddings else 2)
+  model = sum(layer.params for layer in layers) + embeddings
   tokens = calibration_tokens
   outputs = q_out + 2 * kv_out + d + 2 * f + d  # every linear's output, cached within a block
-  calibration = 4 * (tokens * d * 2 + min(tokens * outputs, 4 << 30) + 2 * block + 3 * d * d + f * f + v * d)
+  widest = max((sum(layer.mlp_widths) * layer.routed_tokens for layer in layers), default=f)
+  calibration = 4 * (tokens * d * 2 + min(tokens * (outputs + 2 * widest), 4 << 30) + 2 * block + 3 * d * d
+                     + sum(w * w for w in layers[0].mlp_widths) + v * d)  # fmt: skip
   calibration += 4 * batch_size * seqlen * (4 * f + config.num_attention_heads * seqlen)
   evaluation = 4 * (2 * model + 3 * seqlen * v) if eval_windows else 0
   gflops = gflops_per_second or measure_gflops()
-  hessian_flops = 2 * tokens * (3 * d * d + f * f)
-  gptq_flops = 2 * (d * d * (q_out + 2 * kv_out + 2 * f) + q_out * q_out * d + f * f * d) if sweeps else 0
-  awq_flops = 20 * 2 * tokens * block * block_searches
-  quantize_flops = n_layers * (2 * tokens * block * 2.2 + hessian_flops + gptq_flops + awq_flops)
-  eval_flops = 2 * eval_windows * seqlen * 2 * model
-  # Beyond the flops: compilation, and GPTQ's column sweep, sequential in the input channels.
-  columns = n_layers * (5 * d + q_out + f) if sweeps else 0
+  quantize_flops = 0.0
+  columns = 0
+  for layer in layers:
+    mlp_tokens = tokens * layer.routed_tokens
+    hessian_flops = 2 * tokens * 2 * d * d + sum(2 * mlp_tokens * (d * d + w * w) for w in layer.mlp_widths)
+    gptq_flops = 2 * (d * d * (q_out + 2 * kv_out) + q_out * q_out * d) if sweeps else 0
+    gptq_flops += sum(2 * (2 * d * d * w + w * w * d) for w in layer.mlp_widths) if sweeps else 0
+    awq_flops = 20 * 2 * tokens * layer.active_params * block_searches
+    quantize_flops += 2 * tokens * layer.active_params * 2.2 + hessian_flops + gptq_flops + awq_flops
+    # Beyond the flops: GPTQ's column sweep, sequential in the input channels.
+    columns += (3 * d + q_out + sum(2 * d + w for w in layer.mlp_widths)) if sweeps else 0
+  eval_flops = 2 * eval_windows * seqlen * 2 * (sum(layer.active_params for layer in layers) + embeddings)
   quantize_seconds = quantize_flops / gflops / 1e9 + 25e-6 * columns + (15.0 if tokens else 5.0)
   eval_seconds = eval_flops / gflops / 1e9 + 5.0 if eval_windows else 0.0
   return Estimate(float(max(calibration, evaluation)), quantize_seconds, eval_seconds, gflops)

@@ -23,6 +23,7 @@ import numpy as np
 from absl import flags
 
 from qjax.calib import text as texts
+from qjax.calib.experts import POLICIES, ExpertPolicy
 from qjax.calib.quantize import needs_calibration, quantize_model
 from qjax.calib.runner import RunnerOptions, check_checkpoint_dir, remove_checkpoints
 from qjax.cli import Interrupted, interrupted
@@ -93,6 +94,8 @@ class Settings:
   imatrix: bool = False
   checkpoint_dir: str | None = None
   overwrite: bool = False
+  expert_policy: str = "shrink"
+  expert_kappa: float = ExpertPolicy().kappa
 
   @classmethod
   def from_flags(cls) -> "Settings":
@@ -195,6 +198,14 @@ flags.DEFINE_string(
     "resumes there. "
     "Default: <out>.checkpoint, removed after success."
 )  # fmt: skip
+flags.DEFINE_enum(
+  "expert_policy", _D.expert_policy, list(POLICIES), "Mixtures of experts: what experts that calibration fed few "
+  "tokens quantize with: 'shrink' (their statistics shrunk toward the layer's pooled ones by --expert_kappa tokens), "
+  "'plain' (their own), 'rtn' (round-to-nearest below 64 tokens), 'all_tokens' (every expert calibrated on every "
+  "token). See experiments/moe_calibration.md."
+)  # fmt: skip
+flags.DEFINE_float("expert_kappa", _D.expert_kappa, "With --expert_policy=shrink: the pooled statistics' weight, in "
+                   "tokens.")  # fmt: skip
 flags.DEFINE_bool(
   "overwrite", _D.overwrite, "Replace a previous qjax output of another kind in --out. A directory of files qjax "
   "did not write is never replaced; a previous output of the same kind is replaced without it."
@@ -431,8 +442,10 @@ def quantize_with(
   recipe = p.recipe
   if log is not None:
     recipe = dataclasses.replace(recipe, stages=tuple(observe(stage, log.record) for stage in recipe.stages))
-  options = RunnerOptions(batch_size=s.batch_size, true_sequential=s.true_sequential,
-                          checkpoint_dir=checkpoint_dir, show_progress=show_progress)  # fmt: skip
+  experts = ExpertPolicy(kind=s.expert_policy, kappa=s.expert_kappa)
+  options = RunnerOptions(batch_size=s.batch_size, true_sequential=s.true_sequential, checkpoint_dir=checkpoint_dir,
+                          show_progress=show_progress, experts=experts,
+                          expert_tokens=None if log is None else log.record_experts)  # fmt: skip
   qparams = quantize_model(LlamaBlocks(checkpoint), recipe, windows, options=options, run_id=run_id(s, p))
   return p, dataclasses.replace(checkpoint.config, tie_word_embeddings="lm_head" not in qparams), qparams
 
@@ -521,7 +534,8 @@ def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) 
       reference = logits_fn(config, checkpoint.params())
       evaluation = evaluate(logits_fn(out_config, qparams), eval_windows, reference_fn=reference, label="evaluate",
                             show_progress=show_progress)  # fmt: skip
-    report = RunReport(p.label, evaluation, sizes(qparams), quantize_seconds, time.perf_counter() - tick, log.rows)
+    report = RunReport(p.label, evaluation, sizes(qparams), quantize_seconds, time.perf_counter() - tick, log.rows,
+                       log.expert_tokens)  # fmt: skip
     write_report(tmp, {"job": dataclasses.asdict(s), **report.as_dict()})
   if calibrate:
     remove_checkpoints(p.checkpoint_dir)

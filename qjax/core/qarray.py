@@ -20,6 +20,9 @@ KERNEL_BIAS = 8
 class QArray:
   """A quantized 2-D weight; an ordinary pytree, so it can sit in a Flax param tree.
 
+  A stack of them (a mixture of experts' kernels) is one QArray whose array leaves carry the stack's axes in front,
+  as `jax.vmap` returns it; `shape` stays one matrix's (`stack_shape`).
+
   The quantized matrix is kept in *canonical* orientation ``(k, n)``: ``k`` is the contraction axis, along which
   groups (or ggml blocks) run, and ``n`` the output axis. A Flax ``Dense`` kernel ``[in, out]`` has ``axis=0``
   (canonical = logical); an embedding table ``[vocab, hidden]`` quantized along ``hidden`` has ``axis=1``.
@@ -55,8 +58,18 @@ class QArray:
     return self.shape if self.axis == 0 else self.shape[::-1]
 
   @property
+  def stack_shape(self) -> tuple[int, ...]:
+    """The leading axes of a stack of matrices (every layout's codes are 2-D per matrix); () for one matrix."""
+    return tuple(self.codes.shape[:-2])
+
+  @property
   def ndim(self) -> int:
-    return 2
+    return 2 + len(self.stack_shape)
+
+  @property
+  def size(self) -> int:
+    """Weights it stands for (every matrix of a stack)."""
+    return int(np.prod(self.shape) * np.prod(self.stack_shape))
 
   @property
   def params(self) -> GroupParams:
@@ -71,7 +84,7 @@ class QArray:
 
   @property
   def bits_per_weight(self) -> float:
-    return 8 * self.nbytes / int(np.prod(self.shape))
+    return 8 * self.nbytes / self.size
 
 
 def _storage_bits(dtype) -> int:
@@ -234,6 +247,8 @@ def dequantize(q: QArray) -> Array:
     >>> bool(np.abs(np.asarray(dequantize(q)) - w).max() < 0.03)
     True
   """
+  if q.stack_shape:  # a stack: (*stack_shape, *shape)
+    return jax.vmap(dequantize)(q)
   w = dequantize_canonical(q)
   return (w if q.axis == 0 else w.T).astype(q.dtype)
 

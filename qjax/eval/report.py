@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from qjax.calib.experts import least_fed
+
 LAYER_TENSOR = re.compile(r"model/layers_(\d+)/(?:self_attn|mlp)/(\w+)/kernel")
 
 
@@ -93,6 +95,12 @@ class TensorLog:
 
   def __init__(self):
     self.rows: dict[str, dict[str, Any]] = {}
+    self.expert_tokens: dict[str, list[int]] = {}
+
+  def record_experts(self, path: str, tokens) -> None:
+    """Tokens the router sent each expert of the experts' module `path` during calibration (pass it to the runner:
+    `qjax.calib.RunnerOptions.expert_tokens`)."""
+    self.expert_tokens[path] = [int(n) for n in tokens]
 
   def record(self, path: str, before, after) -> None:
     from qjax.core import dequantize, is_qarray
@@ -126,7 +134,7 @@ def sizes(params) -> Sizes:
   for _, leaf in leaves_with_paths(params):
     if is_qarray(leaf):
       quantized += leaf.nbytes
-      quantized_f16 += 2 * int(np.prod(leaf.shape))
+      quantized_f16 += 2 * leaf.size
     else:
       dense_f16 += 2 * int(np.size(leaf))
   return Sizes(quantized, quantized_f16, dense_f16)
@@ -142,6 +150,7 @@ class RunReport:
   quantize_seconds: float
   eval_seconds: float
   tensors: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  expert_tokens: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # calibration tokens per expert
 
   @property
   def bits_per_weight(self) -> float:
@@ -158,6 +167,7 @@ class RunReport:
       "quantize_seconds": self.quantize_seconds,
       "eval_seconds": self.eval_seconds,
       "tensors": self.tensors,
+      "expert_tokens": self.expert_tokens,
       "versions": versions(),
     }
 
@@ -180,6 +190,12 @@ class RunReport:
       f"(quantized linears: {s.quantized_float16 * mb:.1f} MB fp16 -> {s.quantized * mb:.1f} MB; "
       f"quantize {self.quantize_seconds:.0f}s, evaluate {self.eval_seconds:.0f}s)"
     )
+    if self.expert_tokens:
+      lines.append("calibration tokens of the least-fed experts (expert: tokens):")
+      for path, tokens in self.expert_tokens.items():
+        starved = ", ".join(f"{e}: {n}" for e, n in least_fed(np.asarray(tokens)))
+        unseen = sum(n == 0 for n in tokens)
+        lines.append(f"  {path}: {starved}" + (f"  ({unseen} of {len(tokens)} saw none)" if unseen else ""))
     return "\n".join(lines)
 
 

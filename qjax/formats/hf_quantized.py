@@ -24,17 +24,21 @@ from qjax.models.checkpoint import (
   TensorFiles,
   check_finite,
   check_layer_count,
+  expert_shapes,
+  hf_expert_tensors,
   hf_layer_tensors,
   hf_tensor_shapes,
   linear_shapes,
   norm_offset,
+  split_experts,
+  stack_experts,
 )
 from qjax.models.config import LlamaConfig, read_json, show
 from qjax.models.fused import fuse_params, split_layer
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
-LINEAR_KERNEL = re.compile(r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel|lm_head/kernel")
-LAYER_LINEAR = re.compile(r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel")
+LINEAR_KERNEL = re.compile(r"model/layers_\d+/(self_attn|mlp|mlp/experts)/\w+_proj/kernel|lm_head/kernel")
+LAYER_LINEAR = re.compile(r"model/layers_\d+/(self_attn|mlp|mlp/experts)/\w+_proj/kernel")
 
 
 def hf_tensor_name(path: str) -> str:
@@ -92,7 +96,8 @@ def hf_tensors(
   """Every leaf as Hugging Face tensors: dense leaves in float16 (kernels transposed to [out, in]).
 
   Args:
-    params: the Flax parameter tree (projections a family's checkpoints fuse are fused here).
+    params: the Flax parameter tree (projections a family's checkpoints fuse are fused here, stacked experts
+      split into one tensor each).
     quantized: ``(module name, QArray) -> {suffix: array}`` for quantized leaves.
     config: the model's config (Gemma's norms are stored less their offset).
 
@@ -100,7 +105,7 @@ def hf_tensors(
     ValueError: naming the tensor when a dense value overflows float16.
   """
   tensors = {}
-  for path, leaf in leaves_with_paths(fuse_params(params, config)):
+  for path, leaf in leaves_with_paths(split_experts(fuse_params(params, config), config)):
     name = hf_tensor_name(path)
     if is_qarray(leaf):
       module = name.removesuffix(".weight")
@@ -279,11 +284,21 @@ def read_hf_params(
     w = (w.astype(np.float32) + norm_offset(config, name)).astype(dtype)
     return np.ascontiguousarray(w.T) if transpose else w
 
-  def leaf(name: str, transpose: bool):
+  def leaf(name: str, transpose: bool, shape: tuple[int, int] | None = None):
     module = name.removesuffix(".weight")
     if transpose and f"{module}.{packed_suffix}" in tensors:
-      return quantized(module, linear_shape(config, module))
+      return quantized(module, shape or linear_shape(config, module))
     return dense(name, transpose)
+
+  def experts(i: int):
+    names = hf_expert_tensors(config, i)
+    shapes = {p: out_in[::-1] for p, out_in in expert_shapes(config).items()}
+    leaves = {name: leaf(name, True, shapes[p]) for name, (p, _) in names.items()}
+    kinds = {p: {is_qarray(leaves[n]) for n, (q, _) in names.items() if q == p} for p in shapes}
+    mixed = next((p for p, k in kinds.items() if len(k) > 1), None)
+    if mixed is not None:
+      raise InputError(f"{tensors.source}: layer {i}'s {mixed} experts are partly quantized; qjax stacks all or none.")
+    return stack_experts(leaves, names, config.num_experts)
 
   model: dict = {"embed_tokens": {"embedding": dense("model.embed_tokens.weight", False)}}
   for i in range(config.num_hidden_layers):
@@ -293,6 +308,8 @@ def read_hf_params(
       for key in path[:-1]:
         node = node.setdefault(key, {})
       node[path[-1]] = leaf(name, transpose)
+    if config.moe(i):
+      layer["mlp"]["experts"] = experts(i)
     model[f"layers_{i}"] = split_layer(layer, config)
   model["norm"] = {"scale": dense("model.norm.weight", False)}
   params = {"model": model}

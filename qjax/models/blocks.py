@@ -21,6 +21,20 @@ SEQUENTIAL_GROUPS = (
   ("mlp/down_proj",),
 )
 
+# A sparse layer's: the experts read the MLP's input (gate/up of every expert at once), then down; the router stays
+# in float.
+MOE_SEQUENTIAL_GROUPS = (
+  *SEQUENTIAL_GROUPS[:2],
+  ("mlp/experts/gate_proj", "mlp/experts/up_proj"),
+  ("mlp/experts/down_proj",),
+)
+
+
+def sequential_groups(block) -> tuple[tuple[str, ...], ...]:
+  """The linear modules of a block in GPTQ's true-sequential order (a sparse layer's experts in place of the MLP)."""
+  return MOE_SEQUENTIAL_GROUPS if "experts" in block["mlp"] else SEQUENTIAL_GROUPS
+
+
 # The q/k product is hard to clip precisely (AutoAWQ's `avoid_clipping`).
 NO_CLIP = ("self_attn/q_proj", "self_attn/k_proj")
 
@@ -46,6 +60,8 @@ def scale_groups(block) -> list[ScaleGroup]:
   """
   attn = block["self_attn"]
   (attn_norm, attn_inputs), (mlp_norm, mlp_inputs) = block_readers(block).items()
+  if "experts" in block["mlp"]:
+    raise NotImplementedError("AWQ's scale groups of a mixture-of-experts layer are not implemented yet.")
   groups = [ScaleGroup(attn_norm, attn_inputs, "self_attn")]
   if attn["v_proj"]["kernel"].shape[::-1] == attn["o_proj"]["kernel"].shape:
     groups.append(ScaleGroup("self_attn/v_proj", ("self_attn/o_proj",), "self_attn/o_proj"))
@@ -70,6 +86,8 @@ def residual_stream(part) -> ResidualStream:
   for name in model:
     if name.startswith("layers_"):
       prefix = f"model/{name}"
+      if "experts" in model[name]["mlp"]:
+        raise ValueError(f"{prefix}: rotating a mixture-of-experts layer is not implemented yet.")
       if "post_feedforward_layernorm" in model[name]:
         raise ValueError(
           f"{prefix}: a rotation cannot be folded into Gemma blocks: their outputs pass weighted norms "
@@ -91,7 +109,7 @@ class LlamaBlocks:
     dtype: compute dtype of the blocks.
   """
 
-  sequential_groups = SEQUENTIAL_GROUPS
+  sequential_groups = staticmethod(sequential_groups)
   no_clip = NO_CLIP
   scale_groups = staticmethod(scale_groups)
   residual_stream = staticmethod(residual_stream)
@@ -102,8 +120,8 @@ class LlamaBlocks:
     self.num_layers = checkpoint.config.num_hidden_layers
     self.tied = checkpoint.config.tie_word_embeddings
     self.dtype = dtype
-    # One block function per kind of layer (full or sliding-window attention), so each compiles once.
-    self._layer_fns = {sliding: self._block_fn(DecoderLayer(self.config, dtype, sliding)) for sliding in (False, True)}
+    # One block function per kind of layer (full or sliding-window attention, MLP or experts), compiled once each.
+    self._layer_fns = {}
     self._embed = Embed(self.config.vocab_size, self.config.hidden_size, dtype, self.config.embed_scale)
 
   def layer_prefix(self, i: int) -> str:
@@ -120,9 +138,15 @@ class LlamaBlocks:
 
     return apply
 
-  def layer_fn(self, i: int):
-    """Block `i` as a function ``(params, h (b, t, d)) -> (b, t, d)``; the same function for blocks of one kind."""
-    return self._layer_fns[self.config.sliding(i)]
+  def layer_fn(self, i: int, *, all_experts: bool = False):
+    """Block `i` as a function ``(params, h (b, t, d)) -> (b, t, d)``; the same function for blocks of one kind.
+
+    `all_experts`: a sparse layer computes every expert on every token (calibration; `SparseMoeBlock`).
+    """
+    kind = (self.config.sliding(i), self.config.moe(i), all_experts and self.config.moe(i))
+    if kind not in self._layer_fns:
+      self._layer_fns[kind] = self._block_fn(DecoderLayer(self.config, self.dtype, *kind))
+    return self._layer_fns[kind]
 
   def embed_params(self):
     return {"model": {"embed_tokens": self.checkpoint.embed_params()}}

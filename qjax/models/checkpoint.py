@@ -11,8 +11,9 @@ import json
 import os
 import re
 import stat
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -181,12 +182,31 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def stack_experts(tensors: dict[str, np.ndarray], names: dict[str, tuple[str, int]], num_experts: int) -> Params:
-  """``{projection: {"kernel": (E, in, out)}}`` from one [out, in] tensor per expert (`hf_expert_tensors` names)."""
+def stack_experts(kernels: dict[str, Any], names: dict[str, tuple[str, int]], num_experts: int) -> Params:
+  """``{projection: {"kernel": stack}}`` from each expert's (in, out) kernel by Hugging Face name (`hf_expert_tensors`
+  names): dense kernels stack to (E, in, out), QArrays of one spec to a stacked QArray."""
   by_projection: dict[str, list] = {}
   for name, (p, e) in names.items():
-    by_projection.setdefault(p, [None] * num_experts)[e] = tensors[name].T
-  return {p: {"kernel": np.stack(ws)} for p, ws in by_projection.items()}
+    by_projection.setdefault(p, [None] * num_experts)[e] = kernels[name]
+  stack = lambda *xs: np.stack([np.asarray(x) for x in xs])
+  return {p: {"kernel": jax.tree.map(stack, *ws)} for p, ws in by_projection.items()}
+
+
+def split_experts(params: Params, config: LlamaConfig) -> Params:
+  """`params` with each sparse layer's MLP as checkpoints name it: the router and one kernel per expert
+  (``{module}/experts/{e}/{projection}/kernel``, dense or a QArray each) in place of the stacks (`moe_names`)."""
+  module, projections = moe_names(config)
+  model = dict(params["model"])
+  for name, layer in model.items():
+    mlp = layer.get("mlp", {}) if name.startswith("layers_") else {}
+    if "experts" not in mlp:
+      continue
+    stacks = {p: mlp["experts"][p]["kernel"] for p in EXPERT_PROJECTIONS}
+    experts = {str(e): {projections[p]: {"kernel": jax.tree.map(lambda x, e=e: x[e], w)} for p, w in stacks.items()}
+               for e in range(config.num_experts)}  # fmt: skip
+    layer = {k: v for k, v in layer.items() if k != "mlp"}
+    model[name] = {**layer, module: {"gate": mlp["gate"], "experts": experts}}
+  return {**params, "model": model}
 
 
 def check_layer_count(names, config: LlamaConfig, *, layer: re.Pattern, config_path: str, source: str) -> None:
@@ -576,7 +596,8 @@ class SafetensorsCheckpoint(Checkpoint):
       set_nested(params, path, np.ascontiguousarray(tensors[name].T) if transpose else tensors[name])
     experts = hf_expert_tensors(self.config, i)
     if experts:
-      params["mlp"]["experts"] = stack_experts(self.get_many(list(experts)), experts, self.config.num_experts)
+      kernels = {name: w.T for name, w in self.get_many(list(experts)).items()}
+      params["mlp"]["experts"] = stack_experts(kernels, experts, self.config.num_experts)
     return split_layer(params, self.config)
 
   def head_params(self) -> Params:

@@ -138,7 +138,7 @@ def awq(
 
 def _clip_block(jitted: _Jitted, block, batches, block_fn, block_model, clip_tokens: int):
   skip = set(getattr(block_model, "no_clip", ()))
-  linears = [m for g in block_model.sequential_groups for m in g if m not in skip]
+  linears = [m for g in block_model.sequential_groups(block) for m in g if m not in skip]
   samples = _sample_inputs(jitted, block, batches, block_fn, clip_tokens)
   for m in linears:
     w = get_path(block, f"{m}/kernel")

@@ -74,6 +74,10 @@ def per_leaf(
 ) -> Transform:
   """Lifts a function on one weight matrix to a transform over every visible leaf.
 
+  A 3-D leaf is a mixture of experts' stack of kernels (E, in, out): each expert is quantized on its own, with its
+  own statistics (a leading expert axis in each), into one spec, and the results stacked (a stacked `QArray`), so
+  every expert of a layer ends in the same scheme.
+
   Args:
     quantize_leaf: ``(w, leaf_stats) -> QArray | Array`` for one 2-D weight; it receives ``extra["stats"][path]``
       (an empty mapping when absent). With `spec`: ``(w, leaf_stats, spec) -> ...``.
@@ -85,8 +89,17 @@ def per_leaf(
       rescale to the largest when they differ).
 
   Raises (from update):
-    ValueError: naming every leaf that is not 2-D or is already quantized.
+    ValueError: naming every leaf that is not 2-D (or 3-D, experts) or is already quantized.
   """
+
+  def quantize_one(w, leaf_stats, leaf_spec):
+    return quantize_leaf(w, leaf_stats) if leaf_spec is None else quantize_leaf(w, leaf_stats, leaf_spec)
+
+  def quantize_experts(w, leaf_stats, leaf_spec):
+    parts = [
+      quantize_one(w[e], {name: value[e] for name, value in leaf_stats.items()}, leaf_spec) for e in range(w.shape[0])
+    ]
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *parts)
 
   def update_fn(params, *, stats=None, **_):
     stats = stats or {}
@@ -94,7 +107,7 @@ def per_leaf(
     bad = [
       f"{path}: {'already a QArray' if is_qarray(w) else f'shape {np.shape(w)} is not 2-D'}"
       for path, w in leaves
-      if is_qarray(w) or np.ndim(w) != 2
+      if is_qarray(w) or np.ndim(w) not in (2, 3)
     ]
     if bad:
       raise ValueError("a per-leaf quantizer expected dense 2-D weights, got:\n  " + "\n  ".join(bad))
@@ -103,10 +116,9 @@ def per_leaf(
     def quantize(path, w):
       if isinstance(w, MaskedNode):
         return w
+      fn = quantize_experts if np.ndim(w) == 3 else quantize_one
       try:
-        if specs is None:
-          return quantize_leaf(w, stats.get(path, {}))
-        return quantize_leaf(w, stats.get(path, {}), specs[path])
+        return fn(w, stats.get(path, {}), None if specs is None else specs[path])
       except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
@@ -124,7 +136,7 @@ def fused_specs(spec: QSpec, leaves: Mapping[str, Any]) -> dict[str, QSpec]:
   sets: dict[tuple[str, int], list[str]] = {}
   for path, w in leaves.items():
     parent = path.rsplit("/", 2)[0] if path.count("/") >= 2 else ""
-    sets.setdefault((parent, np.shape(w)[0]), []).append(path)
+    sets.setdefault((parent, np.shape(w)[-2]), []).append(path)
   specs = {}
   for paths in sets.values():
     amax = max(float(np.max(np.abs(np.asarray(leaves[p], np.float32)))) for p in paths)

@@ -73,6 +73,18 @@ def shared_inputs(apply_fn: Callable, modules: Sequence[str], *args, **kwargs) -
   return aliases
 
 
+def output_shapes(apply_fn: Callable, modules: Sequence[str], *args, **kwargs) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shape and dtype of each of `modules`' outputs (traced abstractly, no compute)."""
+  found: dict[str, jax.ShapeDtypeStruct] = {}
+
+  def trace(*a, **kw):
+    _, _, outputs = capture_linear_inputs(apply_fn, *a, capture=modules, **kw)
+    found.update({m: jax.ShapeDtypeStruct(o.shape, o.dtype) for m, o in outputs.items()})
+
+  jax.eval_shape(trace, *args, **kwargs)
+  return found
+
+
 def module_call(apply_fn: Callable, path: str) -> tuple[Callable, dict[str, Any]]:
   """``(run, found)``: ``run(*args)`` applies `apply_fn` and returns ``(args, kwargs, output)`` of the call of the
   module at `path`; after a run, ``found["module"]`` holds that module, unbound, to apply on its own."""

@@ -32,7 +32,7 @@ def learned_clipping(spec: QSpec, *, steps: int = 40, learning_rate: float = 5e-
   compiled = {}
 
   def clip_block(block, *, block_model, block_inputs=None, block_fn=None, **_):
-    linears = tuple(f"{m}/kernel" for g in block_model.sequential_groups for m in g)
+    linears = tuple(f"{m}/kernel" for g in block_model.sequential_groups(block) for m in g)
     batches = list(block_inputs)
     key = (block_fn, linears)
     if key not in compiled:

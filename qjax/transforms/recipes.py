@@ -29,8 +29,8 @@ from qjax.transforms.rules import Rule, rules_transform
 if TYPE_CHECKING:
   from qjax.models.config import LlamaConfig
 
-LINEAR_KERNELS = r"model/layers_\d+/(self_attn|mlp)/\w+_proj/kernel"
-"""Every linear of every decoder block (not the embedding, not the output head)."""
+LINEAR_KERNELS = r"model/layers_\d+/(self_attn|mlp|mlp/experts)/\w+_proj/kernel"
+"""Every linear of every decoder block, experts included (not the embedding, the output head or a router)."""
 
 
 @dataclasses.dataclass(frozen=True)

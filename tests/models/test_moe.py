@@ -1,13 +1,17 @@
 """Mixtures of experts (Mixtral, Qwen3-MoE): routing and grouped matmuls against a float64 reference, and logits
 equal to transformers' through qjax's loader."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qjax.calib import text as texts
-from qjax.models.moe import group_by_expert, grouped_matmul, route
+from qjax.core.grouped import group_by_expert
+from qjax.kernels.grouped import grouped_matmul
+from qjax.models.blocks import LlamaBlocks
+from qjax.models.llama import DecoderLayer
+from qjax.models.moe import route
+from qjax.transforms.capture import module_call
 from tests.model_factory import assert_logits_match_transformers, write_random_moe
 
 
@@ -38,8 +42,18 @@ def test_grouped_matmul_is_each_tokens_experts_and_both_methods_agree():
     ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     # Dense layers between sparse ones (layer 0 listed, layer 2 skipped by the step), 3 of 5 experts per token,
     # the chosen probabilities left unnormalised.
-    ("Qwen3Moe", dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=48, mlp_only_layers=[0],
-                      decoder_sparse_step=2, norm_topk_prob=False, layers=4)),
+    (
+      "Qwen3Moe",
+      dict(
+        num_experts=5,
+        num_experts_per_tok=3,
+        moe_intermediate_size=48,
+        mlp_only_layers=[0],
+        decoder_sparse_step=2,
+        norm_topk_prob=False,
+        layers=4,
+      ),
+    ),
     ("Qwen3Moe", dict(num_experts=8, num_experts_per_tok=1, moe_intermediate_size=32, norm_topk_prob=True)),
   ],
   ids=["mixtral", "qwen3moe-dense-layers-odd-k", "qwen3moe-top1"],
@@ -61,3 +75,135 @@ def texts_tokenizer(path):
   from qjax.formats import open_checkpoint
 
   return open_checkpoint(path).tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qwen_moe(tmp_path_factory):
+  """A random Qwen3-MoE: 8 experts, 2 per token, layer 0 dense."""
+  return write_random_moe(str(tmp_path_factory.mktemp("qwen3moe")), family="Qwen3Moe", layers=2, num_experts=8,
+                          num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[0])  # fmt: skip
+
+
+def _float_expert_inputs(checkpoint, windows):
+  """Inputs of layer 1's experts on the float model (float64 reference): per expert, the rows routed to it."""
+  blocks = LlamaBlocks(checkpoint)
+  h = blocks.embed(blocks.embed_params(), jnp.asarray(windows))
+  h = blocks.layer_fn(0)(checkpoint.layer_params(0), h)
+  p = checkpoint.layer_params(1)
+  cfg = checkpoint.config
+  # The layer's attention half, then the MLP norm: what the experts' gate/up read.
+  layer = DecoderLayer(cfg, moe=True)
+  run, _ = module_call(
+    lambda params, hh: layer.apply({"params": params}, hh, jnp.broadcast_to(jnp.arange(hh.shape[1]), hh.shape[:2])),
+    "mlp",
+  )
+  (mlp_in,), _, _ = run(p, h)
+  x = np.asarray(mlp_in, np.float64).reshape(-1, cfg.hidden_size)
+  logits = x @ np.asarray(p["mlp"]["gate"]["kernel"], np.float64)
+  top = np.argsort(-logits, axis=1)[:, : cfg.num_experts_per_tok]
+  return [x[(top == e).any(axis=1)] for e in range(cfg.num_experts)]
+
+
+def test_expert_statistics_come_from_the_tokens_routed_to_each_expert(qwen_moe):
+  from qjax.calib.experts import ExpertPolicy
+  from qjax.calib.runner import RunnerOptions, quantize_blocks
+  from qjax.core import QSpec
+  from qjax.formats import open_checkpoint
+  from qjax.models.blocks import LlamaBlocks
+  from qjax.transforms.methods import gptq
+  from qjax.transforms.rules import rules_transform
+  from tests.model_factory import random_windows
+
+  checkpoint = open_checkpoint(qwen_moe)
+  windows = random_windows(4, 16)
+  seen = {}
+
+  def spy(params, state, **extra):
+    for path, s in extra.get("stats", {}).items():
+      seen[path] = s
+    return params, state
+
+  from qjax.transforms.base import Transform
+
+  spy_stage = Transform(lambda _: None, spy, frozenset({"hessian"}))
+  counts = {}
+  options = RunnerOptions(batch_size=2, show_progress=False, float_inputs=True,
+                          experts=ExpertPolicy(kind="plain"), expert_tokens=counts.__setitem__)  # fmt: skip
+  quantize_blocks(LlamaBlocks(checkpoint), [spy_stage], windows, options=options)
+  rows = _float_expert_inputs(checkpoint, windows)
+  stats = seen["model/layers_1/mlp/experts/gate_proj/kernel"]
+  assert np.asarray(stats["tokens"]).tolist() == [len(r) for r in rows] == counts["model/layers_1/mlp/experts"].tolist()
+  for e, x in enumerate(rows):
+    if len(x):
+      np.testing.assert_allclose(stats["hessian"][e], x.T @ x / len(x), rtol=2e-4, atol=1e-5)
+  del gptq, rules_transform, QSpec
+
+
+@pytest.mark.parametrize("policy", ["shrink", "plain", "rtn", "all_tokens"])
+def test_gptq_with_experts_that_see_no_tokens(tmp_path, policy):
+  """A calibration of 6 tokens, top-1 of 8 experts: at most 6 experts see any. Every expert ends quantized in the
+  same scheme, finite, and the counts name those that saw nothing; the quantized model runs."""
+  from qjax.calib.experts import ExpertPolicy
+  from qjax.calib.quantize import quantize_model
+  from qjax.calib.runner import RunnerOptions
+  from qjax.core import QSpec, dequantize, is_qarray
+  from qjax.formats import open_checkpoint
+  from qjax.models import logits_fn
+  from qjax.transforms.recipes import gptq
+  from tests.model_factory import random_windows
+
+  path = write_random_moe(str(tmp_path / "mixtral"), family="Mixtral", layers=2, num_local_experts=8,
+                          num_experts_per_tok=1)  # fmt: skip
+  checkpoint = open_checkpoint(path)
+  counts = {}
+  options = RunnerOptions(batch_size=1, show_progress=False, experts=ExpertPolicy(kind=policy),
+                          expert_tokens=counts.__setitem__)  # fmt: skip
+  spec = QSpec(bits=4, group_size=32)
+  qparams = quantize_model(LlamaBlocks(checkpoint), gptq(spec), random_windows(1, 6), options=options)
+  for i in range(2):
+    tokens = counts[f"model/layers_{i}/mlp/experts"]
+    assert tokens.sum() == 6 and (tokens == 0).any()
+    experts = qparams["model"][f"layers_{i}"]["mlp"]["experts"]
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      q = experts[name]["kernel"]
+      assert is_qarray(q) and q.spec == spec and q.stack_shape == (8,)
+      w = np.asarray(dequantize(q))
+      assert np.isfinite(w).all() and w.shape == checkpoint.layer_params(i)["mlp"]["experts"][name]["kernel"].shape
+      assert (np.abs(w).reshape(8, -1).max(axis=1) > 0).all()  # no expert zeroed
+    assert not is_qarray(qparams["model"][f"layers_{i}"]["mlp"]["gate"]["kernel"])  # the router stays in float
+  ids = jnp.asarray(random_windows(1, 12))
+  logits = np.asarray(logits_fn(checkpoint.config, qparams)(ids))
+  reference = np.asarray(logits_fn(checkpoint.config, checkpoint.params())(ids))
+  assert np.isfinite(logits).all() and np.abs(logits - reference).max() < 0.5 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe"])
+def test_gptq_export_of_experts_reads_back(tmp_path, family):
+  """A GPTQ export names each expert as the family's checkpoints do (Mixtral's w1/w2/w3 under block_sparse_moe) and
+  qjax's importer stacks them back to the same codes."""
+  from safetensors import safe_open
+
+  from qjax.calib.quantize import quantize_model
+  from qjax.calib.runner import RunnerOptions
+  from qjax.core import QSpec, dequantize
+  from qjax.formats import export, load_model, open_checkpoint, parse_target
+  from qjax.transforms.recipes import rtn
+
+  kwargs = dict(num_local_experts=4) if family == "Mixtral" else dict(num_experts=4, moe_intermediate_size=32)
+  path = write_random_moe(str(tmp_path / "moe"), family=family, num_experts_per_tok=2, **kwargs)
+  checkpoint = open_checkpoint(path)
+  qparams = quantize_model(LlamaBlocks(checkpoint), rtn(QSpec(bits=4, group_size=32)),
+                           options=RunnerOptions(show_progress=False))  # fmt: skip
+  out = str(tmp_path / "gptq")
+  export(parse_target("gptq"), out, checkpoint.config, qparams, checkpoint.tokenizer(), name="moe")
+  with safe_open(f"{out}/model.safetensors", "np") as f:
+    names = set(f.keys())
+  module, down = ("block_sparse_moe", "w2") if family == "Mixtral" else ("mlp", "down_proj")
+  assert f"model.layers.1.{module}.experts.3.{down}.qweight" in names
+  assert f"model.layers.1.{module}.gate.weight" in names
+  back = load_model(out).params
+  for i in range(2):
+    for p in ("gate_proj", "up_proj", "down_proj"):
+      ours = qparams["model"][f"layers_{i}"]["mlp"]["experts"][p]["kernel"]
+      theirs = back["model"][f"layers_{i}"]["mlp"]["experts"][p]["kernel"]
+      np.testing.assert_allclose(np.asarray(dequantize(theirs)), np.asarray(dequantize(ours)), rtol=1e-3, atol=1e-4)

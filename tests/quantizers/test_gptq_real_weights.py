@@ -10,10 +10,10 @@ from qjax.calib.runner import RunnerOptions, _Batches, _BlockRunner
 from qjax.core import QSpec, dequantize
 from qjax.core.fp_grid import Fp8Grid, MxFp4Grid, NvFp4Grid
 from qjax.formats import open_checkpoint
-from qjax.models.blocks import LlamaBlocks
+from qjax.models.blocks import SEQUENTIAL_GROUPS, LlamaBlocks
 from qjax.quantizers import GptqConfig, gptq_quantize, rtn_quantize
 
-LINEARS = tuple(m for group in LlamaBlocks.sequential_groups for m in group)
+LINEARS = tuple(m for group in SEQUENTIAL_GROUPS for m in group)
 
 
 @pytest.fixture(scope="module")
