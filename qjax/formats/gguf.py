@@ -40,6 +40,8 @@ GGUF_ARCH = {
   "Qwen3ForCausalLM": "qwen3",
   "Gemma3ForCausalLM": "gemma3",
   "Phi3ForCausalLM": "phi3",
+  "MixtralForCausalLM": "llama",
+  "Qwen3MoeForCausalLM": "qwen3moe",
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
 """The float storage types of a GGUF tensor qjax writes (BF16 goes through `gguf.quants`)."""
@@ -255,10 +257,34 @@ def model_metadata(config: LlamaConfig, *, file_type: str, name: str, descriptio
       KeyValue(f"{arch}.rope.scaling.type", "linear", string),
       KeyValue(f"{arch}.rope.scaling.factor", config.rope_scaling.factor, f32),
     ]
+  if config.num_experts:
+    entries += _moe_metadata(config, arch)
   if arch == "gemma3":
     entries += _gemma3_metadata(config)
   elif config.sliding_window is not None and arch != "phi3":
     raise NotImplementedError(f"llama.cpp's {arch} architecture has no sliding window; this model cannot be exported.")
+  return entries
+
+
+def _moe_metadata(config: LlamaConfig, arch: str) -> list[KeyValue]:
+  """The experts' keys convert_hf_to_gguf.py writes (Qwen3-MoE: with the width of one expert).
+
+  Raises:
+    NotImplementedError: for what llama.cpp's graphs cannot run: dense layers between sparse ones, or the chosen
+      probabilities left unnormalised (its llama and qwen3moe graphs renormalise them).
+  """
+  if config.dense_layers or not config.norm_topk_prob:
+    raise NotImplementedError(
+      f"llama.cpp's {arch} runs every layer sparse with the top-k probabilities renormalised; a model with dense "
+      f"layers {list(config.dense_layers)} or norm_topk_prob={config.norm_topk_prob} cannot be written to GGUF."
+    )
+  u32 = gguf.GGUFValueType.UINT32
+  entries = [
+    KeyValue(f"{arch}.expert_count", config.num_experts, u32),
+    KeyValue(f"{arch}.expert_used_count", config.num_experts_per_tok, u32),
+  ]
+  if arch == "qwen3moe":
+    entries.append(KeyValue(f"{arch}.expert_feed_forward_length", config.expert_size, u32))
   return entries
 
 
@@ -351,11 +377,11 @@ def _to_gguf_orientation(config: LlamaConfig, name: str, leaf, float_type: str) 
   if is_qarray(leaf):
     return _quantized_tensor(name, leaf, permute_heads)
   w = np.asarray(leaf, np.float32)
-  if w.ndim == 2 and name != "token_embd.weight":
-    w = w.T  # Flax kernel [in, out] -> [out, in]
+  if w.ndim >= 2 and name != "token_embd.weight":
+    w = np.swapaxes(w, -1, -2)  # Flax kernel [in, out] -> [out, in]; stacked experts (E, in, out) -> (E, out, in)
   if permute_heads:
     w = rope_permute(w, permute_heads)
-  type_name = "F32" if w.ndim == 1 else float_type
+  type_name = "F32" if w.ndim == 1 or ".ffn_gate_inp." in name else float_type  # the router stays F32, as llama.cpp
   return GgufTensor(name, np.ascontiguousarray(w), type_name)
 
 

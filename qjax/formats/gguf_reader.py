@@ -22,7 +22,10 @@ from qjax.models.checkpoint import (
   check_finite,
   check_layer_count,
   check_tokenizer,
+  expert_shapes,
+  hf_expert_tensors,
   hf_tensor_shapes,
+  moe_names,
   set_nested,
 )
 from qjax.models.config import LlamaConfig, RopeScaling, checked_config, config_float, config_int, show
@@ -36,7 +39,10 @@ GGUF_ARCHITECTURES = {
   "qwen3": ("Qwen3ForCausalLM", False),
   "gemma3": ("Gemma3ForCausalLM", False),
   "phi3": ("Phi3ForCausalLM", False),
+  "qwen3moe": ("Qwen3MoeForCausalLM", False),
 }
+# llama.cpp writes Mixtral as its llama architecture with experts.
+MOE_ARCHITECTURES = {"llama": "MixtralForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 
 # GGUF tensor name (inside `blk.{i}.`) -> HF module name (inside `model.layers.{i}.`), shared by every family.
 GGUF_LAYER_NAMES = {
@@ -60,6 +66,14 @@ GEMMA_NORM_NAMES = {
 # Phi-3 stores fused projections: attn_qkv (q, k, v rows) and ffn_up holding gate and up (gate rows first).
 FUSED_NAMES = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 UNFUSED_NAMES = ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")
+# A sparse layer's router and stacked experts (qjax's module paths, whatever the family's checkpoints call them).
+MOE_NAMES = {
+  "ffn_gate_inp": "mlp.gate",
+  "ffn_gate_exps": "mlp.experts.gate_proj",
+  "ffn_up_exps": "mlp.experts.up_proj",
+  "ffn_down_exps": "mlp.experts.down_proj",
+}
+DENSE_MLP_NAMES = ("ffn_gate", "ffn_up", "ffn_down")
 LLAMA_CPP_SWA_PATTERN = 6  # llama.cpp's Gemma 3 default: every 6th layer global
 # LongRoPE's per-frequency divisors, one tensor each for the short and the long context (Phi-3).
 ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG = "rope_factors_short.weight", "rope_factors_long.weight"
@@ -75,7 +89,14 @@ def gguf_layer_names(config: LlamaConfig) -> dict[str, str]:
     **names,
     **(GEMMA_NORM_NAMES if config.gemma else MLP_NORM_NAMES),
     **(QK_NORM_NAMES if config.qk_norm else {}),
+    **(MOE_NAMES if config.num_experts else {}),
   }
+
+
+def gguf_block_names(config: LlamaConfig, i: int) -> dict[str, str]:
+  """`gguf_layer_names` of the tensors block `i` holds: a sparse layer's router and experts, or a dense MLP."""
+  skip = DENSE_MLP_NAMES if config.moe(i) else tuple(MOE_NAMES)
+  return {k: v for k, v in gguf_layer_names(config).items() if k not in skip}
 
 
 def hf_to_gguf_layer_names(config: LlamaConfig) -> dict[str, str]:
@@ -331,12 +352,17 @@ class GgufCheckpoint(Checkpoint):
     }
     other = ("context_length", "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.type",
              "rope.scaling.factor", "attention.sliding_window", "rope.freq_base_swa", "rope.dimension_count",
-             "rope.scaling.attn_factor", "rope.scaling.original_context_length")  # fmt: skip
+             "rope.scaling.attn_factor", "rope.scaling.original_context_length", "expert_count",
+             "expert_used_count", "expert_feed_forward_length")  # fmt: skip
     names = [*keys.values(), *(f"{a}.{k}" for k in other), "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]
     meta = {k: self._field(k) for k in names if k in self._reader.fields}
     if keys["vocab_size"] not in meta and "tokenizer.ggml.tokens" in self._reader.fields:
       meta[keys["vocab_size"]] = len(self._reader.fields["tokenizer.ggml.tokens"].data)
     family = self._gemma_fields(meta) if a == "gemma3" else self._phi3_fields(meta) if a == "phi3" else {}
+    architecture = GGUF_ARCHITECTURES[a][0]
+    if meta.get(f"{a}.expert_count") or a == "qwen3moe":
+      family |= self._moe_fields(meta)
+      architecture = MOE_ARCHITECTURES.get(a, architecture)
     return checked_config(
       meta,
       keys,
@@ -347,11 +373,30 @@ class GgufCheckpoint(Checkpoint):
       max_position_embeddings=config_int(meta, f"{a}.context_length", src),
       tie_word_embeddings="output.weight" not in self._tensors,
       attention_bias="blk.0.attn_q.bias" in self._tensors or "blk.0.attn_qkv.bias" in self._tensors,
-      architecture=GGUF_ARCHITECTURES[a][0],
+      architecture=architecture,
       bos_token_id=config_token_id(meta, "tokenizer.ggml.bos_token_id", src),
       eos_token_id=config_token_id(meta, "tokenizer.ggml.eos_token_id", src),
       **family,
     )
+
+  def _moe_fields(self, meta: dict) -> dict:
+    """The experts as llama.cpp runs them: ``expert_count`` of them, ``expert_used_count`` per token, their chosen
+    probabilities renormalised (its llama and qwen3moe graphs always do), every layer sparse.
+
+    Raises:
+      InputError: naming the key for a missing or malformed value, or an architecture llama.cpp runs without them.
+    """
+    a, src = self._arch, self.source
+    if a not in MOE_ARCHITECTURES:
+      raise InputError(f"{src}: {a}.expert_count: llama.cpp's {a} architecture has no experts.")
+    experts = config_int(meta, f"{a}.expert_count", src)
+    used = config_int(meta, f"{a}.expert_used_count", src)
+    if used > experts:
+      raise InputError(f"{src}: {a}.expert_used_count={used} expected at most {a}.expert_count={experts}.")
+    fields = dict(num_experts=experts, num_experts_per_tok=used, norm_topk_prob=True)
+    if a == "qwen3moe":
+      fields["moe_intermediate_size"] = config_int(meta, f"{a}.expert_feed_forward_length", src)
+    return fields
 
   def _gemma_fields(self, meta: dict) -> dict:
     """Gemma 3's sliding-window layers as llama.cpp reads them: the window, the pattern (a period, or a flag per
@@ -433,7 +478,15 @@ class GgufCheckpoint(Checkpoint):
     of a float or quantized type (from the tensor infos; no data is read)."""
     src, config = self.source, self.config
     check_layer_count(self._tensors, config, layer=GGUF_LAYER, config_path=f"{src} metadata", source=src)
-    expected = {_gguf_name(name, config): shape for name, shape in hf_tensor_shapes(config).items()}
+    experts = {name for i in range(config.num_hidden_layers) for name in hf_expert_tensors(config, i)}
+    routers = {f"model.layers.{i}.{moe_names(config)[0]}.gate.weight" for i in range(config.num_hidden_layers)}
+    expected = {_gguf_name(name, config): shape for name, shape in hf_tensor_shapes(config).items()
+                if name not in experts | routers}  # fmt: skip
+    for i in range(config.num_hidden_layers):
+      if config.moe(i):
+        shapes = {"gate": (config.num_experts, config.hidden_size)}
+        shapes |= {p: (config.num_experts, *out_in) for p, out_in in expert_shapes(config).items()}
+        expected |= {f"blk.{i}.{name}.weight": shapes[module.split(".")[-1]] for name, module in MOE_NAMES.items()}
     if "rope_freqs.weight" in self._tensors:
       expected["rope_freqs.weight"] = (config.head_dim // 2,)
     if config.rope_scaling.rope_type == "longrope":
@@ -485,13 +538,13 @@ class GgufCheckpoint(Checkpoint):
 
   def layer_params(self, i: int) -> Params:
     params = {}
-    for gguf_name, hf_module in gguf_layer_names(self.config).items():
+    for gguf_name, hf_module in gguf_block_names(self.config, i).items():
       path = tuple(hf_module.split("."))
       w = self._hf_orientation(f"blk.{i}.{gguf_name}.weight")
       if hf_module.endswith("norm"):
         set_nested(params, (*path, "scale"), w.astype(self.dtype))
-      else:
-        set_nested(params, (*path, "kernel"), np.ascontiguousarray(w.T).astype(self.dtype))
+      else:  # [out, in] -> [in, out]; stacked experts (E, out, in) -> (E, in, out)
+        set_nested(params, (*path, "kernel"), np.ascontiguousarray(np.swapaxes(w, -1, -2)).astype(self.dtype))
         bias = f"blk.{i}.{gguf_name}.bias"
         if bias in self._tensors:
           set_nested(params, (*path, "bias"), self._hf_orientation(bias).astype(self.dtype))

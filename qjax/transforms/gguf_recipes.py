@@ -55,6 +55,10 @@ CATEGORIES = {
   "mlp/up_proj": "ffn_up",
   "mlp/down_proj": "ffn_down",
 }
+# A sparse layer's stacked experts (ffn_gate_exps, …): llama.cpp matches categories by substring, so they are typed
+# as their dense counterparts (ffn_down by the layer in the tensor's name); the router (ffn_gate_inp) stays F32.
+EXPERT_CATEGORIES = {"mlp/experts/gate_proj": "ffn_gate", "mlp/experts/up_proj": "ffn_up",
+                     "mlp/experts/down_proj": "ffn_down"}  # fmt: skip
 
 
 # A family that fuses projections (Phi-3) stores q/k/v as one attn_qkv tensor, which llama.cpp treats as it treats
@@ -65,9 +69,15 @@ FUSED_CATEGORIES = {**CATEGORIES, "self_attn/q_proj": "attn_qkv", "self_attn/k_p
 ATTN_V_LIKE = ("attn_v", "attn_qkv")  # llama.cpp's category_is_attn_v
 
 
-def categories(config: "LlamaConfig") -> dict[str, str]:
-  """Flax module inside a layer -> the category of the llama.cpp tensor holding it."""
-  return FUSED_CATEGORIES if config.fused_projections else CATEGORIES
+def categories(config: "LlamaConfig", i: int | None = None) -> dict[str, str]:
+  """Flax module inside a layer (layer `i`: the modules it has, experts or a dense MLP) -> the category of the
+  llama.cpp tensor holding it."""
+  modules = FUSED_CATEGORIES if config.fused_projections else CATEGORIES
+  if i is None:
+    return {**modules, **(EXPERT_CATEGORIES if config.num_experts else {})}
+  if config.moe(i):
+    return {**{m: c for m, c in modules.items() if not m.startswith("mlp/")}, **EXPERT_CATEGORIES}
+  return modules
 
 
 def check_recipe(recipe: str) -> str:
@@ -99,6 +109,10 @@ def _layer_type(recipe: str, category: str, i: int, config: "LlamaConfig", *, im
       t = "Q5_K"
     if _is_70b(config) and t in ("Q3_K", "Q4_K"):
       t = "Q5_K"  # 8 query heads share each value head: the small attn_v gets more bits
+    if config.num_experts == 8:
+      t = "Q8_0"  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+  elif category == "attn_k" and config.num_experts == 8:
+    t = "Q8_0"
   elif category == "ffn_down":
     if recipe == "Q2_K":
       t = "Q3_K"
@@ -114,14 +128,18 @@ def _layer_type(recipe: str, category: str, i: int, config: "LlamaConfig", *, im
       t = "Q5_K"
     elif recipe in ("Q4_0", "Q5_0") and imatrix and i < n // 8:
       t = {"Q4_0": "Q4_1", "Q5_0": "Q5_1"}[recipe]
+  elif category == "attn_output" and config.num_experts == 8:
+    t = "Q5_K" if recipe in ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS") else t
   elif category == "attn_output":
     t = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(recipe, t)
   return t
 
 
 def _is_70b(config: "LlamaConfig") -> bool:
-  # llama.cpp's LLM_TYPE_70B for the llama architecture (qjax writes Llama and Mistral as it): 80 layers.
-  return config.architecture in ("LlamaForCausalLM", "MistralForCausalLM") and config.num_hidden_layers == 80
+  # llama.cpp's LLM_TYPE_70B for the llama architecture (qjax writes Llama, Mistral and Mixtral as it): 80 layers,
+  # unless 8 experts (its 8x7B and 8x22B types).
+  llama = config.architecture in ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+  return llama and config.num_hidden_layers == 80 and config.num_experts != 8
 
 
 def _output_type(recipe: str, row_length: int) -> str:
@@ -163,6 +181,9 @@ def tensor_types(recipe: str, config: "LlamaConfig", *, imatrix: bool = False) -
     "mlp/gate_proj": hidden,
     "mlp/up_proj": hidden,
     "mlp/down_proj": inter,
+    "mlp/experts/gate_proj": hidden,
+    "mlp/experts/up_proj": hidden,
+    "mlp/experts/down_proj": config.expert_size,
   }
   chosen = {}  # path -> (category, type before the fallback, row length)
   output = _output_type(recipe, hidden)
@@ -171,7 +192,7 @@ def tensor_types(recipe: str, config: "LlamaConfig", *, imatrix: bool = False) -
   if not config.tie_word_embeddings:
     chosen["lm_head/kernel"] = ("output", output, hidden)
   for i in range(config.num_hidden_layers):
-    for module, category in categories(config).items():
+    for module, category in categories(config, i).items():
       layer_type = _layer_type(recipe, category, i, config, imatrix=imatrix)
       chosen[f"model/layers_{i}/{module}/kernel"] = (category, layer_type, rows[module])
   types = {}
