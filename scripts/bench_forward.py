@@ -1,6 +1,8 @@
-"""Forward throughput on this CPU: qjax's jitted Flax model vs transformers' PyTorch model, same weights and tokens.
+"""Forward throughput on this CPU: qjax's jitted Flax model vs transformers' PyTorch model, same weights and tokens;
+with --moe, a mixture of experts against the dense model with the same active parameters (forward and calibration).
 
 .venv/bin/python scripts/bench_forward.py --batch=1 --seqlen=512 --out=experiments/bench_forward.json
+.venv/bin/python scripts/bench_forward.py --moe --batch=4 --seqlen=512 --out=experiments/bench_forward_moe.json
 """
 
 import json
@@ -22,6 +24,8 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Sequences per forward pass.")
 _SEQLEN = flags.DEFINE_integer("seqlen", 512, "Tokens per sequence.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per framework (median reported).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+_MOE = flags.DEFINE_bool("moe", False, "Time a random Qwen3-MoE-shaped model (64 experts, 8 per token) against the "
+                         "dense model of the same active parameters, forward and calibration statistics.")  # fmt: skip
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -34,8 +38,58 @@ def median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def bench_moe() -> dict:
+  """Median seconds of a forward pass and of one block's calibration step (every linear's Hessian), for a
+  mixture of experts and for the dense model whose MLP is as wide as the experts a token runs through."""
+  from qjax.models import LlamaConfig
+
+  shape = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
+               num_key_value_heads=4, head_dim=64)  # fmt: skip
+  experts, per_token, width = 64, 8, 256
+  configs = {
+    "moe": LlamaConfig(**shape, intermediate_size=width, architecture="Qwen3MoeForCausalLM", num_experts=experts,
+                       num_experts_per_tok=per_token, moe_intermediate_size=width),
+    "dense": LlamaConfig(**shape, intermediate_size=per_token * width, architecture="Qwen3ForCausalLM"),
+  }  # fmt: skip
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 32000, (_BATCH.value, _SEQLEN.value)))
+  out = {"batch": _BATCH.value, "seqlen": _SEQLEN.value, "experts": experts, "experts_per_token": per_token,
+         "expert_width": width, **shape}  # fmt: skip
+  for name, config in configs.items():
+    out[name] = _time_model(config, ids)
+    print(f"{name:6s} forward {out[name]['forward_s'] * 1e3:8.1f} ms   one block's Hessians "
+          f"{out[name]['calibration_step_s'] * 1e3:8.1f} ms", flush=True)  # fmt: skip
+  out["forward_ratio"] = out["moe"]["forward_s"] / out["dense"]["forward_s"]
+  out["calibration_ratio"] = out["moe"]["calibration_step_s"] / out["dense"]["calibration_step_s"]
+  print(f"MoE / dense: forward {out['forward_ratio']:.2f}x, calibration step {out['calibration_ratio']:.2f}x")
+  return out
+
+
+def _time_model(config, ids) -> dict:
+  from qjax.calib.runner import RunnerOptions, _Batches, _BlockRunner
+  from qjax.models import DecoderLayer
+  from qjax.models.blocks import LlamaBlocks
+
+  model = LlamaForCausalLM(config)
+  params = model.init(jax.random.key(0), ids[:, :8])["params"]
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  forward = median_seconds(lambda: apply(params, ids).block_until_ready(), _REPEATS.value)
+  runner = _BlockRunner(LlamaBlocks._block_fn(DecoderLayer(config, jnp.float32, False, config.moe(0))))
+  block = params["model"]["layers_0"]
+  h = jax.random.normal(jax.random.key(1), (*ids.shape, config.hidden_size))
+  batches = _Batches(np.asarray(h), RunnerOptions(batch_size=ids.shape[0]))
+  modules = tuple(m for g in LlamaBlocks.sequential_groups(block) for m in g)
+  stats = median_seconds(lambda: runner.input_stats(block, batches, modules, {"hessian"}), _REPEATS.value)
+  return {"forward_s": forward, "calibration_step_s": stats, "tokens_per_s": ids.size / forward}
+
+
 def main(argv):
   del argv
+  if _MOE.value:
+    results = {"jax": jax.__version__, "cpus": os.cpu_count(), **bench_moe()}
+    if _OUT.value:
+      with open(_OUT.value, "w") as f:
+        json.dump(results, f, indent=2)
+    return
   import torch
   import transformers
 

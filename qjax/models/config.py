@@ -199,6 +199,8 @@ class LlamaConfig:
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
       raise InputError(f"{source}: architectures expected a list of names, got {show(archs)}.")
     arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None and not archs:  # a config saved without its architectures, as transformers reads it: by type
+      arch = next((a for a, v in ARCHITECTURES.items() if v["model_type"] == hf.get("model_type")), None)
     if arch is None:
       found = archs or hf.get("model_type")
       raise InputError(f"{source}: unsupported architecture {show(found)}; qjax supports {sorted(ARCHITECTURES)}.")

@@ -177,10 +177,10 @@ def test_gptq_with_experts_that_see_no_tokens(tmp_path, policy):
   assert np.isfinite(logits).all() and np.abs(logits - reference).max() < 0.5 * np.abs(reference).max()
 
 
-@pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe"])
-def test_gptq_export_of_experts_reads_back(tmp_path, family):
-  """A GPTQ export names each expert as the family's checkpoints do (Mixtral's w1/w2/w3 under block_sparse_moe) and
-  qjax's importer stacks them back to the same codes."""
+@pytest.mark.parametrize("family,fmt", [("Mixtral", "gptq"), ("Qwen3Moe", "awq")])
+def test_hf_export_of_experts_reads_back(tmp_path, family, fmt):
+  """A GPTQ or AWQ export names each expert as the family's checkpoints do (Mixtral's w1/w2/w3 under
+  block_sparse_moe) and qjax's importer stacks them back to the same values."""
   from safetensors import safe_open
 
   from qjax.calib.quantize import quantize_model
@@ -192,10 +192,10 @@ def test_gptq_export_of_experts_reads_back(tmp_path, family):
   kwargs = dict(num_local_experts=4) if family == "Mixtral" else dict(num_experts=4, moe_intermediate_size=32)
   path = write_random_moe(str(tmp_path / "moe"), family=family, num_experts_per_tok=2, **kwargs)
   checkpoint = open_checkpoint(path)
-  qparams = quantize_model(LlamaBlocks(checkpoint), rtn(QSpec(bits=4, group_size=32)),
-                           options=RunnerOptions(show_progress=False))  # fmt: skip
-  out = str(tmp_path / "gptq")
-  export(parse_target("gptq"), out, checkpoint.config, qparams, checkpoint.tokenizer(), name="moe")
+  spec = QSpec(bits=4, group_size=32, symmetric=fmt == "gptq")
+  qparams = quantize_model(LlamaBlocks(checkpoint), rtn(spec), options=RunnerOptions(show_progress=False))
+  out = str(tmp_path / fmt)
+  export(parse_target(fmt), out, checkpoint.config, qparams, checkpoint.tokenizer(), name="moe")
   with safe_open(f"{out}/model.safetensors", "np") as f:
     names = set(f.keys())
   module, down = ("block_sparse_moe", "w2") if family == "Mixtral" else ("mlp", "down_proj")
@@ -207,3 +207,16 @@ def test_gptq_export_of_experts_reads_back(tmp_path, family):
       ours = qparams["model"][f"layers_{i}"]["mlp"]["experts"][p]["kernel"]
       theirs = back["model"][f"layers_{i}"]["mlp"]["experts"][p]["kernel"]
       np.testing.assert_allclose(np.asarray(dequantize(theirs)), np.asarray(dequantize(ours)), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["awq", "lwc", "rotate+gptq"])
+def test_methods_that_do_not_run_on_experts_are_refused_by_the_plan(method):
+  """Before any work: AWQ's search and learned clipping run on dense layers, rotations fold into dense MLPs."""
+  from qjax.cli.quantize import Settings, plan
+  from qjax.models import LlamaConfig
+
+  config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, architecture="MixtralForCausalLM", num_experts=4,
+                       num_experts_per_tok=2)  # fmt: skip
+  with pytest.raises((NotImplementedError, ValueError), match="experts"):
+    plan(Settings(method=method, group_size=32, sym=method == "rotate+gptq"), config, method_given=True)
