@@ -52,7 +52,7 @@ from qjax.core.qarray import unpacked_codes
 from qjax.core.tree import leaves_with_paths
 from qjax.formats import gptq, hf_quantized
 from qjax.formats.output import atomic_directory
-from qjax.models.checkpoint import check_finite, check_group_length
+from qjax.models.checkpoint import check_finite, check_group_length, split_experts
 from qjax.models.config import MAX_SIZE, LlamaConfig, show
 
 QUANT_METHOD = "compressed-tensors"
@@ -575,8 +575,9 @@ def write_compressed_tensors(
   hf_quantized.quantized_linears(params, "compressed-tensors")
   args_by_module = {}
   dense_linears = []
-  for path, leaf in leaves_with_paths(params):
-    if hf_quantized.LINEAR_KERNEL.fullmatch(path):
+  # Under the names transformers' modules have: each expert its own Linear, a router a Linear kept dense.
+  for path, leaf in leaves_with_paths(split_experts(params, config)):
+    if HF_LINEAR.fullmatch(path):
       module = hf_quantized.hf_tensor_name(path).removesuffix(".weight")
       if is_qarray(leaf):
         args_by_module[module] = weight_args(leaf.spec, actorder=actorder)
@@ -589,6 +590,8 @@ def write_compressed_tensors(
   qc = quantization_config(args_by_module, dense_linears)
   hf_quantized.write_hf_directory(directory, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes)
 
+
+HF_LINEAR = re.compile(r"model/layers_\d+/(self_attn|mlp|block_sparse_moe)/(experts/\d+/)?\w+/kernel|lm_head/kernel")
 
 # Linears vLLM loads into one matrix (QKVParallelLinear, MergedColumnParallelLinear): it keeps one NVFP4 global
 # scale for all of them (the largest), so they must be written with the same one.

@@ -28,7 +28,15 @@ from qjax.models.checkpoint import (
   moe_names,
   set_nested,
 )
-from qjax.models.config import LlamaConfig, RopeScaling, checked_config, config_float, config_int, show
+from qjax.models.config import (
+  LlamaConfig,
+  RopeScaling,
+  checked_config,
+  config_float,
+  config_int,
+  expert_count,
+  show,
+)
 from qjax.models.config import token_id as config_token_id
 from qjax.models.fused import split_layer
 
@@ -389,7 +397,7 @@ class GgufCheckpoint(Checkpoint):
     a, src = self._arch, self.source
     if a not in MOE_ARCHITECTURES:
       raise InputError(f"{src}: {a}.expert_count: llama.cpp's {a} architecture has no experts.")
-    experts = config_int(meta, f"{a}.expert_count", src)
+    experts = expert_count(meta, f"{a}.expert_count", src)
     used = config_int(meta, f"{a}.expert_used_count", src)
     if used > experts:
       raise InputError(f"{src}: {a}.expert_used_count={used} expected at most {a}.expert_count={experts}.")

@@ -383,6 +383,22 @@ def phi3_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
   ))  # fmt: skip
 
 
+MAX_EXPERTS = 4096  # experts per layer a config may declare (the largest models have a few hundred)
+
+
+def expert_count(values: dict, key: str, source: str, default: Any = REQUIRED) -> int:
+  """``values[key]``: a count of experts in [1, `MAX_EXPERTS`] (a tensor list is built per expert, so a hostile count
+  would be work without bound before any shape is compared).
+
+  Raises:
+    InputError: naming `source` and `key`.
+  """
+  count = config_int(values, key, source, default=default)
+  if count > MAX_EXPERTS:
+    raise InputError(f"{source}: {key} expected at most {MAX_EXPERTS} experts, got {count}.")
+  return count
+
+
 def moe_fields(hf: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
   """The mixture-of-experts fields of a Mixtral or Qwen3-MoE config.
 
@@ -393,7 +409,7 @@ def moe_fields(hf: dict[str, Any], arch: str, source: str) -> dict[str, Any]:
     InputError: naming `source` and the key for a missing or malformed value, or more experts per token than experts.
   """
   experts_key = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
-  experts = config_int(hf, experts_key, source, default=8)
+  experts = expert_count(hf, experts_key, source, default=8)
   per_token = config_int(hf, "num_experts_per_tok", source, default=2)
   if per_token > experts:
     raise InputError(f"{source}: num_experts_per_tok={per_token} expected at most {experts_key}={experts}.")

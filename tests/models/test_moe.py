@@ -1,5 +1,7 @@
-"""Mixtures of experts (Mixtral, Qwen3-MoE): routing and grouped matmuls against a float64 reference, and logits
-equal to transformers' through qjax's loader."""
+"""Mixtures of experts (Mixtral, Qwen3-MoE): routing and grouped matmuls against a float64 reference, logits
+equal to transformers' through qjax's loader, calibration per expert, exports that read back."""
+
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -177,7 +179,7 @@ def test_gptq_with_experts_that_see_no_tokens(tmp_path, policy):
   assert np.isfinite(logits).all() and np.abs(logits - reference).max() < 0.5 * np.abs(reference).max()
 
 
-@pytest.mark.parametrize("family,fmt", [("Mixtral", "gptq"), ("Qwen3Moe", "awq")])
+@pytest.mark.parametrize("family,fmt", [("Mixtral", "gptq"), ("Qwen3Moe", "awq"), ("Qwen3Moe", "compressed-tensors")])
 def test_hf_export_of_experts_reads_back(tmp_path, family, fmt):
   """A GPTQ or AWQ export names each expert as the family's checkpoints do (Mixtral's w1/w2/w3 under
   block_sparse_moe) and qjax's importer stacks them back to the same values."""
@@ -192,14 +194,19 @@ def test_hf_export_of_experts_reads_back(tmp_path, family, fmt):
   kwargs = dict(num_local_experts=4) if family == "Mixtral" else dict(num_experts=4, moe_intermediate_size=32)
   path = write_random_moe(str(tmp_path / "moe"), family=family, num_experts_per_tok=2, **kwargs)
   checkpoint = open_checkpoint(path)
-  spec = QSpec(bits=4, group_size=32, symmetric=fmt == "gptq")
+  spec = QSpec(bits=4, group_size=32, symmetric=fmt != "awq")
   qparams = quantize_model(LlamaBlocks(checkpoint), rtn(spec), options=RunnerOptions(show_progress=False))
   out = str(tmp_path / fmt)
   export(parse_target(fmt), out, checkpoint.config, qparams, checkpoint.tokenizer(), name="moe")
   with safe_open(f"{out}/model.safetensors", "np") as f:
     names = set(f.keys())
   module, down = ("block_sparse_moe", "w2") if family == "Mixtral" else ("mlp", "down_proj")
-  assert f"model.layers.1.{module}.experts.3.{down}.qweight" in names
+  packed = "weight_packed" if fmt == "compressed-tensors" else "qweight"
+  assert f"model.layers.1.{module}.experts.3.{down}.{packed}" in names
+  if fmt == "compressed-tensors":  # the routers are Linears that stay dense: listed in `ignore` for vLLM
+    with open(f"{out}/config.json") as f:
+      ignore = json.load(f)["quantization_config"]["ignore"]
+    assert ignore == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
   assert f"model.layers.1.{module}.gate.weight" in names
   back = load_model(out).params
   for i in range(2):
@@ -220,3 +227,23 @@ def test_methods_that_do_not_run_on_experts_are_refused_by_the_plan(method):
                        num_experts_per_tok=2)  # fmt: skip
   with pytest.raises((NotImplementedError, ValueError), match="experts"):
     plan(Settings(method=method, group_size=32, sym=method == "rotate+gptq"), config, method_given=True)
+
+
+def test_hostile_expert_counts_are_refused_before_any_tensor_list(tmp_path):
+  from qjax.core.errors import InputError
+  from qjax.models import LlamaConfig
+
+  hf = {
+    "architectures": ["MixtralForCausalLM"],
+    "vocab_size": 64,
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_local_experts": 2**31 - 1,
+    "num_experts_per_tok": 2,
+  }
+  with pytest.raises(InputError, match="num_local_experts expected at most 4096"):
+    LlamaConfig.from_hf_dict(hf)
+  with pytest.raises(InputError, match="num_experts_per_tok=9 expected at most num_local_experts=8"):
+    LlamaConfig.from_hf_dict({**hf, "num_local_experts": 8, "num_experts_per_tok": 9})
