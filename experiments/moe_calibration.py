@@ -56,6 +56,7 @@ SPEC = QSpec(bits=4, group_size=64)
 EXPERT_KERNELS = r"model/layers_\d+/mlp/experts/\w+_proj/kernel"  # only the experts: the rest stays float
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 8, "Evaluation windows of 256 tokens.")
 _OUT = flags.DEFINE_string("prefix", "experiments/moe_calibration", "Output path prefix (.json, .md).")
+_SIZES = flags.DEFINE_list("sizes", list(SIZES), "Calibration sizes to run; rows already in the JSON are kept.")
 
 
 def balanced_clusters(vectors: np.ndarray, k: int, iterations: int = 20, seed: int = 0) -> np.ndarray:
@@ -128,8 +129,8 @@ def routing(config, params, ids: np.ndarray) -> np.ndarray:
   net = LlamaForCausalLM(config)
   routers = [f"model/layers_{i}/mlp/gate" for i in range(config.num_hidden_layers)]
   run = jax.jit(lambda p, x: capture_linear_inputs(lambda: net.apply({"params": p}, x), capture=routers)[2])
-  out = run(params, jnp.asarray(ids))
-  return np.stack([np.asarray(jax.lax.top_k(out[r], TOP_K)[1]) for r in routers])
+  out = run(params, jnp.asarray(ids))  # each router's logits over the flattened tokens (windows * tokens, E)
+  return np.stack([np.asarray(jax.lax.top_k(out[r], TOP_K)[1]).reshape(*ids.shape, TOP_K) for r in routers])
 
 
 def token_kl(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -140,6 +141,11 @@ def token_kl(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 
 def main(_):
+  path = f"{_OUT.value}.json"
+  results = {"sizes": {}}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
   with tempfile.TemporaryDirectory() as tmp:
     checkpoint = open_checkpoint(write_moefied(tmp))
     config, float_params = checkpoint.config, checkpoint.params()
@@ -149,43 +155,41 @@ def main(_):
     calib_tokens = texts.tokenize(tokenizer, texts.load_text("default", "calibration"))
     reference = np.asarray(logits_fn(config, float_params)(jnp.asarray(eval_ids)))
     nll = -np.take_along_axis(jax.nn.log_softmax(reference[:, :-1]), eval_ids[:, 1:, None], -1).mean()
+    results["float perplexity"] = float(np.exp(nll))
     eval_routes = routing(config, float_params, eval_ids)  # (layers, windows, tokens, k)
-    results = {"float perplexity": float(np.exp(nll)), "sizes": {}}
-    for size, nsamples in SIZES.items():
+    for size in _SIZES.value:
+      nsamples = SIZES[size]
       windows = texts.calibration_windows(calib_tokens, nsamples, SEQLEN, seed=0)
-      counts = {}
-      rows = {}
+      entry = results["sizes"].setdefault(size, {"rows": {}})
+      # The calibration's counts per expert (the float model's routing of the calibration windows): which experts
+      # are rare, and which evaluation tokens reach one.
+      calib_routes = routing(config, float_params, windows)
+      tokens = np.stack([np.bincount(calib_routes[i].ravel(), minlength=EXPERTS) for i in range(len(calib_routes))])
+      fair = nsamples * SEQLEN * TOP_K / EXPERTS
+      rare = tokens < fair / 10  # (layers, experts)
+      rare_tokens = rare[np.arange(len(rare))[:, None, None, None], eval_routes].any(axis=(0, 3))[:, :-1]
+      entry.update({
+        "calibration tokens per expert (min, median, max)": [int(tokens.min()), float(np.median(tokens)),
+                                                             int(tokens.max())],
+        "experts without tokens": int((tokens == 0).sum()),
+        "experts under a tenth of their share": int(rare.sum()),
+        "rare-expert evaluation tokens": float(rare_tokens.mean()),
+      })  # fmt: skip
       for label, policy in {"RTN (no calibration)": None, **POLICIES}.items():
-        options = RunnerOptions(batch_size=2, show_progress=False, experts=policy or ExpertPolicy(),
-                                expert_tokens=counts.__setitem__)  # fmt: skip
+        if label in entry["rows"]:
+          continue
+        options = RunnerOptions(batch_size=2, show_progress=False, experts=policy or ExpertPolicy())
         start = time.perf_counter()
         rounding = rtn(SPEC) if policy is None else gptq(SPEC)
         recipe = [rules_transform([Rule(EXPERT_KERNELS, rounding, name="experts")])]
         qparams = quantize_model(LlamaBlocks(checkpoint), recipe, windows if policy else None, options=options)
         seconds = time.perf_counter() - start
-        if policy is not None and policy.kind == "plain":
-          fair = nsamples * SEQLEN * TOP_K / EXPERTS
-          tokens = np.stack([counts[f"model/layers_{i}/mlp/experts"] for i in range(config.num_hidden_layers)])
-          rare = tokens < fair / 10  # (layers, experts)
-          layer_idx = np.arange(config.num_hidden_layers)[:, None, None, None]
-          rare_tokens = rare[layer_idx, eval_routes].any(axis=(0, 3))  # (windows, tokens)
-          results["sizes"][size] = {
-            "calibration tokens per expert (min, median, max)": [int(tokens.min()), float(np.median(tokens)),
-                                                                 int(tokens.max())],
-            "experts without tokens": int((tokens == 0).sum()),
-            "experts under a tenth of their share": int(rare.sum()),
-            "rare-expert evaluation tokens": float(rare_tokens[:, :-1].mean()),
-          }  # fmt: skip
         kl = token_kl(reference, np.asarray(logits_fn(config, qparams)(jnp.asarray(eval_ids))))[:, :-1]
-        rows[label] = {"kl": float(kl.mean()), "seconds": seconds, "kl_rare": None}
-        print(f"{size}  {label:30s} KL {kl.mean():.5f}  ({seconds:.0f}s)", flush=True)
-        rows[label]["kl_per_token"] = kl
-      mask = rare_tokens[:, :-1]
-      for row in rows.values():
-        row["kl_rare"] = float(row.pop("kl_per_token")[mask].mean()) if mask.any() else None
-      results["sizes"][size]["rows"] = rows
-  with open(f"{_OUT.value}.json", "w") as f:
-    json.dump(results, f, indent=1)
+        entry["rows"][label] = {"kl": float(kl.mean()), "kl_rare": float(kl[rare_tokens].mean()), "seconds": seconds}
+        print(f"{size}  {label:30s} KL {kl.mean():.5f}  rare {kl[rare_tokens].mean():.5f}  ({seconds:.0f}s)",
+              flush=True)  # fmt: skip
+        with open(path, "w") as f:  # after every row: a long run keeps what it measured
+          json.dump(results, f, indent=1)
   with open(f"{_OUT.value}.md", "w") as f:
     f.write(markdown(results))
   print(markdown(results))
@@ -214,8 +218,7 @@ def markdown(results: dict) -> str:
       "|---|---:|---:|---:|",
     ]
     for label, row in entry["rows"].items():
-      rare = "-" if row["kl_rare"] is None else f"{row['kl_rare']:.5f}"
-      lines.append(f"| {label} | {row['kl']:.5f} | {rare} | {row['seconds']:.0f} |")
+      lines.append(f"| {label} | {row['kl']:.5f} | {row['kl_rare']:.5f} | {row['seconds']:.0f} |")
     lines.append("")
   return "\n".join(lines)
 

@@ -1,5 +1,7 @@
-"""Calibration: text and token windows, the statistics registry, the blockwise runner, the whole-model loop."""
+"""Calibration: text and token windows, the statistics registry, what under-fed experts quantize with, the blockwise
+runner, the whole-model loop."""
 
+from qjax.calib.experts import ExpertPolicy as ExpertPolicy
 from qjax.calib.quantize import quantize_model as quantize_model
 from qjax.calib.runner import BlockModel as BlockModel
 from qjax.calib.runner import RunnerOptions as RunnerOptions
@@ -15,6 +17,7 @@ from qjax.calib.text import tokenize as tokenize
 __all__ = [
   "STATISTICS",
   "BlockModel",
+  "ExpertPolicy",
   "RunnerOptions",
   "Statistic",
   "calibration_windows",
