@@ -7,14 +7,15 @@ The model: the default model (SmolLM2-135M) made a Mixtral of 8 experts, top-2. 
 each layer's MLP neurons are clustered by their gate weights into 8 groups and an expert's router row is its group's
 centroid direction, so an expert sees the tokens whose hidden states point its way (its inputs, and so its Hessian,
 differ from the layer's average, as in trained MoEs). Each expert is the MLP with every weight multiplied by
-(1 + 0.25 N(0, 1)), so experts are distinct matrices and the model stays a language model (float perplexity 42.6 on
-the evaluation text against the dense model's 19.9). Routing is uneven: some experts see few calibration tokens.
+(1 + 0.25 N(0, 1)), so experts are distinct matrices and the model stays a language model (its float perplexity is
+in the table's header; the dense model's is 19.9 on the same text). Routing is uneven: some experts see few
+calibration tokens.
 
 Every row quantizes the experts alone (the rest stays float, so rows differ only in how experts are handled): GPTQ
 4-bit g64 (desc_act off) calibrated on the same windows of the built-in calibration text (the first row: RTN), and
 scored on held-out windows of the evaluation text: mean KL divergence from the float MoE over all tokens, and over
-the tokens that the float model routes, in some layer, to an expert that calibration fed fewer than a tenth of its
-fair share ("rare-expert tokens").
+the tokens that the float model routes, in some layer, to an expert that fewer than a tenth of its fair share of
+the calibration tokens reach (as the float model routes the calibration windows): "rare-expert tokens".
 """
 
 import json
@@ -57,6 +58,7 @@ EXPERT_KERNELS = r"model/layers_\d+/mlp/experts/\w+_proj/kernel"  # only the exp
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 8, "Evaluation windows of 256 tokens.")
 _OUT = flags.DEFINE_string("prefix", "experiments/moe_calibration", "Output path prefix (.json, .md).")
 _SIZES = flags.DEFINE_list("sizes", list(SIZES), "Calibration sizes to run; rows already in the JSON are kept.")
+_WRITE_ONLY = flags.DEFINE_bool("write_only", False, "Only rewrite the .md from the .json.")
 
 
 def balanced_clusters(vectors: np.ndarray, k: int, iterations: int = 20, seed: int = 0) -> np.ndarray:
@@ -146,6 +148,10 @@ def main(_):
   if os.path.exists(path):
     with open(path) as f:
       results = json.load(f)
+  if _WRITE_ONLY.value:
+    with open(f"{_OUT.value}.md", "w") as f:
+      f.write(markdown(results))
+    return
   with tempfile.TemporaryDirectory() as tmp:
     checkpoint = open_checkpoint(write_moefied(tmp))
     config, float_params = checkpoint.config, checkpoint.params()
@@ -219,7 +225,9 @@ def markdown(results: dict) -> str:
     ]
     for label, row in entry["rows"].items():
       lines.append(f"| {label} | {row['kl']:.5f} | {row['kl_rare']:.5f} | {row['seconds']:.0f} |")
-    lines.append("")
+    best = min(entry["rows"], key=lambda r: entry["rows"][r]["kl"])
+    best_rare = min(entry["rows"], key=lambda r: entry["rows"][r]["kl_rare"])
+    lines += ["", f"Lowest KL over all tokens: {best}; over rare-expert tokens: {best_rare}.", ""]
   return "\n".join(lines)
 
 

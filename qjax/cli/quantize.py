@@ -95,7 +95,7 @@ class Settings:
   imatrix: bool = False
   checkpoint_dir: str | None = None
   overwrite: bool = False
-  expert_policy: str = "shrink"
+  expert_policy: str = ExpertPolicy().kind
   expert_kappa: float = ExpertPolicy().kappa
 
   @classmethod
@@ -201,9 +201,9 @@ flags.DEFINE_string(
 )  # fmt: skip
 flags.DEFINE_enum(
   "expert_policy", _D.expert_policy, list(POLICIES), "Mixtures of experts: what experts that calibration fed few "
-  "tokens quantize with: 'shrink' (their statistics shrunk toward the layer's pooled ones by --expert_kappa tokens), "
-  "'plain' (their own), 'rtn' (round-to-nearest below 64 tokens), 'all_tokens' (every expert calibrated on every "
-  "token). See experiments/moe_calibration.md."
+  "tokens quantize with: 'plain' (their own statistics; none: round-to-nearest), 'shrink' (shrunk toward the "
+  "layer's pooled ones by --expert_kappa tokens), 'rtn' (round-to-nearest below 64 tokens), 'all_tokens' (every "
+  "expert calibrated on every token). See experiments/moe_calibration.md."
 )  # fmt: skip
 flags.DEFINE_float("expert_kappa", _D.expert_kappa, "With --expert_policy=shrink: the pooled statistics' weight, in "
                    "tokens.")  # fmt: skip
