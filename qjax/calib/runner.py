@@ -401,6 +401,7 @@ def quantize_blocks(
     h = np.concatenate([np.asarray(model.embed(embed_params, jnp.asarray(w[None]))) for w in windows])
   batches = _Batches(h, options)
   runners: dict = {}  # block function -> its runner
+  out_bytes_by_fn: dict = {}  # block function -> bytes of each linear's output on one batch
   label = "block" if done == 0 else f"block (resumed after {done})"
   for i in progress(range(done, model.num_layers), total=model.num_layers - done, label=label,
                     enabled=options.show_progress):  # fmt: skip
@@ -416,7 +417,9 @@ def quantize_blocks(
     stats_fn = model.layer_fn(i, all_experts=True) if options.experts.all_experts else block_fn
     stats_runner = runners.setdefault(stats_fn, _BlockRunner(stats_fn))
     cache = _OutputCache(0 if options.float_inputs or stats_fn is not block_fn else options.cache_bytes)
-    out_bytes = _out_bytes(block_fn, block, linears, next(iter(batches)))
+    if block_fn not in out_bytes_by_fn:  # one abstract trace per kind of block, not per block
+      out_bytes_by_fn[block_fn] = _out_bytes(block_fn, block, linears, next(iter(batches)))
+    out_bytes = out_bytes_by_fn[block_fn]
     for k, (stage, group) in enumerate(steps):
       extra = {"block_inputs": batches, "block_fn": block_fn, "block_model": model, "block_prefix": prefix}
       if stage.stats:
