@@ -73,6 +73,14 @@ if [[ ! -f "$stamp" ]]; then
     fi
   fi
   touch "$stamp"
+  echo "$repo" > "$venv/.qjax-editable"
+fi
+# One environment may serve several checkouts (CI's is shared per machine): qjax is installed editable from the one
+# running now, or the scripts and notebooks that tests run as subprocesses would import another checkout's code.
+if [[ "$(cat "$venv/.qjax-editable" 2>/dev/null)" != "$repo" ]]; then
+  echo "qjax: installing $repo into $venv" >&2
+  "$venv/bin/python" -m pip install -q --no-deps -e "$repo"
+  echo "$repo" > "$venv/.qjax-editable"
 fi
 
 export PATH="$venv/bin:$PATH"
