@@ -52,6 +52,7 @@ def test_moe_gguf_runs_in_llama_cpp_and_recipes_are_llama_quantizes(family, tmp_
     assert quantized["blk.1.attn_k.weight"] == quantized["blk.1.attn_v.weight"] == "Q8_0"
     assert quantized["blk.1.attn_output.weight"] == "Q5_K"
 
+
 GPTQMODEL_LOGITS = """
 import sys, numpy as np, torch, gptqmodel
 model = gptqmodel.GPTQModel.load(sys.argv[1], device="cpu", dtype=torch.float32).model
