@@ -51,7 +51,6 @@ from qjax.models import LlamaBlocks, LlamaConfig, logits_fn
 from qjax.models.checkpoint import param_shapes, set_nested
 from qjax.quantizers import GptqConfig
 from qjax.transforms import observe, recipes
-from qjax.transforms.base import flatten_stages
 from qjax.transforms.gguf_recipes import RECIPES
 from qjax.transforms.recipes import Recipe
 
@@ -378,11 +377,6 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
     return cli_recipes.call(fn, values, name=name)
 
   recipe = build(config)
-  if config.num_experts and any(stage.whole_block for stage in flatten_stages(recipe.stages)):
-    raise NotImplementedError(
-      f"--method={s.method}: AWQ's scale search and learned clipping run on dense layers only; this model has "
-      f"{config.num_experts} experts per layer (use --method=gptq or rtn; an AWQ export takes --nosym)."
-    )
   if recipe.unties_head:  # a rotation: refused now, before any work, where the model's stream cannot take one
     skeleton: dict = {}
     for path in param_shapes(config):

@@ -23,11 +23,8 @@ SEQUENTIAL_GROUPS = (
 
 # A sparse layer's: the experts read the MLP's input (gate/up of every expert at once), then down; the router stays
 # in float.
-MOE_SEQUENTIAL_GROUPS = (
-  *SEQUENTIAL_GROUPS[:2],
-  ("mlp/experts/gate_proj", "mlp/experts/up_proj"),
-  ("mlp/experts/down_proj",),
-)
+EXPERT_INPUTS = ("mlp/experts/gate_proj", "mlp/experts/up_proj")
+MOE_SEQUENTIAL_GROUPS = (*SEQUENTIAL_GROUPS[:2], EXPERT_INPUTS, ("mlp/experts/down_proj",))
 
 
 def sequential_groups(block) -> tuple[tuple[str, ...], ...]:
@@ -60,11 +57,13 @@ def scale_groups(block) -> list[ScaleGroup]:
   """
   attn = block["self_attn"]
   (attn_norm, attn_inputs), (mlp_norm, mlp_inputs) = block_readers(block).items()
-  if "experts" in block["mlp"]:
-    raise NotImplementedError("AWQ's scale groups of a mixture-of-experts layer are not implemented yet.")
   groups = [ScaleGroup(attn_norm, attn_inputs, "self_attn")]
   if attn["v_proj"]["kernel"].shape[::-1] == attn["o_proj"]["kernel"].shape:
     groups.append(ScaleGroup("self_attn/v_proj", ("self_attn/o_proj",), "self_attn/o_proj"))
+  if "experts" in block["mlp"]:  # AutoAWQ's Mixtral: every expert's gate/up and the router; then each up -> down
+    groups.append(ScaleGroup(mlp_norm, EXPERT_INPUTS, "mlp", float_readers=("mlp/gate",)))
+    groups.append(ScaleGroup("mlp/experts/up_proj", ("mlp/experts/down_proj",), "mlp/experts/down_proj"))
+    return groups
   groups.append(ScaleGroup(mlp_norm, mlp_inputs, "mlp"))
   groups.append(ScaleGroup("mlp/up_proj", ("mlp/down_proj",), "mlp/down_proj"))
   return groups

@@ -26,25 +26,29 @@ from qjax.core import QSpec
 from qjax.core.qarray import grid_values, group_view, round_to_grid, ungroup
 
 
-def fake_quantize(w: Float[Array, "in out"], spec: QSpec) -> Float[Array, "in out"]:
+def fake_quantize(w: Float[Array, "*experts in out"], spec: QSpec) -> Float[Array, "*experts in out"]:
   """``dequantize(quantize(w))`` on `spec`'s grid, float32 (a per-tensor parameter not yet set is fixed from `w`,
-  traced: each scaled candidate gets its own, as it would when quantized)."""
+  traced: each scaled candidate gets its own, as it would when quantized). A stack of experts' kernels is
+  rounded expert by expert, as it is quantized."""
+  if w.ndim > 2:
+    return jax.vmap(lambda m: fake_quantize(m, spec))(w)
   spec = spec.for_tensor(jnp.max(jnp.abs(w))) if spec.needs_tensor_fit else spec
   codes, params = round_to_grid(w, spec)
   return grid_values(codes, params, spec)
 
 
-def weight_salience(ws: list[Float[Array, "in out"]], group: int) -> Float[Array, " in"]:
+def weight_salience(ws: list[Float[Array, "*experts in out"]], group: int) -> Float[Array, " in"]:
   """``w̄``: per input channel, the mean over output channels of ``|w| / max|w|`` within its group.
 
   Args:
-    ws: the (in, out) kernels reading one input.
+    ws: the (in, out) kernels reading one input; a stack of experts' kernels (E, in, out) counts as E kernels.
     group: group size along ``in`` (-1: all of ``in``); a shorter last group is allowed.
 
   Returns:
     (in,) float32.
   """
-  w = jnp.concatenate([jnp.abs(jnp.asarray(x, jnp.float32)) for x in ws], axis=1)
+  as_rows = lambda x: jnp.moveaxis(jnp.abs(jnp.asarray(x, jnp.float32)), -2, 0).reshape(x.shape[-2], -1)
+  w = jnp.concatenate([as_rows(x) for x in ws], axis=1)
   k = w.shape[0]
   g = k if group == -1 else group
   pad = -k % g
@@ -54,24 +58,28 @@ def weight_salience(ws: list[Float[Array, "in out"]], group: int) -> Float[Array
 
 
 def candidate_scales(
-  x_mean: Float[Array, " in"], w_mean: Float[Array, " in"] | None, alpha: Float[Array, ""]
-) -> Float[Array, " in"]:
-  """``s(α)`` (with ``w̄`` when given, AutoAWQ's duo scaling), normalised to a geometric mean range of 1."""
+  x_mean: Float[Array, "*experts in"], w_mean: Float[Array, "*experts in"] | None, alpha: Float[Array, "*experts 1"]
+) -> Float[Array, "*experts in"]:
+  """``s(α)`` (with ``w̄`` when given, AutoAWQ's duo scaling), normalised to a geometric mean range of 1 (each
+  row of a stack of experts' on its own, with its own α)."""
   s = x_mean**alpha
   if w_mean is not None:
     s = s / (w_mean ** (1.0 - alpha) + 1e-4)
   s = jnp.maximum(s, 1e-4)
-  return s / jnp.sqrt(s.max() * s.min())
+  return s / jnp.sqrt(s.max(axis=-1, keepdims=True) * s.min(axis=-1, keepdims=True))
 
 
 def search_scale(
-  x_mean: Float[Array, " in"],
-  w_mean: Float[Array, " in"] | None,
-  loss: Callable[[Float[Array, " in"]], Float[Array, ""]],
+  x_mean: Float[Array, "*experts in"],
+  w_mean: Float[Array, "*experts in"] | None,
+  loss: Callable[[Float[Array, "*experts in"]], Float[Array, "*experts"]],
   *,
   n_grid: int = 20,
-) -> tuple[Float[Array, " in"], Float[Array, " n_grid"]]:
+) -> tuple[Float[Array, "*experts in"], Array]:
   """The ``s(α)`` minimising `loss` over ``α = i / n_grid``, ``i < n_grid``.
+
+  A stack of independent searches (each expert of a mixture its own scales) runs at once: `x_mean` and `w_mean`
+  carry the stack's leading axes, `loss` returns one error per member, and each member gets its own best α.
 
   Args:
     x_mean: (in,) mean |activation| per input channel.
@@ -80,12 +88,12 @@ def search_scale(
     n_grid: grid points.
 
   Returns:
-    The best (in,) scales and the (n_grid,) losses.
+    The best (in,) scales and the (n_grid,) losses (each with the stack's leading axes).
   """
   alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
   losses = jax.lax.map(lambda a: loss(candidate_scales(x_mean, w_mean, a)), alphas)
-  best = jnp.argmin(losses)  # first minimum, as the reference's strict `<`
-  return candidate_scales(x_mean, w_mean, alphas[best]), losses
+  best = jnp.argmin(losses, axis=0)  # first minimum, as the reference's strict `<`
+  return candidate_scales(x_mean, w_mean, alphas[best][..., None]), losses
 
 
 def search_clip(

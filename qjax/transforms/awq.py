@@ -9,6 +9,11 @@ llama.cpp's encoders).
 
 It runs the block itself, inside the calibration runner, which passes the block's inputs and function and a
 block model that names the block's scale groups (``scale_groups``).
+
+A mixture of experts' layer (AutoAWQ's Mixtral scheme): its norm's scales are searched over every expert's gate
+and up kernels at once (on the sparse block's output; the float router absorbs them exactly), then each expert's
+up -> down scales on its own rows, every expert with its own α; an expert calibration never reached keeps ``s = 1``.
+Clipping runs expert by expert on each expert's own inputs.
 """
 
 import functools
@@ -18,12 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.calib.stats import STATISTICS
 from qjax.core import QSpec
+from qjax.core.grouped import GroupedRows
 from qjax.core.tree import get_path, replace_path
 from qjax.quantizers import awq as awq_core
 from qjax.transforms.base import Transform, per_block
 from qjax.transforms.capture import capture_linear_inputs, module_call
-from qjax.transforms.equivalence import ScaleGroup, fold_scales
+from qjax.transforms.equivalence import ScaleGroup, fold_scales, input_rows
 
 
 class _Jitted:
@@ -42,26 +49,30 @@ class _Jitted:
       self._fns[key] = (jax.jit(run), found)
     return self._fns[key]
 
-  def search(self, module, relative: tuple[str, ...], duo: bool):
-    """``(sub_params, kernels, x_mean, calls) -> s``: the scale search of one group."""
-    key = ("search", module, relative, duo)
+  def search(self, module, relative: tuple[str, ...], duo: bool, per_expert: bool):
+    """``(sub_params, kernels, x_mean, calls) -> s``: the scale search of one group (`per_expert`: x_mean (E, in),
+    one search per expert, its error measured on its own rows)."""
+    key = ("search", module, relative, duo, per_expert)
     if key not in self._fns:
       spec = self.spec
 
       def loss(s, sub, kernels, calls):
         candidate = sub
         for rel, w in zip(relative, kernels, strict=True):
-          fq = awq_core.fake_quantize(jnp.asarray(w, jnp.float32) * s[:, None], spec) / s[:, None]
+          rows = input_rows(s, w.ndim)
+          fq = awq_core.fake_quantize(jnp.asarray(w, jnp.float32) * rows, spec) / rows
           candidate = replace_path(candidate, "kernel" if rel == "" else f"{rel}/kernel", fq.astype(w.dtype))
         err = 0.0
         for args, kwargs, ref in calls:
           out = module.apply({"params": candidate}, *args, **kwargs)
           out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
-          err = err + jnp.sum((out.astype(jnp.float32) - ref.astype(jnp.float32)) ** 2)
+          squared = (out.astype(jnp.float32) - ref.astype(jnp.float32)) ** 2
+          err = err + (_per_expert_sum(squared, args[0], s.shape[0]) if per_expert else jnp.sum(squared))
         return err
 
       def search(sub, kernels, x_mean, calls):
-        w_mean = awq_core.weight_salience(kernels, spec.group_size) if duo else None
+        salience = lambda *ws: awq_core.weight_salience(list(ws), spec.group_size)
+        w_mean = (jax.vmap(salience)(*kernels) if per_expert else salience(*kernels)) if duo else None
         s, _ = awq_core.search_scale(x_mean, w_mean, lambda s: loss(s, sub, kernels, calls), n_grid=self.n_grid)
         return s
 
@@ -69,13 +80,38 @@ class _Jitted:
     return self._fns[key]
 
 
-def _search_group(jitted: _Jitted, block, group: ScaleGroup, batches, block_fn, x_mean, duo: bool):
+def _per_expert_sum(values: jax.Array, rows: GroupedRows, experts: int) -> jax.Array:
+  """(E,) sums of `values` (rows, ...) over each expert's rows of `rows` (padding rows hold zeros)."""
+  per_tile = jnp.sum(values.reshape(rows.tile_expert.shape[0], -1), axis=1)
+  return jax.ops.segment_sum(per_tile, rows.tile_expert, num_segments=experts)
+
+
+def _activation_salience(group_stats: dict, per_expert: bool) -> tuple[np.ndarray, np.ndarray | None]:
+  """``(x̄, tokens)``: the mean |x| of a group's input, and the tokens each expert saw (None for a dense layer).
+  Per expert, or (a norm feeding every expert) pooled over the experts: every token counted once per expert it
+  reaches, as it is in the experts' matmuls."""
+  x_mean = np.asarray(group_stats["abs_mean"])
+  if "routed" not in group_stats:
+    return x_mean, None
+  tokens = np.asarray(group_stats["tokens"])
+  if per_expert:
+    return x_mean, tokens
+  return np.asarray(STATISTICS["abs_mean"].pool(jnp.asarray(x_mean), jnp.asarray(tokens, jnp.float32))), None
+
+
+def _search_group(jitted: _Jitted, block, group: ScaleGroup, batches, block_fn, stats, duo: bool):
+  producer = get_path(block, group.prev)
+  per_expert = "kernel" in producer and np.ndim(producer["kernel"]) == 3
+  x_mean, tokens = _activation_salience(stats[f"{group.linears[0]}/kernel"], per_expert)
   capture, found = jitted.capture(block_fn, group.inspect)
   calls = [capture(block, h) for h in batches]
   relative = tuple(m.removeprefix(f"{group.inspect}/") if m != group.inspect else "" for m in group.linears)
   kernels = [get_path(block, f"{m}/kernel") for m in group.linears]
-  search = jitted.search(found["module"], relative, duo)
-  return search(get_path(block, group.inspect), kernels, jnp.asarray(x_mean), calls)
+  search = jitted.search(found["module"], relative, duo, per_expert)
+  s = search(get_path(block, group.inspect), kernels, jnp.asarray(x_mean), calls)
+  if tokens is not None:  # an expert calibration never reached: nothing measured, nothing to protect
+    s = jnp.where(jnp.asarray(tokens)[:, None] > 0, s, 1.0)
+  return s
 
 
 def awq(
@@ -126,8 +162,7 @@ def awq(
       counts = np.cumsum([int(np.prod(b.shape[:-1])) for b in batches])
       searched = batches[: int(np.searchsorted(counts, search_tokens)) + 1]
     for group in groups(block):
-      x_mean = stats[f"{group.linears[0]}/kernel"]["abs_mean"]
-      s = _search_group(jitted, block, group, searched, block_fn, x_mean, duo_scaling)
+      s = _search_group(jitted, block, group, searched, block_fn, stats, duo_scaling)
       block = fold_scales(block, group, s)
     if clip:
       block = _clip_block(jitted, block, batches, block_fn, block_model, clip_tokens)
@@ -140,24 +175,41 @@ def _clip_block(jitted: _Jitted, block, batches, block_fn, block_model, clip_tok
   skip = set(getattr(block_model, "no_clip", ()))
   linears = [m for g in block_model.sequential_groups(block) for m in g if m not in skip]
   samples = _sample_inputs(jitted, block, batches, block_fn, clip_tokens)
+  clip = lambda w, x: awq_core.apply_clip(w, jitted.clip(w, x), jitted.spec)
   for m in linears:
     w = get_path(block, f"{m}/kernel")
-    block = replace_path(block, f"{m}/kernel", awq_core.apply_clip(w, jitted.clip(w, samples[m]), jitted.spec))
+    if np.ndim(w) == 3:  # experts, each on its own inputs; one calibration never reached stays as it is
+      w = np.stack([np.asarray(clip(w[e], samples[(m, e)]) if (m, e) in samples else w[e]) for e in range(len(w))])
+      block = replace_path(block, f"{m}/kernel", w)
+    else:
+      block = replace_path(block, f"{m}/kernel", clip(w, samples[m]))
   return block
 
 
-def _sample_inputs(jitted: _Jitted, block, batches: Sequence, block_fn, tokens: int) -> dict[str, np.ndarray]:
-  """Inputs of every linear on (evenly spaced) `tokens` calibration tokens."""
+def _expert_inputs(rows: GroupedRows) -> list[np.ndarray]:
+  """Each expert's rows of `rows` (on the host), padding left out."""
+  x, padded, sizes = (np.asarray(a) for a in (rows.x, rows.padded_sizes, rows.group_sizes))
+  starts = np.cumsum(padded) - padded
+  return [x[start : start + n] for start, n in zip(starts, sizes, strict=True)]
+
+
+def _sample_inputs(jitted: _Jitted, block, batches: Sequence, block_fn, tokens: int) -> dict:
+  """Inputs of every linear on (evenly spaced) `tokens` calibration tokens, keyed by module path; an experts'
+  module's keyed by (path, expert), for each expert that saw any."""
   key = ("inputs", block_fn)
   if key not in jitted._fns:
     jitted._fns[key] = jax.jit(lambda p, h: capture_linear_inputs(block_fn, p, h)[1])
-  parts: dict[str, list] = {}
+  parts: dict = {}
   for h in batches:
     for m, x in jitted._fns[key](block, h).items():
-      parts.setdefault(m, []).append(np.asarray(x).reshape(-1, x.shape[-1]))
+      if isinstance(x, GroupedRows):
+        for e, rows in enumerate(_expert_inputs(x)):
+          parts.setdefault((m, e), []).append(rows)
+      else:
+        parts.setdefault(m, []).append(np.asarray(x).reshape(-1, x.shape[-1]))
   out = {}
   for m, xs in parts.items():
     x = np.concatenate(xs)
-    step = max(1, len(x) // tokens)
-    out[m] = x[::step][:tokens]
+    if len(x):
+      out[m] = x[:: max(1, len(x) // tokens)][:tokens]
   return out

@@ -32,17 +32,32 @@ class ScaleGroup(NamedTuple):
   Attributes:
     prev: path of the module producing the input: a norm, whose ``scale`` absorbs ``1/s``, or a linear, whose
       output channels absorb it.
-    linears: paths of the linears reading that input.
+    linears: paths of the linears reading that input (and quantized).
     inspect: path of the module whose output measures a scaling's error (e.g. the attention).
+    float_readers: paths of linears that read the input too but stay in float (a mixture of experts' router):
+      they absorb ``s`` exactly, so the function is unchanged, and the search leaves them out of its rounding.
+
+  A group whose `prev` is a stack of expert linears (E, in, out) feeding another stack scales each expert by its
+  own ``s`` (E, width): each expert's output channels, and the next stack's input rows of that expert.
   """
 
   prev: str
   linears: tuple[str, ...]
   inspect: str
+  float_readers: tuple[str, ...] = ()
 
 
-def fold_scales(tree, group: ScaleGroup, s: Float[Array, " in"]):
+def input_rows(s: Float[Array, "*experts in"], ndim: int) -> Array:
+  """`s` shaped (..., in, 1) to multiply the input rows of a kernel of `ndim` dims (..., in, out): shared by a stack's
+  experts when 1-D."""
+  return s.reshape((1,) * (ndim - s.ndim - 1) + (*s.shape, 1))
+
+
+def fold_scales(tree, group: ScaleGroup, s: Float[Array, "*experts in"]):
   """Multiplies the group's kernel rows (input channels) by `s` and divides the producer's output by it.
+
+  Kernels may be stacks of experts (E, in, out): `s` (in,) then scales every expert alike, and `s` (E, in) each
+  expert by its own row.
 
   Examples:
     >>> import numpy as np
@@ -51,15 +66,15 @@ def fold_scales(tree, group: ScaleGroup, s: Float[Array, " in"]):
     >>> out["norm"]["scale"].tolist(), out["fc"]["kernel"][:, 0].tolist()
     ([0.5, 0.25], [2.0, 4.0])
   """
-  for linear in group.linears:
+  for linear in (*group.linears, *group.float_readers):
     kernel = get_path(tree, f"{linear}/kernel")
-    tree = replace_path(tree, f"{linear}/kernel", (kernel * s[:, None]).astype(kernel.dtype))
+    tree = replace_path(tree, f"{linear}/kernel", (kernel * input_rows(s, np.ndim(kernel))).astype(kernel.dtype))
   producer = get_path(tree, group.prev)
   if "scale" in producer:  # a norm
     tree = replace_path(tree, f"{group.prev}/scale", (producer["scale"] / s).astype(producer["scale"].dtype))
   else:  # a linear: its output channels
     kernel = producer["kernel"]
-    tree = replace_path(tree, f"{group.prev}/kernel", (kernel / s[None, :]).astype(kernel.dtype))
+    tree = replace_path(tree, f"{group.prev}/kernel", (kernel / s[..., None, :]).astype(kernel.dtype))
     if "bias" in producer:
       tree = replace_path(tree, f"{group.prev}/bias", (producer["bias"] / s).astype(producer["bias"].dtype))
   return tree

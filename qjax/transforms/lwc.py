@@ -3,11 +3,15 @@
 For every linear of the block, `qjax.quantizers.lwc` ranges are trained jointly with Adam
 to minimise ``‖block(W) - block(Q(W))‖²`` on the calibration inputs (OmniQuant's LWC; the
 learned equivalent transformation is left out). The weights come out clamped to their
-learned ranges, so a rounding transform that follows (RTN, GPTQ) uses those ranges.
+learned ranges, so a rounding transform that follows (RTN, GPTQ) uses those ranges. A stack of experts' kernels
+(E, in, out) learns ranges expert by expert (stacked logits), trained on the whole block's output like the rest.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from qjax.core import QSpec
@@ -43,16 +47,27 @@ def learned_clipping(spec: QSpec, *, steps: int = 40, learning_rate: float = 5e-
     for i in range(steps):
       logits, opt_state, _ = step(logits, opt_state, block, batches[i % len(batches)], targets[i % len(batches)])
     for path in linears:
-      block = replace_path(block, path, lwc_core.apply_clip(get_path(block, path), logits[path], spec))
+      block = replace_path(
+        block, path, _each_matrix(lwc_core.apply_clip, get_path(block, path), logits[path], spec=spec)
+      )
     return block
 
   return per_block(clip_block, name="`learned_clipping`")
 
 
+def _each_matrix(fn, w, *args, spec: QSpec):
+  """``fn(w, *args, spec)`` on a kernel, or on each matrix of a stack of experts' kernels (E, in, out) with `args`
+  stacked alike."""
+  fn = functools.partial(fn, spec=spec)
+  return jax.vmap(fn)(w, *args) if np.ndim(w) == 3 else fn(w, *args)
+
+
 def _compile(block_fn, linears, spec, optimizer):
   def quantized(block, logits):
     for path in linears:
-      block = replace_path(block, path, lwc_core.fake_quantize(get_path(block, path), logits[path], spec))
+      block = replace_path(
+        block, path, _each_matrix(lwc_core.fake_quantize, get_path(block, path), logits[path], spec=spec)
+      )
     return block
 
   def loss(logits, block, h, target):
@@ -60,7 +75,7 @@ def _compile(block_fn, linears, spec, optimizer):
     return jnp.mean((out.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)
 
   def init(block):
-    logits = {path: lwc_core.init_logits(get_path(block, path), spec) for path in linears}
+    logits = {path: _each_matrix(lwc_core.init_logits, get_path(block, path), spec=spec) for path in linears}
     return logits, optimizer.init(logits)
 
   @jax.jit

@@ -66,6 +66,19 @@ def test_scale_search_picks_the_lowest_loss():
   np.testing.assert_allclose(s, awq_core.candidate_scales(x_mean, None, jnp.float32(best / 20)))
 
 
+def test_a_stack_of_scale_searches_is_each_member_searched_alone():
+  """Each expert's own α: the stacked search equals one search per expert."""
+  rng = np.random.default_rng(0)
+  x_mean, w_mean = jnp.asarray(rng.uniform(0.1, 5, (3, 6))), jnp.asarray(rng.uniform(0.1, 1, (3, 6)))
+  targets = jnp.asarray(rng.uniform(0.5, 2, (3, 6)))
+  s, losses = awq_core.search_scale(x_mean, w_mean, lambda s: jnp.sum((s - targets) ** 2, axis=-1), n_grid=10)
+  assert s.shape == (3, 6) and losses.shape == (10, 3)
+  for e in range(3):
+    alone, _ = awq_core.search_scale(x_mean[e], w_mean[e], lambda s, e=e: jnp.sum((s - targets[e]) ** 2), n_grid=10)
+    np.testing.assert_allclose(s[e], alone, rtol=1e-6)
+  assert len({float(jnp.argmin(losses[:, e])) for e in range(3)}) > 1  # the members chose differently
+
+
 @pytest.mark.slow
 def test_awq_beats_rtn_on_real_blocks():
   checkpoint = open_checkpoint("default")
