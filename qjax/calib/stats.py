@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from qjax.core.grouped import GroupedRows
+from qjax.kernels.grouped import grouped_gram
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -40,8 +41,9 @@ class Statistic(NamedTuple):
     neutral: ``d -> value`` that weighs nothing (an identity Hessian, unit importances): what an expert with too
       few tokens to measure gets when its statistics are not pooled (`qjax.calib.experts`).
     term: ``x -> increment`` when the statistic is a sum (``update(s, x) == s + term(x)``): per expert it is then
-      added in place (a scatter-add into the expert's slot, which XLA does without copying the slot out and back:
-      a third less time for per-expert Hessians on CPU).
+      added in place (a scatter-add into the expert's slot, which XLA does without copying the slot out and back).
+    grouped_term: ``(rows, E) -> (E, ...)``, every expert's `term` over `GroupedRows` at once, when a grouped
+      kernel computes it better than a loop over tiles (the Hessian's: `qjax.kernels.grouped.grouped_gram`).
 
   Rows of zeros must leave the state unchanged (grouped rows are padded with them).
   """
@@ -52,6 +54,7 @@ class Statistic(NamedTuple):
   pool: Callable[[Any, Array], Any] = _weighted_mean
   neutral: Callable[[int], Any] = lambda d: jnp.ones((d,), jnp.float32)
   term: Callable[[Float[Array, "tokens d"]], Any] | None = None
+  grouped_term: Callable[[GroupedRows, int], Any] | None = None
 
 
 def _mean(term: Callable[[Array], Array], shape: Callable[[int], tuple[int, ...]], **kw) -> Statistic:
@@ -67,7 +70,10 @@ def _mean(term: Callable[[Array], Array], shape: Callable[[int], tuple[int, ...]
 STATISTICS: dict[str, Statistic] = {
   # XᵀX / n, (d, d): GPTQ's Hessian up to a factor 2.
   "hessian": _mean(
-    lambda x: jnp.dot(x.T, x, precision=_HIGHEST), lambda d: (d, d), neutral=lambda d: jnp.eye(d, dtype=jnp.float32)
+    lambda x: jnp.dot(x.T, x, precision=_HIGHEST),
+    lambda d: (d, d),
+    neutral=lambda d: jnp.eye(d, dtype=jnp.float32),
+    grouped_term=grouped_gram,
   ),
   # mean x² per input channel, (d,): llama.cpp's importance matrix.
   "imatrix": _mean(lambda x: jnp.sum(x * x, axis=0), lambda d: (d,)),
@@ -122,7 +128,10 @@ def update_states(states: dict[str, Any], x: Float[Array, "... d"] | GroupedRows
 
 
 def _update_grouped(states: dict[str, Any], rows: GroupedRows) -> dict[str, Any]:
-  names = [n for n in states if n not in COUNTS]
+  experts = rows.padded_sizes.shape[0]
+  grouped = {n: states[n] + STATISTICS[n].grouped_term(rows, experts)
+             for n in states if n not in COUNTS and STATISTICS[n].grouped_term is not None}  # fmt: skip
+  names = [n for n in states if n not in COUNTS and n not in grouped]
 
   def tile(acc, args):
     x, e = args
@@ -136,8 +145,8 @@ def _update_grouped(states: dict[str, Any], rows: GroupedRows) -> dict[str, Any]
         acc[n] = jax.tree.map(lambda s, u: s.at[e].set(u), acc[n], updated)
     return acc, None
 
-  acc, _ = jax.lax.scan(tile, {n: states[n] for n in names}, (rows.tiles(), rows.tile_expert))
-  return {"tokens": states["tokens"] + rows.group_sizes, "routed": states["routed"] + rows.routed, **acc}
+  acc = jax.lax.scan(tile, {n: states[n] for n in names}, (rows.tiles(), rows.tile_expert))[0] if names else {}
+  return {"tokens": states["tokens"] + rows.group_sizes, "routed": states["routed"] + rows.routed, **grouped, **acc}
 
 
 def finalize(states: dict[str, Any]) -> dict[str, Any]:

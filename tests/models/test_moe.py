@@ -11,7 +11,7 @@ import pytest
 
 from qjax.calib import text as texts
 from qjax.core.grouped import group_by_expert
-from qjax.kernels.grouped import grouped_matmul
+from qjax.kernels.grouped import grouped_gram, grouped_matmul
 from qjax.models.blocks import LlamaBlocks
 from qjax.models.llama import DecoderLayer
 from qjax.models.moe import route
@@ -19,7 +19,8 @@ from qjax.transforms.capture import module_call
 from tests.model_factory import assert_logits_match_transformers, write_random_moe
 
 
-def test_grouped_matmul_is_each_tokens_experts_and_both_methods_agree():
+def test_grouped_matmuls_are_each_tokens_experts_and_both_methods_agree():
+  """Each row through its expert's kernel, and each expert's Gram matrix of its rows, against float64."""
   rng = np.random.default_rng(0)
   n, d, f, e, k = 37, 16, 24, 6, 3
   x = rng.normal(size=(n, d)).astype(np.float32)
@@ -31,9 +32,12 @@ def test_grouped_matmul_is_each_tokens_experts_and_both_methods_agree():
   rows, row_of_pair = group_by_expert(jnp.asarray(x), jnp.asarray(experts), e)
   assert np.asarray(rows.group_sizes).tolist() == np.bincount(experts.ravel(), minlength=e).tolist()
   want = np.einsum("nd,nkdf->nkf", x.astype(np.float64), w.astype(np.float64)[experts])
+  pair_x, pair_expert = np.repeat(x.astype(np.float64), k, axis=0), experts.ravel()
+  grams = np.stack([pair_x[pair_expert == j].T @ pair_x[pair_expert == j] for j in range(e)])
   for method in ("tiles", "ragged"):
     got = np.asarray(grouped_matmul(rows, jnp.asarray(w), method=method))[np.asarray(row_of_pair)]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grouped_gram(rows, e, method=method)), grams, rtol=1e-5, atol=1e-4)
   # Rows that belong to no pair are padding: zero.
   used = np.zeros(rows.x.shape[0], bool)
   used[np.asarray(row_of_pair).ravel()] = True
