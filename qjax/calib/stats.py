@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from qjax.core.grouped import GroupedRows
-from qjax.kernels.grouped import grouped_gram
+from qjax.core.grouped import GroupedRows, grouped_gram
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -42,8 +41,8 @@ class Statistic(NamedTuple):
       few tokens to measure gets when its statistics are not pooled (`qjax.calib.experts`).
     term: ``x -> increment`` when the statistic is a sum (``update(s, x) == s + term(x)``): per expert it is then
       added in place (a scatter-add into the expert's slot, which XLA does without copying the slot out and back).
-    grouped_term: ``(rows, E) -> (E, ...)``, every expert's `term` over `GroupedRows` at once, when a grouped
-      kernel computes it better than a loop over tiles (the Hessian's: `qjax.kernels.grouped.grouped_gram`).
+    grouped_term: ``rows -> (E, ...)``, every expert's `term` over `GroupedRows` at once, when a grouped
+      kernel computes it better than a loop over tiles (the Hessian's: `qjax.core.grouped.grouped_gram`).
 
   Rows of zeros must leave the state unchanged (grouped rows are padded with them).
   """
@@ -54,7 +53,7 @@ class Statistic(NamedTuple):
   pool: Callable[[Any, Array], Any] = _weighted_mean
   neutral: Callable[[int], Any] = lambda d: jnp.ones((d,), jnp.float32)
   term: Callable[[Float[Array, "tokens d"]], Any] | None = None
-  grouped_term: Callable[[GroupedRows, int], Any] | None = None
+  grouped_term: Callable[[GroupedRows], Any] | None = None
 
 
 def _mean(term: Callable[[Array], Array], shape: Callable[[int], tuple[int, ...]], **kw) -> Statistic:
@@ -128,8 +127,7 @@ def update_states(states: dict[str, Any], x: Float[Array, "... d"] | GroupedRows
 
 
 def _update_grouped(states: dict[str, Any], rows: GroupedRows) -> dict[str, Any]:
-  experts = rows.padded_sizes.shape[0]
-  grouped = {n: states[n] + STATISTICS[n].grouped_term(rows, experts)
+  grouped = {n: states[n] + STATISTICS[n].grouped_term(rows)
              for n in states if n not in COUNTS and STATISTICS[n].grouped_term is not None}  # fmt: skip
   names = [n for n in states if n not in COUNTS and n not in grouped]
 

@@ -3,13 +3,22 @@
 Each token goes to k experts; the (token, expert) pairs are sorted by expert and each expert's rows padded to
 whole tiles, so every tile belongs to one expert (`group_by_expert`). A grouped matmul then multiplies tile by
 tile (`qjax.kernels.grouped_matmul`), and a statistic accumulates per expert tile by tile
-(`qjax.calib.stats.update_states`), each from exactly the rows of its expert.
+(`qjax.calib.stats.update_states`), each from exactly the rows of its expert; each expert's Gram matrix (its
+Hessian) is `grouped_gram`.
+
+Grouped products have two methods: ``"tiles"``, a loop over tiles, each one expert's dense matmul, what CPUs run
+well (XLA's CPU ragged dot computes every group densely: E times the work); and ``"ragged"``,
+`jax.lax.ragged_dot_general`, what accelerators implement as grouped kernels (megablox's gmm and its transposed
+form on TPU). `default_method` picks by platform.
 """
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class GroupedRows(NamedTuple):
@@ -81,3 +90,32 @@ def group_by_expert(
   tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_tiles) * tile, side="right"), num_experts - 1)
   grouped = GroupedRows(rows, tile_expert.astype(jnp.int32), padded, sizes, sizes if routed is None else routed)
   return grouped, row_of_pair.reshape(n, k)
+
+
+def default_method() -> str:
+  """How grouped products run here: ``"tiles"`` on CPU, ``"ragged"`` on accelerators."""
+  return "tiles" if jax.default_backend() == "cpu" else "ragged"
+
+
+def grouped_gram(rows: GroupedRows, *, method: str | None = None) -> Float[Array, "e d d"]:
+  """``G_e = X_eᵀ X_e`` of every expert's rows, float32 at full precision (padding rows add nothing).
+
+  Args:
+    rows: the grouped rows (d wide) of E experts.
+    method: ``"tiles"`` (a scan over tiles, each added into its expert's slot in place) or ``"ragged"``
+      (`jax.lax.ragged_dot_general` with the rows as the ragged contracting dimension); default by platform.
+  """
+  x = rows.x.astype(jnp.float32)
+  if (method or default_method()) == "ragged":
+    dims = jax.lax.RaggedDotDimensionNumbers(
+      dot_dimension_numbers=(([1], [0]), ([], [])), lhs_ragged_dimensions=[1], rhs_group_dimensions=[]
+    )
+    sizes = rows.padded_sizes.at[-1].add(x.shape[0] - jnp.sum(rows.padded_sizes))  # trailing tiles: padding
+    return jax.lax.ragged_dot_general(x.T, x, sizes, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+  def tile(acc, args):
+    t, e = args
+    return acc.at[e].add(jnp.dot(t.T, t, precision=_HIGHEST)), None
+
+  empty = jnp.zeros((rows.padded_sizes.shape[0], x.shape[-1], x.shape[-1]), jnp.float32)
+  return jax.lax.scan(tile, empty, (rows.replace_x(x).tiles(), rows.tile_expert))[0]

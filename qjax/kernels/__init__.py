@@ -1,6 +1,5 @@
 """Quantized matmul kernels and their dispatch."""
 
-from qjax.kernels.grouped import grouped_gram as grouped_gram
 from qjax.kernels.grouped import grouped_matmul as grouped_matmul
 from qjax.kernels.ops import BACKENDS as BACKENDS
 from qjax.kernels.ops import choose_backend as choose_backend
@@ -18,7 +17,6 @@ __all__ = [
   "choose_backend",
   "from_kernel_layout",
   "from_kernel_layout_params",
-  "grouped_gram",
   "grouped_matmul",
   "is_kernel_layout",
   "qmatmul",

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.calib.stats import STATISTICS
 from qjax.core import QSpec
 from qjax.core.grouped import GroupedRows
 from qjax.core.tree import get_path, replace_path
@@ -96,7 +95,7 @@ def _activation_salience(group_stats: dict, per_expert: bool) -> tuple[np.ndarra
   tokens = np.asarray(group_stats["tokens"])
   if per_expert:
     return x_mean, tokens
-  return np.asarray(STATISTICS["abs_mean"].pool(jnp.asarray(x_mean), jnp.asarray(tokens, jnp.float32))), None
+  return np.tensordot(tokens / max(tokens.sum(), 1), x_mean, axes=1).astype(np.float32), None
 
 
 def _search_group(jitted: _Jitted, block, group: ScaleGroup, batches, block_fn, stats, duo: bool):

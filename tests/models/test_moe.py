@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from qjax.calib import text as texts
-from qjax.core.grouped import group_by_expert
-from qjax.kernels.grouped import grouped_gram, grouped_matmul
+from qjax.core.grouped import group_by_expert, grouped_gram
+from qjax.kernels.grouped import grouped_matmul
 from qjax.models.blocks import LlamaBlocks
 from qjax.models.llama import DecoderLayer
 from qjax.models.moe import route
@@ -37,7 +37,7 @@ def test_grouped_matmuls_are_each_tokens_experts_and_both_methods_agree():
   for method in ("tiles", "ragged"):
     got = np.asarray(grouped_matmul(rows, jnp.asarray(w), method=method))[np.asarray(row_of_pair)]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(grouped_gram(rows, e, method=method)), grams, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grouped_gram(rows, method=method)), grams, rtol=1e-5, atol=1e-4)
   # Rows that belong to no pair are padding: zero.
   used = np.zeros(rows.x.shape[0], bool)
   used[np.asarray(row_of_pair).ravel()] = True
