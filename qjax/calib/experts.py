@@ -14,9 +14,10 @@ statistics and token count and the layer's pooled ones:
   token (the block's output still weighs only the routed ones), so every expert has statistics from all tokens.
 
 The default is chosen by measurement (``experiments/moe_calibration.md``): on a Mixtral whose router partitions input
-space, an expert's own statistics were as good as or better than every alternative at two calibration sizes, within
-the measurement's noise of RTN below a count; pooling was not consistently better (an expert's inputs differ from
-its neighbours' by construction of the router), and every token to every expert was worse with little data.
+space, at two calibration sizes and on all tokens and rare-expert tokens, an expert's own statistics were never more
+than 4.3% above the best policy of a column, the smallest worst case (RTN below a count 7.6%, shrinkage 8.9% at
+best); pooling was not consistently better (an expert's inputs differ from its neighbours' by construction of the
+router), and every token to every expert was worse with little data.
 """
 
 import dataclasses
