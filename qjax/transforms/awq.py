@@ -38,7 +38,10 @@ class _Jitted:
   def __init__(self, spec: QSpec, n_grid: int, max_shrink: float):
     self.spec, self.n_grid, self.max_shrink = spec, n_grid, max_shrink
     self._fns: dict = {}
-    self.clip = jax.jit(functools.partial(awq_core.search_clip, spec=spec, n_grid=n_grid, max_shrink=max_shrink))
+    search = functools.partial(awq_core.search_clip, spec=spec, n_grid=n_grid, max_shrink=max_shrink)
+    clip_one = lambda w, x: awq_core.apply_clip(w, search(w, x), spec)
+    # `w` clamped to its searched bounds on sample inputs `x`; a stack of experts one expert after another.
+    self.clip = jax.jit(lambda w, x: jax.lax.map(lambda a: clip_one(*a), (w, x)) if w.ndim == 3 else clip_one(w, x))
 
   def capture(self, block_fn, inspect: str):
     """``(block, h) -> (args, kwargs, out)`` of the module at `inspect`, and a holder for that module."""
@@ -174,14 +177,8 @@ def _clip_block(jitted: _Jitted, block, batches, block_fn, block_model, clip_tok
   skip = set(getattr(block_model, "no_clip", ()))
   linears = [m for g in block_model.sequential_groups(block) for m in g if m not in skip]
   samples = _sample_inputs(jitted, block, batches, block_fn, clip_tokens)
-  clip = lambda w, x: awq_core.apply_clip(w, jitted.clip(w, x), jitted.spec)
   for m in linears:
-    w = get_path(block, f"{m}/kernel")
-    if np.ndim(w) == 3:  # experts, each on its own inputs; one calibration never reached stays as it is
-      w = np.stack([np.asarray(clip(w[e], samples[(m, e)]) if (m, e) in samples else w[e]) for e in range(len(w))])
-      block = replace_path(block, f"{m}/kernel", w)
-    else:
-      block = replace_path(block, f"{m}/kernel", clip(w, samples[m]))
+    block = replace_path(block, f"{m}/kernel", jitted.clip(get_path(block, f"{m}/kernel"), samples[m]))
   return block
 
 
@@ -192,23 +189,32 @@ def _expert_inputs(rows: GroupedRows) -> list[np.ndarray]:
   return [x[start : start + n] for start, n in zip(starts, sizes, strict=True)]
 
 
-def _sample_inputs(jitted: _Jitted, block, batches: Sequence, block_fn, tokens: int) -> dict:
-  """Inputs of every linear on (evenly spaced) `tokens` calibration tokens, keyed by module path; an experts'
-  module's keyed by (path, expert), for each expert that saw any."""
+def _evenly(x: np.ndarray, tokens: int) -> np.ndarray:
+  return x[:: max(1, len(x) // tokens)][:tokens]
+
+
+def _sample_inputs(jitted: _Jitted, block, batches: Sequence, block_fn, tokens: int) -> dict[str, np.ndarray]:
+  """Inputs of every linear on (evenly spaced) `tokens` calibration tokens, (tokens, in).
+
+  An experts' module's are (E, tokens, in): each expert's own rows, padded with zero rows, which add no error to
+  the clip search (an expert calibration never reached gets only zeros: every bound ties, the first, no clipping,
+  wins), so one compiled search serves every expert.
+  """
   key = ("inputs", block_fn)
   if key not in jitted._fns:
     jitted._fns[key] = jax.jit(lambda p, h: capture_linear_inputs(block_fn, p, h)[1])
-  parts: dict = {}
+  parts: dict[str, list] = {}
   for h in batches:
     for m, x in jitted._fns[key](block, h).items():
       if isinstance(x, GroupedRows):
-        for e, rows in enumerate(_expert_inputs(x)):
-          parts.setdefault((m, e), []).append(rows)
+        parts.setdefault(m, []).append(_expert_inputs(x))
       else:
         parts.setdefault(m, []).append(np.asarray(x).reshape(-1, x.shape[-1]))
   out = {}
   for m, xs in parts.items():
-    x = np.concatenate(xs)
-    if len(x):
-      out[m] = x[:: max(1, len(x) // tokens)][:tokens]
+    if isinstance(xs[0], list):  # per batch, per expert
+      per_expert = [_evenly(np.concatenate(rows), tokens) for rows in zip(*xs, strict=True)]
+      out[m] = np.stack([np.pad(x, ((0, tokens - len(x)), (0, 0))) for x in per_expert])
+    else:
+      out[m] = _evenly(np.concatenate(xs), tokens)
   return out
