@@ -39,10 +39,9 @@ class Statistic(NamedTuple):
       mean by default).
     neutral: ``d -> value`` that weighs nothing (an identity Hessian, unit importances): what an expert with too
       few tokens to measure gets when its statistics are not pooled (`qjax.calib.experts`).
-    term: ``x -> increment`` when the statistic is a sum (``update(s, x) == s + term(x)``): per expert it is then
-      added in place (a scatter-add into the expert's slot, which XLA does without copying the slot out and back).
-    grouped_term: ``rows -> (E, ...)``, every expert's `term` over `GroupedRows` at once, when a grouped
-      kernel computes it better than a loop over tiles (the Hessian's: `qjax.core.grouped.grouped_gram`).
+    grouped_term: ``rows -> (E, ...)``, what each expert's accumulator gains from `GroupedRows`, when a grouped
+      kernel computes it better than `update` tile by tile (the Hessian's: `qjax.core.grouped.grouped_gram`, which
+      adds each tile's (d, d) product into its expert's slot in place rather than copying the slot out and back).
 
   Rows of zeros must leave the state unchanged (grouped rows are padded with them).
   """
@@ -52,7 +51,6 @@ class Statistic(NamedTuple):
   finalize: Callable[[Any, Float[Array, ""]], Any]
   pool: Callable[[Any, Array], Any] = _weighted_mean
   neutral: Callable[[int], Any] = lambda d: jnp.ones((d,), jnp.float32)
-  term: Callable[[Float[Array, "tokens d"]], Any] | None = None
   grouped_term: Callable[[GroupedRows], Any] | None = None
 
 
@@ -61,7 +59,6 @@ def _mean(term: Callable[[Array], Array], shape: Callable[[int], tuple[int, ...]
     init=lambda d: jnp.zeros(shape(d), jnp.float32),
     update=lambda s, x: s + term(x),
     finalize=lambda s, n: s / n,
-    term=term,
     **kw,
   )
 
@@ -135,12 +132,8 @@ def _update_grouped(states: dict[str, Any], rows: GroupedRows) -> dict[str, Any]
     x, e = args
     x = x.astype(jnp.float32)
     for n in names:
-      statistic = STATISTICS[n]
-      if statistic.term is not None:
-        acc[n] = jax.tree.map(lambda s, t: s.at[e].add(t), acc[n], statistic.term(x))
-      else:
-        updated = statistic.update(jax.tree.map(lambda s: s[e], acc[n]), x)
-        acc[n] = jax.tree.map(lambda s, u: s.at[e].set(u), acc[n], updated)
+      updated = STATISTICS[n].update(jax.tree.map(lambda s: s[e], acc[n]), x)
+      acc[n] = jax.tree.map(lambda s, u: s.at[e].set(u), acc[n], updated)
     return acc, None
 
   acc = jax.lax.scan(tile, {n: states[n] for n in names}, (rows.tiles(), rows.tile_expert))[0] if names else {}

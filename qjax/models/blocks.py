@@ -63,9 +63,9 @@ def scale_groups(block) -> list[ScaleGroup]:
   if "experts" in block["mlp"]:  # AutoAWQ's Mixtral: every expert's gate/up and the router; then each up -> down
     groups.append(ScaleGroup(mlp_norm, EXPERT_INPUTS, "mlp", float_readers=("mlp/gate",)))
     groups.append(ScaleGroup("mlp/experts/up_proj", ("mlp/experts/down_proj",), "mlp/experts/down_proj"))
-    return groups
-  groups.append(ScaleGroup(mlp_norm, mlp_inputs, "mlp"))
-  groups.append(ScaleGroup("mlp/up_proj", ("mlp/down_proj",), "mlp/down_proj"))
+  else:
+    groups.append(ScaleGroup(mlp_norm, mlp_inputs, "mlp"))
+    groups.append(ScaleGroup("mlp/up_proj", ("mlp/down_proj",), "mlp/down_proj"))
   return groups
 
 

@@ -26,12 +26,9 @@ from qjax.core import QSpec
 from qjax.core.qarray import grid_values, group_view, round_to_grid, ungroup
 
 
-def fake_quantize(w: Float[Array, "*experts in out"], spec: QSpec) -> Float[Array, "*experts in out"]:
+def fake_quantize(w: Float[Array, "in out"], spec: QSpec) -> Float[Array, "in out"]:
   """``dequantize(quantize(w))`` on `spec`'s grid, float32 (a per-tensor parameter not yet set is fixed from `w`,
-  traced: each scaled candidate gets its own, as it would when quantized). A stack of experts' kernels is
-  rounded expert by expert, as it is quantized."""
-  if w.ndim > 2:
-    return jax.vmap(lambda m: fake_quantize(m, spec))(w)
+  traced: each scaled candidate gets its own, as it would when quantized)."""
   spec = spec.for_tensor(jnp.max(jnp.abs(w))) if spec.needs_tensor_fit else spec
   codes, params = round_to_grid(w, spec)
   return grid_values(codes, params, spec)

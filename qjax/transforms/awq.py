@@ -27,7 +27,7 @@ from qjax.core import QSpec
 from qjax.core.grouped import GroupedRows
 from qjax.core.tree import get_path, replace_path
 from qjax.quantizers import awq as awq_core
-from qjax.transforms.base import Transform, per_block
+from qjax.transforms.base import Transform, each_matrix, per_block
 from qjax.transforms.capture import capture_linear_inputs, module_call
 from qjax.transforms.equivalence import ScaleGroup, fold_scales, input_rows
 
@@ -40,7 +40,8 @@ class _Jitted:
     self._fns: dict = {}
     search = functools.partial(awq_core.search_clip, spec=spec, n_grid=n_grid, max_shrink=max_shrink)
     clip_one = lambda w, x: awq_core.apply_clip(w, search(w, x), spec)
-    # `w` clamped to its searched bounds on sample inputs `x`; a stack of experts one expert after another.
+    # `w` clamped to its searched bounds on sample inputs `x`; a stack of experts one expert after another
+    # (`lax.map`, not `each_matrix`'s vmap: the search's intermediates, times E, would not fit).
     self.clip = jax.jit(lambda w, x: jax.lax.map(lambda a: clip_one(*a), (w, x)) if w.ndim == 3 else clip_one(w, x))
 
   def capture(self, block_fn, inspect: str):
@@ -62,7 +63,8 @@ class _Jitted:
         candidate = sub
         for rel, w in zip(relative, kernels, strict=True):
           rows = input_rows(s, w.ndim)
-          fq = awq_core.fake_quantize(jnp.asarray(w, jnp.float32) * rows, spec) / rows
+          # A stack of experts' kernels rounds expert by expert, as it is quantized.
+          fq = each_matrix(awq_core.fake_quantize, jnp.asarray(w, jnp.float32) * rows, spec=spec) / rows
           candidate = replace_path(candidate, "kernel" if rel == "" else f"{rel}/kernel", fq.astype(w.dtype))
         err = 0.0
         for args, kwargs, ref in calls:

@@ -8,6 +8,7 @@ Each transform reads the keywords it knows and ignores the rest, so any transfor
 chained.
 """
 
+import functools
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -67,6 +68,14 @@ def stateless(
     return update_fn(params, **extra), state
 
   return Transform(lambda _: EmptyState(), update, frozenset(stats), whole_block)
+
+
+def each_matrix(fn: Callable[..., Any], w, *args, **static) -> Any:
+  """``fn(w, *args, **static)`` on a kernel (in, out), or on each matrix of a mixture of experts' stack of kernels
+  (E, in, out), with `args` stacked alike along their first axis (`jax.vmap`); `static` is passed as it is. So the
+  math stays written for one matrix."""
+  one = functools.partial(fn, **static)
+  return jax.vmap(one)(w, *args) if np.ndim(w) == 3 else one(w, *args)
 
 
 def per_leaf(

@@ -7,17 +7,14 @@ learned ranges, so a rounding transform that follows (RTN, GPTQ) uses those rang
 (E, in, out) learns ranges expert by expert (stacked logits), trained on the whole block's output like the rest.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from qjax.core import QSpec
 from qjax.core.tree import get_path, replace_path
 from qjax.quantizers import lwc as lwc_core
-from qjax.transforms.base import Transform, per_block
+from qjax.transforms.base import Transform, each_matrix, per_block
 
 
 def learned_clipping(spec: QSpec, *, steps: int = 40, learning_rate: float = 5e-3) -> Transform:
@@ -48,25 +45,18 @@ def learned_clipping(spec: QSpec, *, steps: int = 40, learning_rate: float = 5e-
       logits, opt_state, _ = step(logits, opt_state, block, batches[i % len(batches)], targets[i % len(batches)])
     for path in linears:
       block = replace_path(
-        block, path, _each_matrix(lwc_core.apply_clip, get_path(block, path), logits[path], spec=spec)
+        block, path, each_matrix(lwc_core.apply_clip, get_path(block, path), logits[path], spec=spec)
       )
     return block
 
   return per_block(clip_block, name="`learned_clipping`")
 
 
-def _each_matrix(fn, w, *args, spec: QSpec):
-  """``fn(w, *args, spec)`` on a kernel, or on each matrix of a stack of experts' kernels (E, in, out) with `args`
-  stacked alike."""
-  fn = functools.partial(fn, spec=spec)
-  return jax.vmap(fn)(w, *args) if np.ndim(w) == 3 else fn(w, *args)
-
-
 def _compile(block_fn, linears, spec, optimizer):
   def quantized(block, logits):
     for path in linears:
       block = replace_path(
-        block, path, _each_matrix(lwc_core.fake_quantize, get_path(block, path), logits[path], spec=spec)
+        block, path, each_matrix(lwc_core.fake_quantize, get_path(block, path), logits[path], spec=spec)
       )
     return block
 
@@ -75,7 +65,7 @@ def _compile(block_fn, linears, spec, optimizer):
     return jnp.mean((out.astype(jnp.float32) - target.astype(jnp.float32)) ** 2)
 
   def init(block):
-    logits = {path: _each_matrix(lwc_core.init_logits, get_path(block, path), spec=spec) for path in linears}
+    logits = {path: each_matrix(lwc_core.init_logits, get_path(block, path), spec=spec) for path in linears}
     return logits, optimizer.init(logits)
 
   @jax.jit
