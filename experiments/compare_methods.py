@@ -24,6 +24,7 @@ from qjax.cli.quantize import Settings, calibration_windows, quantize_with
 from qjax.core import is_qarray
 from qjax.core.tree import leaves_with_paths
 from qjax.eval.metrics import evaluate
+from qjax.eval.runtimes import llama_cpp_logits
 from qjax.formats import export, open_checkpoint, parse_target
 from qjax.models import logits_fn
 
@@ -64,22 +65,6 @@ def weight_bits(params) -> tuple[float, float]:
   return bits / weights, bits / 8 / 2**20
 
 
-def llama_cpp_fn(path: str, seqlen: int):
-  import llama_cpp
-
-  llm = llama_cpp.Llama(model_path=path, n_ctx=seqlen, n_batch=seqlen, logits_all=True, verbose=False)
-
-  def logits(ids):
-    out = []
-    for window in np.asarray(ids):
-      llm.reset()
-      llm.eval(window.tolist())
-      out.append(np.array(llm.scores[: len(window)], np.float32))  # a copy: `scores` is llama.cpp's reused buffer
-    return np.stack(out)
-
-  return logits, llm
-
-
 def main(argv):
   del argv
   if _OUT.value is None:
@@ -113,11 +98,8 @@ def main(argv):
       p, config, params = quantize_with(s, checkpoint=checkpoint, windows=windows)
       path = export(parse_target(s.export), os.path.join(tmp, f"{recipe}-{imatrix}"), config, params, tokenizer,
                     name=FLAGS.model)  # fmt: skip
-      fn, llm = llama_cpp_fn(path, _EVAL_SEQLEN.value)
-      try:
+      with llama_cpp_logits(path, _EVAL_SEQLEN.value) as fn:
         result = evaluate(fn, eval_windows, reference_fn=float_fn, label=p.label)
-      finally:
-        llm.close()
       bpw, _ = weight_bits(params)
       rows.append(dict(method=f"GGUF {recipe}" + (" + imatrix" if imatrix else ""), runtime="llama.cpp",
                        perplexity=result.perplexity, kl=result.kl_divergence, top1=result.top1_agreement, bpw=bpw,

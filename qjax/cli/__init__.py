@@ -1,4 +1,4 @@
-"""The `qjax` command: `qjax quantize | eval | convert | bench`.
+"""The `qjax` command: `qjax quantize | eval | convert | compare | bench`.
 
 Each subcommand is an absl app in its own module; absl flags are process-global, so
 only the chosen subcommand's module is imported and only its flags exist.
@@ -17,6 +17,7 @@ COMMANDS = {
   "quantize": ("qjax.cli.quantize", "quantize a model (GPTQ, AWQ, RTN, GGUF recipes), report its cost, export it"),
   "eval": ("qjax.cli.evaluate", "perplexity, KL divergence and top-1 agreement of a model on a text"),
   "convert": ("qjax.cli.convert", "convert a GPTQ, AWQ, compressed-tensors or qjax model to another format"),
+  "compare": ("qjax.cli.compare", "quantize with several recipes, score each in its own runtime, pick by budget"),
   "bench": ("qjax.cli.bench", "time a model's prefill and decode on this device"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, OSError)
@@ -73,6 +74,9 @@ def _parse(command: str, module):
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
       print(f"qjax {command}: {COMMANDS[command][1]}\n\n{module.__doc__.strip()}\n")
       print(flags.FLAGS.module_help(module))
+      for name in getattr(module, "SHARED_FLAGS", ()):  # another command's flags it reads too
+        flag = flags.FLAGS[name]
+        print(f"  --{name}: {flag.help}\n    (default: {flag.default!r})")
       sys.exit(0)
     try:
       return flags.FLAGS(argv)

@@ -57,6 +57,19 @@ def _layer(config: LlamaConfig, i: int) -> _Layer:
   return _Layer(attention + e * 3 * d * f + d * e, attention + k * 3 * d * f + d * e, (f,) * e, k / e)
 
 
+GGML_SWEEP_FLOPS_PER_WEIGHT = 1.8e5
+"""GPTQ into llama.cpp's block types, per weight, beyond GPTQ's own sweep: in float32 matmul FLOPs of this
+machine's speed. Measured: `qjax compare --recipes=gptq,gptq@Q4_K_M` on the default model, 131 s more for its 106M
+linear weights at 150 GFLOP/s (the per-block scale searches run on narrow vectors, far below matmul speed)."""
+
+
+AWQ_BLOCK_PASSES = 50
+"""AWQ's search, in forward passes of the block over the calibration tokens: 20 grid points each run the block part
+a scale group feeds and fake-quantize its kernels, and the clip search follows. Measured: `qjax compare` on the
+default model, `awq` 2.5 times the 20 passes' matmul flops at this machine's speed (the fake quantization and the
+clip search's narrow per-group products run far below matmul speed)."""
+
+
 def estimate_sizes(config: LlamaConfig) -> Sizes:
   d, v, n = config.hidden_size, config.vocab_size, config.num_hidden_layers
   routers = sum(d * config.num_experts for i in range(n) if config.moe(i))
@@ -87,6 +100,7 @@ def estimate(
   batch_size: int,
   eval_windows: int,
   gflops_per_second: float | None = None,
+  ggml_sweep: bool = False,
 ) -> Estimate:
   """Peak memory and time of running `recipe` on a model with `config` (a forecast, not a measurement).
 
@@ -119,11 +133,13 @@ def estimate(
     hessian_flops = 2 * tokens * 2 * d * d + sum(2 * mlp_tokens * (d * d + w * w) for w in layer.mlp_widths)
     gptq_flops = 2 * (d * d * (q_out + 2 * kv_out) + q_out * q_out * d) if sweeps else 0
     gptq_flops += sum(2 * (2 * d * d * w + w * w * d) for w in layer.mlp_widths) if sweeps else 0
-    awq_flops = 20 * 2 * tokens * layer.active_params * block_searches
+    awq_flops = AWQ_BLOCK_PASSES * 2 * tokens * layer.active_params * block_searches
     quantize_flops += 2 * tokens * layer.active_params * 2.2 + hessian_flops + gptq_flops + awq_flops
     # Beyond the flops: GPTQ's column sweep, sequential in the input channels.
     columns += (3 * d + q_out + sum(2 * d + w for w in layer.mlp_widths)) if sweeps else 0
   eval_flops = 2 * eval_windows * seqlen * 2 * (sum(layer.active_params for layer in layers) + embeddings)
+  if ggml_sweep:
+    quantize_flops += GGML_SWEEP_FLOPS_PER_WEIGHT * sum(layer.params for layer in layers)
   quantize_seconds = quantize_flops / gflops / 1e9 + 25e-6 * columns + (15.0 if tokens else 5.0)
   eval_seconds = eval_flops / gflops / 1e9 + 5.0 if eval_windows else 0.0
   return Estimate(float(max(calibration, evaluation)), quantize_seconds, eval_seconds, gflops)

@@ -224,6 +224,7 @@ class Plan:
   out: str
   checkpoint_dir: str
   actorder: str | None = None  # compressed-tensors' record of GPTQ's order: "weight" (--desc_act --static_groups)
+  ggml_sweep: bool = False  # GPTQ rounds into llama.cpp's block types (slower than into an affine grid)
 
 
 def gptq_damp(s: Settings, target: Target) -> float:
@@ -400,7 +401,7 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
   out = s.out or os.path.join("runs", default_name)
   checkpoint_dir = s.checkpoint_dir or out.rstrip("/") + ".checkpoint"
   actorder = "weight" if uses_gptq and s.desc_act and s.static_groups else None  # dynamic groups: refused above
-  return Plan(recipe, target, spec, label, recipe_id, out, checkpoint_dir, actorder)
+  return Plan(recipe, target, spec, label, recipe_id, out, checkpoint_dir, actorder, uses_gptq and target.quantizes)
 
 
 def run_id(s: Settings, p: Plan) -> dict:
@@ -515,7 +516,7 @@ def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) 
   if show_progress:
     tokens = s.nsamples * s.seqlen if calibrate else 0
     cost = estimate(config, p.recipe, calibration_tokens=tokens, seqlen=s.seqlen, batch_size=s.batch_size,
-                    eval_windows=s.eval_windows)  # fmt: skip
+                    eval_windows=s.eval_windows, ggml_sweep=p.ggml_sweep)  # fmt: skip
     print(cost, flush=True)
   log = TensorLog()
   with atomic_directory(p.out, p.target.kind, overwrite=s.overwrite) as tmp:

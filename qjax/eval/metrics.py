@@ -23,6 +23,8 @@ class EvalResult(NamedTuple):
     top1_agreement: fraction of positions where both models' argmax agree, or None.
     tokens: number of scored tokens.
     reference_perplexity: the reference model's perplexity on the same tokens, or None.
+    kl_p99: the 99th percentile of the per-token KL divergences (the tail a mean hides), or None.
+    delta_p: mean ``|p_reference(correct token) - p_model(correct token)|``, or None.
   """
 
   perplexity: float
@@ -31,6 +33,8 @@ class EvalResult(NamedTuple):
   top1_agreement: float | None
   tokens: int
   reference_perplexity: float | None = None
+  kl_p99: float | None = None
+  delta_p: float | None = None
 
   def as_dict(self) -> dict:
     return self._asdict()
@@ -40,15 +44,21 @@ class EvalResult(NamedTuple):
 def window_sums(
   logits: Float[Array, "b t v"], ids: Int[Array, "b t"], ref_logits: Float[Array, "b t v"] | None = None
 ) -> dict[str, Array]:
-  """Sums over a batch of windows: NLL of ``ids[:, 1:]``, and KL / top-1 matches against `ref_logits`."""
+  """Sums over a batch of windows: NLL of ``ids[:, 1:]``, and KL / top-1 matches / |Δp| of the correct token
+  against `ref_logits`; ``kl_tokens`` is each position's KL divergence, shape (b, t - 1), not a sum."""
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   targets = ids[:, 1:]
   sums = {"nll": -jnp.take_along_axis(logp, targets[..., None], axis=-1).sum()}
   if ref_logits is not None:
     ref_logp = jax.nn.log_softmax(ref_logits[:, :-1].astype(jnp.float32), axis=-1)
     sums["ref_nll"] = -jnp.take_along_axis(ref_logp, targets[..., None], axis=-1).sum()
-    sums["kl"] = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp))
+    kl_tokens = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+    sums["kl"] = kl_tokens.sum()
+    sums["kl_tokens"] = kl_tokens
     sums["top1"] = jnp.sum(jnp.argmax(ref_logp, -1) == jnp.argmax(logp, -1))
+    p_target = jnp.exp(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    ref_p_target = jnp.exp(jnp.take_along_axis(ref_logp, targets[..., None], axis=-1))
+    sums["delta_p"] = jnp.abs(ref_p_target - p_target).sum()
   return sums
 
 
@@ -72,11 +82,15 @@ def evaluate(
     show_progress: print a progress line with ETA.
   """
   totals: dict[str, float] = {}
+  kl_tokens = []
   batches = range(0, len(windows), batch_size)
   for start in progress(batches, total=len(batches), label=label, enabled=show_progress):
     ids = jnp.asarray(windows[start : start + batch_size])
     ref = None if reference_fn is None else reference_fn(ids)
-    for k, v in window_sums(logits_fn(ids), ids, ref).items():
+    sums = window_sums(logits_fn(ids), ids, ref)
+    if "kl_tokens" in sums:
+      kl_tokens.append(np.asarray(sums.pop("kl_tokens")).ravel())
+    for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   n = int(windows.shape[0] * (windows.shape[1] - 1))
   nll = totals["nll"] / n
@@ -87,4 +101,6 @@ def evaluate(
     top1_agreement=totals["top1"] / n if "top1" in totals else None,
     tokens=n,
     reference_perplexity=float(np.exp(totals["ref_nll"] / n)) if "ref_nll" in totals else None,
+    kl_p99=float(np.percentile(np.concatenate(kl_tokens), 99)) if kl_tokens else None,
+    delta_p=totals["delta_p"] / n if "delta_p" in totals else None,
   )

@@ -30,6 +30,9 @@ def test_perplexity_kl_and_top1_match_numpy():
   np.testing.assert_allclose(result.top1_agreement, top1)
   ref_nll = -np.take_along_axis(lp, targets[..., None], -1).mean()
   np.testing.assert_allclose(result.reference_perplexity, np.exp(ref_nll), rtol=1e-5)
+  np.testing.assert_allclose(result.kl_p99, np.percentile(np.sum(np.exp(lp) * (lp - lq), -1), 99), rtol=1e-4)
+  p_target, q_target = (np.exp(np.take_along_axis(x, targets[..., None], -1)) for x in (lp, lq))
+  np.testing.assert_allclose(result.delta_p, np.abs(p_target - q_target).mean(), rtol=1e-4)
 
 
 def test_kl_of_a_model_against_itself_is_zero():
