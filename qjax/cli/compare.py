@@ -68,8 +68,9 @@ SHARED_FLAGS = ("model", "out", "overwrite", "bits", "group_size", "nsamples", "
 
 GPU_SERVING = "GPU serving (vLLM, TGI, transformers)"
 CPU = "CPU and Apple (llama.cpp)"
-# Measured here (experiments/compare.md): a window through llama.cpp or transformers costs this many times the same
-# window through qjax's forward, and writing and reading an export back this many seconds per billion parameters.
+# From small runs on this project's 2-core machines (to be refined from a full default comparison): a window through
+# llama.cpp or transformers costs this many times the same window through qjax's forward, and writing an export
+# this many seconds per billion parameters.
 _RUNTIME_COST = {"qjax": 1.0, "llama.cpp": 1.0, "transformers": 2.0}
 _EXPORT_SECONDS_PER_BPARAM = 60.0
 
