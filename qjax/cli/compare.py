@@ -21,7 +21,6 @@ Example:
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -32,13 +31,13 @@ from qjax.calib import text as texts
 from qjax.calib.quantize import needs_calibration
 from qjax.cli import Interrupted, interrupted
 from qjax.cli import quantize as q
-from qjax.cli.estimate import estimate, measure_gflops
+from qjax.cli.estimate import estimate, measure_gflops, minutes
 from qjax.core import InputError
 from qjax.eval import evaluate
 from qjax.eval.runtimes import StoredLogits, llama_cpp_logits, missing, runtime_for, transformers_logits
 from qjax.formats import open_checkpoint
 from qjax.formats.default_model import BUILTIN_MODELS
-from qjax.formats.output import MARKER, atomic_file, check_output, output_kind
+from qjax.formats.output import MARKER, atomic_file, check_free_space, check_output, output_kind
 from qjax.formats.targets import GROUP_SIZES, export, parse_target
 from qjax.models import logits_fn
 from qjax.transforms.gguf_recipes import RECIPES
@@ -212,7 +211,7 @@ def _open_comparison(out: str, identity: dict, *, overwrite: bool) -> list[dict]
 
 def _estimates(candidates, plans, config, s: q.Settings, eval_seqlen: int, gflops: float) -> list[float]:
   """Forecast seconds of each row: quantize, export and read back, evaluate in each runtime."""
-  params = sum(int(np.prod(shape)) for shape in _shapes(config))
+  params = _param_count(config)
   out = []
   for c, p in zip(candidates, plans, strict=True):
     tokens = s.nsamples * s.seqlen if needs_calibration(p.recipe) else 0
@@ -224,14 +223,10 @@ def _estimates(candidates, plans, config, s: q.Settings, eval_seqlen: int, gflop
   return out
 
 
-def _shapes(config):
+def _param_count(config) -> int:
   from qjax.models.checkpoint import param_shapes
 
-  return param_shapes(config).values()
-
-
-def _minutes(seconds: float) -> str:
-  return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+  return sum(int(np.prod(shape)) for shape in param_shapes(config).values())
 
 
 def main(argv):
@@ -277,7 +272,9 @@ def compare() -> None:
   inputs += [t for t in (base.calib, base.eval_text) if t != "default"]
   identity = _run_identity(base, eval_seqlen)
   check_output(out, "compare", inputs=inputs)
-  _check_disk(out, config, eval_windows.size, len(candidates))
+  need = 4 * eval_windows.size * config.vocab_size + len(candidates) * _param_count(config) * 9 // 8 + (64 << 20)
+  check_free_space(out, need, "the float logits and every recipe's files (at most 9 bits/weight)",
+                   "free some space or choose another --out")  # fmt: skip
   done = {r["recipe"]: r for r in _open_comparison(out, identity, overwrite=base.overwrite)}
   todo = [i for i, c in enumerate(candidates) if c.name not in done]
   gflops = measure_gflops()
@@ -289,14 +286,14 @@ def compare() -> None:
                       eval_windows=base.eval_windows, gflops_per_second=gflops).eval_seconds  # fmt: skip
   print(
     f"qjax compare: {len(candidates)} recipes on {base.model} ({len(done)} already done in {out}), "
-    f"{len(eval_windows)} windows of {eval_seqlen} tokens; estimate ~{_minutes(total)} at {gflops:.0f} GFLOP/s."
+    f"{len(eval_windows)} windows of {eval_seqlen} tokens; estimate ~{minutes(total)} at {gflops:.0f} GFLOP/s."
   )
   for i in todo:
     c = candidates[i]
     runtime = runtime_for(c.kind)
     why = runtime and missing(runtime, c.kind)
     where = "qjax" + (f" + {runtime}" if runtime and not why else f" ({runtime}: {why})" if runtime else "")
-    print(f"  {c.name:24s} {plans[i].label:28s} in {where:36s} ~{_minutes(forecast[i])}")
+    print(f"  {c.name:24s} {plans[i].label:28s} in {where:36s} ~{minutes(forecast[i])}")
 
   if not os.path.exists(reference_path):
     with atomic_file(reference_path) as tmp:
@@ -307,6 +304,9 @@ def compare() -> None:
 
   calib_windows = q.calibration_windows(base, tokenizer) if any(needs_calibration(p.recipe) for p in plans) else None
   rows = dict(done)
+  summary = dict(settings=identity, float_perplexity=float_ppl, eval_tokens=int(eval_windows.shape[0] *
+                 (eval_seqlen - 1)), kl_budget=_KL_BUDGET.value)  # fmt: skip
+  ordered = lambda: [rows[c.name] for c in candidates if c.name in rows]
   for n, i in enumerate(todo, 1):
     c, s, p = candidates[i], rows_settings[i], plans[i]
     print(f"[{n}/{len(todo)}] {c.name}: {p.label}", flush=True)
@@ -317,7 +317,7 @@ def compare() -> None:
                   overwrite=True, actorder=p.actorder)  # fmt: skip
     row = dict(recipe=c.name, label=p.label, format=str(p.target), family=c.family, path=os.path.relpath(path, out),
                size_mb=_file_bytes(path) / 2**20, quantize_seconds=quantize_seconds, runtimes={})  # fmt: skip
-    row["bpw"] = 8 * _file_bytes(path) / sum(int(np.prod(x)) for x in _shapes(out_config))
+    row["bpw"] = 8 * _file_bytes(path) / _param_count(out_config)
     row["runtimes"]["qjax"] = _evaluate(logits_fn(out_config, qparams), eval_windows, reference, "qjax")
     del qparams
     runtime = runtime_for(c.kind)
@@ -331,33 +331,14 @@ def compare() -> None:
     row["seconds"] = time.perf_counter() - tick
     row["estimate_seconds"] = forecast[i]
     rows[c.name] = row
-    ordered = [rows[c.name] for c in candidates if c.name in rows]
-    summary = dict(settings=identity, float_perplexity=float_ppl, eval_tokens=int(eval_windows.shape[0] *
-                   (eval_seqlen - 1)), kl_budget=_KL_BUDGET.value, rows=ordered)  # fmt: skip
-    _write_json(os.path.join(out, "compare.json"), summary)
-    print(f"  {_row_line(row)}  ({_minutes(row['seconds'])}; estimate {_minutes(forecast[i])})", flush=True)
-  ordered = [rows[c.name] for c in candidates]
-  summary = dict(settings=identity, float_perplexity=float_ppl, eval_tokens=int(eval_windows.shape[0] *
-                 (eval_seqlen - 1)), kl_budget=_KL_BUDGET.value, rows=ordered, seconds=time.perf_counter() - start,
-                 estimate_seconds=total)  # fmt: skip
+    _write_json(os.path.join(out, "compare.json"), {**summary, "rows": ordered()})
+    print(f"  {_row_line(row)}  ({minutes(row['seconds'])}; estimate {minutes(forecast[i])})", flush=True)
+  summary.update(rows=ordered(), seconds=time.perf_counter() - start, estimate_seconds=total)
   write_outputs(out, summary, model_name=base.model)
   print()
   print(open(os.path.join(out, "compare.md")).read())
   print(f"wrote {out}/compare.{{md,json,png}} and each recipe's files under {models}; total "
-        f"{_minutes(time.perf_counter() - start)} (estimate {_minutes(total)})")  # fmt: skip
-
-
-def _check_disk(out: str, config, eval_tokens: int, rows: int) -> None:
-  """Raises unless the disk under `out` holds the float logits and every recipe's files (at most 9 bits/weight)."""
-  params = sum(int(np.prod(shape)) for shape in _shapes(config))
-  need = 4 * eval_tokens * config.vocab_size + rows * params * 9 / 8 + (64 << 20)
-  parent = os.path.realpath(out)
-  while not os.path.isdir(parent):
-    parent = os.path.dirname(parent)
-  free = shutil.disk_usage(parent).free
-  if free < need:
-    raise InputError(f"--out={out}: {free / 2**30:.1f} GiB free, the comparison needs about {need / 2**30:.1f} GiB "
-                     "(the float logits and every recipe's files).")  # fmt: skip
+        f"{minutes(time.perf_counter() - start)} (estimate {minutes(total)})")  # fmt: skip
 
 
 def _write_json(path: str, value) -> None:

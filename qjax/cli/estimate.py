@@ -20,12 +20,13 @@ class Estimate:
 
   def __str__(self) -> str:
     return (
-      f"estimate: peak memory ~{self.peak_bytes / 2**30:.1f} GiB, quantize ~{_minutes(self.quantize_seconds)}, "
-      f"evaluate ~{_minutes(self.eval_seconds)} (at {self.gflops_per_second:.0f} GFLOP/s measured here)"
+      f"estimate: peak memory ~{self.peak_bytes / 2**30:.1f} GiB, quantize ~{minutes(self.quantize_seconds)}, "
+      f"evaluate ~{minutes(self.eval_seconds)} (at {self.gflops_per_second:.0f} GFLOP/s measured here)"
     )
 
 
-def _minutes(seconds: float) -> str:
+def minutes(seconds: float) -> str:
+  """``"74 s"`` below two minutes, ``"6.8 min"`` above."""
   return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 

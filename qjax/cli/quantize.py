@@ -16,7 +16,6 @@ Example:
 import dataclasses
 import inspect
 import os
-import shutil
 import time
 
 import numpy as np
@@ -36,7 +35,7 @@ from qjax.eval import TensorLog, evaluate, sizes, write_report
 from qjax.eval.report import RunReport
 from qjax.formats import open_checkpoint
 from qjax.formats.default_model import BUILTIN_MODELS
-from qjax.formats.output import atomic_directory, check_output
+from qjax.formats.output import atomic_directory, check_free_space, check_output
 from qjax.formats.targets import (
   GROUP_SIZES,
   Target,
@@ -481,16 +480,8 @@ def preflight(s: Settings, p: Plan, config: LlamaConfig, *, calibrate: bool) -> 
         raise InputError(f"--checkpoint_dir={p.checkpoint_dir}: overlaps {what}; choose a directory beside them.")
     check_checkpoint_dir(p.checkpoint_dir, run_id(s, p))
   output, checkpoints = _estimated_bytes(s, p, config, calibrate)
-  for path, need in ((p.out, output + checkpoints),):
-    parent = os.path.dirname(os.path.realpath(path))
-    while not os.path.isdir(parent):  # check_output made sure the nearest existing ancestor is a directory
-      parent = os.path.dirname(parent)
-    free = shutil.disk_usage(parent).free
-    if free < need:
-      raise InputError(
-        f"{path}: {free / 2**30:.1f} GiB free in {parent}, the output and checkpoints need about "
-        f"{need / 2**30:.1f} GiB; free some space or choose another --out / --checkpoint_dir."
-      )
+  check_free_space(p.out, output + checkpoints, "the output and checkpoints",
+                   "free some space or choose another --out / --checkpoint_dir")  # fmt: skip
 
 
 def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) -> tuple[RunReport, str, Plan]:

@@ -48,17 +48,17 @@ def window_sums(
   against `ref_logits`; ``kl_tokens`` is each position's KL divergence, shape (b, t - 1), not a sum."""
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
   targets = ids[:, 1:]
-  sums = {"nll": -jnp.take_along_axis(logp, targets[..., None], axis=-1).sum()}
+  target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)
+  sums = {"nll": -target_logp.sum()}
   if ref_logits is not None:
     ref_logp = jax.nn.log_softmax(ref_logits[:, :-1].astype(jnp.float32), axis=-1)
-    sums["ref_nll"] = -jnp.take_along_axis(ref_logp, targets[..., None], axis=-1).sum()
+    ref_target_logp = jnp.take_along_axis(ref_logp, targets[..., None], axis=-1)
+    sums["ref_nll"] = -ref_target_logp.sum()
     kl_tokens = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
     sums["kl"] = kl_tokens.sum()
     sums["kl_tokens"] = kl_tokens
     sums["top1"] = jnp.sum(jnp.argmax(ref_logp, -1) == jnp.argmax(logp, -1))
-    p_target = jnp.exp(jnp.take_along_axis(logp, targets[..., None], axis=-1))
-    ref_p_target = jnp.exp(jnp.take_along_axis(ref_logp, targets[..., None], axis=-1))
-    sums["delta_p"] = jnp.abs(ref_p_target - p_target).sum()
+    sums["delta_p"] = jnp.abs(jnp.exp(ref_target_logp) - jnp.exp(target_logp)).sum()
   return sums
 
 

@@ -75,6 +75,17 @@ def check_output(path: str, kind: str, *, overwrite: bool = False, inputs: Itera
   _check_writable_parent(path, out)
 
 
+def check_free_space(path: str, need: int, what: str, remedy: str) -> None:
+  """Raises `InputError` naming `path` unless the disk it will be written to has `need` bytes free for `what`."""
+  parent = os.path.dirname(_real(path))
+  while not os.path.isdir(parent):  # check_output made sure the nearest existing ancestor is a directory
+    parent = os.path.dirname(parent)
+  free = shutil.disk_usage(parent).free
+  if free < need:
+    raise InputError(f"{path}: {free / 2**30:.1f} GiB free in {parent}, {what} need about {need / 2**30:.1f} GiB; "
+                     f"{remedy}.")  # fmt: skip
+
+
 def _check_writable_parent(given: str, out: str) -> None:
   """Raises unless the nearest existing ancestor of `out` is a directory qjax may write into."""
   parent = os.path.dirname(out)
