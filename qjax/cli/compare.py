@@ -9,8 +9,9 @@ and for CPU runtimes, the smallest file within --kl_budget. A rerun of the same 
 are kept.
 
 A recipe is METHOD (a `qjax quantize --method`: exported as GPTQ, or AWQ for the awq methods), a llama.cpp file
-type (Q4_K_M, with +imatrix for an importance matrix), or METHOD@FORMAT (gptq@Q4_K_M: GPTQ rounding into the
-Q4_K_M file; gptq@compressed-tensors; awq+gptq@gptq).
+type (Q4_K_M, with +imatrix for an importance matrix, +alloc for types allocated per tensor to the recipe's size,
++4.5bpw to that budget), or METHOD@FORMAT (gptq@Q4_K_M: GPTQ rounding into the Q4_K_M file; gptq@compressed-tensors;
+awq+gptq@gptq).
 
 Example:
   qjax compare                                           # the default set on the built-in default model
@@ -48,10 +49,12 @@ FLAGS.set_default("seqlen", 256)
 FLAGS.set_default("eval_windows", 8)
 
 DEFAULT_RECIPES = ["rtn", "gptq", "awq", "awq+gptq", "gptq@compressed-tensors", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M",
-                   "Q4_K_M+imatrix", "gptq@Q4_K_M", "Q3_K_M"]  # fmt: skip
+                   "Q4_K_M+alloc", "Q4_K_M+imatrix", "Q4_K_M+imatrix+alloc", "gptq@Q4_K_M", "Q3_K_M",
+                   "Q3_K_M+imatrix+alloc"]  # fmt: skip
 _RECIPES = flags.DEFINE_list(
   "recipes", DEFAULT_RECIPES, "Recipes to compare: METHOD (rtn, gptq, awq, awq+gptq, …: GPTQ files, AWQ files for "
-  "the awq methods), a llama.cpp file type (Q4_K_M, Q4_K_M+imatrix, …), or METHOD@FORMAT (gptq@Q4_K_M, "
+  "the awq methods), a llama.cpp file type (Q4_K_M, Q4_K_M+imatrix, Q4_K_M+alloc: types allocated per tensor to its "
+  "size, Q4_K_M+4.5bpw: to 4.5 bits per weight, …), or METHOD@FORMAT (gptq@Q4_K_M, "
   "gptq@compressed-tensors, awq+gptq@gptq). Example: --recipes=gptq,awq+gptq,Q4_K_M."
 )  # fmt: skip
 _EVAL_SEQLEN = flags.DEFINE_integer("eval_seqlen", 512, "Tokens per evaluation window. Example: --eval_seqlen=1024.")
@@ -59,29 +62,31 @@ _KL_BUDGET = flags.DEFINE_float(
   "kl_budget", 0.05, "The verdict's budget: the smallest file whose mean KL divergence from the float model is at "
   "most this, per runtime family. Example: --kl_budget=0.02."
 )  # fmt: skip
-_OWN_FLAGS = ("method", "recipe", "export", "imatrix", "checkpoint_dir")  # quantize's, that compare sets itself
+# quantize's flags that compare sets itself, per recipe
+_OWN_FLAGS = ("method", "recipe", "export", "imatrix", "target_bpw", "rules", "checkpoint_dir")
 SHARED_FLAGS = ("model", "out", "overwrite", "bits", "group_size", "nsamples", "seqlen", "calib", "seed", "eval_text",
-                "eval_windows", "batch_size")  # fmt: skip
+                "eval_windows", "batch_size", "allocation_types")  # fmt: skip
 """`qjax quantize`'s flags that compare reads too (its --help lists them); --out is the comparison's directory
 (default runs/compare-<model>), and --overwrite starts a comparison there afresh when its settings changed."""
 
 GPU_SERVING = "GPU serving (vLLM, TGI, transformers)"
 CPU = "CPU and Apple (llama.cpp)"
-# From small runs on this project's 2-core machines (to be refined from a full default comparison): a window through
-# llama.cpp or transformers costs this many times the same window through qjax's forward, and writing an export
-# this many seconds per billion parameters.
-_RUNTIME_COST = {"qjax": 1.0, "llama.cpp": 1.0, "transformers": 2.0}
+# From the full default comparison on this project's 2-core machines (experiments/compare.md): a window through
+# llama.cpp or transformers took 0.8-1.3 times as long as through qjax's forward, and writing an export and reading
+# it back about this many seconds per billion parameters.
+_RUNTIME_COST = {"qjax": 1.0, "llama.cpp": 1.0, "transformers": 1.0}
 _EXPORT_SECONDS_PER_BPARAM = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One recipe to compare: a method rounding into a format."""
+  """One recipe to compare: a method rounding into a format (GGUF: with an importance matrix, or allocated)."""
 
   name: str
   method: str
   export: str
   imatrix: bool = False
+  target_bpw: str | None = None  # `qjax quantize --target_bpw`: bits per weight, or a file type's size
 
   @property
   def kind(self) -> str:
@@ -95,23 +100,36 @@ class Candidate:
 def parse_recipe(text: str) -> Candidate:
   """``"gptq"``, ``"Q4_K_M+imatrix"``, ``"gptq@Q4_K_M"``, ``"gptq@compressed-tensors"`` -> a `Candidate`.
 
+  A llama.cpp file type takes modifiers after ``+``: ``imatrix``, ``alloc`` (types allocated per tensor to the
+  recipe's own size) or ``<N>bpw`` (allocated to N bits per weight).
+
   Raises:
     ValueError: naming --recipes and what is allowed.
 
   Examples:
     >>> parse_recipe("Q4_K_M+imatrix")
-    Candidate(name='Q4_K_M+imatrix', method='none', export='gguf:Q4_K_M', imatrix=True)
-    >>> parse_recipe("awq+gptq").export, parse_recipe("gptq@Q4_K_M").export
-    ('awq', 'gguf:Q4_K_M')
+    Candidate(name='Q4_K_M+imatrix', method='none', export='gguf:Q4_K_M', imatrix=True, target_bpw=None)
+    >>> parse_recipe("awq+gptq").export, parse_recipe("gptq@Q4_K_M").export, parse_recipe("Q3_K_M+3.9bpw").target_bpw
+    ('awq', 'gguf:Q4_K_M', '3.9')
   """
   method, at, fmt = text.strip().rpartition("@")
   if not at:
-    method, fmt = ("none", text) if text.partition("+")[0] in RECIPES else (text, "")
-  imatrix = fmt.endswith("+imatrix")
-  fmt = fmt.removesuffix("+imatrix")
+    method, fmt = ("none", text.strip()) if text.partition("+")[0].strip() in RECIPES else (text.strip(), "")
   if method not in q.cli_recipes.METHODS:
     raise ValueError(f"--recipes: {text!r}: unknown method {method!r}; one of {', '.join(q.cli_recipes.METHODS)}, "
                      f"or a llama.cpp file type ({', '.join(RECIPES)}).")  # fmt: skip
+  fmt, *modifiers = fmt.split("+")
+  imatrix, target_bpw = False, None
+  for m in modifiers:
+    if m == "imatrix":
+      imatrix = True
+    elif m == "alloc":
+      target_bpw = fmt
+    elif m.endswith("bpw") and m[:-3].replace(".", "", 1).isdigit():
+      target_bpw = m[:-3]
+    else:
+      raise ValueError(f"--recipes: {text!r}: unknown modifier {m!r}; after a llama.cpp file type: +imatrix, +alloc "
+                       "(types allocated to its size) or +<N>bpw (allocated to N bits per weight).")  # fmt: skip
   if not fmt:
     fmt = "awq" if "awq" in method else "gptq"
   export = f"gguf:{fmt}" if fmt in RECIPES else fmt
@@ -122,9 +140,10 @@ def parse_recipe(text: str) -> Candidate:
                      "gptq, gptq_v2, awq, compressed-tensors.") from None  # fmt: skip
   if target.kind == "qjax" or (target.is_gguf and not target.quantizes):
     raise ValueError(f"--recipes: {text!r}: compare quantized files (GGUF types, gptq, awq, compressed-tensors).")
-  if imatrix and not target.quantizes:
-    raise ValueError(f"--recipes: {text!r}: +imatrix applies to llama.cpp file types (Q4_K_M+imatrix).")
-  return Candidate(text.strip(), method, export, imatrix)
+  if (imatrix or target_bpw) and not target.quantizes:
+    raise ValueError(f"--recipes: {text!r}: +imatrix, +alloc and +<N>bpw apply to llama.cpp file types "
+                     "(Q4_K_M+imatrix+alloc).")  # fmt: skip
+  return Candidate(text.strip(), method, export, imatrix, target_bpw)
 
 
 def group_size_for(config, wanted: int, given: bool) -> int:
@@ -140,8 +159,8 @@ def group_size_for(config, wanted: int, given: bool) -> int:
 
 def _row_settings(base: q.Settings, c: Candidate, out: str) -> q.Settings:
   sym = base.sym and "awq" not in c.method  # AWQ's checkpoints store zero points (AutoAWQ's default, GEMM)
-  return dataclasses.replace(base, method=c.method, export=c.export, imatrix=c.imatrix, sym=sym, out=out,
-                             eval_windows=0, overwrite=True)  # fmt: skip
+  return dataclasses.replace(base, method=c.method, export=c.export, imatrix=c.imatrix, target_bpw=c.target_bpw,
+                             sym=sym, out=out, eval_windows=0, overwrite=True)  # fmt: skip
 
 
 def _slug(name: str) -> str:
@@ -176,7 +195,7 @@ def _evaluate(fn, eval_windows, reference, label: str) -> dict[str, float]:
 
 def _run_identity(s: q.Settings, eval_seqlen: int) -> dict[str, Any]:
   keep = ("model", "bits", "group_size", "sym", "desc_act", "nsamples", "seqlen", "calib", "seed", "eval_text",
-          "eval_windows", "damp_percent", "mse", "expert_policy", "expert_kappa")  # fmt: skip
+          "eval_windows", "damp_percent", "mse", "expert_policy", "expert_kappa", "allocation_types")  # fmt: skip
   return {**{k: getattr(s, k) for k in keep}, "eval_seqlen": eval_seqlen}
 
 
@@ -213,10 +232,14 @@ def _estimates(candidates, plans, config, s: q.Settings, eval_seqlen: int, gflop
   """Forecast seconds of each row: quantize, export and read back, evaluate in each runtime."""
   params = _param_count(config)
   out = []
+  allocated = False  # the first allocated row measures the rounding errors; the others reuse them
   for c, p in zip(candidates, plans, strict=True):
-    tokens = s.nsamples * s.seqlen if needs_calibration(p.recipe) else 0
+    allocation = bool(p.target_bpw) and not allocated
+    allocated |= allocation
+    tokens = s.nsamples * s.seqlen if needs_calibration(p.recipe) or allocation else 0
     e = estimate(config, p.recipe, calibration_tokens=tokens, seqlen=eval_seqlen, batch_size=s.batch_size,
-                 eval_windows=s.eval_windows, gflops_per_second=gflops, ggml_sweep=p.ggml_sweep)  # fmt: skip
+                 eval_windows=s.eval_windows, gflops_per_second=gflops, ggml_sweep=p.ggml_sweep,
+                 allocation=allocation)  # fmt: skip
     runtime = runtime_for(c.kind)
     evals = e.eval_seconds * (1 + (_RUNTIME_COST[runtime] if runtime and not missing(runtime, c.kind) else 0))
     out.append(e.quantize_seconds + evals + _EXPORT_SECONDS_PER_BPARAM * params / 1e9)
@@ -302,19 +325,28 @@ def compare() -> None:
   reference = StoredLogits(reference_path, eval_windows)
   float_ppl = evaluate(reference, eval_windows, show_progress=False).perplexity
 
-  calib_windows = q.calibration_windows(base, tokenizer) if any(needs_calibration(p.recipe) for p in plans) else None
+  calibrate = any(needs_calibration(p.recipe) or p.target_bpw for p in plans)
+  calib_windows = q.calibration_windows(base, tokenizer) if calibrate else None
   rows = dict(done)
   summary = dict(settings=identity, float_perplexity=float_ppl, eval_tokens=int(eval_windows.shape[0] *
                  (eval_seqlen - 1)), kl_budget=_KL_BUDGET.value)  # fmt: skip
   ordered = lambda: [rows[c.name] for c in candidates if c.name in rows]
+  errors = None
   for n, i in enumerate(todo, 1):
     c, s, p = candidates[i], rows_settings[i], plans[i]
     print(f"[{n}/{len(todo)}] {c.name}: {p.label}", flush=True)
     tick = time.perf_counter()
-    p, out_config, qparams = q.quantize_with(s, checkpoint=checkpoint, windows=calib_windows, show_progress=True)
+    allocation = None
+    if p.target_bpw:  # the rounding errors are measured once and shared by every allocated row
+      allocation = q.allocate(s, p, checkpoint, calib_windows, show_progress=True, errors=errors)
+      errors = allocation.errors
+    p, out_config, qparams = q.quantize_with(s, checkpoint=checkpoint, windows=calib_windows, show_progress=True,
+                                             allocation=allocation)  # fmt: skip
     quantize_seconds = time.perf_counter() - tick
     path = export(p.target, s.out, out_config, qparams, tokenizer, name=base.model, description=p.label,
                   overwrite=True, actorder=p.actorder)  # fmt: skip
+    if allocation is not None:
+      q.write_allocation(s.out, s, p, allocation)
     row = dict(recipe=c.name, label=p.label, format=str(p.target), family=c.family, path=os.path.relpath(path, out),
                size_mb=_file_bytes(path) / 2**20, quantize_seconds=quantize_seconds, runtimes={})  # fmt: skip
     row["bpw"] = 8 * _file_bytes(path) / _param_count(out_config)

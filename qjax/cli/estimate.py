@@ -64,11 +64,18 @@ machine's speed. Measured: `qjax compare --recipes=gptq,gptq@Q4_K_M` on the defa
 linear weights at 150 GFLOP/s (the per-block scale searches run on narrow vectors, far below matmul speed)."""
 
 
-AWQ_BLOCK_PASSES = 50
+AWQ_BLOCK_PASSES = 35
 """AWQ's search, in forward passes of the block over the calibration tokens: 20 grid points each run the block part
 a scale group feeds and fake-quantize its kernels, and the clip search follows. Measured: `qjax compare` on the
-default model, `awq` 2.5 times the 20 passes' matmul flops at this machine's speed (the fake quantization and the
-clip search's narrow per-group products run far below matmul speed)."""
+default model, `awq` took 40 passes' matmul flops at one 2-core machine's speed and 30 at another's (the fake
+quantization and the clip search's narrow per-group products run far below matmul speed, and vary more)."""
+
+
+ALLOCATION_FLOPS_PER_WEIGHT = 1.3e5
+"""--target_bpw's rounding errors, per linear weight: every candidate llama.cpp type's encoder run on it and its
+Fisher-weighted error summed, in float32 matmul FLOPs of this machine's speed. Measured: `qjax compare
+--recipes=Q4_K_M,Q4_K_M+alloc` on the default model, the allocation 66 s for 106M weights at 284 GFLOP/s, of which
+the Fisher pass (three forward passes' flops) ~12 s; six types tile most of its rows."""
 
 
 def estimate_sizes(config: LlamaConfig) -> Sizes:
@@ -102,11 +109,14 @@ def estimate(
   eval_windows: int,
   gflops_per_second: float | None = None,
   ggml_sweep: bool = False,
+  allocation: bool = False,
 ) -> Estimate:
   """Peak memory and time of running `recipe` on a model with `config` (a forecast, not a measurement).
 
   Stages reading a Hessian cost GPTQ's sweep; stages that run the block (AWQ) cost a grid of block passes. A sparse
-  layer stores every expert but runs each token through its k; every expert's Hessians and sweep count.
+  layer stores every expert but runs each token through its k; every expert's Hessians and sweep count. An
+  `allocation` (--target_bpw) adds a forward and backward pass over the calibration tokens and every candidate
+  type's encoding of every linear.
   """
   stages = flatten_stages(recipe.stages)
   sweeps = any("hessian" in s.stats for s in stages)
@@ -141,6 +151,9 @@ def estimate(
   eval_flops = 2 * eval_windows * seqlen * 2 * (sum(layer.active_params for layer in layers) + embeddings)
   if ggml_sweep:
     quantize_flops += GGML_SWEEP_FLOPS_PER_WEIGHT * sum(layer.params for layer in layers)
+  if allocation:
+    fisher_flops = 3 * 2 * tokens * (sum(layer.active_params for layer in layers) + embeddings)
+    quantize_flops += fisher_flops + ALLOCATION_FLOPS_PER_WEIGHT * sum(layer.params for layer in layers)
   quantize_seconds = quantize_flops / gflops / 1e9 + 25e-6 * columns + (15.0 if tokens else 5.0)
   eval_seconds = eval_flops / gflops / 1e9 + 5.0 if eval_windows else 0.0
   return Estimate(float(max(calibration, evaluation)), quantize_seconds, eval_seconds, gflops)

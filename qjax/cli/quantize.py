@@ -14,7 +14,9 @@ Example:
 """
 
 import dataclasses
+import hashlib
 import inspect
+import json
 import os
 import time
 
@@ -33,9 +35,11 @@ from qjax.core.ggml_grid import LAYOUTS
 from qjax.core.qspec import QSpec
 from qjax.eval import TensorLog, evaluate, sizes, write_report
 from qjax.eval.report import RunReport
+from qjax.eval.sensitivity import Allocation, allocate_gguf, check_budget, recipe_bits_per_weight
 from qjax.formats import open_checkpoint
 from qjax.formats.default_model import BUILTIN_MODELS
-from qjax.formats.output import atomic_directory, check_free_space, check_output
+from qjax.formats.output import atomic_directory, atomic_file, check_free_space, check_output
+from qjax.formats.rules_file import TensorRules, read_rules, rules_from_types, write_rules
 from qjax.formats.targets import (
   GROUP_SIZES,
   Target,
@@ -50,7 +54,7 @@ from qjax.models import LlamaBlocks, LlamaConfig, logits_fn
 from qjax.models.checkpoint import param_shapes, set_nested
 from qjax.quantizers import GptqConfig
 from qjax.transforms import observe, recipes
-from qjax.transforms.gguf_recipes import RECIPES
+from qjax.transforms.gguf_recipes import ALLOCATABLE, RECIPES, tensor_types
 from qjax.transforms.recipes import Recipe
 
 GRIDS = ("affine", "fp8", "mxfp4", "nvfp4")
@@ -91,6 +95,9 @@ class Settings:
   out: str | None = None
   export: str | None = None
   imatrix: bool = False
+  target_bpw: str | None = None
+  allocation_types: str = ",".join(ALLOCATABLE)
+  rules: str | None = None
   checkpoint_dir: str | None = None
   overwrite: bool = False
   expert_policy: str = ExpertPolicy().kind
@@ -193,6 +200,23 @@ flags.DEFINE_bool(
   "linear's inputs) measured on the calibration text, as llama.cpp's imatrix tool does."
 )  # fmt: skip
 flags.DEFINE_string(
+  "target_bpw", _D.target_bpw, "With --export=gguf:TYPE: instead of the recipe's fixed types, give each decoder "
+  "linear the llama.cpp type (any llama.cpp reads for it) that least raises the predicted KL divergence, to this many "
+  "bits per weight of the quantized tensors (the recipe's embedding and output types are kept). A number, or a "
+  "llama.cpp file type for that recipe's size on this model. The prediction is each linear's Fisher-weighted "
+  "rounding error, measured once on the calibration text; the choice is written to <out>/rules.json for --rules. "
+  "Example: --export=gguf:Q4_K_M --imatrix --target_bpw=4.5, or --target_bpw=Q4_K_M."
+)  # fmt: skip
+flags.DEFINE_string(
+  "allocation_types", _D.allocation_types, "With --target_bpw: the llama.cpp types a linear may take (of those that "
+  "tile its rows). Example: --allocation_types=Q4_0,Q5_0,Q8_0,Q4_K,Q5_K,Q6_K."
+)  # fmt: skip
+flags.DEFINE_string(
+  "rules", _D.rules, "A rules file of per-tensor llama.cpp types over a GGUF recipe (as --target_bpw writes, or your "
+  "own: qjax/formats/rules_file.py); without --export, its base recipe is the export. Example: "
+  "--rules=runs/alloc/rules.json."
+)  # fmt: skip
+flags.DEFINE_string(
     "checkpoint_dir", _D.checkpoint_dir, "Where finished blocks are checkpointed; a rerun with the same flags "
     "resumes there. "
     "Default: <out>.checkpoint, removed after success."
@@ -224,6 +248,8 @@ class Plan:
   checkpoint_dir: str
   actorder: str | None = None  # compressed-tensors' record of GPTQ's order: "weight" (--desc_act --static_groups)
   ggml_sweep: bool = False  # GPTQ rounds into llama.cpp's block types (slower than into an affine grid)
+  target_bpw: float | None = None  # allocate llama.cpp types to this budget before quantizing
+  overrides: dict[str, str] | None = None  # path -> ggml type over the recipe's (an allocation, --rules)
 
 
 def gptq_damp(s: Settings, target: Target) -> float:
@@ -255,17 +281,17 @@ def _search_spec(target: Target, spec: QSpec) -> QSpec:
   return QSpec(bits=info.bits, group_size=LAYOUTS[main].sub_block, symmetric=info.symmetric)
 
 
-def _rounding(s: Settings, target: Target, spec: QSpec, clip, config) -> Recipe:
+def _rounding(s: Settings, target: Target, spec: QSpec, clip, config, overrides) -> Recipe:
   if target.quantizes:
-    return recipes.gguf(target.gguf_type, config, imatrix=s.imatrix)
+    return recipes.gguf(target.gguf_type, config, imatrix=s.imatrix, overrides=overrides)
   if target.is_gguf:
     return Recipe(())  # a float GGUF: nothing rounds
   return recipes.rtn(spec, clip=clip)
 
 
-def _gptq_rounding(target: Target, spec: QSpec, gptq_config: GptqConfig, config) -> Recipe:
+def _gptq_rounding(target: Target, spec: QSpec, gptq_config: GptqConfig, config, overrides) -> Recipe:
   if target.quantizes:
-    return recipes.gguf(target.gguf_type, config, gptq_config=gptq_config)
+    return recipes.gguf(target.gguf_type, config, gptq_config=gptq_config, overrides=overrides)
   if target.is_gguf:
     raise ValueError(f"--export={target} stores float weights; GPTQ has nothing to round into (use a GGUF recipe).")
   return recipes.gptq(spec, gptq_config)
@@ -324,6 +350,12 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
     raise ValueError(f"--nsamples must be >= 1 and --seqlen >= 2, got {s.nsamples} and {s.seqlen}.")
   if s.imatrix and not target.quantizes:
     raise ValueError("--imatrix applies to GGUF recipes (--export=gguf:<TYPE>, e.g. gguf:Q4_K_M).")
+  if s.target_bpw and s.rules:
+    raise ValueError("give --target_bpw (choose the types) or --rules (types chosen before), not both.")
+  if (s.target_bpw or s.rules) and not target.quantizes:
+    flag = "--target_bpw" if s.target_bpw else "--rules"
+    raise ValueError(f"{flag} chooses llama.cpp types per tensor over a GGUF recipe; give --export=gguf:<TYPE> "
+                     f"(gguf:Q4_K_M: its embedding and output types are kept), not --export={target}.")  # fmt: skip
   act_order = uses_gptq and s.desc_act and not s.static_groups and s.group_size != -1
   if target.quantizes and act_order:
     raise ValueError(
@@ -349,31 +381,50 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
     check_shapes(target, spec, config)
 
 
-def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Plan:
+def plan(
+  s: Settings, config: LlamaConfig, *, method_given: bool = False, overrides: dict[str, str] | None = None
+) -> Plan:
   """Checks the settings against each other and the model's config, before any work, and builds the recipe.
+
+  Args:
+    s: the settings.
+    config: the model's config.
+    method_given: whether --method was given (it and --recipe exclude each other).
+    overrides: path -> llama.cpp type over the GGUF recipe's (a bit allocation's result; default: --rules').
 
   Raises:
     ValueError, NotImplementedError, FileNotFoundError: naming the flag.
   """
-  target = parse_target(s.export)
+  rules = read_rules(s.rules) if s.rules else None
+  target = parse_target(s.export if s.export or rules is None else f"gguf:{rules.base}")
   spec = settings_spec(s)
   gptq_config = _gptq_config(s, target)
   fn, recipe_id, name = _recipe_function(s, method_given)
   parameters = inspect.signature(fn).parameters
   uses_gptq = bool({"gptq_rounding", "gptq_config"} & set(parameters))
   _check(s, target, spec, config, name=name, uses_gptq=uses_gptq)
+  target_bpw = _budget(s.target_bpw, config, imatrix=s.imatrix or uses_gptq) if s.target_bpw else None
+  unknown = [t for t in allocation_types(s) if t not in ALLOCATABLE]
+  if unknown:
+    raise ValueError(f"--allocation_types: {', '.join(unknown)} not among the types qjax encodes for a linear "
+                     f"({', '.join(ALLOCATABLE)}).")  # fmt: skip
+  if target_bpw:
+    check_budget(target_bpw, target.gguf_type, config, imatrix=s.imatrix or uses_gptq, types=allocation_types(s))
+  if rules is not None and overrides is None:
+    paths = tensor_types(target.gguf_type, config, imatrix=s.imatrix or uses_gptq)
+    overrides = rules.resolve(paths, source=f"--rules={s.rules}")
 
   def build(rounded_config: LlamaConfig) -> Recipe:
     values = {
       "spec": _search_spec(target, spec),
       "gptq_config": gptq_config,
       "clip": gptq_config.clip,
-      "rounding": _rounding(s, target, spec, gptq_config.clip, rounded_config),
+      "rounding": _rounding(s, target, spec, gptq_config.clip, rounded_config, overrides),
       "model_config": config,
       "seed": s.seed,
     }
     if "gptq_rounding" in parameters:
-      values["gptq_rounding"] = _gptq_rounding(target, spec, gptq_config, rounded_config)
+      values["gptq_rounding"] = _gptq_rounding(target, spec, gptq_config, rounded_config, overrides)
     return cli_recipes.call(fn, values, name=name)
 
   recipe = build(config)
@@ -389,24 +440,47 @@ def plan(s: Settings, config: LlamaConfig, *, method_given: bool = False) -> Pla
   short = name.rpartition(":")[2]
   if target.quantizes:
     label = ("" if name in ("none", "rtn") else f"{short} ") + f"gguf {target.gguf_type}"
-    label += " imatrix" if s.imatrix else ""
+    label += (" imatrix" if s.imatrix else "") + (f" @{target_bpw:.2f}bpw" if target_bpw else "")
+    label += " +rules" if rules else ""
   else:
     label = f"{short} w{s.bits}g{s.group_size}" + ("" if s.grid == "affine" else f" {s.grid}")
     label += " per-tensor" if s.per_tensor else ""
   default_name = f"gguf-{target.gguf_type}" if target.is_gguf else f"{s.method}-w{s.bits}g{s.group_size}"
+  default_name += f"-{target_bpw:.2f}bpw" if target_bpw else ""
   default_name += ("" if s.grid == "affine" else f"-{s.grid}") + ("-tensor" if s.per_tensor else "")
   if target.is_hf:
     default_name += f"-{target.kind}"
   out = s.out or os.path.join("runs", default_name)
   checkpoint_dir = s.checkpoint_dir or out.rstrip("/") + ".checkpoint"
   actorder = "weight" if uses_gptq and s.desc_act and s.static_groups else None  # dynamic groups: refused above
-  return Plan(recipe, target, spec, label, recipe_id, out, checkpoint_dir, actorder, uses_gptq and target.quantizes)
+  return Plan(recipe, target, spec, label, recipe_id, out, checkpoint_dir, actorder, uses_gptq and target.quantizes,
+              target_bpw, overrides)  # fmt: skip
+
+
+def allocation_types(s: Settings) -> tuple[str, ...]:
+  return tuple(t.strip() for t in s.allocation_types.split(",") if t.strip())
+
+
+def _budget(value: str, config: LlamaConfig, *, imatrix: bool) -> float:
+  """--target_bpw as bits per weight: a number, or a llama.cpp file type's on this model."""
+  if value in RECIPES:
+    return recipe_bits_per_weight(value, config, imatrix=imatrix)
+  try:
+    bpw = float(value)
+  except ValueError:
+    raise ValueError(f"--target_bpw={value}: expected bits per weight (4.5) or a llama.cpp file type "
+                     f"({', '.join(RECIPES)}).") from None  # fmt: skip
+  if not 0 < bpw <= 32:
+    raise ValueError(f"--target_bpw={value}: bits per weight must be in (0, 32].")
+  return bpw
 
 
 def run_id(s: Settings, p: Plan) -> dict:
   """What a checkpoint directory must have been written with to be resumed."""
   skip = {"out", "checkpoint_dir", "eval_windows", "eval_text", "method", "recipe", "partial_groups"}
   settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
+  if s.rules:  # the file's content, not its name, decides the types
+    settings["rules"] = hashlib.sha256(json.dumps(sorted(p.overrides.items())).encode()).hexdigest()
   return {"recipe": p.recipe_id, **settings, "damp_percent": gptq_damp(s, p.target)}
 
 
@@ -424,6 +498,7 @@ def quantize_with(
   log: TensorLog | None = None,
   checkpoint_dir: str | None = None,
   show_progress: bool = False,
+  allocation: Allocation | None = None,
 ) -> tuple[Plan, LlamaConfig, dict]:
   """The settings' plan, and the model quantized by it: ``(plan, config of the result, params)``.
 
@@ -434,11 +509,15 @@ def quantize_with(
     log: records each quantized tensor's error.
     checkpoint_dir: where to checkpoint finished blocks (None: no checkpoints).
     show_progress: print the runner's progress.
+    allocation: --target_bpw's allocation when already made (default: made here when the settings ask for one).
   """
   checkpoint = checkpoint or open_checkpoint(s.model)
   p = plan(s, checkpoint.config)
-  if windows is None and needs_calibration(p.recipe):
+  if windows is None and (needs_calibration(p.recipe) or p.target_bpw):
     windows = calibration_windows(s, checkpoint.tokenizer())
+  if p.target_bpw:
+    allocation = allocation or allocate(s, p, checkpoint, windows, show_progress=show_progress)
+    p = plan(s, checkpoint.config, overrides=allocation.types)
   recipe = p.recipe
   if log is not None:
     recipe = dataclasses.replace(recipe, stages=tuple(observe(stage, log.record) for stage in recipe.stages))
@@ -448,6 +527,35 @@ def quantize_with(
                           expert_tokens=None if log is None else log.record_experts)  # fmt: skip
   qparams = quantize_model(LlamaBlocks(checkpoint), recipe, windows, options=options, run_id=run_id(s, p))
   return p, dataclasses.replace(checkpoint.config, tie_word_embeddings="lm_head" not in qparams), qparams
+
+
+def allocate(s: Settings, p: Plan, checkpoint, windows, *, show_progress: bool = False, errors=None) -> Allocation:
+  """--target_bpw's choice of llama.cpp types, from the float model's sensitivities on the calibration windows
+  (or from `errors`, a previous allocation's on the same windows)."""
+  allocation = allocate_gguf(checkpoint.config, checkpoint.params(), windows, base=p.target.gguf_type,
+                             target_bpw=p.target_bpw, imatrix=s.imatrix or p.ggml_sweep, types=allocation_types(s),
+                             batch_size=s.batch_size, show_progress=show_progress, errors=errors)  # fmt: skip
+  if show_progress:
+    counts: dict[str, int] = {}
+    for type_name in allocation.types.values():
+      counts[type_name] = counts.get(type_name, 0) + 1
+    mix = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    print(f"allocated {allocation.bits_per_weight:.3f} bits/weight (target {p.target_bpw:.3f}): {mix}; predicted KL "
+          f"{allocation.predicted_kl:.4f}", flush=True)  # fmt: skip
+  return allocation
+
+
+def write_allocation(directory: str, s: Settings, p: Plan, allocation: Allocation) -> str:
+  """Writes the allocation as a rules file (``rules.json``) that --rules reads back; returns its path."""
+  record = {"model": s.model, "target_bpw": p.target_bpw, "bits_per_weight": allocation.bits_per_weight,
+            "predicted_kl": allocation.predicted_kl, "imatrix": s.imatrix, "types": list(allocation_types(s)),
+            "proxy": "Fisher-weighted rounding error, 1/2 sum F (w_hat - w)^2, F the empirical Fisher's diagonal on "
+                     f"{s.nsamples} windows of {s.seqlen} tokens of --calib={s.calib}",
+            "predicted_kl_by_tensor": allocation.errors}  # fmt: skip
+  path = os.path.join(directory, "rules.json")
+  with atomic_file(path) as tmp:
+    write_rules(tmp, TensorRules(p.target.gguf_type, rules_from_types(allocation.types), record))
+  return path
 
 
 def _estimated_bytes(s: Settings, p: Plan, config: LlamaConfig, calibrate: bool) -> tuple[int, int]:
@@ -498,25 +606,29 @@ def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) 
   p = plan(s, config, method_given=method_given)
   calibrate = needs_calibration(p.recipe)
   tokenizer = checkpoint.tokenizer()
-  windows = calibration_windows(s, tokenizer) if calibrate else None
+  windows_needed = calibrate or p.target_bpw
+  windows = calibration_windows(s, tokenizer) if windows_needed else None
   eval_windows = None
   if s.eval_windows:
     tokens = texts.tokenize(tokenizer, texts.load_text(s.eval_text, "evaluation"))
     eval_windows = texts.eval_windows(tokens, s.seqlen, max_windows=s.eval_windows)
   preflight(s, p, config, calibrate=calibrate)
   if show_progress:
-    tokens = s.nsamples * s.seqlen if calibrate else 0
+    tokens = s.nsamples * s.seqlen if windows_needed else 0
     cost = estimate(config, p.recipe, calibration_tokens=tokens, seqlen=s.seqlen, batch_size=s.batch_size,
-                    eval_windows=s.eval_windows, ggml_sweep=p.ggml_sweep)  # fmt: skip
+                    eval_windows=s.eval_windows, ggml_sweep=p.ggml_sweep, allocation=bool(p.target_bpw))  # fmt: skip
     print(cost, flush=True)
   log = TensorLog()
   with atomic_directory(p.out, p.target.kind, overwrite=s.overwrite) as tmp:
     tick = time.perf_counter()
+    allocation = allocate(s, p, checkpoint, windows, show_progress=show_progress) if p.target_bpw else None
     p, out_config, qparams = quantize_with(
       s, checkpoint=checkpoint, windows=windows, log=log, show_progress=show_progress,
-      checkpoint_dir=p.checkpoint_dir if calibrate else None,
+      checkpoint_dir=p.checkpoint_dir if calibrate else None, allocation=allocation,
     )  # fmt: skip
     quantize_seconds = time.perf_counter() - tick
+    if allocation is not None:
+      write_allocation(tmp, s, p, allocation)
     metadata = {"source_model": s.model, "recipe": p.recipe_id, "settings": dataclasses.asdict(s)}
     export(p.target, tmp, out_config, qparams, tokenizer, name=s.model, metadata=metadata, description=p.label,
            atomic=False, actorder=p.actorder)  # fmt: skip

@@ -11,7 +11,7 @@ facts follow llama.cpp's ``src/llama-quant.cpp`` (``llama_tensor_get_type_impl``
 
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from qjax.core import ggml
@@ -165,42 +165,82 @@ def fallback(type_name: str, row_length: int) -> str:
   return fitted
 
 
-def tensor_types(recipe: str, config: "LlamaConfig", *, imatrix: bool = False) -> dict[str, str]:
+def row_lengths(config: "LlamaConfig") -> dict[str, int]:
+  """Flax path of every decoder-layer linear -> the row length llama.cpp quantizes it along (its input width)."""
+  q_width = config.num_attention_heads * config.head_dim
+  rows = {  # ne[0]: the row length llama.cpp quantizes along (the input width)
+    "self_attn/q_proj": config.hidden_size,
+    "self_attn/k_proj": config.hidden_size,
+    "self_attn/v_proj": config.hidden_size,
+    "self_attn/o_proj": q_width,
+    "mlp/gate_proj": config.hidden_size,
+    "mlp/up_proj": config.hidden_size,
+    "mlp/down_proj": config.intermediate_size,
+    "mlp/experts/gate_proj": config.hidden_size,
+    "mlp/experts/up_proj": config.hidden_size,
+    "mlp/experts/down_proj": config.expert_size,
+  }
+  return {
+    f"model/layers_{i}/{module}/kernel": rows[module]
+    for i in range(config.num_hidden_layers)
+    for module in categories(config, i)
+  }
+
+
+ALLOCATABLE = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+"""The types a bit allocation chooses among for a block linear: llama.cpp reads any of them for any tensor."""
+
+
+def types_for_row(row_length: int) -> tuple[str, ...]:
+  """The `ALLOCATABLE` types whose blocks tile a row of `row_length` elements."""
+  return tuple(t for t in ALLOCATABLE if row_length % ggml.BLOCK_TYPES[t].block_size == 0)
+
+
+def tensor_types(
+  recipe: str, config: "LlamaConfig", *, imatrix: bool = False, overrides: Mapping[str, str] | None = None
+) -> dict[str, str]:
   """Flax parameter path -> ggml type of every quantized tensor, as ``llama-quantize`` chooses it.
 
   Norms and other 1-D tensors are not listed (they stay F32).
+
+  Args:
+    recipe: a llama.cpp file type (`RECIPES`).
+    config: the model's config.
+    imatrix: the types llama.cpp gives a file made with an importance matrix.
+    overrides: path -> ggml type replacing the recipe's choice for that tensor (a bit allocation, or
+      ``llama-quantize --tensor-type``); taken as given, without llama.cpp's fallback.
+
+  Raises:
+    ValueError: naming the tensor, for an override of a path that is not quantized or a type whose blocks do
+      not tile its rows.
   """
   check_recipe(recipe)
-  hidden, inter = config.hidden_size, config.intermediate_size
-  q_width = config.num_attention_heads * config.head_dim
-  rows = {  # ne[0]: the row length llama.cpp quantizes along (the input width)
-    "self_attn/q_proj": hidden,
-    "self_attn/k_proj": hidden,
-    "self_attn/v_proj": hidden,
-    "self_attn/o_proj": q_width,
-    "mlp/gate_proj": hidden,
-    "mlp/up_proj": hidden,
-    "mlp/down_proj": inter,
-    "mlp/experts/gate_proj": hidden,
-    "mlp/experts/up_proj": hidden,
-    "mlp/experts/down_proj": config.expert_size,
-  }
+  hidden = config.hidden_size
   chosen = {}  # path -> (category, type before the fallback, row length)
   output = _output_type(recipe, hidden)
   embed = output if config.tie_word_embeddings else RECIPES[recipe]
   chosen["model/embed_tokens/embedding"] = ("token_embd", embed, hidden)
   if not config.tie_word_embeddings:
     chosen["lm_head/kernel"] = ("output", output, hidden)
-  for i in range(config.num_hidden_layers):
-    for module, category in categories(config, i).items():
-      layer_type = _layer_type(recipe, category, i, config, imatrix=imatrix)
-      chosen[f"model/layers_{i}/{module}/kernel"] = (category, layer_type, rows[module])
+  for path, row_length in row_lengths(config).items():
+    i, module = re.fullmatch(r"model/layers_(\d+)/(.*)/kernel", path).groups()
+    category = categories(config, int(i))[module]
+    chosen[path] = (category, _layer_type(recipe, category, int(i), config, imatrix=imatrix), row_length)
   types = {}
   for path, (category, type_name, row_length) in chosen.items():
     try:
       types[path] = fallback(type_name, row_length)
     except ValueError as e:
       raise ValueError(f"{path} ({category}, {type_name} in {recipe}): {e}") from None
+  for path, type_name in (overrides or {}).items():
+    if path not in chosen:
+      raise ValueError(f"{path}: not a tensor a GGUF recipe quantizes, so no type can be set for it.")
+    row_length = chosen[path][2]
+    block = ggml.BLOCK_TYPES[type_name].block_size if type_name in ggml.BLOCK_TYPES else None
+    if block is None or row_length % block:
+      fits = ", ".join(types_for_row(row_length))
+      raise ValueError(f"{path}: {type_name} does not tile its rows of {row_length} elements; one of {fits}.")
+    types[path] = type_name
   return types
 
 
@@ -210,6 +250,7 @@ def gguf_recipe(
   *,
   imatrix: bool = False,
   linear: Callable[[str], Transform] | None = None,
+  overrides: Mapping[str, str] | None = None,
 ) -> list[Rule]:
   """The recipe as rules: one rule per (tensor kind, type), its layers in the pattern.
 
@@ -220,6 +261,7 @@ def gguf_recipe(
       ``imatrix`` statistic); the embedding and output never are, as in llama.cpp.
     linear: ``type name -> transform`` rounding the block linears into their types (e.g. GPTQ into the block
       grid); by default llama.cpp's own encoders (`kquant`).
+    overrides: path -> ggml type replacing the recipe's choice (see `tensor_types`).
 
   Examples:
     >>> from qjax.models import LlamaConfig
@@ -230,7 +272,7 @@ def gguf_recipe(
   """
   by_kind: dict[tuple[str, str], list[int]] = defaultdict(list)
   rules = []
-  for path, type_name in tensor_types(recipe, config, imatrix=imatrix).items():
+  for path, type_name in tensor_types(recipe, config, imatrix=imatrix, overrides=overrides).items():
     if path == "model/embed_tokens/embedding":
       rules.append(Rule(re.escape(path), kquant(type_name, axis=1), name=f"token_embd {type_name}"))
     elif path == "lm_head/kernel":

@@ -13,6 +13,7 @@ export's own rounding: RTN on ``spec``, or llama.cpp's recipe for a GGUF export)
 """
 
 import dataclasses
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from qjax.core import ClipSearch, QSpec
@@ -79,7 +80,12 @@ def gptq(spec: QSpec, gptq_config: GptqConfig = GptqConfig()) -> Recipe:
 
 
 def gguf(
-  gguf_type: str, model_config: "LlamaConfig", *, imatrix: bool = False, gptq_config: GptqConfig | None = None
+  gguf_type: str,
+  model_config: "LlamaConfig",
+  *,
+  imatrix: bool = False,
+  gptq_config: GptqConfig | None = None,
+  overrides: Mapping[str, str] | None = None,
 ) -> Recipe:
   """llama.cpp's recipe `gguf_type` (``Q4_K_M`` …): its per-tensor types, the file llama.cpp would write.
 
@@ -96,14 +102,15 @@ def gguf(
       the float model as llama.cpp's imatrix tool does (GPTQ's rounding weighs its own Hessian instead).
     gptq_config: round the block linears with GPTQ (its sweep order must keep each block's columns together:
       group-aware or plain order).
+    overrides: path -> ggml type replacing the recipe's type for that tensor (a bit allocation's choices).
   """
   if gptq_config is None:
-    rules = gguf_recipes.gguf_recipe(gguf_type, model_config, imatrix=imatrix)
+    rules = gguf_recipes.gguf_recipe(gguf_type, model_config, imatrix=imatrix, overrides=overrides)
     return Recipe((rules_transform(rules),), f"gguf {gguf_type}" + (" imatrix" if imatrix else ""), imatrix)
   linear = lambda type_name: gptq_rounding(QSpec.ggml(type_name), gptq_config)
   # A calibrated file: the types llama.cpp gives a file made with an importance matrix (they differ for a few
   # recipes, e.g. IQ4_XS keeps its first ffn_down layers at IQ4_XS), so it is the size of the imatrix file.
-  rules = gguf_recipes.gguf_recipe(gguf_type, model_config, imatrix=True, linear=linear)
+  rules = gguf_recipes.gguf_recipe(gguf_type, model_config, imatrix=True, linear=linear, overrides=overrides)
   return Recipe((rules_transform(rules),), f"gptq gguf {gguf_type}")
 
 

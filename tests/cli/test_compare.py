@@ -21,6 +21,9 @@ def test_recipes_parse_into_method_and_format():
   assert parse_recipe("Q3_K_M").family == CPU and parse_recipe("rtn@gptq_v2").family == GPU_SERVING
   assert parse_recipe("awq+gptq@Q4_K_M+imatrix") == Candidate("awq+gptq@Q4_K_M+imatrix", "awq+gptq", "gguf:Q4_K_M",
                                                                 True)  # fmt: skip
+  assert parse_recipe("Q4_K_M+imatrix+alloc") == Candidate("Q4_K_M+imatrix+alloc", "none", "gguf:Q4_K_M", True,
+                                                           "Q4_K_M")  # fmt: skip
+  assert parse_recipe("gptq@Q3_K_M+4.5bpw").target_bpw == "4.5"
 
 
 @pytest.mark.parametrize(
@@ -29,9 +32,11 @@ def test_recipes_parse_into_method_and_format():
     ("gptqq", "unknown method 'gptqq'"),
     ("gptq@Q9_K", "unknown format 'Q9_K'"),
     ("gptq+imatrix", "unknown method 'gptq+imatrix'"),
-    ("gptq@gptq+imatrix", "+imatrix applies to llama.cpp file types"),
+    ("gptq@gptq+imatrix", "+imatrix, +alloc and +<N>bpw apply to llama.cpp file types"),
     ("rtn@qjax", "compare quantized files"),
     ("none@F16", "unknown format 'F16'"),
+    ("Q4_K_M+4.5", "unknown modifier '4.5'"),
+    ("gptq@gptq+alloc", "+alloc and +<N>bpw apply to llama.cpp file types"),
   ],
 )
 def test_bad_recipes_are_named(text, message):

@@ -1,0 +1,232 @@
+"""How much each linear's rounding error costs the model's output: the Fisher-weighted rounding error.
+
+To second order, the KL divergence a small weight change ΔW adds to the model's next-token distributions is
+``½ ΔWᵀ F ΔW``, with F the Fisher information of the weights. Its diagonal (estimated from squared gradients of the
+log-likelihood of tokens drawn from the model itself, on the calibration text's contexts) weighs every weight's
+rounding error by how much the output moves with it, across layers as well as within one, so
+``½ Σ F ⊙ ΔW²`` predicts, in nats per token, what rounding one tensor into a format costs the whole model. This
+is the proxy `qjax.transforms.allocation` allocates bits with; `experiments/allocation.md` measures how well it
+predicts the KL divergence measured end to end.
+"""
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jaxtyping import Array, Float, Int
+
+from qjax.core import dequantize, ggml
+from qjax.core.progress import progress
+from qjax.core.tree import get_path
+from qjax.models import LlamaConfig
+from qjax.models.checkpoint import param_shapes
+from qjax.models.llama import LlamaForCausalLM
+from qjax.quantizers.kquants import kquant_quantize
+from qjax.transforms import gguf_recipes
+from qjax.transforms.allocation import Option, Unit, allocate
+from qjax.transforms.gguf_recipes import ALLOCATABLE
+
+
+def fisher_diagonal(
+  config: LlamaConfig,
+  params,
+  windows: Int[np.ndarray, "n t"],
+  paths: Sequence[str],
+  *,
+  batch_size: int = 4,
+  seed: int = 0,
+  show_progress: bool = False,
+) -> dict[str, np.ndarray]:
+  """The Fisher information's diagonal, per token, of the weights at `paths`: the curvature of the KL divergence
+  from the float model's next-token distributions, which is what rounding the weights adds to.
+
+  For each batch of windows, next tokens are drawn from the model's own distributions and the gradient g of their
+  mean negative log-likelihood is taken; with ``N`` tokens in the batch, ``N·g²`` estimates the per-token Fisher's
+  diagonal (each token's score has mean zero under the model's distribution, so the cross terms vanish in
+  expectation), and the estimates are averaged over batches. The text's own next tokens would give the
+  "empirical Fisher", which counts the model's systematic error on the text as curvature: on the default model it
+  overstated the first layer's ffn_down forty-fold.
+
+  Args:
+    config: the model's config.
+    params: the float model's parameters.
+    windows: (n, t) calibration token windows.
+    paths: '/'-joined paths of the weights (Dense kernels).
+    batch_size: windows per gradient.
+    seed: seeds the drawn tokens.
+    show_progress: print progress.
+
+  Returns:
+    path -> float32 array of the weight's shape.
+  """
+  net = LlamaForCausalLM(config)
+  flat = flatten_dict(params, sep="/")
+  missing = [p for p in paths if p not in flat]
+  if missing:
+    raise ValueError(f"fisher_diagonal: no parameter at {missing[0]!r}.")
+  chosen = {p: flat[p] for p in paths}
+  rest = {p: v for p, v in flat.items() if p not in chosen}
+
+  def nll(selected, rest, ids, key):
+    logits = net.apply({"params": unflatten_dict({**rest, **selected}, sep="/")}, ids)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    drawn = jax.lax.stop_gradient(jax.random.categorical(key, logp))
+    return -jnp.mean(jnp.take_along_axis(logp, drawn[..., None], axis=-1))
+
+  @jax.jit
+  def squared_grad(selected, rest, ids, key):
+    g = jax.grad(nll)(selected, rest, ids, key)
+    return jax.tree_util.tree_map(lambda x: ids.size * jnp.square(x.astype(jnp.float32)), g)
+
+  total = None
+  batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+  keys = jax.random.split(jax.random.key(seed), len(batches))
+  for ids, key in progress(zip(batches, keys, strict=True), total=len(batches), label="sensitivity",
+                           enabled=show_progress):  # fmt: skip
+    sq = squared_grad(chosen, rest, jnp.asarray(ids), key)
+    total = sq if total is None else jax.tree_util.tree_map(jnp.add, total, sq)
+  return {p: np.asarray(v, np.float32) / len(batches) for p, v in total.items()}
+
+
+def weighted_error(fisher: Float[Array, "..."], w: Float[Array, "..."], w_hat: Float[Array, "..."]) -> float:
+  """``½ Σ F ⊙ (ŵ - w)²``: the KL divergence, in nats per token, that replacing `w` by `w_hat` is predicted to add."""
+  d = jnp.asarray(w_hat, jnp.float32) - jnp.asarray(w, jnp.float32)
+  return float(0.5 * jnp.sum(jnp.asarray(fisher) * d * d))
+
+
+def format_errors(
+  params,
+  fisher: Mapping[str, np.ndarray],
+  formats: Mapping[str, Iterable[str]],
+  round_trip: Callable[[Array, str], Array],
+  *,
+  show_progress: bool = False,
+) -> dict[str, dict[str, float]]:
+  """Each weight's predicted cost in each of its formats: ``path -> {format: ½ Σ F ⊙ ΔW²}``.
+
+  Args:
+    params: the float model's parameters.
+    fisher: `fisher_diagonal`'s result for the paths of `formats`.
+    formats: path -> the formats (labels `round_trip` understands) that weight may take.
+    round_trip: ``(w, format) -> w`` rounded into the format and back.
+    show_progress: print progress.
+  """
+  errors: dict[str, dict[str, float]] = {}
+  for path in progress(formats, total=len(formats), label="rounding errors", enabled=show_progress):
+    w = get_path(params, path)
+    errors[path] = {f: weighted_error(fisher[path], w, round_trip(w, f)) for f in formats[path]}
+  return errors
+
+
+def ggml_round_trip(w: Float[Array, "in out"], type_name: str) -> Float[Array, "in out"]:
+  """`w` encoded by llama.cpp's encoder for `type_name` (without an importance matrix) and decoded."""
+  return dequantize(kquant_quantize(w, type_name=type_name))
+
+
+class Allocation(NamedTuple):
+  """A bit allocation's result.
+
+  Attributes:
+    types: path -> ggml type of every tensor the allocation chose (the overrides of the base recipe).
+    bits_per_weight: of the quantized tensors (embedding and output at the base recipe's types included).
+    predicted_kl: the proxy's total, ``Σ ½ Σ F ⊙ ΔW²`` over the allocated tensors, in nats per token.
+    errors: path -> {type: predicted KL divergence} for every allocated tensor and candidate type.
+  """
+
+  types: dict[str, str]
+  bits_per_weight: float
+  predicted_kl: float
+  errors: dict[str, dict[str, float]]
+
+
+def type_bits(type_name: str, numel: int) -> float:
+  """Bits a tensor of `numel` weights takes in ggml type `type_name`."""
+  info = ggml.BLOCK_TYPES[type_name]
+  return numel * 8.0 * info.type_size / info.block_size
+
+
+def allocate_gguf(
+  config: LlamaConfig,
+  params,
+  windows: Int[np.ndarray, "n t"],
+  *,
+  base: str,
+  target_bpw: float,
+  imatrix: bool = False,
+  types: Sequence[str] = ALLOCATABLE,
+  batch_size: int = 4,
+  show_progress: bool = False,
+  errors: Mapping[str, Mapping[str, float]] | None = None,
+) -> Allocation:
+  """The ggml type of each decoder-layer linear that least raises the predicted KL divergence within a budget.
+
+  The embedding and output keep the `base` recipe's types; every block linear may take any of `types` whose
+  blocks tile its rows (`qjax.transforms.gguf_recipes.types_for_row`), each costed by the Fisher-weighted
+  rounding error of llama.cpp's encoder for it.
+
+  Args:
+    config: the model's config.
+    params: the float model's parameters.
+    windows: (n, t) calibration windows for the Fisher's diagonal.
+    base: the llama.cpp recipe (``"Q4_K_M"`` …) whose embedding and output types are kept.
+    target_bpw: bits per weight of all the quantized tensors together.
+    imatrix: the base recipe's types as a file made with an importance matrix gets them.
+    types: the ggml types a linear may take (those of them that tile its rows).
+    batch_size: windows per gradient.
+    show_progress: print progress.
+    errors: a previous allocation's ``errors`` on the same model and windows: reused when they cover every
+      candidate (they do not depend on the base recipe or the budget).
+
+  Raises:
+    ValueError: as `check_budget`.
+  """
+  check_budget(target_bpw, base, config, imatrix=imatrix, types=types)
+  base_types = gguf_recipes.tensor_types(base, config, imatrix=imatrix)
+  rows = gguf_recipes.row_lengths(config)
+  numel = {p: int(np.prod(np.shape(get_path(params, p)))) for p in base_types}
+  total = sum(numel.values())
+  fixed_bits = sum(type_bits(t, numel[p]) for p, t in base_types.items() if p not in rows)
+  candidates = {p: [t for t in gguf_recipes.types_for_row(r) if t in types] for p, r in rows.items()}
+  if errors is None or any(t not in errors.get(p, {}) for p, ts in candidates.items() for t in ts):
+    fisher = fisher_diagonal(config, params, windows, list(rows), batch_size=batch_size, show_progress=show_progress)
+    errors = format_errors(params, fisher, candidates, ggml_round_trip, show_progress=show_progress)
+  errors = {p: {t: errors[p][t] for t in ts} for p, ts in candidates.items()}
+  units = [Unit((p,), tuple(Option(t, type_bits(t, numel[p]), e) for t, e in errors[p].items())) for p in rows]
+  chosen = allocate(units, target_bpw * total - fixed_bits)
+  types = {u.members[0]: u.options[i].label for u, i in zip(units, chosen, strict=True)}
+  bits = fixed_bits + sum(u.options[i].bits for u, i in zip(units, chosen, strict=True))
+  predicted = sum(u.options[i].error for u, i in zip(units, chosen, strict=True))
+  return Allocation(types, bits / total, predicted, errors)
+
+
+def check_budget(
+  target_bpw: float, base: str, config: LlamaConfig, *, imatrix: bool = False, types: Sequence[str] = ALLOCATABLE
+) -> None:
+  """Raises ValueError, before any work, when `target_bpw` is below what the cheapest of `types` for every linear
+  (and `base`'s embedding and output) take, or when some linear has none of `types` that tiles its rows."""
+  shapes = param_shapes(config)
+  base_types = gguf_recipes.tensor_types(base, config, imatrix=imatrix)
+  rows = gguf_recipes.row_lengths(config)
+  numel = {p: int(np.prod(shapes[p])) for p in base_types}
+  bits = sum(type_bits(t, numel[p]) for p, t in base_types.items() if p not in rows)
+  for path, row_length in rows.items():
+    fits = [t for t in gguf_recipes.types_for_row(row_length) if t in types]
+    if not fits:
+      raise ValueError(f"--allocation_types: none of {', '.join(types)} tiles the rows of {row_length} elements of "
+                       f"{path}; allow one of {', '.join(gguf_recipes.types_for_row(row_length))}.")  # fmt: skip
+    bits += min(type_bits(t, numel[path]) for t in fits)
+  least = bits / sum(numel.values())
+  if target_bpw < least:
+    raise ValueError(f"--target_bpw={target_bpw:g}: below the {least:.3f} bits per weight of the cheapest types "
+                     f"this model's linears can take ({base}'s embedding and output kept).")  # fmt: skip
+
+
+def recipe_bits_per_weight(recipe: str, config: LlamaConfig, *, imatrix: bool = False) -> float:
+  """Bits per weight of the tensors llama.cpp's `recipe` quantizes, on a model of `config`."""
+  shapes = param_shapes(config)
+  types = gguf_recipes.tensor_types(recipe, config, imatrix=imatrix)
+  numel = {p: int(np.prod(shapes[p])) for p in types}
+  return sum(type_bits(t, numel[p]) for p, t in types.items()) / sum(numel.values())

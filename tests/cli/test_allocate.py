@@ -1,0 +1,80 @@
+"""`qjax quantize --target_bpw`: llama.cpp types allocated per tensor within the budget, written as a rules file that
+--rules reads back into the same file; and every bad budget refused before any work."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from qjax.cli.quantize import Settings, plan, run
+from qjax.core import InputError
+from qjax.formats import open_checkpoint
+from qjax.formats.rules_file import read_rules
+from qjax.models import LlamaConfig
+from qjax.transforms.gguf_recipes import row_lengths, types_for_row
+from tests.model_factory import write_random_llama
+
+CONFIG = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  ("kw", "message"),
+  [
+    (dict(target_bpw="5"), "--target_bpw chooses llama.cpp types per tensor over a GGUF recipe"),
+    (dict(rules="r.json", target_bpw="5", export="gguf:Q4_K_M"), "--rules=r.json: no such file"),
+    (dict(target_bpw="five", export="gguf:Q4_K_M"), "--target_bpw=five: expected bits per weight"),
+    (dict(target_bpw="2", export="gguf:Q4_K_M"), "--target_bpw=2: below the 3.505 bits per weight"),
+    (dict(target_bpw="5", export="gguf:Q4_K_M", allocation_types="Q4_K,Q9"), "--allocation_types: Q9"),
+  ],
+)
+def test_a_bad_budget_is_refused_before_any_work(kw, message):
+  with pytest.raises((ValueError, InputError)) as e:
+    plan(Settings(method="none", **kw), CONFIG)
+  assert message in str(e.value)
+
+
+def test_narrow_rows_limit_the_types(tmp_path):
+  narrow = dataclasses.replace(CONFIG, hidden_size=96, head_dim=24)
+  s = Settings(method="none", export="gguf:Q4_K_M", target_bpw="5", allocation_types="Q4_K,Q6_K")
+  with pytest.raises(ValueError, match="none of Q4_K, Q6_K tiles the rows of 96 elements of model/layers_0/self_at"):
+    plan(s, narrow)
+
+
+@pytest.mark.slow
+def test_allocation_meets_the_budget_and_its_rules_rebuild_the_file(tmp_path):
+  import gguf
+
+  model = write_random_llama(str(tmp_path / "model"), hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2)
+  base = dict(model=model, method="none", export="gguf:Q4_K_M", nsamples=4, seqlen=64, eval_windows=0, batch_size=2)
+  out = str(tmp_path / "alloc")
+  _, written, p = run(Settings(**base, target_bpw="Q4_K_M", out=out), show_progress=False)  # Q4_K_M's own size
+  rules = read_rules(os.path.join(out, "rules.json"))
+  budget = rules.record["target_bpw"]
+  assert rules.base == "Q4_K_M" and budget - 0.01 < rules.record["bits_per_weight"] <= budget  # nearly all spent
+
+  # The file holds the allocated types, each one that tiles its tensor's rows, within the budget.
+  reader = gguf.GGUFReader(written)
+  stored = {t.name: t for t in reader.tensors if t.tensor_type not in (gguf.GGMLQuantizationType.F32,)}
+  assert sum(int(t.n_bytes) * 8 for t in stored.values()) / sum(int(t.n_elements) for t in stored.values()) <= budget
+  rows = row_lengths(open_checkpoint(model).config)
+  names = {f"model/layers_{i}/{m}/kernel": f"blk.{i}.{n}.weight" for i in range(2) for m, n in _NAMES.items()}
+  for path, type_name in p.overrides.items():
+    assert stored[names[path]].tensor_type.name == type_name and type_name in types_for_row(rows[path])
+  assert len(set(p.overrides.values())) > 1  # the layers' sensitivities differ, so do their types
+
+  # --rules alone (the base recipe from the file) rebuilds the same tensors, byte for byte (the metadata records
+  # how each file was made).
+  again = str(tmp_path / "again")
+  _, rewritten, _ = run(Settings(**{**base, "export": None}, rules=os.path.join(out, "rules.json"), out=again),
+                        show_progress=False)  # fmt: skip
+  rebuilt = {t.name: t for t in gguf.GGUFReader(rewritten).tensors}
+  assert rebuilt.keys() == {t.name for t in reader.tensors}
+  for t in reader.tensors:
+    assert rebuilt[t.name].tensor_type == t.tensor_type and np.array_equal(rebuilt[t.name].data, t.data), t.name
+
+
+_NAMES = {"self_attn/q_proj": "attn_q", "self_attn/k_proj": "attn_k", "self_attn/v_proj": "attn_v",
+          "self_attn/o_proj": "attn_output", "mlp/gate_proj": "ffn_gate", "mlp/up_proj": "ffn_up",
+          "mlp/down_proj": "ffn_down"}  # fmt: skip

@@ -1,0 +1,42 @@
+"""The allocation's proxy on real weights: the Fisher-weighted rounding error of one linear predicts the KL divergence
+that rounding it alone adds to the whole model, in order and in size."""
+
+import numpy as np
+import pytest
+
+from qjax.calib import text as texts
+from qjax.core.tree import get_path, replace_path
+from qjax.eval import evaluate
+from qjax.eval.sensitivity import fisher_diagonal, ggml_round_trip, weighted_error
+from qjax.formats import open_checkpoint
+from qjax.models import logits_fn
+
+PATHS = ["model/layers_0/mlp/down_proj/kernel", "model/layers_3/self_attn/q_proj/kernel",
+         "model/layers_8/self_attn/v_proj/kernel", "model/layers_14/mlp/up_proj/kernel",
+         "model/layers_20/self_attn/o_proj/kernel", "model/layers_29/mlp/down_proj/kernel"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_fisher_weighted_error_predicts_each_linears_kl_divergence():
+  checkpoint = open_checkpoint("default")
+  params, config = checkpoint.params(), checkpoint.config
+  tokens = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "calibration"))
+  calib = texts.calibration_windows(tokens, 8, 128, seed=0)
+  held_out = texts.eval_windows(texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation")), 256,
+                                max_windows=4)  # fmt: skip
+  fisher = fisher_diagonal(config, params, calib, PATHS, batch_size=4)
+  reference = logits_fn(config, params)
+  predicted, measured = [], []
+  for path in PATHS:
+    w = get_path(params, path)
+    rounded = np.asarray(ggml_round_trip(w, "Q4_0"))  # the default model's weights lie on Q4_1's grid, not Q4_0's
+    predicted.append(weighted_error(fisher[path], w, rounded))
+    kl = evaluate(logits_fn(config, replace_path(params, path, rounded)), held_out, reference_fn=reference,
+                  show_progress=False).kl_divergence  # fmt: skip
+    measured.append(kl)
+  rank = lambda x: np.argsort(np.argsort(x))
+  rho = np.corrcoef(rank(predicted), rank(measured))[0, 1]
+  ratio = np.array(measured) / np.array(predicted)
+  print("predicted", np.round(predicted, 5), "measured", np.round(measured, 5), f"rank correlation {rho:.2f}")
+  assert rho >= 0.8, (predicted, measured)  # the order the allocation spends bits by
+  assert np.all((ratio > 0.2) & (ratio < 5)), ratio  # and the size, on text the Fisher never saw
