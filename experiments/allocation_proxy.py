@@ -93,13 +93,14 @@ def main(argv):
   rho_tensors = _spearman([t["predicted"] for t in tensors], [t["measured"] for t in tensors])
   ratio = [t["measured"] / t["predicted"] for t in tensors]
   lines = [
-    f"# The allocation's proxy against measured KL divergence ({summary['settings']['model']})",
+    f"**The allocation's proxy against measured KL divergence ({summary['settings']['model']}).**",
     "",
-    f"Proxy: ½ Σ F ⊙ ΔW², F the empirical Fisher's diagonal on {rules['proxy'].rpartition('on ')[2]}; "
+    f"Proxy: ½ Σ F ⊙ ΔW², F the Fisher's diagonal (tokens drawn from the model) on "
+    f"{rules['proxy'].rpartition('on ')[2]}; "
     f"measured: mean KL divergence on {summary['eval_tokens']} tokens against the stored float logits. From "
     f"`python experiments/allocation_proxy.py --compare_dir={d}`.",
     "",
-    "## Whole files (the proxy summed over their linears)",
+    "#### Whole files (the proxy summed over their linears)",
     "",
     "| recipe | bits/weight | proxy | KL in qjax | KL in llama.cpp |",
     "|---|---|---|---|---|",
@@ -108,7 +109,7 @@ def main(argv):
     "",
     f"Rank correlation of proxy and qjax KL over the files: {rho_files:.2f}.",
     "",
-    f"## One linear at a time, rounded to Q4_0 ({len(tensors)} linears spread over the proxy's range)",
+    f"#### One linear at a time, rounded to Q4_0 ({len(tensors)} linears spread over the proxy's range)",
     "",
     "| tensor | proxy | KL in qjax | ratio |",
     "|---|---|---|---|",

@@ -10,6 +10,12 @@ def test_readme_quotes_the_method_comparison():
   assert table in (ROOT / "README.md").read_text()
 
 
+def test_readme_quotes_the_format_comparison_and_the_allocation_proxy():
+  readme = (ROOT / "README.md").read_text()
+  for name in ("compare.md", "allocation.md"):
+    assert (ROOT / "experiments" / name).read_text().strip() in readme, name
+
+
 def test_readme_has_the_two_setup_commands():
   readme = (ROOT / "README.md").read_text()
   assert "scripts/env.sh qjax quantize" in readme and "scripts/env.sh test" in readme

@@ -9,6 +9,7 @@ Example:
   qjax quantize --method=gptq --bits=3 --group_size=64 --desc_act --out=runs/gptq3
   qjax quantize --model=path/to/hf_model --method=rtn --bits=4 --group_size=128
   qjax quantize --method=none --export=gguf:Q4_K_M --imatrix --out=runs/q4km   # llama.cpp's encoders, in JAX
+  qjax quantize --method=none --export=gguf:Q4_K_M --target_bpw=Q4_K_M          # types per tensor, Q4_K_M's size
   qjax quantize --bits=4 --group_size=64 --export=gptq --out=runs/gptq4-hf       # for vLLM, TGI, transformers
   qjax quantize --recipe=experiments/new_scheme.py:recipe --group_size=64         # your own scheme
 """
@@ -549,8 +550,8 @@ def write_allocation(directory: str, s: Settings, p: Plan, allocation: Allocatio
   """Writes the allocation as a rules file (``rules.json``) that --rules reads back; returns its path."""
   record = {"model": s.model, "target_bpw": p.target_bpw, "bits_per_weight": allocation.bits_per_weight,
             "predicted_kl": allocation.predicted_kl, "imatrix": s.imatrix, "types": list(allocation_types(s)),
-            "proxy": "Fisher-weighted rounding error, 1/2 sum F (w_hat - w)^2, F the empirical Fisher's diagonal on "
-                     f"{s.nsamples} windows of {s.seqlen} tokens of --calib={s.calib}",
+            "proxy": "Fisher-weighted rounding error, 1/2 sum F (w_hat - w)^2, F the Fisher diagonal (tokens drawn "
+                     f"from the model) on {s.nsamples} windows of {s.seqlen} tokens of --calib={s.calib}",
             "predicted_kl_by_tensor": allocation.errors}  # fmt: skip
   path = os.path.join(directory, "rules.json")
   with atomic_file(path) as tmp:

@@ -121,8 +121,11 @@ def format_errors(
   return errors
 
 
-def ggml_round_trip(w: Float[Array, "in out"], type_name: str) -> Float[Array, "in out"]:
-  """`w` encoded by llama.cpp's encoder for `type_name` (without an importance matrix) and decoded."""
+def ggml_round_trip(w: Float[Array, "*experts in out"], type_name: str) -> Float[Array, "*experts in out"]:
+  """`w` encoded by llama.cpp's encoder for `type_name` (without an importance matrix) and decoded; a stack of
+  experts' kernels (E, in, out) expert by expert, as llama.cpp encodes the rows of its stacked tensor."""
+  if np.ndim(w) == 3:
+    return jnp.stack([ggml_round_trip(e, type_name) for e in w])
   return dequantize(kquant_quantize(w, type_name=type_name))
 
 
@@ -194,9 +197,13 @@ def allocate_gguf(
     fisher = fisher_diagonal(config, params, windows, list(rows), batch_size=batch_size, show_progress=show_progress)
     errors = format_errors(params, fisher, candidates, ggml_round_trip, show_progress=show_progress)
   errors = {p: {t: errors[p][t] for t in ts} for p, ts in candidates.items()}
-  units = [Unit((p,), tuple(Option(t, type_bits(t, numel[p]), e) for t, e in errors[p].items())) for p in rows]
+  units = []
+  for group in gguf_recipes.tied_groups(config):  # the parts of one llama.cpp tensor take one type
+    shared = [t for t in candidates[group[0]] if all(t in candidates[p] for p in group)]
+    options = [Option(t, sum(type_bits(t, numel[p]) for p in group), sum(errors[p][t] for p in group)) for t in shared]
+    units.append(Unit(group, tuple(options)))
   chosen = allocate(units, target_bpw * total - fixed_bits)
-  types = {u.members[0]: u.options[i].label for u, i in zip(units, chosen, strict=True)}
+  types = {p: u.options[i].label for u, i in zip(units, chosen, strict=True) for p in u.members}
   bits = fixed_bits + sum(u.options[i].bits for u, i in zip(units, chosen, strict=True))
   predicted = sum(u.options[i].error for u, i in zip(units, chosen, strict=True))
   return Allocation(types, bits / total, predicted, errors)

@@ -187,6 +187,19 @@ def row_lengths(config: "LlamaConfig") -> dict[str, int]:
   }
 
 
+def tied_groups(config: "LlamaConfig") -> list[tuple[str, ...]]:
+  """The decoder linears grouped by the llama.cpp tensor that holds them: one type per group (Phi-3's attn_qkv holds
+  q/k/v, its ffn_up gate/up; every other family stores each linear, its experts stacked, as its own tensor)."""
+  groups = []
+  for i in range(config.num_hidden_layers):
+    by_tensor: dict[str, list[str]] = defaultdict(list)
+    for module, category in categories(config, i).items():
+      fused = config.fused_projections and category in ("attn_qkv", "ffn_up")
+      by_tensor[category if fused else module].append(f"model/layers_{i}/{module}/kernel")
+    groups += [tuple(paths) for paths in by_tensor.values()]
+  return groups
+
+
 ALLOCATABLE = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 """The types a bit allocation chooses among for a block linear: llama.cpp reads any of them for any tensor."""
 
@@ -241,6 +254,12 @@ def tensor_types(
       fits = ", ".join(types_for_row(row_length))
       raise ValueError(f"{path}: {type_name} does not tile its rows of {row_length} elements; one of {fits}.")
     types[path] = type_name
+  if overrides:
+    for group in tied_groups(config):
+      if len({types[p] for p in group}) > 1:
+        given = ", ".join(f"{p.rsplit('/', 2)[-2]} {types[p]}" for p in group)
+        raise ValueError(f"{group[0]}: llama.cpp stores {' and '.join(p.rsplit('/', 2)[-2] for p in group)} of this "
+                         f"layer as one tensor, so they take one type; the overrides give {given}.")  # fmt: skip
   return types
 
 

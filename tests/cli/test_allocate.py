@@ -78,3 +78,45 @@ def test_allocation_meets_the_budget_and_its_rules_rebuild_the_file(tmp_path):
 _NAMES = {"self_attn/q_proj": "attn_q", "self_attn/k_proj": "attn_k", "self_attn/v_proj": "attn_v",
           "self_attn/o_proj": "attn_output", "mlp/gate_proj": "ffn_gate", "mlp/up_proj": "ffn_up",
           "mlp/down_proj": "ffn_down"}  # fmt: skip
+
+
+FAMILIES = {
+  "qwen3": dict(family="Qwen3", head_dim=96),
+  "gemma3": dict(family="Gemma3", head_dim=64, tie=True, query_pre_attn_scalar=64),
+  "phi3": dict(family="Phi3"),  # q/k/v one attn_qkv tensor, gate/up one ffn_up: one type each
+  "mixtral": dict(family="Mixtral", num_local_experts=4, num_experts_per_tok=2),  # experts stacked: one tensor
+  "qwen3moe": dict(
+    family="Qwen3Moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, norm_topk_prob=True
+  ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gets_types_its_runtime_reads(family, tmp_path):
+  import gguf
+
+  from qjax.transforms.gguf_recipes import tied_groups
+  from tests.model_factory import write_random_moe
+
+  kwargs = dict(FAMILIES[family])
+  write = write_random_moe if "num_experts_per_tok" in kwargs else write_random_llama
+  model = write(str(tmp_path / "model"), hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2, **kwargs)
+  config = open_checkpoint(model).config
+  s = Settings(model=model, method="none", export="gguf:Q4_K_M", target_bpw="Q4_K_M", nsamples=2, seqlen=32,
+               eval_windows=0, batch_size=2, out=str(tmp_path / "out"))  # fmt: skip
+  _, written, p = run(s, show_progress=False)
+  rows = row_lengths(config)
+  assert set(p.overrides) == set(rows)  # every decoder linear allocated
+  for group in tied_groups(config):  # fused parts share a type, and it tiles their rows
+    assert len({p.overrides[path] for path in group}) == 1 and p.overrides[group[0]] in types_for_row(rows[group[0]])
+  assert (len(tied_groups(config)) < len(rows)) == (family == "phi3")
+  # The file is written (fused and stacked tensors whole) and llama.cpp runs it.
+  names = {t.name for t in gguf.GGUFReader(written).tensors}
+  assert ("blk.0.attn_qkv.weight" in names) == (family == "phi3")
+  assert ("blk.0.ffn_down_exps.weight" in names) == ("moe" in family or family == "mixtral")
+  llama_cpp = pytest.importorskip("llama_cpp")
+  llm = llama_cpp.Llama(model_path=written, n_ctx=32, logits_all=True, verbose=False)
+  llm.eval([1, 2, 3, 4])
+  assert np.isfinite(np.array(llm.scores[:4])).all()
+  llm.close()
