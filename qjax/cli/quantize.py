@@ -414,6 +414,10 @@ def plan(
   if rules is not None and overrides is None:
     paths = tensor_types(target.gguf_type, config, imatrix=s.imatrix or uses_gptq)
     overrides = rules.resolve(paths, source=f"--rules={s.rules}")
+    try:  # each type must tile its tensor's rows, and fused parts share one
+      tensor_types(target.gguf_type, config, imatrix=s.imatrix or uses_gptq, overrides=overrides)
+    except ValueError as e:
+      raise InputError(f"--rules={s.rules}: {e}") from None
 
   def build(rounded_config: LlamaConfig) -> Recipe:
     values = {

@@ -120,3 +120,18 @@ def test_every_family_gets_types_its_runtime_reads(family, tmp_path):
   llm.eval([1, 2, 3, 4])
   assert np.isfinite(np.array(llm.scores[:4])).all()
   llm.close()
+
+
+def test_rules_that_do_not_fit_the_model_are_refused_naming_the_file(tmp_path):
+  path = tmp_path / "rules.json"
+  path.write_text(
+    '{"format": "gguf", "base": "Q4_K_M", "rules": [{"pattern": "model/layers_0/mlp/.*", "type": "Q4_K"}]}'
+  )
+  narrow = dataclasses.replace(CONFIG, hidden_size=96, head_dim=24)  # rows of 96: Q4_K's 256-blocks do not tile them
+  with pytest.raises(InputError, match=rf"--rules={path}: model/layers_0/mlp/gate_proj/kernel: Q4_K does not tile"):
+    plan(Settings(method="none", rules=str(path)), narrow)
+  fused = dataclasses.replace(CONFIG, architecture="Phi3ForCausalLM")  # q/k/v are one llama.cpp tensor
+  path.write_text('{"format": "gguf", "base": "Q4_K_M", "rules": [{"pattern": ".*/layers_0/self_attn/q_proj/.*", '
+                  '"type": "Q8_0"}]}')  # fmt: skip
+  with pytest.raises(InputError, match="as one tensor, so they take one type; the overrides give q_proj Q8_0"):
+    plan(Settings(method="none", rules=str(path)), fused)
