@@ -39,6 +39,7 @@ from qjax.eval.report import RunReport
 from qjax.eval.sensitivity import Allocation, allocate_gguf, check_budget, recipe_bits_per_weight
 from qjax.formats import open_checkpoint
 from qjax.formats.default_model import BUILTIN_MODELS
+from qjax.formats.gguf import model_metadata
 from qjax.formats.output import atomic_directory, atomic_file, check_free_space, check_output
 from qjax.formats.rules_file import TensorRules, read_rules, rules_from_types, write_rules
 from qjax.formats.targets import (
@@ -376,6 +377,8 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
   if s.per_tensor and affine_groups_only:
     raise ValueError(f"--per_tensor with --export={target}: that format has no one-scale-per-matrix form; export "
                      "to a qjax directory or --export=compressed-tensors.")  # fmt: skip
+  if target.is_gguf:  # what llama.cpp cannot be told about the model is refused now, not after quantizing it
+    model_metadata(config, file_type=target.gguf_type, name="")
   if target.is_hf:
     check_spec(target, spec, act_order=act_order)
     check_group_size(target, s.group_size, config, partial_groups=s.partial_groups)

@@ -1,5 +1,6 @@
 """`qjax quantize` in-process: settings checked before any work, runs end to end, each registered method."""
 
+import dataclasses
 import json
 import os
 
@@ -49,6 +50,11 @@ def test_bad_settings():
     plan(Settings(imatrix=True), CONFIG)
   with pytest.raises(ValueError, match="not both"):
     plan(Settings(recipe="x.py:recipe"), CONFIG, method_given=True)
+  # A model llama.cpp cannot be told about is refused before quantizing, not when the file is written.
+  gemma = dataclasses.replace(CONFIG, architecture="Gemma3ForCausalLM", query_pre_attn_scalar=256)
+  with pytest.raises(NotImplementedError, match="query_pre_attn_scalar=256 cannot be written to GGUF"):
+    plan(Settings(method="none", export="gguf:Q4_K_M"), gemma)
+  plan(Settings(method="none", export="gguf:Q4_K_M"), dataclasses.replace(gemma, query_pre_attn_scalar=16))
 
 
 def test_calibration_text_shorter_than_a_sequence_leaves_no_output(model_dir, tmp_path):
