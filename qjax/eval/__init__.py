@@ -9,6 +9,7 @@ from qjax.eval.report import sizes as sizes
 from qjax.eval.report import versions as versions
 from qjax.eval.report import write_report as write_report
 from qjax.eval.sensitivity import Allocation as Allocation
+from qjax.eval.sensitivity import allocate_affine as allocate_affine
 from qjax.eval.sensitivity import allocate_gguf as allocate_gguf
 from qjax.eval.sensitivity import fisher_diagonal as fisher_diagonal
 
@@ -17,6 +18,7 @@ __all__ = [
   "EvalResult",
   "RunReport",
   "TensorLog",
+  "allocate_affine",
   "allocate_gguf",
   "evaluate",
   "fisher_diagonal",

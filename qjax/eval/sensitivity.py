@@ -9,6 +9,7 @@ is the proxy `qjax.transforms.allocation` allocates bits with; `experiments/allo
 predicts the KL divergence measured end to end.
 """
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxtyping import Array, Float, Int
 
-from qjax.core import dequantize, ggml
+from qjax.core import QSpec, dequantize, ggml, quantize
 from qjax.core.progress import progress
 from qjax.core.tree import get_path
 from qjax.models import LlamaConfig
@@ -190,23 +191,115 @@ def allocate_gguf(
   base_types = gguf_recipes.tensor_types(base, config, imatrix=imatrix)
   rows = gguf_recipes.row_lengths(config)
   numel = {p: int(np.prod(np.shape(get_path(params, p)))) for p in base_types}
-  total = sum(numel.values())
   fixed_bits = sum(type_bits(t, numel[p]) for p, t in base_types.items() if p not in rows)
   candidates = {p: [t for t in gguf_recipes.types_for_row(r) if t in types] for p, r in rows.items()}
+  return _allocate(config, params, windows, candidates, ggml_round_trip, lambda p, t: type_bits(t, numel[p]),
+                   gguf_recipes.tied_groups(config), fixed_bits=fixed_bits, total=sum(numel.values()),
+                   target_bpw=target_bpw, batch_size=batch_size, show_progress=show_progress,
+                   errors=errors)  # fmt: skip
+
+
+def _allocate(
+  config: LlamaConfig,
+  params,
+  windows: Int[np.ndarray, "n t"],
+  candidates: Mapping[str, Sequence[str]],
+  round_trip: Callable[[Array, str], Array],
+  bits_of: Callable[[str, str], float],
+  groups: Sequence[tuple[str, ...]],
+  *,
+  fixed_bits: float,
+  total: int,
+  target_bpw: float,
+  batch_size: int,
+  show_progress: bool,
+  errors: Mapping[str, Mapping[str, float]] | None,
+) -> Allocation:
+  """The allocation of `candidates` (path -> formats) in units of `groups` (paths sharing one format), costed by
+  ``bits_of(path, format)`` and the Fisher-weighted error of `round_trip`, within ``target_bpw * total`` bits of
+  which `fixed_bits` are already spent."""
   if errors is None or any(t not in errors.get(p, {}) for p, ts in candidates.items() for t in ts):
-    fisher = fisher_diagonal(config, params, windows, list(rows), batch_size=batch_size, show_progress=show_progress)
-    errors = format_errors(params, fisher, candidates, ggml_round_trip, show_progress=show_progress)
+    fisher = fisher_diagonal(config, params, windows, list(candidates), batch_size=batch_size,
+                             show_progress=show_progress)  # fmt: skip
+    errors = format_errors(params, fisher, candidates, round_trip, show_progress=show_progress)
   errors = {p: {t: errors[p][t] for t in ts} for p, ts in candidates.items()}
   units = []
-  for group in gguf_recipes.tied_groups(config):  # the parts of one llama.cpp tensor take one type
+  for group in groups:
     shared = [t for t in candidates[group[0]] if all(t in candidates[p] for p in group)]
-    options = [Option(t, sum(type_bits(t, numel[p]) for p in group), sum(errors[p][t] for p in group)) for t in shared]
+    options = [Option(t, sum(bits_of(p, t) for p in group), sum(errors[p][t] for p in group)) for t in shared]
     units.append(Unit(group, tuple(options)))
   chosen = allocate(units, target_bpw * total - fixed_bits)
   types = {p: u.options[i].label for u, i in zip(units, chosen, strict=True) for p in u.members}
   bits = fixed_bits + sum(u.options[i].bits for u, i in zip(units, chosen, strict=True))
   predicted = sum(u.options[i].error for u, i in zip(units, chosen, strict=True))
   return Allocation(types, bits / total, predicted, errors)
+
+
+FUSED_BY_VLLM = (("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"), ("mlp/gate_proj", "mlp/up_proj"),
+                 ("mlp/experts/gate_proj", "mlp/experts/up_proj"))  # fmt: skip
+"""Linears vLLM loads into one matrix (QKVParallelLinear, MergedColumnParallelLinear, the experts' w13), which
+must share one width; a layer's experts are one stacked tensor here, so they share theirs already."""
+
+
+def affine_groups(config: LlamaConfig) -> list[tuple[str, ...]]:
+  """The decoder linears grouped into what must take one bit width in a GPU-served checkpoint (`FUSED_BY_VLLM`)."""
+  groups = []
+  for i in range(config.num_hidden_layers):
+    modules = list(gguf_recipes.categories(config, i))
+    for fused in FUSED_BY_VLLM:
+      if all(m in modules for m in fused):
+        groups.append(tuple(f"model/layers_{i}/{m}/kernel" for m in fused))
+        modules = [m for m in modules if m not in fused]
+    groups += [(f"model/layers_{i}/{m}/kernel",) for m in modules]
+  return groups
+
+
+def affine_round_trip(spec: QSpec) -> Callable[[Array, str], Array]:
+  """``(w, bits) -> w`` rounded to nearest on `spec`'s grid at that many bits (experts one by one) and back."""
+
+  def round_trip(w, bits: str):
+    if np.ndim(w) == 3:
+      return jnp.stack([round_trip(e, bits) for e in w])
+    return dequantize(quantize(w, dataclasses.replace(spec, bits=int(bits))))
+
+  return round_trip
+
+
+def allocate_affine(
+  config: LlamaConfig,
+  params,
+  windows: Int[np.ndarray, "n t"],
+  *,
+  spec: QSpec,
+  target_bpw: float,
+  bits: Sequence[int] = (2, 3, 4, 8),
+  batch_size: int = 4,
+  show_progress: bool = False,
+  errors: Mapping[str, Mapping[str, float]] | None = None,
+) -> Allocation:
+  """The bit width of each decoder linear, on `spec`'s grid, that least raises the predicted KL divergence within
+  `target_bpw` bits per weight of the linears (scales and zero points counted); q/k/v, gate/up and a layer's experts
+  take one width, as vLLM loads them. ``Allocation.types`` holds the widths as strings (``"4"``).
+
+  Raises:
+    ValueError: when `target_bpw` is below every linear at the fewest `bits` (naming both).
+  """
+  rows = gguf_recipes.row_lengths(config)
+  shapes = {p: np.shape(get_path(params, p)) for p in rows}
+  numel = {p: int(np.prod(shape)) for p, shape in shapes.items()}
+
+  def bits_of(path: str, b: str) -> float:
+    return dataclasses.replace(spec, bits=int(b)).bits_per_weight(shapes[path][-2]) * numel[path]
+
+  total = sum(numel.values())
+  least = sum(bits_of(p, str(min(bits))) for p in rows) / total
+  if target_bpw < least:
+    raise ValueError(f"--target_bpw={target_bpw:g}: below the {least:.3f} bits per weight of every linear at "
+                     f"{min(bits)} bits in groups of {spec.group_size}.")  # fmt: skip
+  candidates = {p: [str(b) for b in sorted(bits)] for p in rows}
+  return _allocate(config, params, windows, candidates, affine_round_trip(spec), bits_of, affine_groups(config),
+                   fixed_bits=0.0, total=total, target_bpw=target_bpw, batch_size=batch_size,
+                   show_progress=show_progress, errors=errors)  # fmt: skip
 
 
 def check_budget(
