@@ -16,14 +16,18 @@ PATHS = ["model/layers_0/mlp/down_proj/kernel", "model/layers_3/self_attn/q_proj
          "model/layers_20/self_attn/o_proj/kernel", "model/layers_29/mlp/down_proj/kernel"]  # fmt: skip
 
 
+def _default_model():
+  """The default model's float params and config, 8 x 128 calibration windows and 4 x 256 held-out ones."""
+  checkpoint = open_checkpoint("default")
+  tokenize = lambda part: texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", part))
+  calib = texts.calibration_windows(tokenize("calibration"), 8, 128, seed=0)
+  held_out = texts.eval_windows(tokenize("evaluation"), 256, max_windows=4)
+  return checkpoint.params(), checkpoint.config, calib, held_out
+
+
 @pytest.mark.slow
 def test_the_fisher_weighted_error_predicts_each_linears_kl_divergence():
-  checkpoint = open_checkpoint("default")
-  params, config = checkpoint.params(), checkpoint.config
-  tokens = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "calibration"))
-  calib = texts.calibration_windows(tokens, 8, 128, seed=0)
-  held_out = texts.eval_windows(texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation")), 256,
-                                max_windows=4)  # fmt: skip
+  params, config, calib, held_out = _default_model()
   fisher = fisher_diagonal(config, params, calib, PATHS, batch_size=4)
   reference = logits_fn(config, params)
   predicted, measured = [], []
@@ -52,12 +56,7 @@ def test_allocated_widths_beat_one_width_at_the_same_bits():
   from qjax.eval.sensitivity import allocate_affine
   from qjax.transforms import Rule, quantize_params, rtn
 
-  checkpoint = open_checkpoint("default")
-  params, config = checkpoint.params(), checkpoint.config
-  tokens = texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "calibration"))
-  calib = texts.calibration_windows(tokens, 8, 128, seed=0)
-  held_out = texts.eval_windows(texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation")), 256,
-                                max_windows=4)  # fmt: skip
+  params, config, calib, held_out = _default_model()
   spec = QSpec(bits=4, group_size=64)
   uniform_bpw = spec.bits_per_weight(config.hidden_size)  # 4.25: every linear's width is a multiple of 64
   allocation = allocate_affine(config, params, calib, spec=spec, target_bpw=uniform_bpw, batch_size=4)
