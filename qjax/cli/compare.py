@@ -228,14 +228,14 @@ def _open_comparison(out: str, identity: dict, *, overwrite: bool) -> list[dict]
   return list(previous.get("rows", []))
 
 
-def _estimates(candidates, plans, config, s: q.Settings, eval_seqlen: int, gflops: float) -> list[float]:
-  """Forecast seconds of each row: quantize, export and read back, evaluate in each runtime."""
+def _estimates(candidates, plans, config, s: q.Settings, eval_seqlen: int, gflops: float, todo) -> list[float]:
+  """Forecast seconds of each row: quantize, export and read back, evaluate in each runtime. The first allocated
+  row still to run measures the rounding errors; the others reuse them."""
   params = _param_count(config)
   out = []
-  allocated = False  # the first allocated row measures the rounding errors; the others reuse them
-  for c, p in zip(candidates, plans, strict=True):
-    allocation = bool(p.target_bpw) and not allocated
-    allocated |= allocation
+  first = next((i for i in todo if plans[i].target_bpw), None)
+  for i, (c, p) in enumerate(zip(candidates, plans, strict=True)):
+    allocation = i == first
     tokens = s.nsamples * s.seqlen if needs_calibration(p.recipe) or allocation else 0
     e = estimate(config, p.recipe, calibration_tokens=tokens, seqlen=eval_seqlen, batch_size=s.batch_size,
                  eval_windows=s.eval_windows, gflops_per_second=gflops, ggml_sweep=p.ggml_sweep,
@@ -301,7 +301,7 @@ def compare() -> None:
   done = {r["recipe"]: r for r in _open_comparison(out, identity, overwrite=base.overwrite)}
   todo = [i for i, c in enumerate(candidates) if c.name not in done]
   gflops = measure_gflops()
-  forecast = _estimates(candidates, plans, config, base, eval_seqlen, gflops)
+  forecast = _estimates(candidates, plans, config, base, eval_seqlen, gflops, todo)
   reference_path = os.path.join(out, "reference.safetensors")
   total = sum(forecast[i] for i in todo)
   if not os.path.exists(reference_path):  # the float model's forward over the windows, once
