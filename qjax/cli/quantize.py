@@ -14,6 +14,7 @@ Example:
   qjax quantize --recipe=experiments/new_scheme.py:recipe --group_size=64         # your own scheme
 """
 
+import collections
 import dataclasses
 import hashlib
 import inspect
@@ -407,18 +408,19 @@ def plan(
   parameters = inspect.signature(fn).parameters
   uses_gptq = bool({"gptq_rounding", "gptq_config"} & set(parameters))
   _check(s, target, spec, config, name=name, uses_gptq=uses_gptq)
-  target_bpw = _budget(s.target_bpw, config, imatrix=s.imatrix or uses_gptq) if s.target_bpw else None
+  calibrated = s.imatrix or uses_gptq  # the types llama.cpp gives a file made with an importance matrix
+  target_bpw = _budget(s.target_bpw, config, imatrix=calibrated) if s.target_bpw else None
   unknown = [t for t in allocation_types(s) if t not in ALLOCATABLE]
   if unknown:
     raise ValueError(f"--allocation_types: {', '.join(unknown)} not among the types qjax encodes for a linear "
                      f"({', '.join(ALLOCATABLE)}).")  # fmt: skip
   if target_bpw:
-    check_budget(target_bpw, target.gguf_type, config, imatrix=s.imatrix or uses_gptq, types=allocation_types(s))
+    check_budget(target_bpw, target.gguf_type, config, imatrix=calibrated, types=allocation_types(s))
   if rules is not None and overrides is None:
-    paths = tensor_types(target.gguf_type, config, imatrix=s.imatrix or uses_gptq)
+    paths = tensor_types(target.gguf_type, config, imatrix=calibrated)
     overrides = rules.resolve(paths, source=f"--rules={s.rules}")
     try:  # each type must tile its tensor's rows, and fused parts share one
-      tensor_types(target.gguf_type, config, imatrix=s.imatrix or uses_gptq, overrides=overrides)
+      tensor_types(target.gguf_type, config, imatrix=calibrated, overrides=overrides)
     except ValueError as e:
       raise InputError(f"--rules={s.rules}: {e}") from None
 
@@ -544,10 +546,7 @@ def allocate(s: Settings, p: Plan, checkpoint, windows, *, show_progress: bool =
                              target_bpw=p.target_bpw, imatrix=s.imatrix or p.ggml_sweep, types=allocation_types(s),
                              batch_size=s.batch_size, show_progress=show_progress, errors=errors)  # fmt: skip
   if show_progress:
-    counts: dict[str, int] = {}
-    for type_name in allocation.types.values():
-      counts[type_name] = counts.get(type_name, 0) + 1
-    mix = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    mix = ", ".join(f"{n} {t}" for t, n in collections.Counter(allocation.types.values()).most_common())
     print(f"allocated {allocation.bits_per_weight:.3f} bits/weight (target {p.target_bpw:.3f}): {mix}; predicted KL "
           f"{allocation.predicted_kl:.4f}", flush=True)  # fmt: skip
   return allocation

@@ -10,6 +10,7 @@ predicts the KL divergence measured end to end.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -122,11 +123,20 @@ def format_errors(
   return errors
 
 
+def _expert_by_expert(round_trip: Callable[[Array, str], Array]) -> Callable[[Array, str], Array]:
+  """`round_trip` of a kernel (in, out), applied to each kernel of a stack of experts' (E, in, out) too."""
+
+  @functools.wraps(round_trip)
+  def each(w, fmt: str):
+    return jnp.stack([round_trip(e, fmt) for e in w]) if np.ndim(w) == 3 else round_trip(w, fmt)
+
+  return each
+
+
+@_expert_by_expert
 def ggml_round_trip(w: Float[Array, "*experts in out"], type_name: str) -> Float[Array, "*experts in out"]:
   """`w` encoded by llama.cpp's encoder for `type_name` (without an importance matrix) and decoded; a stack of
   experts' kernels (E, in, out) expert by expert, as llama.cpp encodes the rows of its stacked tensor."""
-  if np.ndim(w) == 3:
-    return jnp.stack([ggml_round_trip(e, type_name) for e in w])
   return dequantize(kquant_quantize(w, type_name=type_name))
 
 
@@ -148,8 +158,13 @@ class Allocation(NamedTuple):
 
 def type_bits(type_name: str, numel: int) -> float:
   """Bits a tensor of `numel` weights takes in ggml type `type_name`."""
-  info = ggml.BLOCK_TYPES[type_name]
-  return numel * 8.0 * info.type_size / info.block_size
+  return numel * ggml.BLOCK_TYPES[type_name].bits_per_weight
+
+
+def _numel(config: LlamaConfig, paths) -> dict[str, int]:
+  """path -> weights of the tensor there, from the config's shapes."""
+  shapes = param_shapes(config)
+  return {p: int(np.prod(shapes[p])) for p in paths}
 
 
 def allocate_gguf(
@@ -190,7 +205,7 @@ def allocate_gguf(
   check_budget(target_bpw, base, config, imatrix=imatrix, types=types)
   base_types = gguf_recipes.tensor_types(base, config, imatrix=imatrix)
   rows = gguf_recipes.row_lengths(config)
-  numel = {p: int(np.prod(np.shape(get_path(params, p)))) for p in base_types}
+  numel = _numel(config, base_types)
   fixed_bits = sum(type_bits(t, numel[p]) for p, t in base_types.items() if p not in rows)
   candidates = {p: [t for t in gguf_recipes.types_for_row(r) if t in types] for p, r in rows.items()}
   return _allocate(config, params, windows, candidates, ggml_round_trip, lambda p, t: type_bits(t, numel[p]),
@@ -257,9 +272,8 @@ def affine_groups(config: LlamaConfig) -> list[tuple[str, ...]]:
 def affine_round_trip(spec: QSpec) -> Callable[[Array, str], Array]:
   """``(w, bits) -> w`` rounded to nearest on `spec`'s grid at that many bits (experts one by one) and back."""
 
+  @_expert_by_expert
   def round_trip(w, bits: str):
-    if np.ndim(w) == 3:
-      return jnp.stack([round_trip(e, bits) for e in w])
     return dequantize(quantize(w, dataclasses.replace(spec, bits=int(bits))))
 
   return round_trip
@@ -307,10 +321,9 @@ def check_budget(
 ) -> None:
   """Raises ValueError, before any work, when `target_bpw` is below what the cheapest of `types` for every linear
   (and `base`'s embedding and output) take, or when some linear has none of `types` that tiles its rows."""
-  shapes = param_shapes(config)
   base_types = gguf_recipes.tensor_types(base, config, imatrix=imatrix)
   rows = gguf_recipes.row_lengths(config)
-  numel = {p: int(np.prod(shapes[p])) for p in base_types}
+  numel = _numel(config, base_types)
   bits = sum(type_bits(t, numel[p]) for p, t in base_types.items() if p not in rows)
   for path, row_length in rows.items():
     fits = [t for t in gguf_recipes.types_for_row(row_length) if t in types]
@@ -326,7 +339,6 @@ def check_budget(
 
 def recipe_bits_per_weight(recipe: str, config: LlamaConfig, *, imatrix: bool = False) -> float:
   """Bits per weight of the tensors llama.cpp's `recipe` quantizes, on a model of `config`."""
-  shapes = param_shapes(config)
   types = gguf_recipes.tensor_types(recipe, config, imatrix=imatrix)
-  numel = {p: int(np.prod(shapes[p])) for p in types}
+  numel = _numel(config, types)
   return sum(type_bits(t, numel[p]) for p, t in types.items()) / sum(numel.values())
