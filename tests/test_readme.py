@@ -10,9 +10,9 @@ def test_readme_quotes_the_method_comparison():
   assert table in (ROOT / "README.md").read_text()
 
 
-def test_readme_quotes_the_format_comparison_and_the_allocation_proxy():
+def test_readme_quotes_the_format_comparison_and_the_allocations():
   readme = (ROOT / "README.md").read_text()
-  for name in ("compare.md", "allocation.md"):
+  for name in ("compare.md", "allocation.md", "allocation_widths.md"):
     assert (ROOT / "experiments" / name).read_text().strip() in readme, name
 
 

@@ -11,7 +11,8 @@ are kept.
 A recipe is METHOD (a `qjax quantize --method`: exported as GPTQ, or AWQ for the awq methods), a llama.cpp file
 type (Q4_K_M, with +imatrix for an importance matrix, +alloc for types allocated per tensor to the recipe's size,
 +4.5bpw to that budget), or METHOD@FORMAT (gptq@Q4_K_M: GPTQ rounding into the Q4_K_M file; gptq@compressed-tensors;
-awq+gptq@gptq).
+awq+gptq@gptq); compressed-tensors and GPTQ rows take +alloc (bit widths per linear allocated to the size of
+--bits) or +<N>bpw too.
 
 Example:
   qjax compare                                           # the default set on the built-in default model
@@ -36,6 +37,7 @@ from qjax.cli.estimate import estimate, measure_gflops, minutes
 from qjax.core import InputError
 from qjax.eval import evaluate
 from qjax.eval.runtimes import StoredLogits, llama_cpp_logits, missing, runtime_for, transformers_logits
+from qjax.eval.sensitivity import affine_bits_per_weight
 from qjax.formats import open_checkpoint
 from qjax.formats.default_model import BUILTIN_MODELS
 from qjax.formats.output import MARKER, atomic_file, check_free_space, check_output, output_kind
@@ -65,7 +67,8 @@ _KL_BUDGET = flags.DEFINE_float(
 # quantize's flags that compare sets itself, per recipe
 _OWN_FLAGS = ("method", "recipe", "export", "imatrix", "target_bpw", "rules", "checkpoint_dir")
 SHARED_FLAGS = ("model", "out", "overwrite", "bits", "group_size", "nsamples", "seqlen", "calib", "seed", "eval_text",
-                "eval_windows", "batch_size", "allocation_types")  # fmt: skip
+                "eval_windows", "batch_size", "allocation_types", "allocation_bits",
+                "allocation_group_sizes")  # fmt: skip
 """`qjax quantize`'s flags that compare reads too (its --help lists them); --out is the comparison's directory
 (default runs/compare-<model>), and --overwrite starts a comparison there afresh when its settings changed."""
 
@@ -101,7 +104,8 @@ def parse_recipe(text: str) -> Candidate:
   """``"gptq"``, ``"Q4_K_M+imatrix"``, ``"gptq@Q4_K_M"``, ``"gptq@compressed-tensors"`` -> a `Candidate`.
 
   A llama.cpp file type takes modifiers after ``+``: ``imatrix``, ``alloc`` (types allocated per tensor to the
-  recipe's own size) or ``<N>bpw`` (allocated to N bits per weight).
+  recipe's own size) or ``<N>bpw`` (allocated to N bits per weight); a compressed-tensors or GPTQ format ``alloc``
+  (bit widths allocated to the size of --bits, `UNIFORM`) or ``<N>bpw``.
 
   Raises:
     ValueError: naming --recipes and what is allowed.
@@ -124,12 +128,13 @@ def parse_recipe(text: str) -> Candidate:
     if m == "imatrix":
       imatrix = True
     elif m == "alloc":
-      target_bpw = fmt
+      target_bpw = fmt if fmt in RECIPES else UNIFORM
     elif m.endswith("bpw") and m[:-3].replace(".", "", 1).isdigit():
       target_bpw = m[:-3]
     else:
       raise ValueError(f"--recipes: {text!r}: unknown modifier {m!r}; after a llama.cpp file type: +imatrix, +alloc "
-                       "(types allocated to its size) or +<N>bpw (allocated to N bits per weight).")  # fmt: skip
+                       "(types allocated to its size) or +<N>bpw (allocated to N bits per weight); after "
+                       "compressed-tensors or gptq: +alloc or +<N>bpw.")  # fmt: skip
   if not fmt:
     fmt = "awq" if "awq" in method else "gptq"
   export = f"gguf:{fmt}" if fmt in RECIPES else fmt
@@ -140,10 +145,16 @@ def parse_recipe(text: str) -> Candidate:
                      "gptq, gptq_v2, awq, compressed-tensors.") from None  # fmt: skip
   if target.kind == "qjax" or (target.is_gguf and not target.quantizes):
     raise ValueError(f"--recipes: {text!r}: compare quantized files (GGUF types, gptq, awq, compressed-tensors).")
-  if (imatrix or target_bpw) and not target.quantizes:
-    raise ValueError(f"--recipes: {text!r}: +imatrix, +alloc and +<N>bpw apply to llama.cpp file types "
-                     "(Q4_K_M+imatrix+alloc).")  # fmt: skip
+  if imatrix and not target.quantizes:
+    raise ValueError(f"--recipes: {text!r}: +imatrix applies to llama.cpp file types (Q4_K_M+imatrix).")
+  if target_bpw and not (target.quantizes or target.kind == "compressed-tensors" or target.is_gptq):
+    raise ValueError(f"--recipes: {text!r}: +alloc and +<N>bpw apply to llama.cpp file types, compressed-tensors "
+                     "and gptq (Q4_K_M+alloc, gptq@compressed-tensors+alloc).")  # fmt: skip
   return Candidate(text.strip(), method, export, imatrix, target_bpw)
+
+
+UNIFORM = "uniform"
+"""An affine row's +alloc budget: the bits per weight of every linear at --bits on the row's grid."""
 
 
 def group_size_for(config, wanted: int, given: bool) -> int:
@@ -157,10 +168,13 @@ def group_size_for(config, wanted: int, given: bool) -> int:
   return max(fits, default=-1)
 
 
-def _row_settings(base: q.Settings, c: Candidate, out: str) -> q.Settings:
+def _row_settings(base: q.Settings, c: Candidate, out: str, config) -> q.Settings:
   sym = base.sym and "awq" not in c.method  # AWQ's checkpoints store zero points (AutoAWQ's default, GEMM)
-  return dataclasses.replace(base, method=c.method, export=c.export, imatrix=c.imatrix, target_bpw=c.target_bpw,
-                             sym=sym, out=out, eval_windows=0, overwrite=True)  # fmt: skip
+  s = dataclasses.replace(base, method=c.method, export=c.export, imatrix=c.imatrix, target_bpw=c.target_bpw,
+                          sym=sym, out=out, eval_windows=0, overwrite=True)  # fmt: skip
+  if c.target_bpw == UNIFORM:
+    s = dataclasses.replace(s, target_bpw=repr(affine_bits_per_weight(q.settings_spec(s), config)))
+  return s
 
 
 def _slug(name: str) -> str:
@@ -195,7 +209,8 @@ def _evaluate(fn, eval_windows, reference, label: str) -> dict[str, float]:
 
 def _run_identity(s: q.Settings, eval_seqlen: int) -> dict[str, Any]:
   keep = ("model", "bits", "group_size", "sym", "desc_act", "nsamples", "seqlen", "calib", "seed", "eval_text",
-          "eval_windows", "damp_percent", "mse", "expert_policy", "expert_kappa", "allocation_types")  # fmt: skip
+          "eval_windows", "damp_percent", "mse", "expert_policy", "expert_kappa", "allocation_types",
+          "allocation_bits", "allocation_group_sizes")  # fmt: skip
   return {**{k: getattr(s, k) for k in keep}, "eval_seqlen": eval_seqlen}
 
 
@@ -230,20 +245,29 @@ def _open_comparison(out: str, identity: dict, *, overwrite: bool) -> list[dict]
 
 def _estimates(candidates, plans, config, s: q.Settings, eval_seqlen: int, gflops: float, todo) -> list[float]:
   """Forecast seconds of each row: quantize, export and read back, evaluate in each runtime. The first allocated
-  row still to run measures the rounding errors; the others reuse them."""
+  row of each grid still to run measures the rounding errors; the others reuse them."""
   params = _param_count(config)
   out = []
-  first = next((i for i in todo if plans[i].target_bpw), None)
+  firsts = {}
+  for i in todo:
+    if plans[i].target_bpw:
+      firsts.setdefault(_errors_key(plans[i]), i)
   for i, (c, p) in enumerate(zip(candidates, plans, strict=True)):
-    allocation = i == first
+    allocation = i in firsts.values()
     tokens = s.nsamples * s.seqlen if needs_calibration(p.recipe) or allocation else 0
     e = estimate(config, p.recipe, calibration_tokens=tokens, seqlen=eval_seqlen, batch_size=s.batch_size,
                  eval_windows=s.eval_windows, gflops_per_second=gflops, ggml_sweep=p.ggml_sweep,
-                 allocation=allocation)  # fmt: skip
+                 allocation=allocation, allocation_sweeps=q.allocation_sweeps(s, p) if allocation else 0)  # fmt: skip
     runtime = runtime_for(c.kind)
     evals = e.eval_seconds * (1 + (_RUNTIME_COST[runtime] if runtime and not missing(runtime, c.kind) else 0))
     out.append(e.quantize_seconds + evals + _EXPORT_SECONDS_PER_BPARAM * params / 1e9)
   return out
+
+
+def _errors_key(p: q.Plan) -> tuple:
+  """What an allocation's rounding errors depend on besides the model and windows: llama.cpp's types, or the grid
+  and the rounding (GPTQ's options, or None: to nearest)."""
+  return ("gguf",) if p.target.quantizes else (p.spec.group_size, p.spec.symmetric, p.gptq_config)
 
 
 def _param_count(config) -> int:
@@ -284,7 +308,7 @@ def compare() -> None:
   eval_seqlen = _EVAL_SEQLEN.value
   out = base.out or os.path.join("runs", f"compare-{_slug(os.path.basename(base.model.rstrip('/')))}")
   models = os.path.join(out, "models")
-  rows_settings = [_row_settings(base, c, os.path.join(models, _slug(c.name))) for c in candidates]
+  rows_settings = [_row_settings(base, c, os.path.join(models, _slug(c.name)), config) for c in candidates]
   plans = [q.plan(s, config, method_given=True) for s in rows_settings]  # every recipe checked before any work
   tokenizer = checkpoint.tokenizer()
   if base.eval_windows < 1:
@@ -331,15 +355,16 @@ def compare() -> None:
   summary = dict(settings=identity, float_perplexity=float_ppl, eval_tokens=int(eval_windows.shape[0] *
                  (eval_seqlen - 1)), kl_budget=_KL_BUDGET.value)  # fmt: skip
   ordered = lambda: [rows[c.name] for c in candidates if c.name in rows]
-  errors = None
+  errors: dict[tuple, dict] = {}  # the rounding errors, measured once per grid and shared by its allocated rows
   for n, i in enumerate(todo, 1):
     c, s, p = candidates[i], rows_settings[i], plans[i]
     print(f"[{n}/{len(todo)}] {c.name}: {p.label}", flush=True)
     tick = time.perf_counter()
     allocation = None
-    if p.target_bpw:  # the rounding errors are measured once and shared by every allocated row
-      allocation = q.allocate(s, p, checkpoint, calib_windows, show_progress=True, errors=errors)
-      errors = allocation.errors
+    if p.target_bpw:
+      key = _errors_key(p)
+      allocation = q.allocate(s, p, checkpoint, calib_windows, show_progress=True, errors=errors.get(key))
+      errors[key] = allocation.errors
     p, out_config, qparams = q.quantize_with(s, checkpoint=checkpoint, windows=calib_windows, show_progress=True,
                                              allocation=allocation)  # fmt: skip
     quantize_seconds = time.perf_counter() - tick

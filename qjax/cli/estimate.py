@@ -110,13 +110,15 @@ def estimate(
   gflops_per_second: float | None = None,
   ggml_sweep: bool = False,
   allocation: bool = False,
+  allocation_sweeps: int = 0,
 ) -> Estimate:
   """Peak memory and time of running `recipe` on a model with `config` (a forecast, not a measurement).
 
   Stages reading a Hessian cost GPTQ's sweep; stages that run the block (AWQ) cost a grid of block passes. A sparse
   layer stores every expert but runs each token through its k; every expert's Hessians and sweep count. An
   `allocation` (--target_bpw) adds a forward and backward pass over the calibration tokens and every candidate
-  type's encoding of every linear.
+  type's encoding of every linear; `allocation_sweeps`, a calibration pass and that many GPTQ sweeps of every
+  linear (an allocation for GPTQ measures each candidate width's rounding).
   """
   stages = flatten_stages(recipe.stages)
   sweeps = any("hessian" in s.stats for s in stages)
@@ -142,12 +144,14 @@ def estimate(
   for layer in layers:
     mlp_tokens = tokens * layer.routed_tokens
     hessian_flops = 2 * tokens * 2 * d * d + sum(2 * mlp_tokens * (d * d + w * w) for w in layer.mlp_widths)
-    gptq_flops = 2 * (d * d * (q_out + 2 * kv_out) + q_out * q_out * d) if sweeps else 0
-    gptq_flops += sum(2 * (2 * d * d * w + w * w * d) for w in layer.mlp_widths) if sweeps else 0
+    sweep_flops = 2 * (d * d * (q_out + 2 * kv_out) + q_out * q_out * d)
+    sweep_flops += sum(2 * (2 * d * d * w + w * w * d) for w in layer.mlp_widths)
     awq_flops = AWQ_BLOCK_PASSES * 2 * tokens * layer.active_params * block_searches
-    quantize_flops += 2 * tokens * layer.active_params * 2.2 + hessian_flops + gptq_flops + awq_flops
+    quantize_flops += 2 * tokens * layer.active_params * 2.2 + hessian_flops + sweep_flops * sweeps + awq_flops
+    if allocation_sweeps:  # a float calibration pass; each width's sweep and its error (about a sweep's flops)
+      quantize_flops += 2 * tokens * layer.active_params + hessian_flops + 2 * allocation_sweeps * sweep_flops
     # Beyond the flops: GPTQ's column sweep, sequential in the input channels.
-    columns += (3 * d + q_out + sum(2 * d + w for w in layer.mlp_widths)) if sweeps else 0
+    columns += (3 * d + q_out + sum(2 * d + w for w in layer.mlp_widths)) * (sweeps + allocation_sweeps)
   eval_flops = 2 * eval_windows * seqlen * 2 * (sum(layer.active_params for layer in layers) + embeddings)
   if ggml_sweep:
     quantize_flops += GGML_SWEEP_FLOPS_PER_WEIGHT * sum(layer.params for layer in layers)

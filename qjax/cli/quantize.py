@@ -11,6 +11,7 @@ Example:
   qjax quantize --method=none --export=gguf:Q4_K_M --imatrix --out=runs/q4km   # llama.cpp's encoders, in JAX
   qjax quantize --method=none --export=gguf:Q4_K_M --target_bpw=Q4_K_M          # types per tensor, Q4_K_M's size
   qjax quantize --bits=4 --group_size=64 --export=gptq --out=runs/gptq4-hf       # for vLLM, TGI, transformers
+  qjax quantize --group_size=64 --export=compressed-tensors --target_bpw=3.5      # a bit width per linear
   qjax quantize --recipe=experiments/new_scheme.py:recipe --group_size=64         # your own scheme
 """
 
@@ -37,12 +38,21 @@ from qjax.core.ggml_grid import LAYOUTS
 from qjax.core.qspec import QSpec
 from qjax.eval import TensorLog, evaluate, sizes, write_report
 from qjax.eval.report import RunReport
-from qjax.eval.sensitivity import Allocation, allocate_gguf, check_budget, recipe_bits_per_weight
-from qjax.formats import open_checkpoint
+from qjax.eval.sensitivity import (
+  Allocation,
+  affine_choice,
+  affine_groups,
+  allocate_affine,
+  allocate_gguf,
+  check_affine_budget,
+  check_budget,
+  recipe_bits_per_weight,
+)
+from qjax.formats import gptq, open_checkpoint
 from qjax.formats.default_model import BUILTIN_MODELS
 from qjax.formats.gguf import model_metadata
 from qjax.formats.output import atomic_directory, atomic_file, check_free_space, check_output
-from qjax.formats.rules_file import TensorRules, read_rules, rules_from_types, write_rules
+from qjax.formats.rules_file import AFFINE_BITS, TensorRules, read_rules, rules_from_types, write_rules
 from qjax.formats.targets import (
   GROUP_SIZES,
   Target,
@@ -57,7 +67,7 @@ from qjax.models import LlamaBlocks, LlamaConfig, logits_fn
 from qjax.models.checkpoint import param_shapes, set_nested
 from qjax.quantizers import GptqConfig
 from qjax.transforms import observe, recipes
-from qjax.transforms.gguf_recipes import ALLOCATABLE, RECIPES, tensor_types
+from qjax.transforms.gguf_recipes import ALLOCATABLE, RECIPES, row_lengths, tensor_types
 from qjax.transforms.recipes import Recipe
 
 GRIDS = ("affine", "fp8", "mxfp4", "nvfp4")
@@ -100,6 +110,8 @@ class Settings:
   imatrix: bool = False
   target_bpw: str | None = None
   allocation_types: str = ",".join(ALLOCATABLE)
+  allocation_bits: str = "3,4,8"
+  allocation_group_sizes: str = ""
   rules: str | None = None
   checkpoint_dir: str | None = None
   overwrite: bool = False
@@ -203,21 +215,35 @@ flags.DEFINE_bool(
   "linear's inputs) measured on the calibration text, as llama.cpp's imatrix tool does."
 )  # fmt: skip
 flags.DEFINE_string(
-  "target_bpw", _D.target_bpw, "With --export=gguf:TYPE: instead of the recipe's fixed types, give each decoder "
-  "linear the llama.cpp type (any llama.cpp reads for it) that least raises the predicted KL divergence, to this many "
-  "bits per weight of the quantized tensors (the recipe's embedding and output types are kept). A number, or a "
-  "llama.cpp file type for that recipe's size on this model. The prediction is each linear's Fisher-weighted "
-  "rounding error, measured once on the calibration text; the choice is written to <out>/rules.json for --rules. "
-  "Example: --export=gguf:Q4_K_M --imatrix --target_bpw=4.5, or --target_bpw=Q4_K_M."
+  "target_bpw", _D.target_bpw, "Bits allocated per linear to a budget. With --export=gguf:TYPE: instead of the "
+  "recipe's fixed types, give each decoder linear the llama.cpp type (any llama.cpp reads for it) that least raises "
+  "the predicted KL divergence, to this many bits per weight of the quantized tensors (the recipe's embedding and "
+  "output types are kept); a number, or a llama.cpp file type for that recipe's size on this model. With "
+  "--export=compressed-tensors, gptq, gptq_v2 or a qjax directory: a bit width per linear (of --allocation_bits, "
+  "q/k/v, gate/up and a layer's experts at one width as vLLM loads them) on the --group_size/--sym grid, to this "
+  "many bits per weight of the linears, scales counted. The prediction is each linear's Fisher-weighted rounding "
+  "error, measured once on the calibration text; the choice is written to <out>/rules.json for --rules. Example: "
+  "--export=gguf:Q4_K_M --imatrix --target_bpw=4.5, --target_bpw=Q4_K_M, --export=compressed-tensors --target_bpw=4.5."
 )  # fmt: skip
 flags.DEFINE_string(
   "allocation_types", _D.allocation_types, "With --target_bpw: the llama.cpp types a linear may take (of those that "
   "tile its rows). Example: --allocation_types=Q4_0,Q5_0,Q8_0,Q4_K,Q5_K,Q6_K."
 )  # fmt: skip
 flags.DEFINE_string(
-  "rules", _D.rules, "A rules file of per-tensor llama.cpp types over a GGUF recipe (as --target_bpw writes, or your "
-  "own: qjax/formats/rules_file.py); without --export, its base recipe is the export. Example: "
-  "--rules=runs/alloc/rules.json."
+  "allocation_bits", _D.allocation_bits, "With --target_bpw and an affine export: the bit widths a linear may take "
+  "(vLLM's Marlin kernels run 4 and 8; its other GPTQ and compressed-tensors kernels 2 and 3 too). 2 is left out by "
+  "default: the proxy underrates what 2-bit linears cost (experiments/allocation.md). Example: "
+  "--allocation_bits=4,8."
+)  # fmt: skip
+flags.DEFINE_string(
+  "allocation_group_sizes", _D.allocation_group_sizes, "With --target_bpw and an affine export: group sizes a "
+  "linear may take besides --group_size (those that divide its input width), each with every width of "
+  "--allocation_bits. Example: --group_size=64 --allocation_group_sizes=32,128."
+)  # fmt: skip
+flags.DEFINE_string(
+  "rules", _D.rules, "A rules file of per-tensor llama.cpp types over a GGUF recipe, or of bit widths per linear on "
+  "an affine grid (as --target_bpw writes, or your own: qjax/formats/rules_file.py); without --export, a GGUF "
+  "file's base recipe is the export. Example: --rules=runs/alloc/rules.json."
 )  # fmt: skip
 flags.DEFINE_string(
     "checkpoint_dir", _D.checkpoint_dir, "Where finished blocks are checkpointed; a rerun with the same flags "
@@ -251,8 +277,9 @@ class Plan:
   checkpoint_dir: str
   actorder: str | None = None  # compressed-tensors' record of GPTQ's order: "weight" (--desc_act --static_groups)
   ggml_sweep: bool = False  # GPTQ rounds into llama.cpp's block types (slower than into an affine grid)
-  target_bpw: float | None = None  # allocate llama.cpp types to this budget before quantizing
-  overrides: dict[str, str] | None = None  # path -> ggml type over the recipe's (an allocation, --rules)
+  target_bpw: float | None = None  # allocate llama.cpp types or bit widths to this budget before quantizing
+  overrides: dict[str, str] | None = None  # path -> ggml type, or width ("3"): an allocation's, --rules'
+  gptq_config: GptqConfig | None = None  # the recipe's GPTQ options, when it rounds with GPTQ
 
 
 def gptq_damp(s: Settings, target: Target) -> float:
@@ -284,12 +311,17 @@ def _search_spec(target: Target, spec: QSpec) -> QSpec:
   return QSpec(bits=info.bits, group_size=LAYOUTS[main].sub_block, symmetric=info.symmetric)
 
 
+def _specs(spec: QSpec, overrides: dict[str, str] | None) -> dict[str, QSpec] | None:
+  """An affine allocation's choices (``"4"``, ``"8g32"``) as the specs they name."""
+  return None if overrides is None else {path: affine_choice(label, spec) for path, label in overrides.items()}
+
+
 def _rounding(s: Settings, target: Target, spec: QSpec, clip, config, overrides) -> Recipe:
   if target.quantizes:
     return recipes.gguf(target.gguf_type, config, imatrix=s.imatrix, overrides=overrides)
   if target.is_gguf:
     return Recipe(())  # a float GGUF: nothing rounds
-  return recipes.rtn(spec, clip=clip)
+  return recipes.rtn(spec, clip=clip, overrides=_specs(spec, overrides))
 
 
 def _gptq_rounding(target: Target, spec: QSpec, gptq_config: GptqConfig, config, overrides) -> Recipe:
@@ -297,7 +329,7 @@ def _gptq_rounding(target: Target, spec: QSpec, gptq_config: GptqConfig, config,
     return recipes.gguf(target.gguf_type, config, gptq_config=gptq_config, overrides=overrides)
   if target.is_gguf:
     raise ValueError(f"--export={target} stores float weights; GPTQ has nothing to round into (use a GGUF recipe).")
-  return recipes.gptq(spec, gptq_config)
+  return recipes.gptq(spec, gptq_config, overrides=_specs(spec, overrides))
 
 
 def _recipe_function(s: Settings, method_given: bool):
@@ -356,9 +388,7 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
   if s.target_bpw and s.rules:
     raise ValueError("give --target_bpw (choose the types) or --rules (types chosen before), not both.")
   if (s.target_bpw or s.rules) and not target.quantizes:
-    flag = "--target_bpw" if s.target_bpw else "--rules"
-    raise ValueError(f"{flag} chooses llama.cpp types per tensor over a GGUF recipe; give --export=gguf:<TYPE> "
-                     f"(gguf:Q4_K_M: its embedding and output types are kept), not --export={target}.")  # fmt: skip
+    _check_allocatable(s, target, "--target_bpw" if s.target_bpw else "--rules")
   act_order = uses_gptq and s.desc_act and not s.static_groups and s.group_size != -1
   if target.quantizes and act_order:
     raise ValueError(
@@ -386,6 +416,59 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
     check_shapes(target, spec, config)
 
 
+def _check_allocatable(s: Settings, target: Target, flag: str) -> None:
+  """Raises when `target` cannot hold a width per linear (--target_bpw or --rules without a GGUF recipe)."""
+  if target.is_gguf:
+    raise ValueError(f"{flag} with --export={target}: a float GGUF has nothing to allocate; give a llama.cpp "
+                     "recipe (--export=gguf:Q4_K_M: its embedding and output types are kept).")  # fmt: skip
+  if target.kind == "awq":
+    raise ValueError(f"{flag} with --export=awq: an AWQ config has one width for every layer; use "
+                     "--export=compressed-tensors (config_groups per width) or gptq (per-module dynamic).")  # fmt: skip
+  if s.grid != "affine" or s.per_tensor:
+    raise ValueError(f"{flag} allocates widths on the affine grid; drop --grid={s.grid}"
+                     f"{' --per_tensor' if s.per_tensor else ''}.")  # fmt: skip
+
+
+def _check_widths(target: Target, spec: QSpec, config: LlamaConfig, widths, source: str) -> None:
+  """Raises when the target cannot hold a linear at one of `widths` (naming `source`, the flag or file)."""
+  allowed = gptq.BITS if target.is_gptq else AFFINE_BITS
+  wrong = sorted({int(b) for b in widths} - set(allowed))
+  if wrong:
+    raise ValueError(f"{source}: --export={target} stores widths {', '.join(map(str, allowed))}, not "
+                     f"{', '.join(map(str, wrong))}.")  # fmt: skip
+  for bits in sorted({int(b) for b in widths}):
+    check_shapes(target, dataclasses.replace(spec, bits=bits), config)
+
+
+def _check_choices(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, overrides, source: str) -> None:
+  """Raises when the target cannot hold an affine allocation's choice of some linear (naming `source`): a width it
+  does not store, or a group size that leaves that linear a partial group where the target needs whole ones."""
+  chosen = {path: affine_choice(label, spec) for path, label in overrides.items()}
+  _check_widths(target, spec, config, {c.bits for c in chosen.values()}, source)
+  rows = row_lengths(config)
+  partial_ok = not target.is_hf or (target.is_gptq and s.partial_groups)
+  for path, c in chosen.items():
+    if c.group_size > 0 and rows[path] % c.group_size and not partial_ok:
+      raise ValueError(f"{source}: {path}: groups of {c.group_size} leave its {rows[path]} inputs a partial group, "
+                       f"which --export={target} does not hold.")  # fmt: skip
+
+
+def _affine_overrides(rules: TensorRules, s: Settings, config: LlamaConfig) -> dict[str, str]:
+  """path -> width of an affine rules file, checked against the settings' grid and vLLM's fused groups."""
+  source = f"--rules={s.rules}"
+  if (rules.group_size, rules.symmetric) != (s.group_size, s.sym):
+    chosen = f"--group_size={rules.group_size}{'' if rules.symmetric else ' --nosym'}"
+    raise InputError(f"{source}: widths chosen for {chosen}, not --group_size={s.group_size}"
+                     f"{'' if s.sym else ' --nosym'}; give those flags.")  # fmt: skip
+  overrides = rules.resolve(row_lengths(config), source=source)
+  for group in affine_groups(config):
+    widths = {overrides.get(p, str(s.bits)) for p in group}
+    if len(widths) > 1:
+      raise InputError(f"{source}: {', '.join(group)} are loaded as one matrix by vLLM and need one width and group "
+                       f"size, got {', '.join(sorted(widths))}.")  # fmt: skip
+  return overrides
+
+
 def plan(
   s: Settings, config: LlamaConfig, *, method_given: bool = False, overrides: dict[str, str] | None = None
 ) -> Plan:
@@ -395,13 +478,18 @@ def plan(
     s: the settings.
     config: the model's config.
     method_given: whether --method was given (it and --recipe exclude each other).
-    overrides: path -> llama.cpp type over the GGUF recipe's (a bit allocation's result; default: --rules').
+    overrides: path -> llama.cpp type over the GGUF recipe's, or bit width over --bits (a bit allocation's result;
+      default: --rules').
 
   Raises:
     ValueError, NotImplementedError, FileNotFoundError: naming the flag.
   """
   rules = read_rules(s.rules) if s.rules else None
-  target = parse_target(s.export if s.export or rules is None else f"gguf:{rules.base}")
+  gguf_rules = rules is not None and rules.format == "gguf"
+  target = parse_target(s.export if s.export or not gguf_rules else f"gguf:{rules.base}")
+  if rules is not None and gguf_rules != target.quantizes:
+    want = "a GGUF recipe (--export=gguf:<TYPE>)" if gguf_rules else "an affine export (compressed-tensors, gptq, qjax)"
+    raise InputError(f"--rules={s.rules}: {rules.format} rules are for {want}, not --export={target}.")
   spec = settings_spec(s)
   gptq_config = _gptq_config(s, target)
   fn, recipe_id, name = _recipe_function(s, method_given)
@@ -409,20 +497,27 @@ def plan(
   uses_gptq = bool({"gptq_rounding", "gptq_config"} & set(parameters))
   _check(s, target, spec, config, name=name, uses_gptq=uses_gptq)
   calibrated = s.imatrix or uses_gptq  # the types llama.cpp gives a file made with an importance matrix
-  target_bpw = _budget(s.target_bpw, config, imatrix=calibrated) if s.target_bpw else None
+  target_bpw = _budget(s.target_bpw, config, imatrix=calibrated, recipes=target.quantizes) if s.target_bpw else None
   unknown = [t for t in allocation_types(s) if t not in ALLOCATABLE]
   if unknown:
     raise ValueError(f"--allocation_types: {', '.join(unknown)} not among the types qjax encodes for a linear "
                      f"({', '.join(ALLOCATABLE)}).")  # fmt: skip
-  if target_bpw:
+  if target_bpw and target.quantizes:
     check_budget(target_bpw, target.gguf_type, config, imatrix=calibrated, types=allocation_types(s))
-  if rules is not None and overrides is None:
+  elif target_bpw:
+    _check_widths(target, spec, config, allocation_bits(s), "--allocation_bits")
+    check_affine_budget(target_bpw, spec, config, allocation_bits(s), allocation_group_sizes(s))
+  if gguf_rules and overrides is None:
     paths = tensor_types(target.gguf_type, config, imatrix=calibrated)
     overrides = rules.resolve(paths, source=f"--rules={s.rules}")
     try:  # each type must tile its tensor's rows, and fused parts share one
       tensor_types(target.gguf_type, config, imatrix=calibrated, overrides=overrides)
     except ValueError as e:
       raise InputError(f"--rules={s.rules}: {e}") from None
+  elif rules is not None and overrides is None:
+    overrides = _affine_overrides(rules, s, config)
+  if overrides and not target.is_gguf:
+    _check_choices(s, target, spec, config, overrides, f"--rules={s.rules}" if rules else "the allocation")
 
   def build(rounded_config: LlamaConfig) -> Recipe:
     values = {
@@ -452,10 +547,14 @@ def plan(
     label = ("" if name in ("none", "rtn") else f"{short} ") + f"gguf {target.gguf_type}"
     label += (" imatrix" if s.imatrix else "") + (f" @{target_bpw:.2f}bpw" if target_bpw else "")
     label += " +rules" if rules else ""
+  elif target_bpw or rules:
+    label = f"{short} g{s.group_size}" + (f" @{target_bpw:.2f}bpw" if target_bpw else " +rules")
   else:
     label = f"{short} w{s.bits}g{s.group_size}" + ("" if s.grid == "affine" else f" {s.grid}")
     label += " per-tensor" if s.per_tensor else ""
   default_name = f"gguf-{target.gguf_type}" if target.is_gguf else f"{s.method}-w{s.bits}g{s.group_size}"
+  if target_bpw and not target.is_gguf:
+    default_name = f"{s.method}-g{s.group_size}"
   default_name += f"-{target_bpw:.2f}bpw" if target_bpw else ""
   default_name += ("" if s.grid == "affine" else f"-{s.grid}") + ("-tensor" if s.per_tensor else "")
   if target.is_hf:
@@ -464,22 +563,60 @@ def plan(
   checkpoint_dir = s.checkpoint_dir or out.rstrip("/") + ".checkpoint"
   actorder = "weight" if uses_gptq and s.desc_act and s.static_groups else None  # dynamic groups: refused above
   return Plan(recipe, target, spec, label, recipe_id, out, checkpoint_dir, actorder, uses_gptq and target.quantizes,
-              target_bpw, overrides)  # fmt: skip
+              target_bpw, overrides, gptq_config if uses_gptq else None)  # fmt: skip
+
+
+def allocation_sweeps(s: Settings, p: Plan) -> int:
+  """GPTQ sweeps of every linear that --target_bpw's allocation runs: one per choice when GPTQ rounds them."""
+  choices = len(allocation_bits(s)) * len({s.group_size, *allocation_group_sizes(s)})
+  return choices if p.target_bpw and p.gptq_config and not p.target.is_gguf else 0
 
 
 def allocation_types(s: Settings) -> tuple[str, ...]:
   return tuple(t.strip() for t in s.allocation_types.split(",") if t.strip())
 
 
-def _budget(value: str, config: LlamaConfig, *, imatrix: bool) -> float:
-  """--target_bpw as bits per weight: a number, or a llama.cpp file type's on this model."""
-  if value in RECIPES:
+def allocation_bits(s: Settings) -> tuple[int, ...]:
+  """--allocation_bits as widths.
+
+  Raises:
+    ValueError: naming the flag, for a value that is not a list of widths in `AFFINE_BITS`.
+  """
+  try:
+    widths = tuple(sorted({int(b) for b in s.allocation_bits.split(",") if b.strip()}))
+  except ValueError:
+    widths = ()
+  if not widths or any(b not in AFFINE_BITS for b in widths):
+    raise ValueError(f"--allocation_bits={s.allocation_bits}: expected widths from {', '.join(map(str, AFFINE_BITS))}"
+                     ", e.g. 2,3,4,8.")  # fmt: skip
+  return widths
+
+
+def allocation_group_sizes(s: Settings) -> tuple[int, ...]:
+  """--allocation_group_sizes as group sizes.
+
+  Raises:
+    ValueError: naming the flag, for a value that is not a list of `GROUP_SIZES`.
+  """
+  try:
+    sizes = tuple(int(g) for g in s.allocation_group_sizes.split(",") if g.strip())
+  except ValueError:
+    sizes = (0,)
+  if any(g not in GROUP_SIZES for g in sizes):
+    raise ValueError(f"--allocation_group_sizes={s.allocation_group_sizes}: expected group sizes from "
+                     f"{', '.join(map(str, GROUP_SIZES))}.")  # fmt: skip
+  return sizes
+
+
+def _budget(value: str, config: LlamaConfig, *, imatrix: bool, recipes: bool) -> float:
+  """--target_bpw as bits per weight: a number, or (for a GGUF recipe) a llama.cpp file type's on this model."""
+  if value in RECIPES and recipes:
     return recipe_bits_per_weight(value, config, imatrix=imatrix)
   try:
     bpw = float(value)
   except ValueError:
-    raise ValueError(f"--target_bpw={value}: expected bits per weight (4.5) or a llama.cpp file type "
-                     f"({', '.join(RECIPES)}).") from None  # fmt: skip
+    named = f" or a llama.cpp file type ({', '.join(RECIPES)})" if recipes else ""
+    raise ValueError(f"--target_bpw={value}: expected bits per weight (4.5){named}.") from None
   if not 0 < bpw <= 32:
     raise ValueError(f"--target_bpw={value}: bits per weight must be in (0, 32].")
   return bpw
@@ -540,13 +677,20 @@ def quantize_with(
 
 
 def allocate(s: Settings, p: Plan, checkpoint, windows, *, show_progress: bool = False, errors=None) -> Allocation:
-  """--target_bpw's choice of llama.cpp types, from the float model's sensitivities on the calibration windows
-  (or from `errors`, a previous allocation's on the same windows)."""
-  allocation = allocate_gguf(checkpoint.config, checkpoint.params(), windows, base=p.target.gguf_type,
-                             target_bpw=p.target_bpw, imatrix=s.imatrix or p.ggml_sweep, types=allocation_types(s),
-                             batch_size=s.batch_size, show_progress=show_progress, errors=errors)  # fmt: skip
+  """--target_bpw's choice of llama.cpp types or bit widths, from the float model's sensitivities on the
+  calibration windows (or from `errors`, a previous allocation's on the same windows)."""
+  if p.target.quantizes:
+    allocation = allocate_gguf(checkpoint.config, checkpoint.params(), windows, base=p.target.gguf_type,
+                               target_bpw=p.target_bpw, imatrix=s.imatrix or p.ggml_sweep, types=allocation_types(s),
+                               batch_size=s.batch_size, show_progress=show_progress, errors=errors)  # fmt: skip
+  else:
+    allocation = allocate_affine(checkpoint.config, checkpoint.params(), windows, spec=p.spec, target_bpw=p.target_bpw,
+                                 bits=allocation_bits(s), group_sizes=allocation_group_sizes(s),
+                                 gptq_config=p.gptq_config, model=LlamaBlocks(checkpoint), batch_size=s.batch_size,
+                                 show_progress=show_progress, errors=errors)  # fmt: skip
   if show_progress:
-    mix = ", ".join(f"{n} {t}" for t, n in collections.Counter(allocation.types.values()).most_common())
+    name = lambda t: t if p.target.quantizes else "{}-bit g{}".format(*t.partition("g")[::2]).removesuffix(" g")
+    mix = ", ".join(f"{n} {name(t)}" for t, n in collections.Counter(allocation.types.values()).most_common())
     print(f"allocated {allocation.bits_per_weight:.3f} bits/weight (target {p.target_bpw:.3f}): {mix}; predicted KL "
           f"{allocation.predicted_kl:.4f}", flush=True)  # fmt: skip
   return allocation
@@ -554,14 +698,28 @@ def allocate(s: Settings, p: Plan, checkpoint, windows, *, show_progress: bool =
 
 def write_allocation(directory: str, s: Settings, p: Plan, allocation: Allocation) -> str:
   """Writes the allocation as a rules file (``rules.json``) that --rules reads back; returns its path."""
+  choices = (
+    {"imatrix": s.imatrix, "types": list(allocation_types(s))}
+    if p.target.quantizes
+    else {
+      "widths": list(allocation_bits(s)),
+      "group_sizes": [s.group_size, *allocation_group_sizes(s)],
+      "method": s.method,
+    }
+  )
   record = {"model": s.model, "target_bpw": p.target_bpw, "bits_per_weight": allocation.bits_per_weight,
-            "predicted_kl": allocation.predicted_kl, "imatrix": s.imatrix, "types": list(allocation_types(s)),
+            "predicted_kl": allocation.predicted_kl, **choices,
             "proxy": "Fisher-weighted rounding error, 1/2 sum F (w_hat - w)^2, F the Fisher diagonal (tokens drawn "
                      f"from the model) on {s.nsamples} windows of {s.seqlen} tokens of --calib={s.calib}",
             "predicted_kl_by_tensor": allocation.errors}  # fmt: skip
+  rules = rules_from_types(allocation.types)
+  if p.target.quantizes:
+    tensor_rules = TensorRules(p.target.gguf_type, rules, record)
+  else:
+    tensor_rules = TensorRules(None, rules, record, "affine", s.group_size, s.sym)
   path = os.path.join(directory, "rules.json")
   with atomic_file(path) as tmp:
-    write_rules(tmp, TensorRules(p.target.gguf_type, rules_from_types(allocation.types), record))
+    write_rules(tmp, tensor_rules)
   return path
 
 
@@ -571,8 +729,8 @@ def _estimated_bytes(s: Settings, p: Plan, config: LlamaConfig, calibrate: bool)
   if p.target.is_gguf:  # the largest llama.cpp type of a recipe is 8.5 bits per weight (Q8_0)
     bits = 8.5 if p.target.quantizes else 32.0
     dense_bits = 32 if p.target.gguf_type == "F32" else 16
-  else:
-    bits, dense_bits = p.spec.bits_per_weight(config.hidden_size), 16
+  else:  # an allocation's linears take at most its budget
+    bits, dense_bits = max(p.spec.bits_per_weight(config.hidden_size), p.target_bpw or 0.0), 16
   output = int(est.linear_params * bits / 8 + est.other_params * dense_bits / 8) + (64 << 20)
   activations = 2 * s.nsamples * s.seqlen * config.hidden_size * 4
   return output, (output + activations if calibrate else 0)
@@ -623,7 +781,8 @@ def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) 
   if show_progress:
     tokens = s.nsamples * s.seqlen if windows_needed else 0
     cost = estimate(config, p.recipe, calibration_tokens=tokens, seqlen=s.seqlen, batch_size=s.batch_size,
-                    eval_windows=s.eval_windows, ggml_sweep=p.ggml_sweep, allocation=bool(p.target_bpw))  # fmt: skip
+                    eval_windows=s.eval_windows, ggml_sweep=p.ggml_sweep, allocation=bool(p.target_bpw),
+                    allocation_sweeps=allocation_sweeps(s, p))  # fmt: skip
     print(cost, flush=True)
   log = TensorLog()
   with atomic_directory(p.out, p.target.kind, overwrite=s.overwrite) as tmp:

@@ -194,8 +194,9 @@ class RunReport:
       lines.append("calibration tokens of the least-fed experts (expert: tokens):")
       for path, tokens in self.expert_tokens.items():
         starved = ", ".join(f"{e}: {n}" for e, n in least_fed(np.asarray(tokens)))
-        unseen = sum(n == 0 for n in tokens)
-        lines.append(f"  {path}: {starved}" + (f"  ({unseen} of {len(tokens)} saw none)" if unseen else ""))
+        unseen = [str(e) for e, n in enumerate(tokens) if n == 0]
+        named = f"  ({len(unseen)} of {len(tokens)} saw none: {', '.join(unseen)})" if unseen else ""
+        lines.append(f"  {path}: {starved}{named}")
     return "\n".join(lines)
 
 

@@ -7,6 +7,12 @@ rounding error by how much the output moves with it, across layers as well as wi
 ``½ Σ F ⊙ ΔW²`` predicts, in nats per token, what rounding one tensor into a format costs the whole model. This
 is the proxy `qjax.transforms.allocation` allocates bits with; `experiments/allocation.md` measures how well it
 predicts the KL divergence measured end to end.
+
+GPTQ's rounding is the exception: it moves each weight further than rounding to nearest would, so that the errors
+of one output column cancel across correlated inputs, and the diagonal proxy sees only the larger moves. For it the
+Fisher is taken as the Kronecker product of the inputs' second moments C (GPTQ's Hessian) and a per-output-channel
+factor f (K-FAC's approximation), which predicts ``½ Σ_j f_j Δw_jᵀ C Δw_j`` (`kronecker_error`): GPTQ's own
+objective, weighted by how much each output channel moves the model's output.
 """
 
 import dataclasses
@@ -20,16 +26,22 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxtyping import Array, Float, Int
 
+from qjax.calib.quantize import WholeModel, quantize_model
+from qjax.calib.runner import RunnerOptions
 from qjax.core import QSpec, dequantize, ggml, quantize
 from qjax.core.progress import progress
-from qjax.core.tree import get_path
+from qjax.core.tree import MaskedNode, get_path, leaves_with_paths
 from qjax.models import LlamaConfig
 from qjax.models.checkpoint import param_shapes
 from qjax.models.llama import LlamaForCausalLM
+from qjax.quantizers.gptq import GptqConfig, gptq_quantize
 from qjax.quantizers.kquants import kquant_quantize
 from qjax.transforms import gguf_recipes
 from qjax.transforms.allocation import Option, Unit, allocate
+from qjax.transforms.base import stateless
 from qjax.transforms.gguf_recipes import ALLOCATABLE
+from qjax.transforms.recipes import LINEAR_KERNELS, Recipe
+from qjax.transforms.rules import Rule, rules_transform
 
 
 def fisher_diagonal(
@@ -97,6 +109,70 @@ def weighted_error(fisher: Float[Array, "..."], w: Float[Array, "..."], w_hat: F
   """``½ Σ F ⊙ (ŵ - w)²``: the KL divergence, in nats per token, that replacing `w` by `w_hat` is predicted to add."""
   d = jnp.asarray(w_hat, jnp.float32) - jnp.asarray(w, jnp.float32)
   return float(0.5 * jnp.sum(jnp.asarray(fisher) * d * d))
+
+
+def kronecker_error(
+  fisher: Float[Array, "in out"],
+  hessian: Float[Array, "in in"],
+  w: Float[Array, "in out"],
+  w_hat: Float[Array, "in out"],
+) -> float:
+  """``½ Σ_j f_j Δw_jᵀ C Δw_j``, Δw_j output column j of ``ŵ - w``: the KL divergence, in nats per token, that
+  replacing `w` by `w_hat` is predicted to add when the Fisher of the weights factors into the inputs' second
+  moments C (`hessian`, at any scale) and an output factor f, read from the Fisher's diagonal F as
+  ``f_j = Σ_i F_ij / tr C`` (so a diagonal C gives `weighted_error`)."""
+  c = jnp.asarray(hessian, jnp.float32)
+  d = jnp.asarray(w_hat, jnp.float32) - jnp.asarray(w, jnp.float32)
+  f = jnp.sum(jnp.asarray(fisher, jnp.float32), axis=0) / jnp.trace(c)
+  return float(0.5 * jnp.sum(f * jnp.sum(d * jnp.dot(c, d, precision=jax.lax.Precision.HIGHEST), axis=0)))
+
+
+def gptq_errors(
+  model: WholeModel,
+  windows: Int[np.ndarray, "n t"],
+  fisher: Mapping[str, np.ndarray],
+  widths: Mapping[str, Iterable[str]],
+  *,
+  spec: QSpec,
+  gptq_config: GptqConfig,
+  batch_size: int = 8,
+  show_progress: bool = False,
+) -> dict[str, dict[str, float]]:
+  """Each linear's predicted cost in each choice when GPTQ rounds it: ``path -> {choice: kronecker_error}``.
+
+  GPTQ rounds every linear of `widths` in each of its choices (`affine_choice` labels: widths, and group sizes, on
+  `spec`'s grid), with the Hessian of the float model's inputs on the calibration windows (one pass of the
+  calibration runner; the model stays float).
+
+  Args:
+    model: the float model's parts (`qjax.models.LlamaBlocks`).
+    windows: (n, t) calibration windows.
+    fisher: `fisher_diagonal`'s result for the paths of `widths`.
+    widths: path -> the choices (``"4"``, ``"4g32"``) that linear may take.
+    spec: the grid (its ``bits`` and group size replaced by each choice's).
+    gptq_config: GPTQ's options.
+    batch_size: windows per forward.
+    show_progress: print the runner's progress.
+  """
+  errors: dict[str, dict[str, float]] = {}
+
+  def measure(params, *, stats=None, **_):
+    for path, w in leaves_with_paths(params):
+      if isinstance(w, MaskedNode) or path not in widths:
+        continue
+      h, f = stats[path]["hessian"], fisher[path]
+      parts = list(zip(w, h, f, strict=True)) if np.ndim(w) == 3 else [(w, h, f)]  # experts one by one
+      errors[path] = {}
+      for label in widths[path]:
+        one = affine_choice(label, spec)
+        errors[path][label] = sum(kronecker_error(fe, he, we, dequantize(gptq_quantize(we, he, spec=one,
+                                  config=gptq_config)[0])) for we, he, fe in parts)  # fmt: skip
+    return params
+
+  stage = rules_transform([Rule(LINEAR_KERNELS, stateless(measure, stats=frozenset({"hessian"})), name="sensitivity")])
+  quantize_model(model, Recipe((stage,), "sensitivity", float_inputs=True), windows,
+                 options=RunnerOptions(batch_size=batch_size, show_progress=show_progress))  # fmt: skip
+  return errors
 
 
 def format_errors(
@@ -208,7 +284,8 @@ def allocate_gguf(
   numel = _numel(config, base_types)
   fixed_bits = sum(type_bits(t, numel[p]) for p, t in base_types.items() if p not in rows)
   candidates = {p: [t for t in gguf_recipes.types_for_row(r) if t in types] for p, r in rows.items()}
-  return _allocate(config, params, windows, candidates, ggml_round_trip, lambda p, t: type_bits(t, numel[p]),
+  measure = lambda fisher: format_errors(params, fisher, candidates, ggml_round_trip, show_progress=show_progress)
+  return _allocate(config, params, windows, candidates, measure, lambda p, t: type_bits(t, numel[p]),
                    gguf_recipes.tied_groups(config), fixed_bits=fixed_bits, total=sum(numel.values()),
                    target_bpw=target_bpw, batch_size=batch_size, show_progress=show_progress,
                    errors=errors)  # fmt: skip
@@ -219,7 +296,7 @@ def _allocate(
   params,
   windows: Int[np.ndarray, "n t"],
   candidates: Mapping[str, Sequence[str]],
-  round_trip: Callable[[Array, str], Array],
+  measure: Callable[[Mapping[str, np.ndarray]], dict[str, dict[str, float]]],
   bits_of: Callable[[str, str], float],
   groups: Sequence[tuple[str, ...]],
   *,
@@ -231,12 +308,12 @@ def _allocate(
   errors: Mapping[str, Mapping[str, float]] | None,
 ) -> Allocation:
   """The allocation of `candidates` (path -> formats) in units of `groups` (paths sharing one format), costed by
-  ``bits_of(path, format)`` and the Fisher-weighted error of `round_trip`, within ``target_bpw * total`` bits of
-  which `fixed_bits` are already spent."""
+  ``bits_of(path, format)`` and the errors ``measure(fisher)`` predicts (path -> {format: KL}, from the Fisher's
+  diagonal), within ``target_bpw * total`` bits of which `fixed_bits` are already spent."""
   if errors is None or any(t not in errors.get(p, {}) for p, ts in candidates.items() for t in ts):
     fisher = fisher_diagonal(config, params, windows, list(candidates), batch_size=batch_size,
                              show_progress=show_progress)  # fmt: skip
-    errors = format_errors(params, fisher, candidates, round_trip, show_progress=show_progress)
+    errors = measure(fisher)
   errors = {p: {t: errors[p][t] for t in ts} for p, ts in candidates.items()}
   units = []
   for group in groups:
@@ -251,9 +328,9 @@ def _allocate(
 
 
 FUSED_BY_VLLM = (("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"), ("mlp/gate_proj", "mlp/up_proj"),
-                 ("mlp/experts/gate_proj", "mlp/experts/up_proj"))  # fmt: skip
-"""Linears vLLM loads into one matrix (QKVParallelLinear, MergedColumnParallelLinear, the experts' w13), which
-must share one width; a layer's experts are one stacked tensor here, so they share theirs already."""
+                 ("mlp/experts/gate_proj", "mlp/experts/up_proj", "mlp/experts/down_proj"))  # fmt: skip
+"""Linears vLLM loads as one layer (QKVParallelLinear, MergedColumnParallelLinear, a FusedMoE layer's w13 and w2
+together), which must share one width; a layer's experts are one stacked tensor per projection here."""
 
 
 def affine_groups(config: LlamaConfig) -> list[tuple[str, ...]]:
@@ -269,14 +346,71 @@ def affine_groups(config: LlamaConfig) -> list[tuple[str, ...]]:
   return groups
 
 
+def affine_choice(label: str, spec: QSpec) -> QSpec:
+  """`spec` with the width, and group size, an affine allocation's choice names: ``"3"`` (3 bits in `spec`'s groups)
+  or ``"4g32"`` (4 bits in groups of 32).
+
+  Examples:
+    >>> affine_choice("4g32", QSpec(bits=3, group_size=64)).group_size
+    32
+  """
+  bits, _, group = label.partition("g")
+  return dataclasses.replace(spec, bits=int(bits), group_size=int(group) if group else spec.group_size)
+
+
+def affine_choices(spec: QSpec, row_length: int, bits: Sequence[int], group_sizes: Sequence[int] = ()) -> list[str]:
+  """The choices (`affine_choice` labels) of a linear whose rows are `row_length` long: each of `bits` in `spec`'s
+  groups and in each of `group_sizes` that divides its rows (as vLLM's kernels need)."""
+  groups = [g for g in dict.fromkeys((spec.group_size, *group_sizes)) if g == -1 or row_length % g == 0]
+  return [f"{b}" if g == spec.group_size else f"{b}g{g}" for g in groups for b in sorted(bits)]
+
+
 def affine_round_trip(spec: QSpec) -> Callable[[Array, str], Array]:
-  """``(w, bits) -> w`` rounded to nearest on `spec`'s grid at that many bits (experts one by one) and back."""
+  """``(w, choice) -> w`` rounded to nearest on `spec`'s grid at that choice (`affine_choice`; experts one by one)
+  and back."""
 
   @_expert_by_expert
-  def round_trip(w, bits: str):
-    return dequantize(quantize(w, dataclasses.replace(spec, bits=int(bits))))
+  def round_trip(w, label: str):
+    return dequantize(quantize(w, affine_choice(label, spec)))
 
   return round_trip
+
+
+def affine_bits(spec: QSpec, config: LlamaConfig) -> Callable[[str, str], float]:
+  """``(path, choice) -> bits`` the decoder linear at `path` takes on `spec`'s grid at that choice (`affine_choice`;
+  its scales and zero points counted)."""
+  shapes = param_shapes(config)
+
+  def bits_of(path: str, label: str) -> float:
+    shape = shapes[path]
+    return affine_choice(label, spec).bits_per_weight(shape[-2]) * int(np.prod(shape))
+
+  return bits_of
+
+
+def affine_bits_per_weight(spec: QSpec, config: LlamaConfig) -> float:
+  """Bits per weight of every decoder linear at `spec`'s width on its grid (scales and zero points counted)."""
+  rows = gguf_recipes.row_lengths(config)
+  bits_of = affine_bits(spec, config)
+  return sum(bits_of(p, str(spec.bits)) for p in rows) / sum(_numel(config, rows).values())
+
+
+def check_affine_budget(
+  target_bpw: float, spec: QSpec, config: LlamaConfig, bits: Sequence[int], group_sizes: Sequence[int] = ()
+) -> None:
+  """Raises ValueError, before any work, when `target_bpw` is below every decoder linear at its cheapest choice
+  (`affine_choices`), or above them all at the dearest, where the budget buys nothing an allocation could choose."""
+  rows = gguf_recipes.row_lengths(config)
+  bits_of, total = affine_bits(spec, config), sum(_numel(config, rows).values())
+  costs = [[bits_of(p, c) for c in affine_choices(spec, r, bits, group_sizes)] for p, r in rows.items()]
+  least, most = sum(map(min, costs)) / total, sum(map(max, costs)) / total
+  where = f"in groups of {', '.join(map(str, dict.fromkeys((spec.group_size, *group_sizes))))}"
+  if target_bpw < least:
+    raise ValueError(f"--target_bpw={target_bpw:g}: below the {least:.3f} bits per weight of every linear at "
+                     f"{min(bits)} bits {where}.")  # fmt: skip
+  if target_bpw > most:
+    raise ValueError(f"--target_bpw={target_bpw:g}: above the {most:.3f} bits per weight of every linear at "
+                     f"{max(bits)} bits {where}; nothing to allocate (use --bits={max(bits)}).")  # fmt: skip
 
 
 def allocate_affine(
@@ -286,34 +420,40 @@ def allocate_affine(
   *,
   spec: QSpec,
   target_bpw: float,
-  bits: Sequence[int] = (2, 3, 4, 8),
+  bits: Sequence[int] = (3, 4, 8),
+  group_sizes: Sequence[int] = (),
+  gptq_config: GptqConfig | None = None,
+  model: WholeModel | None = None,
   batch_size: int = 4,
   show_progress: bool = False,
   errors: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Allocation:
-  """The bit width of each decoder linear, on `spec`'s grid, that least raises the predicted KL divergence within
-  `target_bpw` bits per weight of the linears (scales and zero points counted); q/k/v, gate/up and a layer's experts
-  take one width, as vLLM loads them. ``Allocation.types`` holds the widths as strings (``"4"``).
+  """The bit width (and group size) of each decoder linear, on `spec`'s grid, that least raises the predicted KL
+  divergence within `target_bpw` bits per weight of the linears (scales and zero points counted); q/k/v, gate/up
+  and a layer's experts take one choice, as vLLM loads them (`FUSED_BY_VLLM`). ``Allocation.types`` holds the
+  choices as `affine_choice` labels: ``"4"`` (4 bits in `spec`'s groups), ``"8g32"`` (from `group_sizes`).
+
+  Each choice's cost is predicted for the rounding that will be used: round to nearest (`weighted_error` of
+  `affine_round_trip`), or with `gptq_config` GPTQ's (`gptq_errors`, run on `model`, the float model's parts).
 
   Raises:
-    ValueError: when `target_bpw` is below every linear at the fewest `bits` (naming both).
+    ValueError: as `check_affine_budget`; when `gptq_config` is given without `model`.
   """
+  check_affine_budget(target_bpw, spec, config, bits, group_sizes)
+  if gptq_config is not None and model is None:
+    raise ValueError("allocate_affine: GPTQ's errors are measured by running the model; pass `model`.")
   rows = gguf_recipes.row_lengths(config)
-  shapes = {p: np.shape(get_path(params, p)) for p in rows}
-  numel = {p: int(np.prod(shape)) for p, shape in shapes.items()}
-
-  def bits_of(path: str, b: str) -> float:
-    return dataclasses.replace(spec, bits=int(b)).bits_per_weight(shapes[path][-2]) * numel[path]
-
-  total = sum(numel.values())
-  least = sum(bits_of(p, str(min(bits))) for p in rows) / total
-  if target_bpw < least:
-    raise ValueError(f"--target_bpw={target_bpw:g}: below the {least:.3f} bits per weight of every linear at "
-                     f"{min(bits)} bits in groups of {spec.group_size}.")  # fmt: skip
-  candidates = {p: [str(b) for b in sorted(bits)] for p in rows}
-  return _allocate(config, params, windows, candidates, affine_round_trip(spec), bits_of, affine_groups(config),
-                   fixed_bits=0.0, total=total, target_bpw=target_bpw, batch_size=batch_size,
-                   show_progress=show_progress, errors=errors)  # fmt: skip
+  candidates = {p: affine_choices(spec, r, bits, group_sizes) for p, r in rows.items()}
+  if gptq_config is None:
+    measure = lambda fisher: format_errors(params, fisher, candidates, affine_round_trip(spec),
+                                           show_progress=show_progress)  # fmt: skip
+  else:
+    measure = lambda fisher: gptq_errors(model, windows, fisher, candidates, spec=spec, gptq_config=gptq_config,
+                                         batch_size=batch_size, show_progress=show_progress)  # fmt: skip
+  return _allocate(config, params, windows, candidates, measure, affine_bits(spec, config),
+                   affine_groups(config), fixed_bits=0.0, total=sum(_numel(config, rows).values()),
+                   target_bpw=target_bpw, batch_size=batch_size, show_progress=show_progress,
+                   errors=errors)  # fmt: skip
 
 
 def check_budget(

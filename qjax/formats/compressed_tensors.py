@@ -573,19 +573,20 @@ def write_compressed_tensors(
   if actorder not in (None, "weight"):
     raise ValueError(f"`write_compressed_tensors` expected actorder None or 'weight', got {actorder!r}.")
   hf_quantized.quantized_linears(params, "compressed-tensors")
-  args_by_module = {}
+  args_by_module = {}  # under the names the tensors are written with (a family's fused projections, each expert)
   dense_linears = []
   # Under the names transformers' modules have: each expert its own Linear, a router a Linear kept dense.
   for path, leaf in leaves_with_paths(split_experts(params, config)):
-    if HF_LINEAR.fullmatch(path):
-      module = hf_quantized.hf_tensor_name(path).removesuffix(".weight")
-      if is_qarray(leaf):
-        args_by_module[module] = weight_args(leaf.spec, actorder=actorder)
-      else:
-        dense_linears.append(module)
+    if HF_LINEAR.fullmatch(path) and not is_qarray(leaf):
+      dense_linears.append(hf_quantized.hf_tensor_name(path).removesuffix(".weight"))
   if config.tie_word_embeddings:
     dense_linears.append("lm_head")  # the tied head is a Linear in transformers; it stays the embedding
-  tensors = hf_quantized.hf_tensors(params, lambda module, q: to_compressed(q, name=module), config)
+
+  def module_tensors(module: str, q: QArray) -> dict[str, np.ndarray]:
+    args_by_module[module] = weight_args(q.spec, actorder=actorder)
+    return to_compressed(q, name=module)
+
+  tensors = hf_quantized.hf_tensors(params, module_tensors, config)
   check_fused_global_scales(tensors)
   qc = quantization_config(args_by_module, dense_linears)
   hf_quantized.write_hf_directory(directory, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes)

@@ -11,6 +11,11 @@ A quantized linear ``model.layers.{i}.mlp.down_proj`` is stored as four tensors 
   stores ``zero``.
 * ``scales`` (groups, out) float16, and ``g_idx`` (in,) int32, the group of each input channel.
 
+Modules may take their own bit width and group size through GPTQModel's ``dynamic`` config (what vLLM reads too):
+regular expressions matched from the start of a module's name, the first match giving its ``bits`` and
+``group_size`` (a bit allocation's result); qjax writes one pattern per setting that names the modules and the
+layers vLLM fuses them into.
+
 Values are ``scales[g_idx[i], j] * (q[i, j] - zero[g_idx[i], j])``. ``groups = ceil(in / group_size)``
 (a shorter last group is allowed). A qjax `QArray` holds the same numbers: its codes and groups
 run in act-order (row ``r`` is input ``perm[r]``), so ``g_idx[perm[r]] = r // group_size``.
@@ -23,7 +28,10 @@ References: formats.md §1; AutoGPTQ ``qlinear_cuda_old.py`` ``pack``; GPTQModel
 
 import dataclasses
 import os
+import re
 import warnings
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -42,6 +50,11 @@ from qjax.models.config import MAX_SIZE, LlamaConfig, show
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 BITS = (2, 3, 4, 8)
 QUANTIZE_CONFIG = "quantize_config.json"
+MAX_DYNAMIC = 4096  # patterns in a read ``dynamic`` config
+MAX_PATTERN = 1 << 16  # characters of one pattern
+# The layers vLLM loads modules into (their prefix is what it matches ``dynamic`` patterns against).
+VLLM_FUSED = ((re.compile(r"(.*\.experts)\.\d+\.\w+"), r"\1"), (re.compile(r"(.*)\.[qkv]_proj"), r"\1.qkv_proj"),
+              (re.compile(r"(.*)\.(gate|up)_proj"), r"\1.gate_up_proj"))  # fmt: skip
 
 # GPTQModel reads v1 zero points by adding one to every field of a word at once (carries included), the exact
 # inverse of how it writes them; for 3 bits it shifts field by field.
@@ -319,7 +332,27 @@ def from_gptq(
 # ---- GPTQ directories ----
 
 
-def gptq_quantization_config(spec: QSpec, *, desc_act: bool, lm_head: bool, checkpoint_format: str) -> dict:
+def dynamic_overrides(layouts: Mapping[str, tuple[int, int]], base: tuple[int, int]) -> dict[str, dict[str, int]]:
+  """GPTQModel's ``dynamic`` overrides giving each module of `layouts` (Hugging Face module name -> (bits, group
+  size)) its own where it is not `base`: one pattern per setting, naming its modules and the layers vLLM fuses them
+  into.
+
+  Examples:
+    >>> d = dynamic_overrides({"a.q_proj": (8, 32), "a.o_proj": (4, 128)}, (4, 128))
+    >>> list(d.values()), [n for n in ("a.q_proj", "a.qkv_proj", "a.o_proj") if re.match(next(iter(d))[2:], n)]
+    ([{'bits': 8, 'group_size': 32}], ['a.q_proj', 'a.qkv_proj'])
+  """
+  names: dict[tuple[int, int], list[str]] = defaultdict(list)
+  for module, layout in layouts.items():
+    if layout != base:
+      fused = [f.sub(to, module) for f, to in VLLM_FUSED if f.fullmatch(module)][:1]
+      names[layout] += [n for n in (module, *fused) if n not in names[layout]]
+  return {f"+:({'|'.join(map(re.escape, ms))})$": {"bits": b, "group_size": g} for (b, g), ms in sorted(names.items())}
+
+
+def gptq_quantization_config(
+  spec: QSpec, *, desc_act: bool, lm_head: bool, checkpoint_format: str, dynamic: dict | None = None
+) -> dict:
   """The ``quantization_config`` block vLLM, TGI, transformers (optimum) and GPTQModel read (formats.md §1.6)."""
   from qjax import __version__
 
@@ -333,6 +366,7 @@ def gptq_quantization_config(spec: QSpec, *, desc_act: bool, lm_head: bool, chec
     "checkpoint_format": checkpoint_format,
     "format": checkpoint_format,
     "pack_dtype": "int32",
+    **({"dynamic": dynamic} if dynamic else {}),
     "meta": {"quantizer": [f"qjax:{__version__}"]},
   }
 
@@ -349,9 +383,11 @@ def save_gptq(
 ) -> None:
   """Writes quantized params as a GPTQ checkpoint directory that vLLM, TGI and transformers load.
 
-  Every decoder linear must be a ``packed`` `QArray` with one spec (bits 2, 3, 4 or 8); ``lm_head`` may be
-  quantized too. Everything else is written in float16 (a tied embedding has no ``lm_head`` tensor).
-  ``config.json`` carries ``quantization_config`` and ``quantize_config.json`` the same keys.
+  Every decoder linear must be a ``packed`` `QArray` of one symmetry (bits 2, 3, 4 or 8; the widths and group
+  sizes other than the most common written as ``dynamic`` overrides, which vLLM and GPTQModel read but
+  transformers does not); ``lm_head`` may be quantized too. Everything else is written in float16 (a tied
+  embedding has no ``lm_head`` tensor). ``config.json`` carries ``quantization_config`` and ``quantize_config.json``
+  the same keys.
 
   Args:
     out_dir: the directory to create (written beside it and renamed when complete; see `qjax.formats.output`).
@@ -380,13 +416,18 @@ def write_gptq(
   max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES,
 ) -> None:
   """`save_gptq`'s files, written into the existing `directory`."""
-  spec = hf_quantized.model_spec(params, "GPTQ")
-  tensors = hf_quantized.hf_tensors(
-    params, lambda module, q: to_gptq(q, checkpoint_format=checkpoint_format, name=module)._asdict(), config
-  )
+  spec = hf_quantized.model_spec(params, "GPTQ", widths=True)
+  layouts = {}
+
+  def module_tensors(module: str, q: QArray) -> dict[str, np.ndarray]:
+    layouts[module] = (q.spec.bits, q.spec.group_size)
+    return to_gptq(q, checkpoint_format=checkpoint_format, name=module)._asdict()
+
+  tensors = hf_quantized.hf_tensors(params, module_tensors, config)
   desc_act = any(is_qarray(leaf) and leaf.perm is not None for _, leaf in leaves_with_paths(params))
   lm_head = "lm_head.qweight" in tensors
-  qc = gptq_quantization_config(spec, desc_act=desc_act, lm_head=lm_head, checkpoint_format=checkpoint_format)
+  qc = gptq_quantization_config(spec, desc_act=desc_act, lm_head=lm_head, checkpoint_format=checkpoint_format,
+                                dynamic=dynamic_overrides(layouts, (spec.bits, spec.group_size)))  # fmt: skip
   hf_quantized.write_hf_directory(
     directory, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes, extra_json={QUANTIZE_CONFIG: qc}
   )
@@ -399,6 +440,54 @@ class GptqSettings(NamedTuple):
   group_size: int
   sym: bool | None
   checkpoint_format: str
+  dynamic: tuple[tuple[re.Pattern, Mapping[str, Any]], ...] = ()  # (pattern, overrides) in order
+
+  def for_module(self, module: str) -> "GptqSettings":
+    """The settings of `module`: the first ``dynamic`` pattern matching its name from the start overrides them."""
+    for pattern, overrides in self.dynamic:
+      if pattern.match(module):
+        return self._replace(**overrides, dynamic=())
+    return self
+
+
+def _layout(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """The bits, group size and sym of a GPTQ config (or a ``dynamic`` override: those of them it gives), checked."""
+  layout = {}
+  bits = values.get("bits", values.get("w_bit"))
+  group_size = values.get("group_size", values.get("q_group_size"))
+  if bits is not None:
+    if type(bits) is not int or bits not in BITS:
+      raise InputError(f"{source}: GPTQ bits must be one of {BITS}, got {show(bits)}.")
+    layout["bits"] = bits
+  if group_size is not None:
+    if type(group_size) is not int or not (group_size == -1 or 0 < group_size < MAX_SIZE):
+      raise InputError(f"{source}: GPTQ group_size must be -1 or in [1, 2**31), got {show(group_size)}.")
+    layout["group_size"] = group_size
+  if values.get("sym") is not None:
+    if not isinstance(values["sym"], bool):
+      raise InputError(f"{source}: GPTQ sym must be true or false, got {show(values['sym'])}.")
+    layout["sym"] = values["sym"]
+  return layout
+
+
+def _dynamic(dynamic: Any, source: str) -> tuple[tuple[re.Pattern, Mapping[str, Any]], ...]:
+  """GPTQModel's ``dynamic`` overrides, checked: positive patterns (``+:`` or none) with bits/group_size/sym."""
+  if not isinstance(dynamic, dict) or len(dynamic) > MAX_DYNAMIC:
+    raise InputError(f"{source}: GPTQ 'dynamic' must be an object of at most {MAX_DYNAMIC} patterns.")
+  overrides = []
+  for key, value in dynamic.items():
+    where = f"{source}: dynamic[{show(key)}]"
+    if key.startswith("-:"):
+      raise InputError(f"{where}: modules left unquantized by a negative pattern are not supported.")
+    raw = key.removeprefix("+:")
+    if len(raw) > MAX_PATTERN or not isinstance(value, dict):
+      raise InputError(f"{where}: expected a pattern under {MAX_PATTERN} characters and an object of overrides.")
+    try:
+      pattern = re.compile(raw)
+    except re.error as e:
+      raise InputError(f"{where}: not a regular expression ({e}).") from None
+    overrides.append((pattern, _layout(value, where)))
+  return tuple(overrides)
 
 
 def gptq_settings(qc: dict[str, Any], source: str) -> GptqSettings:
@@ -406,15 +495,14 @@ def gptq_settings(qc: dict[str, Any], source: str) -> GptqSettings:
 
   Raises:
     InputError: naming `source` for unsupported bits, group size, packing, an unknown checkpoint_format, a
-      non-boolean sym, or GPTQModel per-module ``dynamic`` overrides (not supported).
+      non-boolean sym, or a ``dynamic`` override that is negative (modules left unquantized) or not a regular
+      expression with such settings.
   """
-  bits = qc.get("bits", qc.get("w_bit"))
-  group_size = qc.get("group_size", qc.get("q_group_size"))
+  layout = _layout(qc, source)
+  if "bits" not in layout or "group_size" not in layout:
+    missing = "bits" if "bits" not in layout else "group_size"
+    raise InputError(f"{source}: GPTQ {missing} missing from the quantization config.")
   fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
-  if type(bits) is not int or bits not in BITS:
-    raise InputError(f"{source}: GPTQ bits must be one of {BITS}, got {show(bits)}.")
-  if type(group_size) is not int or not (group_size == -1 or 0 < group_size < MAX_SIZE):
-    raise InputError(f"{source}: GPTQ group_size must be -1 or in [1, 2**31), got {show(group_size)}.")
   if fmt not in CHECKPOINT_FORMATS:
     raise InputError(
       f"{source}: unknown GPTQ checkpoint_format {show(fmt)}; qjax reads {CHECKPOINT_FORMATS} (v1 zero points "
@@ -422,12 +510,8 @@ def gptq_settings(qc: dict[str, Any], source: str) -> GptqSettings:
     )
   if qc.get("pack_dtype", "int32") != "int32":
     raise InputError(f"{source}: GPTQ pack_dtype must be int32, got {show(qc['pack_dtype'])}.")
-  if qc.get("dynamic"):
-    raise InputError(f"{source}: GPTQModel per-module 'dynamic' overrides are not supported.")
-  sym = qc.get("sym")
-  if sym is not None and not isinstance(sym, bool):
-    raise InputError(f"{source}: GPTQ sym must be true or false, got {show(sym)}.")
-  return GptqSettings(bits, group_size, sym, fmt)
+  dynamic = _dynamic(qc["dynamic"], source) if qc.get("dynamic") else ()
+  return GptqSettings(layout["bits"], layout["group_size"], layout.get("sym"), fmt, dynamic)
 
 
 def check_gptq_tensors(
@@ -475,17 +559,18 @@ def load_gptq(model_dir: str, *, dtype=np.float32) -> tuple[LlamaConfig, dict]:
   Raises:
     FileNotFoundError: naming a missing config or weights file.
     InputError: naming the file or tensor for a bad config or quantization_config (unknown checkpoint_format,
-      GPTQModel's per-module ``dynamic`` overrides), tensors that do not match the config (shapes, dtypes, a
+      a ``dynamic`` override qjax does not read), tensors that do not match the config (shapes, dtypes, a
       ``g_idx`` that does not fit the group size, extra tensors), NaN or Inf scales or weights, or a truncated file.
   """
   config = LlamaConfig.from_pretrained(model_dir)
   qc = hf_quantized.read_quantization_config(model_dir)
   if qc is None:
     raise InputError(f"{model_dir}: no quantization_config in config.json and no {QUANTIZE_CONFIG}.")
-  settings = gptq_settings(qc, os.path.join(model_dir, "config.json"))
+  base = gptq_settings(qc, os.path.join(model_dir, "config.json"))
   tensors = hf_quantized.HfTensors(model_dir)
 
   def quantized(module: str, shape: tuple[int, int]) -> QArray:
+    settings = base.for_module(module)
     fields = [f for f in GptqTensors._fields if f != "g_idx" or f"{module}.g_idx" in tensors]
     got = tensors.get_many([f"{module}.{f}" for f in fields])
     values = {f: got[f"{module}.{f}"] for f in fields}

@@ -5,6 +5,7 @@ Tensor names, float16 conversion of everything not quantized, sharded safetensor
 ``quantization_config`` reader, and a reader that checks every tensor against the model config.
 """
 
+import collections
 import json
 import os
 import re
@@ -75,19 +76,29 @@ def quantized_linears(params, fmt: str) -> dict[str, QArray]:
   return quantized
 
 
-def model_spec(params, fmt: str) -> QSpec:
+def model_spec(params, fmt: str, *, widths: bool = False) -> QSpec:
   """The one spec of every quantized linear of `params`, checking what a GPTQ/AWQ config can describe.
+
+  Args:
+    params: the parameter tree.
+    fmt: the format's name, for messages.
+    widths: the config can give modules their own bit widths and group sizes (GPTQ's ``dynamic``): the spec
+      returned is the one most linears take, and only symmetry must agree.
 
   Raises:
     ValueError: naming the leaves, as `quantized_linears` does, or when the quantized linears use different bits,
       group sizes or symmetry.
   """
   quantized = quantized_linears(params, fmt)
-  specs = {(q.spec.bits, q.spec.group_size, q.spec.symmetric): p for p, q in quantized.items()}
+  layout = lambda q: (None, None, q.spec.symmetric) if widths else (q.spec.bits, q.spec.group_size, q.spec.symmetric)
+  specs = {layout(q): p for p, q in quantized.items()}
   if len(specs) > 1:
-    found = ", ".join(f"{p}: bits={b} group_size={g} symmetric={s}" for (b, g, s), p in specs.items())
-    raise ValueError(f"a {fmt} config has one bits/group_size/sym for all layers; got {found}.")
-  return next(iter(quantized.values())).spec
+    found = ", ".join(f"{p}: {'' if b is None else f'bits={b} group_size={g} '}symmetric={s}"
+                      for (b, g, s), p in specs.items())  # fmt: skip
+    what = "sym" if widths else "bits/group_size/sym"
+    raise ValueError(f"a {fmt} config has one {what} for all layers; got {found}.")
+  most = collections.Counter((q.spec.bits, q.spec.group_size) for q in quantized.values()).most_common(1)[0][0]
+  return next(q.spec for q in quantized.values() if (q.spec.bits, q.spec.group_size) == most)
 
 
 def hf_tensors(

@@ -13,7 +13,9 @@ export's own rounding: RTN on ``spec``, or llama.cpp's recipe for a GGUF export)
 """
 
 import dataclasses
-from collections.abc import Mapping
+import re
+from collections import defaultdict
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from qjax.core import ClipSearch, QSpec
@@ -60,23 +62,40 @@ class Recipe:
                   self.unties_head or other.unties_head)  # fmt: skip
 
 
-def _linears(transform: Transform, name: str) -> Transform:
-  return rules_transform([Rule(LINEAR_KERNELS, transform, name=name)])
+def _linears(
+  rounding: Callable[[QSpec], Transform], spec: QSpec, name: str, overrides: Mapping[str, QSpec] | None = None
+) -> Transform:
+  """`rounding` on `spec` for every block linear, on the spec `overrides` gives a path (an allocation's) if any."""
+  by_spec: dict[QSpec, list[str]] = defaultdict(list)
+  for path, own in (overrides or {}).items():
+    by_spec[own].append(re.escape(path))
+  rules = [Rule("|".join(paths), rounding(own), name=f"{name} {own.bits}-bit g{own.group_size}")
+           for own, paths in by_spec.items()]  # fmt: skip
+  return rules_transform([*rules, Rule(LINEAR_KERNELS, rounding(spec), name=name)])
 
 
-def rtn(spec: QSpec, *, clip: ClipSearch | None = None) -> Recipe:
-  """Round-to-nearest of every block linear on `spec`'s grid.
+def rtn(spec: QSpec, *, clip: ClipSearch | None = None, overrides: Mapping[str, QSpec] | None = None) -> Recipe:
+  """Round-to-nearest of every block linear on `spec`'s grid (on the spec `overrides` gives a path, if any).
 
   Examples:
     >>> rtn(QSpec(bits=4, group_size=128)).name
     'rtn'
   """
-  return Recipe((_linears(rtn_rounding(spec, clip=clip), "rtn"),), "rtn")
+  return Recipe((_linears(lambda s: rtn_rounding(s, clip=clip), spec, "rtn", overrides),), "rtn")
 
 
-def gptq(spec: QSpec, gptq_config: GptqConfig = GptqConfig()) -> Recipe:
-  """GPTQ of every block linear on `spec`'s grid, block by block on calibration inputs."""
-  return Recipe((_linears(gptq_rounding(spec, gptq_config), "gptq"),), "gptq")
+def gptq(
+  spec: QSpec, gptq_config: GptqConfig = GptqConfig(), *, overrides: Mapping[str, QSpec] | None = None
+) -> Recipe:
+  """GPTQ of every block linear on `spec`'s grid, block by block on calibration inputs.
+
+  Args:
+    spec: the grid.
+    gptq_config: GPTQ's options.
+    overrides: path -> the spec replacing `spec` for that linear (a bit allocation's widths and group sizes,
+      `qjax.eval.allocate_affine`).
+  """
+  return Recipe((_linears(lambda s: gptq_rounding(s, gptq_config), spec, "gptq", overrides),), "gptq")
 
 
 def gguf(

@@ -24,6 +24,8 @@ def test_recipes_parse_into_method_and_format():
   assert parse_recipe("Q4_K_M+imatrix+alloc") == Candidate("Q4_K_M+imatrix+alloc", "none", "gguf:Q4_K_M", True,
                                                            "Q4_K_M")  # fmt: skip
   assert parse_recipe("gptq@Q3_K_M+4.5bpw").target_bpw == "4.5"
+  assert parse_recipe("gptq@compressed-tensors+alloc").target_bpw == "uniform"  # the size of --bits
+  assert parse_recipe("rtn@gptq+3.5bpw").target_bpw == "3.5"
 
 
 @pytest.mark.parametrize(
@@ -32,11 +34,12 @@ def test_recipes_parse_into_method_and_format():
     ("gptqq", "unknown method 'gptqq'"),
     ("gptq@Q9_K", "unknown format 'Q9_K'"),
     ("gptq+imatrix", "unknown method 'gptq+imatrix'"),
-    ("gptq@gptq+imatrix", "+imatrix, +alloc and +<N>bpw apply to llama.cpp file types"),
+    ("gptq@gptq+imatrix", "+imatrix applies to llama.cpp file types"),
     ("rtn@qjax", "compare quantized files"),
     ("none@F16", "unknown format 'F16'"),
     ("Q4_K_M+4.5", "unknown modifier '4.5'"),
-    ("gptq@gptq+alloc", "+alloc and +<N>bpw apply to llama.cpp file types"),
+    ("awq+alloc", "unknown method 'awq+alloc'"),
+    ("awq@awq+alloc", "+alloc and +<N>bpw apply to llama.cpp file types, compressed-tensors and gptq"),
   ],
 )
 def test_bad_recipes_are_named(text, message):

@@ -25,6 +25,40 @@ def _default_model():
   return checkpoint.params(), checkpoint.config, calib, held_out
 
 
+def test_the_kronecker_error_is_the_diagonal_one_for_uncorrelated_inputs_and_a_float64_sum_otherwise():
+  from qjax.eval.sensitivity import kronecker_error
+
+  rng = np.random.default_rng(0)
+  w, d = rng.normal(size=(48, 16)), rng.normal(size=(48, 16)) * 0.01
+  c_diag, f = rng.uniform(0.5, 2, 48), rng.uniform(0, 3, 16)
+  fisher = np.outer(c_diag, f)  # what the diagonal of C ⊗ f is
+  diagonal = weighted_error(fisher.astype(np.float32), w.astype(np.float32), (w + d).astype(np.float32))
+  assert np.isclose(kronecker_error(fisher, np.diag(c_diag), w, w + d), diagonal, rtol=1e-5)
+  x = rng.normal(size=(500, 48)) @ rng.normal(size=(48, 48))  # correlated inputs
+  c = x.T @ x / 500
+  expected = 0.5 * sum(fisher.sum(0)[j] / np.trace(c) * d[:, j] @ c @ d[:, j] for j in range(16))
+  assert np.isclose(kronecker_error(fisher, c, w, w + d), expected, rtol=1e-4)
+
+
+def test_gptqs_error_is_smaller_than_rtns_in_the_kronecker_proxy():
+  """On correlated inputs GPTQ moves weights further than RTN (a larger diagonal proxy) yet its output error is
+  smaller: the proxy an allocation for GPTQ must use sees that."""
+  from qjax.core import QSpec, dequantize, quantize
+  from qjax.eval.sensitivity import kronecker_error
+  from qjax.quantizers import gptq_quantize
+
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2048, 64)) @ rng.normal(size=(64, 64)) + rng.normal(size=(2048, 64))
+  h = (x.T @ x / len(x)).astype(np.float32)
+  w = rng.normal(size=(64, 32)).astype(np.float32)
+  fisher = np.outer(np.diag(h), rng.uniform(0.5, 2, 32)).astype(np.float32)
+  spec = QSpec(bits=3, group_size=32)
+  rtn_w = np.asarray(dequantize(quantize(w, spec)))
+  gptq_w = np.asarray(dequantize(gptq_quantize(w, h, spec=spec)[0]))
+  assert kronecker_error(fisher, h, w, gptq_w) < 0.7 * kronecker_error(fisher, h, w, rtn_w)
+  assert weighted_error(fisher, w, gptq_w) > weighted_error(fisher, w, rtn_w)
+
+
 @pytest.mark.slow
 def test_the_fisher_weighted_error_predicts_each_linears_kl_divergence():
   params, config, calib, held_out = _default_model()
@@ -74,5 +108,35 @@ def test_allocated_widths_beat_one_width_at_the_same_bits():
   kl = {name: evaluate(logits_fn(config, p), held_out, reference_fn=reference, show_progress=False).kl_divergence
         for name, p in (("allocated", mixed), ("uniform", uniform))}  # fmt: skip
   print(kl, allocation.predicted_kl)
-  # Measured here: 0.386 against 0.442 with widths 2, 3, 4 and 8 (run with -s to print them).
+  # Measured here: 0.386 against 0.442 with widths 3, 4 and 8 (run with -s to print them).
   assert kl["allocated"] < 0.95 * kl["uniform"], kl
+
+
+@pytest.mark.slow
+def test_widths_allocated_for_gptq_beat_gptq_in_smaller_groups_at_the_same_bits():
+  """At 3.5 bits per weight: 3 and 4-bit linears in groups of 64, chosen by GPTQ's own errors, against 3-bit GPTQ in
+  groups of 32 (the same bits in one width)."""
+  from qjax.calib.quantize import quantize_model
+  from qjax.calib.runner import RunnerOptions
+  from qjax.core import QSpec
+  from qjax.eval.sensitivity import allocate_affine
+  from qjax.models import LlamaBlocks
+  from qjax.quantizers import GptqConfig
+  from qjax.transforms.recipes import gptq
+
+  params, config, calib, held_out = _default_model()
+  checkpoint = open_checkpoint("default")
+  spec = QSpec(bits=3, group_size=64)
+  allocation = allocate_affine(config, params, calib, spec=spec, target_bpw=3.5, gptq_config=GptqConfig(),
+                               model=LlamaBlocks(checkpoint))  # fmt: skip
+  assert allocation.bits_per_weight <= 3.5 == QSpec(bits=3, group_size=32).bits_per_weight(config.hidden_size)
+  widths = {p: int(b) for p, b in allocation.types.items()}
+  reference = logits_fn(config, params)
+  options = RunnerOptions(batch_size=4, show_progress=False)
+  kl = {}
+  for name, recipe in (("allocated", gptq(spec, bits=widths)), ("uniform", gptq(QSpec(bits=3, group_size=32)))):
+    qparams = quantize_model(LlamaBlocks(checkpoint), recipe, calib, options=options)
+    kl[name] = evaluate(logits_fn(config, qparams), held_out, reference_fn=reference, show_progress=False).kl_divergence
+  print(kl, allocation.predicted_kl)
+  # Measured here: 0.710 against 1.023 (run with -s to print them).
+  assert kl["allocated"] < 0.9 * kl["uniform"], kl

@@ -200,9 +200,9 @@ def test_interrupted_write_leaves_nothing(model_dir, tmp_path, monkeypatch):
 def test_what_a_gptq_config_cannot_describe_is_refused(model_dir, tmp_path):
   checkpoint, params = quantized_params(model_dir, QSpec(bits=4, group_size=32))
   out = str(tmp_path / "x")
-  eight = Rule(r"model/layers_0/mlp/down_proj/kernel", rtn(QSpec(bits=8, group_size=32)))
-  mixed = quantize_params(checkpoint.params(), [eight, Rule(LINEARS, rtn(QSpec(bits=4, group_size=32)))])
-  with pytest.raises(ValueError, match="one bits/group_size/sym for all layers"):
+  asym = Rule(r"model/layers_0/mlp/down_proj/kernel", rtn(QSpec(bits=8, group_size=32, symmetric=False)))
+  mixed = quantize_params(checkpoint.params(), [asym, Rule(LINEARS, rtn(QSpec(bits=4, group_size=32)))])
+  with pytest.raises(ValueError, match="one sym for all layers"):
     save_gptq(out, checkpoint.config, mixed, None)
   dense = checkpoint.params()
   with pytest.raises(ValueError, match="needs quantized linears"):
@@ -213,6 +213,38 @@ def test_what_a_gptq_config_cannot_describe_is_refused(model_dir, tmp_path):
   with pytest.raises(ValueError, match="checkpoint_format in"):
     save_gptq(out, checkpoint.config, params, None, checkpoint_format="marlin")
   assert not os.path.exists(out)
+
+
+def mixed_widths(model_dir):
+  """``(checkpoint, params)``: layer 0's q/k/v at 8 bits, layer 1's down_proj at 3 in groups of 64, the rest at 4
+  in groups of 32."""
+  checkpoint = open_checkpoint(model_dir)
+  width = lambda bits, group=32: rtn(QSpec(bits=bits, group_size=group, partial_groups=True))
+  rules = [Rule(r"model/layers_0/self_attn/[qkv]_proj/kernel", width(8)),
+           Rule(r"model/layers_1/mlp/down_proj/kernel", width(3, 64)), Rule(LINEARS, width(4))]  # fmt: skip
+  return checkpoint, quantize_params(checkpoint.params(), rules)
+
+
+def test_mixed_widths_are_dynamic_overrides_that_read_back(model_dir, tmp_path):
+  """A width and group size per module is GPTQModel's ``dynamic`` config; its patterns also name the layers vLLM
+  fuses q/k/v and gate/up into (vLLM matches a fused layer's own name), and the directory reads back exactly."""
+  checkpoint, params = mixed_widths(model_dir)
+  out = str(tmp_path / "mixed")
+  save_gptq(out, checkpoint.config, params, None)
+  qc = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+  assert (qc["bits"], qc["group_size"]) == (4, 32)
+
+  def layout(module):  # the first pattern matching from the start of the name, as GPTQModel and vLLM resolve them
+    found = [v for k, v in qc["dynamic"].items() if re.match(k.removeprefix("+:"), module)]
+    return (found[0]["bits"], found[0]["group_size"]) if found else (qc["bits"], qc["group_size"])
+
+  assert layout("model.layers.0.self_attn.qkv_proj") == layout("model.layers.0.self_attn.k_proj") == (8, 32)
+  assert layout("model.layers.1.mlp.down_proj") == (3, 64) and layout("model.layers.1.mlp.gate_up_proj") == (4, 32)
+  assert layout("model.layers.10.self_attn.q_proj") == (4, 32)  # layer 1's patterns do not reach layer 10
+  _, back = load_gptq(out)
+  for path, leaf in leaves_with_paths(params):
+    if is_qarray(leaf):
+      assert_same_qarray(dict(leaves_with_paths(back))[path], leaf)
 
 
 @pytest.fixture()
@@ -430,3 +462,23 @@ def test_gptqmodel_checkpoint_imports_and_evaluates_the_same(model_dir, tmp_path
   print(f"gptqmodel checkpoint: max |Δlogit| {diff:.2e}; perplexity gptqmodel {ppl_theirs:.3f} qjax {ppl_ours:.3f}")
   assert diff < 5e-3
   assert abs(ppl_theirs - ppl_ours) / ppl_ours < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_gptqmodel_loads_mixed_widths(model_dir, tmp_path):
+  """GPTQModel reads the ``dynamic`` widths and group sizes (3, 4 and 8 bits here) and computes qjax's logits."""
+  torch = pytest.importorskip("torch")
+  gptqmodel = pytest.importorskip("gptqmodel")
+  checkpoint, params = mixed_widths(model_dir)
+  out = str(tmp_path / "mixed")
+  save_gptq(out, checkpoint.config, params, checkpoint.tokenizer())
+  theirs = gptqmodel.GPTQModel.load(out, device="cpu", dtype=torch.float16, backend=gptqmodel.BACKEND.TORCH).model
+  down = theirs.model.layers[1].mlp.down_proj
+  assert theirs.model.layers[0].self_attn.q_proj.bits == 8 and (down.bits, down.group_size) == (3, 64)
+  windows = default_windows(checkpoint.tokenizer(), 64, 2)
+  ours = load_model(out)
+  mine = np.asarray(logits_fn(ours.config, ours.params)(jnp.asarray(windows)))
+  diff = np.abs(hf_logits(theirs, windows) - mine).max()
+  print(f"mixed-width GPTQ in GPTQModel: max |Δlogit| {diff:.2e} of {np.abs(mine).max():.2f}")
+  assert diff < 5e-3

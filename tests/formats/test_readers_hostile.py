@@ -386,7 +386,10 @@ def test_nan_in_a_gptq_directory_is_refused_at_load(gptq_dir, tmp_path, tensor):
     ({"group_size": 2**63}, r"GPTQ group_size must be -1 or in \[1, 2\*\*31\), got 9223372036854775808"),
     ({"group_size": 4096}, r"q_proj: group_size=4096 expected -1 or at most max\(in=64, 1024\)"),
     ({"sym": "yes"}, "GPTQ sym must be true or false, got 'yes'"),
-    ({"dynamic": {"-:.*": {}}}, "per-module 'dynamic' overrides are not supported"),
+    ({"dynamic": {"-:.*": {}}}, "modules left unquantized by a negative pattern are not supported"),
+    ({"dynamic": {"+:model": {"bits": 5}}}, r"dynamic\['\+:model'\]: GPTQ bits must be one of"),
+    ({"dynamic": {"+:(": {"bits": 8}}}, r"dynamic\['\+:\('\]: not a regular expression"),
+    ({"dynamic": {"+:model.layers.0.mlp": {"bits": 8}}}, r"layers\.0\.mlp\.\w+_proj\.qweight: expected shape"),
   ],
 )
 def test_gptq_quantization_config_values_of_the_wrong_type(gptq_dir, tmp_path, changes, message):

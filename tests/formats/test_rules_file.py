@@ -29,6 +29,19 @@ def test_types_round_trip_through_a_rules_file(tmp_path):
     "model/layers_2/mlp/down_proj/kernel"]  # fmt: skip  # untouched: the base recipe's
 
 
+def test_widths_round_trip_through_an_affine_rules_file(tmp_path):
+  chosen = {"model/layers_0/mlp/down_proj/kernel": "8", "model/layers_1/mlp/down_proj/kernel": "3g32"}
+  path = tmp_path / "rules.json"
+  chosen_patterns = [p for p, _ in rules_from_types(chosen)]
+  write_rules(str(path), TensorRules(None, rules_from_types(chosen), {"target_bpw": 4.25}, "affine", 64, False))
+  stored = json.loads(path.read_text())
+  assert stored["format"] == "affine" and stored["rules"][0] == {"pattern": chosen_patterns[0], "bits": 8}
+  assert stored["rules"][1]["group_size"] == 32  # only where it is not the file's
+  rules = read_rules(str(path))
+  assert (rules.format, rules.base, rules.group_size, rules.symmetric) == ("affine", None, 64, False)
+  assert rules.resolve(chosen) == chosen
+
+
 def test_the_first_matching_rule_wins():
   rules = TensorRules("Q4_K_M", ((r"model/layers_0/.*", "Q8_0"), (r"model/layers_\d+/mlp/.*", "Q3_K")))
   types = rules.resolve(tensor_types("Q4_K_M", CONFIG))
@@ -46,6 +59,18 @@ def test_the_first_matching_rule_wins():
     ('{"format": "gguf", "base": "Q4_K_M", "rules": [{"pattern": "(", "type": "Q4_K"}]}', "not a regular expr"),
     ('{"format": "gguf", "base": "Q4_K_M", "rules": [{"pattern": ".*", "type": "Q9"}]}', "type 'Q9'"),
     ('{"format": "gguf", "base": "Q4_K_M", "rules": [{"type": "Q4_K"}]}', "rule 0 must be"),
+    ('{"format": "affine", "group_size": 100, "sym": true, "rules": []}', "'group_size' is 100"),
+    ('{"format": "affine", "group_size": 128, "sym": 1, "rules": []}', "'sym' must be true or false"),
+    ('{"format": "affine", "group_size": 128, "sym": true, "rules": [{"pattern": ".*", "bits": 9}]}', "width 9"),
+    ('{"format": "affine", "group_size": 128, "sym": true, "rules": [{"pattern": ".*", "bits": "4"}]}', "width '4'"),
+    (
+      '{"format": "affine", "group_size": 128, "sym": true, "rules": [{"pattern": ".*", "type": "Q4_K"}]}',
+      "rule 0 must be {'pattern': REGEX, 'bits'",
+    ),
+    (
+      '{"format": "affine", "group_size": 128, "sym": true, "rules": [{"pattern": ".*", "bits": 4, "group_size": 48}]}',
+      "rule 0: 'group_size' is 48",
+    ),
   ],
 )
 def test_a_malformed_rules_file_is_refused_by_name(tmp_path, content, message):

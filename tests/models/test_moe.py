@@ -179,6 +179,12 @@ def test_gptq_with_experts_that_see_no_tokens(tmp_path, policy):
       assert np.isfinite(w).all() and w.shape == checkpoint.layer_params(i)["mlp"]["experts"][name]["kernel"].shape
       assert (np.abs(w).reshape(8, -1).max(axis=1) > 0).all()  # no expert zeroed
     assert not is_qarray(qparams["model"][f"layers_{i}"]["mlp"]["gate"]["kernel"])  # the router stays in float
+  from qjax.eval.report import RunReport, sizes
+
+  table = RunReport("gptq", None, sizes(qparams), 0.0, 0.0, [], {p: list(t) for p, t in counts.items()}).table()
+  for path, tokens in counts.items():  # the printed summary names every expert that saw no token
+    unseen = ", ".join(str(e) for e in np.flatnonzero(tokens == 0))
+    assert f"{path}: " in table and f"saw none: {unseen})" in table
   ids = jnp.asarray(random_windows(1, 12))
   logits = np.asarray(logits_fn(checkpoint.config, qparams)(ids))
   reference = np.asarray(logits_fn(checkpoint.config, checkpoint.params())(ids))
