@@ -407,7 +407,8 @@ def check_affine_budget(
   where = f"in groups of {', '.join(map(str, dict.fromkeys((spec.group_size, *group_sizes))))}"
   if target_bpw < least:
     raise ValueError(f"--target_bpw={target_bpw:g}: below the {least:.3f} bits per weight of every linear at "
-                     f"{min(bits)} bits {where}.")  # fmt: skip
+                     f"{min(bits)} bits {where} (--allocation_bits and --allocation_group_sizes give the "
+                     "choices).")  # fmt: skip
   if target_bpw > most:
     raise ValueError(f"--target_bpw={target_bpw:g}: above the {most:.3f} bits per weight of every linear at "
                      f"{max(bits)} bits {where}; nothing to allocate (use --bits={max(bits)}).")  # fmt: skip

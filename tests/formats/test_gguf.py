@@ -63,13 +63,24 @@ def assert_f32_reads_back_and_runs_in_llama_cpp(checkpoint, f32: str, window: np
   return back
 
 
+def assert_same_metadata(ours: str, theirs: str, *, except_keys: tuple[str, ...] = ()) -> None:
+  """Every metadata field of the two files has the same value, but `except_keys`."""
+  fields = lambda path: {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k not in except_keys}
+  a, b = fields(ours), fields(theirs)
+  assert a.keys() == b.keys(), set(a) ^ set(b)
+  differ = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+  assert not differ, differ
+
+
 def assert_recipe_is_llama_quantizes(model: str, f32: str, tmp_path, recipe: str = "Q4_K_M") -> str:
-  """qjax's `recipe` file of `model` is `llama_model_quantize`'s of the F32 file `f32`, tensor for tensor. Returns
-  qjax's file."""
+  """qjax's `recipe` file of `model` is `llama_model_quantize`'s of the F32 file `f32`, tensor for tensor and
+  metadata field for field (but ``general.quantized_by``, which llama.cpp copies from the F32 file). Returns qjax's
+  file."""
   ours = run(Settings(model=model, method="none", export=f"gguf:{recipe}", eval_windows=0, out=str(tmp_path / "q")),
              show_progress=False)[1]  # fmt: skip
   llama_quantize(f32, str(tmp_path / "llama.gguf"), recipe)
   assert_same_tensors(ours, str(tmp_path / "llama.gguf"))
+  assert_same_metadata(ours, str(tmp_path / "llama.gguf"), except_keys=("general.quantized_by",))
   return ours
 
 
