@@ -119,7 +119,7 @@ def test_widths_allocated_for_gptq_beat_gptq_in_smaller_groups_at_the_same_bits(
   from qjax.calib.quantize import quantize_model
   from qjax.calib.runner import RunnerOptions
   from qjax.core import QSpec
-  from qjax.eval.sensitivity import allocate_affine
+  from qjax.eval.sensitivity import affine_choice, allocate_affine
   from qjax.models import LlamaBlocks
   from qjax.quantizers import GptqConfig
   from qjax.transforms.recipes import gptq
@@ -130,11 +130,11 @@ def test_widths_allocated_for_gptq_beat_gptq_in_smaller_groups_at_the_same_bits(
   allocation = allocate_affine(config, params, calib, spec=spec, target_bpw=3.5, gptq_config=GptqConfig(),
                                model=LlamaBlocks(checkpoint))  # fmt: skip
   assert allocation.bits_per_weight <= 3.5 == QSpec(bits=3, group_size=32).bits_per_weight(config.hidden_size)
-  widths = {p: int(b) for p, b in allocation.types.items()}
+  chosen = {p: affine_choice(label, spec) for p, label in allocation.types.items()}
   reference = logits_fn(config, params)
   options = RunnerOptions(batch_size=4, show_progress=False)
   kl = {}
-  for name, recipe in (("allocated", gptq(spec, bits=widths)), ("uniform", gptq(QSpec(bits=3, group_size=32)))):
+  for name, recipe in (("allocated", gptq(spec, overrides=chosen)), ("uniform", gptq(QSpec(bits=3, group_size=32)))):
     qparams = quantize_model(LlamaBlocks(checkpoint), recipe, calib, options=options)
     kl[name] = evaluate(logits_fn(config, qparams), held_out, reference_fn=reference, show_progress=False).kl_divergence
   print(kl, allocation.predicted_kl)
