@@ -22,3 +22,8 @@ def test_readme_has_the_two_setup_commands():
   assert (
     "scripts/env.sh test" in (ROOT / ".ci" / "run").read_text() or "env.sh test" in (ROOT / ".ci" / "run").read_text()
   )
+
+
+def test_readme_quotes_the_scale_runs():
+  table = [line for line in (ROOT / "experiments" / "scale.md").read_text().splitlines() if line.startswith("|")]
+  assert table and "\n".join(table) in (ROOT / "README.md").read_text()

@@ -18,7 +18,11 @@ it were quantized. The runner embeds the calibration windows once, then for each
 The runner knows nothing of a particular architecture: a `BlockModel` supplies the
 pieces (see `qjax.models.blocks.LlamaBlocks`). With a `jax.sharding.Mesh`, calibration
 windows are split over its ``data`` axis and the statistics are reduced across devices
-by XLA. `qjax.calib.quantize.quantize_model` runs the whole model (embedding, blocks, head)
+by XLA; the mesh is handed to each stage too (GPTQ splits its output channels over it).
+The mesh may span several processes (``jax.distributed``): every process runs this same
+code on the same windows, holds its share of each batch, reads back the statistics and
+quantized params whole, and takes part in each checkpoint (orbax writes it once).
+`qjax.calib.quantize.quantize_model` runs the whole model (embedding, blocks, head)
 through a recipe.
 """
 
@@ -26,12 +30,13 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -68,7 +73,8 @@ class RunnerOptions:
     batch_size: calibration windows per jitted step (a multiple of the data-axis size).
     true_sequential: quantize a block's linears group by group (GPTQ's `true_sequential`).
     checkpoint_dir: where finished blocks are checkpointed for resume; None disables it.
-    mesh: a mesh with a ``data`` axis to split calibration windows over; None for one device.
+    mesh: a mesh with a ``data`` axis to split calibration windows over (its devices may belong to several
+      processes); None for one device.
     show_progress: print ``block i/n`` with ETA.
     cache_bytes: memory for outputs of linears whose params are final within a block, so
       later passes over the block skip them (each linear is then computed about once).
@@ -94,6 +100,24 @@ class RunnerOptions:
 
 class Interrupted(RuntimeError):
   """Raised by the `stop_after_block` testing hook."""
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every JAX process reaches the barrier `name` (nothing to wait for in one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+  """`jax.device_get`, also of arrays split over several processes' devices: those are gathered, a collective
+  that every process must call in the same order."""
+
+  def gather(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return x
+
+  return jax.device_get(jax.tree.map(gather, tree))
 
 
 def _stage_groups(stage: Transform, groups, options: RunnerOptions) -> list[tuple[str, ...] | None]:
@@ -129,10 +153,14 @@ class _Batches:
         options.mesh.devices, options.mesh.axis_names, axis_types=(AxisType.Auto,) * options.mesh.devices.ndim
       )
       self.sharding = NamedSharding(mesh, P(None, "data"))
-    self.h = self._place(jnp.asarray(h).reshape(n // bs, bs, *h.shape[1:]))
+    self.h = self._place(np.asarray(h).reshape(n // bs, bs, *h.shape[1:]))
 
   def _place(self, h):
-    return h if self.sharding is None else jax.device_put(h, self.sharding)
+    if self.sharding is None:
+      return jnp.asarray(h)
+    if isinstance(h, np.ndarray):  # each process places its own share (device_put would first compare the copies)
+      return jax.make_array_from_callback(h.shape, self.sharding, lambda index: h[index])
+    return jax.device_put(h, self.sharding)
 
   def __len__(self) -> int:
     return self.h.shape[0]
@@ -145,7 +173,7 @@ class _Batches:
     self.h = self._place(jnp.stack([fn(j, b) for j, b in enumerate(self)]))
 
   def numpy(self) -> np.ndarray:
-    return np.asarray(self.h).reshape(-1, *self.h.shape[2:])
+    return to_host(self.h).reshape(-1, *self.h.shape[2:])
 
 
 CHECKPOINT_MARKER = "qjax_checkpoint.json"
@@ -206,11 +234,16 @@ class _Checkpoints:
     self.ocp = ocp
     self.directory = os.path.abspath(directory)
     check_checkpoint_dir(self.directory, run)
-    if _read_marker(self.directory) is None:
+    sync_processes(f"qjax checkpoints checked: {self.directory}")  # before the first process marks it
+    if jax.process_index() == 0 and _read_marker(self.directory) is None:
       created = not os.path.isdir(self.directory)
       os.makedirs(self.directory, exist_ok=True)
       with open(os.path.join(self.directory, CHECKPOINT_MARKER), "w") as f:
         json.dump({"run": json.loads(json.dumps(run)), "created_directory": created}, f, indent=1)
+    sync_processes(f"qjax checkpoints marked: {self.directory}")
+    if _read_marker(self.directory) is None:  # process 0's marker is not here: every process must resume alike
+      raise InputError(f"{self.directory}: process {jax.process_index()} does not see the checkpoint directory "
+                       "process 0 marked; give every process one on a file system they all see.")  # fmt: skip
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     self.blocks = ocp.CheckpointManager(os.path.join(self.directory, "blocks"), options=options)
     self.activations = ocp.CheckpointManager(
@@ -238,18 +271,21 @@ class _Checkpoints:
     )
     self.activations.save(i, args=ocp.args.Composite(h=ocp.args.StandardSave({"h": h})))
 
-  def restore(self, n_blocks: int) -> tuple[list[Params], np.ndarray]:
+  def restore_block(self, i: int) -> Params:
     ocp = self.ocp
-    blocks = []
-    for i in range(n_blocks):
-      restored = self.blocks.restore(
-        i, args=ocp.args.Composite(tensors=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-      )
-      names = restored["meta"]["names"]
-      tensors = {n: np.asarray(restored["tensors"][str(k)]) for k, n in enumerate(names)}
-      blocks.append(unflatten_params(tensors, restored["meta"]["manifest"], source=self.directory))
-    h = self.activations.restore(n_blocks - 1, args=ocp.args.Composite(h=ocp.args.StandardRestore()))["h"]["h"]
-    return blocks, np.asarray(h)
+    restored = self.blocks.restore(
+      i, args=ocp.args.Composite(tensors=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
+    names = restored["meta"]["names"]
+    tensors = {n: np.asarray(restored["tensors"][str(k)]) for k, n in enumerate(names)}
+    return unflatten_params(tensors, restored["meta"]["manifest"], source=self.directory)
+
+  def restore_activations(self, n_blocks: int) -> np.ndarray:
+    """The outputs of block ``n_blocks - 1``: the next block's inputs."""
+    ocp = self.ocp
+    return np.asarray(
+      self.activations.restore(n_blocks - 1, args=ocp.args.Composite(h=ocp.args.StandardRestore()))["h"]["h"]
+    )
 
 
 class _OutputCache:
@@ -318,7 +354,7 @@ class _BlockRunner:
       states, outputs = self._jitted[key](params, batch, cache.batch(j), states)
       cache.add(outputs)
     # On the host: transforms may place them on a mesh of their own (e.g. GPTQ's output-channel split).
-    finals = {rep: jax.device_get(calib_stats.finalize(states[rep])) for rep in reps}
+    finals = {rep: to_host(calib_stats.finalize(states[rep])) for rep in reps}
     return {m: finals[aliases[m]] for m in modules}
 
 
@@ -364,7 +400,32 @@ def quantize_blocks(
   run_id: dict[str, Any] | None = None,
   embed_params: Params | None = None,
 ) -> tuple[list[Params], np.ndarray]:
-  """Quantizes every decoder block sequentially on calibration windows.
+  """Quantizes every decoder block sequentially on calibration windows (`iter_quantized_blocks`, collected).
+
+  Returns:
+    (the quantized params of every block, the final hidden states (nsamples, seqlen, d)).
+  """
+  blocks = iter_quantized_blocks(model, stages, windows, options=options, run_id=run_id, embed_params=embed_params)
+  qblocks = []
+  while True:
+    try:
+      qblocks.append(next(blocks))
+    except StopIteration as done:
+      return qblocks, done.value
+
+
+def iter_quantized_blocks(
+  model: BlockModel,
+  stages: Sequence[Transform],
+  windows: np.ndarray,
+  *,
+  options: RunnerOptions = RunnerOptions(),
+  run_id: dict[str, Any] | None = None,
+  embed_params: Params | None = None,
+) -> Generator[Params, None, np.ndarray]:
+  """Quantizes every decoder block sequentially on calibration windows, handing each over as it is finished (blocks
+  a resumed run finished before come back from their checkpoints first, one at a time), so that only one block is
+  held: the caller writes it out and lets it go.
 
   Args:
     model: the block pieces (`BlockModel`).
@@ -374,13 +435,16 @@ def quantize_blocks(
       and ``block_inputs=``, ``block_fn=``, ``block_model=`` and ``block_prefix=`` for
       transforms that run the block themselves (AWQ).
     windows: (nsamples, seqlen) int calibration token windows.
-    options: batching, true-sequential order, checkpoints, mesh.
+    options: batching, true-sequential order, checkpoints, mesh (also passed to each stage as ``mesh=``).
     run_id: JSON-serialisable description of the run; a checkpoint directory written by a
       run with another description is refused.
     embed_params: the embedding part the windows are embedded with (default: the model's own).
 
+  Yields:
+    The quantized params of each block, in order.
+
   Returns:
-    (the quantized params of every block, the final hidden states (nsamples, seqlen, d)).
+    The final hidden states (nsamples, seqlen, d) (``StopIteration.value``).
 
   Raises:
     ValueError: for statistics no `Statistic` is registered under, or a chain nested where
@@ -394,11 +458,13 @@ def quantize_blocks(
     checkpoints = _Checkpoints(options.checkpoint_dir, run_id or {})
   done = checkpoints.resume_point() if checkpoints else 0
   if done:
-    qblocks, h = checkpoints.restore(done)
+    for i in range(done):
+      yield checkpoints.restore_block(i)
+    h = checkpoints.restore_activations(done)
   else:
-    qblocks = []
     embed_params = model.embed_params() if embed_params is None else embed_params
     h = np.concatenate([np.asarray(model.embed(embed_params, jnp.asarray(w[None]))) for w in windows])
+    del embed_params  # the embedding is not needed again (it can be a GB): let it go before the first block
   batches = _Batches(h, options)
   runners: dict = {}  # block function -> its runner
   out_bytes_by_fn: dict = {}  # block function -> bytes of each linear's output on one batch
@@ -407,41 +473,58 @@ def quantize_blocks(
                     enabled=options.show_progress):  # fmt: skip
     if options.stop_after_block is not None and i >= options.stop_after_block:
       raise Interrupted(f"stopped before block {i} (stop_after_block={options.stop_after_block})")
-    prefix, block_fn = model.layer_prefix(i), model.layer_fn(i)
-    runner = runners.setdefault(block_fn, _BlockRunner(block_fn))
-    block = float_block = jax.tree.map(jnp.asarray, model.layer_params(i))
-    groups = model.sequential_groups(block)
-    linears = tuple(m for g in groups for m in g)
-    steps = [(stage, group) for stage in stages for group in _stage_groups(stage, groups, options)]
-    # Statistics with every expert on every token come from another function, whose outputs the forward cannot reuse.
-    stats_fn = model.layer_fn(i, all_experts=True) if options.experts.all_experts else block_fn
-    stats_runner = runners.setdefault(stats_fn, _BlockRunner(stats_fn))
-    cache = _OutputCache(0 if options.float_inputs or stats_fn is not block_fn else options.cache_bytes)
-    if block_fn not in out_bytes_by_fn:  # one abstract trace per kind of block, not per block
-      out_bytes_by_fn[block_fn] = _out_bytes(block_fn, block, linears, next(iter(batches)))
-    out_bytes = out_bytes_by_fn[block_fn]
-    for k, (stage, group) in enumerate(steps):
-      extra = {"block_inputs": batches, "block_fn": block_fn, "block_model": model, "block_prefix": prefix}
-      if stage.stats:
-        modules = group or linears
-        # Linears no step from here on changes are final: capture their outputs for later passes.
-        changing = {m for _, g in steps[k:] for m in (g or linears)}
-        capture = cache.plan([m for m in linears if m not in changing], out_bytes)
-        source = float_block if options.float_inputs else block
-        module_stats = stats_runner.input_stats(source, batches, modules, stage.stats, cache, capture)
-        module_stats = _expert_stats(module_stats, options.experts, prefix, options.expert_tokens)
-        extra["stats"] = {f"{prefix}/{m}/kernel": s for m, s in module_stats.items()}
-      tree = nest(prefix, block)
-      t = masked(stage, _group_mask(prefix, group))
-      tree, _ = t.update(tree, t.init(tree), **extra)
-      # On the host, uncommitted: a stage may return arrays placed on a mesh of its own.
-      block = jax.device_get(_unnest(prefix, tree))
-    next_block = float_block if options.float_inputs else block
-    batches.map(lambda j, b, p=next_block, c=cache, r=runner: r.forward(p, b, c.batch(j)))
-    qblocks.append(block)
+    block = _quantize_block(model, i, stages, batches, runners, out_bytes_by_fn, options)
     if checkpoints:
       checkpoints.save(i, block, batches.numpy())
-  return qblocks, batches.numpy()
+    yield block
+    del block  # not held while the next block is made
+  return batches.numpy()
+
+
+def _quantize_block(
+  model: BlockModel,
+  i: int,
+  stages: list[Transform],
+  batches: _Batches,
+  runners: dict,
+  out_bytes_by_fn: dict,
+  options: RunnerOptions,
+) -> Params:
+  """Block `i` through every stage, and `batches` moved on to its outputs: its quantized params. Its float params,
+  statistics and cached outputs go when this returns, before the next block is read."""
+  prefix, block_fn = model.layer_prefix(i), model.layer_fn(i)
+  runner = runners.setdefault(block_fn, _BlockRunner(block_fn))
+  block = float_block = jax.tree.map(jnp.asarray, model.layer_params(i))
+  groups = model.sequential_groups(block)
+  linears = tuple(m for g in groups for m in g)
+  steps = [(stage, group) for stage in stages for group in _stage_groups(stage, groups, options)]
+  # Statistics with every expert on every token come from another function, whose outputs the forward cannot reuse.
+  stats_fn = model.layer_fn(i, all_experts=True) if options.experts.all_experts else block_fn
+  stats_runner = runners.setdefault(stats_fn, _BlockRunner(stats_fn))
+  cache = _OutputCache(0 if options.float_inputs or stats_fn is not block_fn else options.cache_bytes)
+  if block_fn not in out_bytes_by_fn:  # one abstract trace per kind of block, not per block
+    out_bytes_by_fn[block_fn] = _out_bytes(block_fn, block, linears, next(iter(batches)))
+  out_bytes = out_bytes_by_fn[block_fn]
+  for k, (stage, group) in enumerate(steps):
+    extra = {"block_inputs": batches, "block_fn": block_fn, "block_model": model, "block_prefix": prefix,
+             "mesh": options.mesh}  # fmt: skip
+    if stage.stats:
+      modules = group or linears
+      # Linears no step from here on changes are final: capture their outputs for later passes.
+      changing = {m for _, g in steps[k:] for m in (g or linears)}
+      capture = cache.plan([m for m in linears if m not in changing], out_bytes)
+      source = float_block if options.float_inputs else block
+      module_stats = stats_runner.input_stats(source, batches, modules, stage.stats, cache, capture)
+      module_stats = _expert_stats(module_stats, options.experts, prefix, options.expert_tokens)
+      extra["stats"] = {f"{prefix}/{m}/kernel": s for m, s in module_stats.items()}
+    tree = nest(prefix, block)
+    t = masked(stage, _group_mask(prefix, group))
+    tree, _ = t.update(tree, t.init(tree), **extra)
+    # On the host, uncommitted: a stage may return arrays placed on a mesh of its own.
+    block = to_host(_unnest(prefix, tree))
+  next_block = float_block if options.float_inputs else block
+  batches.map(lambda j, b, p=next_block, c=cache, r=runner: r.forward(p, b, c.batch(j)))
+  return block
 
 
 def _unnest(prefix: str, tree: Params) -> Params:

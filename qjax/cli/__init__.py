@@ -1,4 +1,4 @@
-"""The `qjax` command: `qjax quantize | eval | convert | compare | bench`.
+"""The `qjax` command: `qjax quantize | eval | convert | compare | bench | plan`.
 
 Each subcommand is an absl app in its own module; absl flags are process-global, so
 only the chosen subcommand's module is imported and only its flags exist.
@@ -19,6 +19,7 @@ COMMANDS = {
   "convert": ("qjax.cli.convert", "convert a GPTQ, AWQ, compressed-tensors or qjax model to another format"),
   "compare": ("qjax.cli.compare", "quantize with several recipes, score each in its own runtime, pick by budget"),
   "bench": ("qjax.cli.bench", "time a model's prefill and decode on this device"),
+  "plan": ("qjax.cli.plan", "forecast a run's memory, time and output size from config.json, before booking devices"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, OSError)
 

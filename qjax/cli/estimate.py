@@ -1,6 +1,7 @@
 """A forecast of a quantize run's peak memory and time, printed before it starts (from the model's sizes)."""
 
 import dataclasses
+import functools
 import time
 from typing import NamedTuple
 
@@ -99,6 +100,217 @@ def measure_gflops() -> float:
   return 5 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
 
 
+class Work(NamedTuple):
+  """What a run computes, by kind: each kind runs at its own rate on a device (`qjax.cli.plan.Device`).
+
+  FLOPs count a multiply-add as two. Per-weight work (RTN, llama.cpp's encoders) is in float32 FLOP-equivalents: the
+  time it took on this machine times its measured matmul speed (`RTN_FLOPS_PER_WEIGHT`, `ENCODE_FLOPS_PER_WEIGHT`).
+  """
+
+  forward_flops: float  # the blocks run over the calibration tokens (float32 at default matmul precision)
+  search_flops: float  # AWQ's grid of block passes (as the forward)
+  statistics_flops: float  # Hessians x^T x of every linear's inputs (float32, full precision)
+  sweep_flops: float  # GPTQ's updates and Hessian factorisations (float32, full precision)
+  per_weight_flops: float  # rounding and encoding each weight (narrow vector work)
+  columns: int  # GPTQ's column steps, sequential in the input channels (each a few small kernels)
+  eval_flops: float  # evaluating before and after
+  host_bytes: float  # host work: reading the checkpoint, the error report, packing the export (memory traffic)
+
+  @property
+  def quantize_flops(self) -> float:
+    return self.forward_flops + self.search_flops + self.statistics_flops + self.sweep_flops + self.per_weight_flops
+
+
+RTN_FLOPS_PER_WEIGHT = 720.0
+"""Round-to-nearest of a weight as a run does it (the transform: device transfers, group scales, rounding, codes), in
+float32 matmul FLOPs of this machine's speed. Measured on one Llama-3.1-8B-shaped block (218M weights, 4-bit groups
+of 128): 7.0 ns a weight at 103 GFLOP/s (10.5 ns in a second run; `rtn_quantize` alone, jitted, 0.65 ns)."""
+
+ENCODE_FLOPS_PER_WEIGHT = 1.1e4
+"""llama.cpp's encoder of a weight into its recipe's block types as a run does it (`qjax.core.ggml_kquants.encode`
+through the transform: the k-quants search scales per sub-block), in float32 matmul FLOPs of this machine's speed.
+Measured on one Llama-3.1-8B-shaped block into Q4_K_M's types: 106 ns a weight at 103 GFLOP/s (the Q4_K encoder
+alone on 1024 rows of 4096: 34 ns at 194 GFLOP/s)."""
+
+HOST_READ_BYTES_PER_PARAM = 215.0
+"""Reading a checkpoint into float32 kernels on the host (dtype conversion and transpose into (in, out) in one copy,
+fresh pages), per parameter, in bytes of memory traffic at the host's read bandwidth (numpy's sum of a 512 MB
+array). Measured: one Llama-3.1-8B-shaped block from bfloat16 safetensors, 9.8 ns a parameter at 21.9 GB/s."""
+
+REPORT_BYTES_PER_WEIGHT = 347.0
+"""The run's error report (`qjax.eval.TensorLog`): each rounded weight dequantized to the host and compared, per
+weight, in bytes at the host's read bandwidth. Measured on the same block's RTN QArrays: 15.8 ns at 21.9 GB/s."""
+
+PACK_BYTES_PER_WEIGHT = 68.0
+"""Packing a rounded weight for an export (GPTQ's 32-bit words, scales, zero points), per weight, in bytes at the
+host's read bandwidth. Measured on the same block: 3.1 ns at 21.9 GB/s."""
+
+FACTORIZATION_COST = 2.7
+"""GPTQ's Hessian inverse (a Cholesky factorisation and a triangular solve, 4/3 in³ FLOPs) in matmul FLOP-equivalents
+per FLOP: XLA:CPU runs them at 0.37 of its matmul speed. Measured: `hessian_inverse` of an 8192-wide Hessian, 4.1 s
+(180 GFLOP/s) against 479 GFLOP/s of float32 matmul in the same process. It is most of GPTQ's time on a wide MLP
+(the 14336-wide down_proj of Llama-3.1-8B: 3.9e12 FLOPs a layer)."""
+
+COLUMN_SECONDS = 25e-6
+"""One step of GPTQ's column sweep on this machine (a few small kernels; the sweep is sequential in the inputs)."""
+
+
+def _linear_inputs(config: LlamaConfig, layer: _Layer) -> list[tuple[int, int, int]]:
+  """(input width, output width, count) of each decoder linear of a layer (experts counted)."""
+  d = config.hidden_size
+  q_out = config.num_attention_heads * config.head_dim
+  kv_out = config.num_key_value_heads * config.head_dim
+  mlp = [(d, w, 2) for w in layer.mlp_widths] + [(w, d, 1) for w in layer.mlp_widths]
+  return [(d, q_out, 1), (d, kv_out, 2), (q_out, d, 1), *mlp]
+
+
+def reads_hessians(recipe: Recipe) -> bool:
+  """Whether a stage of `recipe` reads Hessians (runs GPTQ's sweep)."""
+  return any("hessian" in stage.stats for stage in flatten_stages(recipe.stages))
+
+
+def work(
+  config: LlamaConfig,
+  recipe: Recipe,
+  *,
+  calibration_tokens: int,
+  seqlen: int,
+  eval_windows: int = 0,
+  gguf_type: str | None = None,
+  ggml_sweep: bool = False,
+  allocation: bool = False,
+  allocation_sweeps: int = 0,
+) -> Work:
+  """What running `recipe` on a model with `config` computes (a count from the model's sizes, not a measurement).
+
+  Stages reading a Hessian cost its accumulation and GPTQ's sweep: its updates, 2 in² out per linear, and its
+  Hessian's inverse, 4/3 in³ (a Cholesky factorisation and a triangular solve against the identity). Stages that
+  run the block (AWQ) cost a grid of block passes. A sparse layer stores every expert but runs each token through
+  its k; every expert's Hessians and sweep count. Linears no stage
+  calibrates are rounded to nearest, or encoded into `gguf_type`'s block types. The host reads every parameter, and
+  reports and packs every rounded weight. An `allocation` (--target_bpw) adds
+  a forward and backward pass over the calibration tokens and every candidate type's encoding of every linear;
+  `allocation_sweeps`, a calibration pass and that many GPTQ sweeps of every linear.
+  """
+  stages = flatten_stages(recipe.stages)
+  sweeps = reads_hessians(recipe)
+  block_searches = sum(s.whole_block for s in stages)
+  d, v = config.hidden_size, config.vocab_size
+  q_out = config.num_attention_heads * config.head_dim
+  layers = [_layer(config, i) for i in range(config.num_hidden_layers)]
+  embeddings = v * d * (1 if config.tie_word_embeddings else 2)
+  linear_weights = estimate_sizes(config).linear_params
+  tokens = calibration_tokens
+  attention = 2 * 2 * tokens * seqlen * q_out  # scores and their weighted sum, the whole window (masked, not skipped)
+  forward = search = statistics = sweep = 0.0
+  columns = 0
+  for layer in layers:
+    mlp_tokens = tokens * layer.routed_tokens
+    hessian_flops = 2 * tokens * (d * d + q_out * q_out) + sum(
+      2 * mlp_tokens * (d * d + w * w) for w in layer.mlp_widths
+    )
+    linears = _linear_inputs(config, layer)
+    sweep_flops = sum(n * (2 * i * i * o + FACTORIZATION_COST * 4 * i**3 / 3) for i, o, n in linears)
+    forward += (2 * tokens * layer.active_params + attention) * 2.2
+    search += AWQ_BLOCK_PASSES * (2 * tokens * layer.active_params + attention) * block_searches
+    statistics += hessian_flops * sweeps
+    sweep += sweep_flops * sweeps
+    if allocation_sweeps:  # a float calibration pass; each width's sweep and its error (about a sweep's flops)
+      forward += 2 * tokens * layer.active_params + attention
+      statistics += hessian_flops
+      sweep += 2 * allocation_sweeps * sweep_flops
+    # Beyond the flops: GPTQ's column sweep, sequential in the input channels.
+    columns += sum(n * i for i, _, n in linears) * (sweeps + allocation_sweeps)
+  per_weight = 0.0
+  if ggml_sweep:
+    per_weight += GGML_SWEEP_FLOPS_PER_WEIGHT * linear_weights
+  elif gguf_type:
+    per_weight += ENCODE_FLOPS_PER_WEIGHT * linear_weights
+  elif not sweeps:
+    per_weight += RTN_FLOPS_PER_WEIGHT * linear_weights
+  if allocation:
+    forward += 3 * 2 * tokens * (sum(layer.active_params for layer in layers) + embeddings)  # the Fisher pass
+    per_weight += ALLOCATION_FLOPS_PER_WEIGHT * linear_weights
+  eval_tokens = eval_windows * seqlen
+  eval_attention = 2 * 2 * eval_tokens * seqlen * q_out * len(layers)
+  eval_flops = 2 * (2 * eval_tokens * (sum(layer.active_params for layer in layers) + embeddings) + eval_attention)
+  sizes = estimate_sizes(config)
+  host = HOST_READ_BYTES_PER_PARAM * (sizes.linear_params + sizes.other_params)
+  host += (REPORT_BYTES_PER_WEIGHT + PACK_BYTES_PER_WEIGHT) * linear_weights
+  return Work(forward, search, statistics, sweep, per_weight, columns, eval_flops, host)
+
+
+class Memory(NamedTuple):
+  """Peak memory of a run, in bytes, by part (float32 throughout).
+
+  A run holds one part of the model at a time (`qjax.calib.quantize_parts`, `qjax.formats.shards`): the embedding
+  first, then each block with its statistics and activations, then the head; the peak is the larger phase.
+  """
+
+  block: float  # the decoder block's weights, and their rounded copy
+  statistics: float  # the statistics of a block's linears, and the work buffers of GPTQ's sweep
+  activations: float  # the calibration windows' hidden states into and out of the block, and each linear's outputs
+  batch: float  # one batch's transient activations (the MLP's and the attention scores)
+  model: float  # the embedding or the head while it is read, rounded and written (before and after the blocks)
+  runtime: float = 0.0  # the process itself (Python, JAX), where the device is this machine's memory
+
+  @property
+  def blocks(self) -> float:
+    """The block phase: a block, its statistics, the activations and a batch."""
+    return self.block + self.statistics + self.activations + self.batch
+
+  @property
+  def total(self) -> float:
+    return self.runtime + max(self.model, self.blocks)
+
+
+GPTQ_INVERSE_BUFFERS = 3.0
+"""(in, in) float32 buffers GPTQ's sweep holds at once beside the Hessian, for the widest linear input: the
+dampened copy, its Cholesky factor, the triangular solve's identity and result (XLA allocates them together).
+Measured: 7.09 GB peak for GPTQ on Llama-3.1-8B's shapes (scripts/bench_scale.py --peak_only), its 14336-wide
+down_proj input the widest."""
+
+
+def memory(
+  config: LlamaConfig, *, calibration_tokens: int, seqlen: int, batch_size: int, sweeps: bool = True
+) -> Memory:
+  """`Memory` of calibrating a model with `config` on `calibration_tokens` tokens in batches of `batch_size` windows
+  (`sweeps`: with GPTQ's sweep)."""
+  d, v = config.hidden_size, config.vocab_size
+  q_out = config.num_attention_heads * config.head_dim
+  kv_out = config.num_key_value_heads * config.head_dim
+  layers = [_layer(config, i) for i in range(config.num_hidden_layers)]
+  block = max(layer.params for layer in layers)
+  f = max(max(layer.mlp_widths) for layer in layers)
+  tokens = calibration_tokens
+  outputs = q_out + 2 * kv_out + d + 2 * f + d  # every linear's output, cached within a block
+  widest = max((sum(layer.mlp_widths) * layer.routed_tokens for layer in layers), default=f)
+  widest_input = max(d, q_out, f)
+  return Memory(
+    block=4.0 * 2 * block,
+    statistics=4.0 * max(d * d + q_out * q_out + sum(d * d + w * w for w in layer.mlp_widths) for layer in layers)
+    + 4.0 * GPTQ_INVERSE_BUFFERS * widest_input**2 * sweeps,
+    activations=4.0 * (tokens * d * 2 + min(tokens * (outputs + 2 * widest), 4 << 30)),
+    batch=4.0 * batch_size * seqlen * (4 * f + config.num_attention_heads * seqlen),
+    model=4.0 * v * d,
+  )
+
+
+@functools.cache
+def measure_memory_gb_per_s() -> float:
+  """This machine's memory read bandwidth: numpy's sum of a 512 MB float32 array (one core), best of three;
+  measured once a process."""
+  import numpy as np
+
+  a = np.ones(1 << 27, np.float32)
+  best = float("inf")
+  for _ in range(3):
+    start = time.perf_counter()
+    a.sum()
+    best = min(best, time.perf_counter() - start)
+  return a.nbytes / best / 1e9
+
+
 def estimate(
   config: LlamaConfig,
   recipe: Recipe,
@@ -111,53 +323,29 @@ def estimate(
   ggml_sweep: bool = False,
   allocation: bool = False,
   allocation_sweeps: int = 0,
+  gguf_type: str | None = None,
+  memory_gb_per_s: float | None = None,
 ) -> Estimate:
-  """Peak memory and time of running `recipe` on a model with `config` (a forecast, not a measurement).
-
-  Stages reading a Hessian cost GPTQ's sweep; stages that run the block (AWQ) cost a grid of block passes. A sparse
-  layer stores every expert but runs each token through its k; every expert's Hessians and sweep count. An
-  `allocation` (--target_bpw) adds a forward and backward pass over the calibration tokens and every candidate
-  type's encoding of every linear; `allocation_sweeps`, a calibration pass and that many GPTQ sweeps of every
-  linear (an allocation for GPTQ measures each candidate width's rounding).
+  """Peak memory and time of running `recipe` on a model with `config` on this machine (a forecast, not a
+  measurement): `work`'s FLOPs at `gflops_per_second` and its host work at `memory_gb_per_s` (default: measured
+  now), GPTQ's column steps at `COLUMN_SECONDS` each, and `memory`'s parts on one device. `qjax plan` splits the
+  same work over the stages and the rates of another device.
   """
-  stages = flatten_stages(recipe.stages)
-  sweeps = any("hessian" in s.stats for s in stages)
-  block_searches = sum(s.whole_block for s in stages)
-  d, v, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
-  q_out = config.num_attention_heads * config.head_dim
-  kv_out = config.num_key_value_heads * config.head_dim
-  layers = [_layer(config, i) for i in range(n_layers)]
-  block = max(layer.params for layer in layers)
-  f = max(max(layer.mlp_widths) for layer in layers)
-  embeddings = v * d * (1 if config.tie_word_embeddings else 2)
-  model = sum(layer.params for layer in layers) + embeddings
-  tokens = calibration_tokens
-  outputs = q_out + 2 * kv_out + d + 2 * f + d  # every linear's output, cached within a block
-  widest = max((sum(layer.mlp_widths) * layer.routed_tokens for layer in layers), default=f)
-  calibration = 4 * (tokens * d * 2 + min(tokens * (outputs + 2 * widest), 4 << 30) + 2 * block + 3 * d * d
-                     + sum(w * w for w in layers[0].mlp_widths) + v * d)  # fmt: skip
-  calibration += 4 * batch_size * seqlen * (4 * f + config.num_attention_heads * seqlen)
+  w = work(config, recipe, calibration_tokens=calibration_tokens, seqlen=seqlen, eval_windows=eval_windows,
+           gguf_type=gguf_type, ggml_sweep=ggml_sweep, allocation=allocation,
+           allocation_sweeps=allocation_sweeps)  # fmt: skip
+  d, v = config.hidden_size, config.vocab_size
+  model = sum(_layer(config, i).params for i in range(config.num_hidden_layers)) + v * d * (
+    2 - config.tie_word_embeddings
+  )
+  calibration = memory(
+    config, calibration_tokens=calibration_tokens, seqlen=seqlen, batch_size=batch_size, sweeps=reads_hessians(recipe)
+  ).total
   evaluation = 4 * (2 * model + 3 * seqlen * v) if eval_windows else 0
   gflops = gflops_per_second or measure_gflops()
-  quantize_flops = 0.0
-  columns = 0
-  for layer in layers:
-    mlp_tokens = tokens * layer.routed_tokens
-    hessian_flops = 2 * tokens * 2 * d * d + sum(2 * mlp_tokens * (d * d + w * w) for w in layer.mlp_widths)
-    sweep_flops = 2 * (d * d * (q_out + 2 * kv_out) + q_out * q_out * d)
-    sweep_flops += sum(2 * (2 * d * d * w + w * w * d) for w in layer.mlp_widths)
-    awq_flops = AWQ_BLOCK_PASSES * 2 * tokens * layer.active_params * block_searches
-    quantize_flops += 2 * tokens * layer.active_params * 2.2 + hessian_flops + sweep_flops * sweeps + awq_flops
-    if allocation_sweeps:  # a float calibration pass; each width's sweep and its error (about a sweep's flops)
-      quantize_flops += 2 * tokens * layer.active_params + hessian_flops + 2 * allocation_sweeps * sweep_flops
-    # Beyond the flops: GPTQ's column sweep, sequential in the input channels.
-    columns += (3 * d + q_out + sum(2 * d + w for w in layer.mlp_widths)) * (sweeps + allocation_sweeps)
-  eval_flops = 2 * eval_windows * seqlen * 2 * (sum(layer.active_params for layer in layers) + embeddings)
-  if ggml_sweep:
-    quantize_flops += GGML_SWEEP_FLOPS_PER_WEIGHT * sum(layer.params for layer in layers)
-  if allocation:
-    fisher_flops = 3 * 2 * tokens * (sum(layer.active_params for layer in layers) + embeddings)
-    quantize_flops += fisher_flops + ALLOCATION_FLOPS_PER_WEIGHT * sum(layer.params for layer in layers)
-  quantize_seconds = quantize_flops / gflops / 1e9 + 25e-6 * columns + (15.0 if tokens else 5.0)
-  eval_seconds = eval_flops / gflops / 1e9 + 5.0 if eval_windows else 0.0
+  host = w.host_bytes / (memory_gb_per_s or measure_memory_gb_per_s()) / 1e9
+  quantize_seconds = (
+    w.quantize_flops / gflops / 1e9 + host + COLUMN_SECONDS * w.columns + (15.0 if calibration_tokens else 5.0)
+  )
+  eval_seconds = w.eval_flops / gflops / 1e9 + 5.0 if eval_windows else 0.0
   return Estimate(float(max(calibration, evaluation)), quantize_seconds, eval_seconds, gflops)

@@ -13,23 +13,28 @@ Example:
   qjax quantize --bits=4 --group_size=64 --export=gptq --out=runs/gptq4-hf       # for vLLM, TGI, transformers
   qjax quantize --group_size=64 --export=compressed-tensors --target_bpw=3.5      # a bit width per linear
   qjax quantize --recipe=experiments/new_scheme.py:recipe --group_size=64         # your own scheme
+  qjax quantize --distributed ...             # one of several processes: a TPU pod slice, SLURM (README)
 """
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import time
+from collections.abc import Iterator
 
+import jax
 import numpy as np
 from absl import flags
+from jax.sharding import AxisType, Mesh
 
 from qjax.calib import text as texts
 from qjax.calib.experts import POLICIES, ExpertPolicy
-from qjax.calib.quantize import needs_calibration, quantize_model
-from qjax.calib.runner import RunnerOptions, check_checkpoint_dir, remove_checkpoints
+from qjax.calib.quantize import needs_calibration, quantize_model, quantize_parts
+from qjax.calib.runner import RunnerOptions, check_checkpoint_dir, remove_checkpoints, sync_processes
 from qjax.cli import Interrupted, interrupted
 from qjax.cli import recipes as cli_recipes
 from qjax.cli.estimate import estimate, estimate_sizes
@@ -53,6 +58,7 @@ from qjax.formats.default_model import BUILTIN_MODELS
 from qjax.formats.gguf import model_metadata
 from qjax.formats.output import atomic_directory, atomic_file, check_free_space, check_output
 from qjax.formats.rules_file import AFFINE_BITS, TensorRules, read_rules, rules_from_types, write_rules
+from qjax.formats.shards import merge, skeleton
 from qjax.formats.targets import (
   GROUP_SIZES,
   Target,
@@ -262,6 +268,24 @@ flags.DEFINE_bool(
   "overwrite", _D.overwrite, "Replace a previous qjax output of another kind in --out. A directory of files qjax "
   "did not write is never replaced; a previous output of the same kind is replaced without it."
 )  # fmt: skip
+
+
+# How the process is launched, not what it computes: outside `Settings`, so that the output, its recorded settings
+# and the checkpoints' run are the same however many processes share the work.
+flags.DEFINE_bool(
+  "distributed", False, "Run as one of several processes that share the work (jax.distributed), e.g. one per host "
+  "of a TPU pod slice or one per GPU under SLURM, where JAX finds the others itself; elsewhere give "
+  "--coordinator_address, --num_processes and --process_id. Every process runs the same command: calibration "
+  "windows and GPTQ's output channels are split over all their devices, and process 0 writes the output, the same "
+  "bytes as one process with as many devices. Example: srun qjax quantize --distributed --out=runs/gptq4."
+)  # fmt: skip
+flags.DEFINE_string(
+  "coordinator_address", None, "With --distributed where JAX cannot find the others: host:port of process 0 "
+  "(default: $JAX_COORDINATOR_ADDRESS). Example: --coordinator_address=10.0.0.1:8476."
+)  # fmt: skip
+flags.DEFINE_integer("num_processes", None, "With --distributed where JAX cannot find the others: how many processes.")
+flags.DEFINE_integer("process_id", None, "With --distributed where JAX cannot find the others: this process's "
+                     "index, 0 to --num_processes - 1.")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -637,6 +661,13 @@ def calibration_windows(s: Settings, tokenizer):
   return texts.calibration_windows(tokens, s.nsamples, s.seqlen, seed=s.seed)
 
 
+def data_mesh() -> Mesh | None:
+  """Every device of every JAX process along one ``data`` axis, which calibration windows and GPTQ's output
+  channels are split over; None with one device (nothing to split)."""
+  n = jax.device_count()
+  return None if n == 1 else jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
+
+
 def quantize_with(
   s: Settings,
   *,
@@ -646,8 +677,12 @@ def quantize_with(
   checkpoint_dir: str | None = None,
   show_progress: bool = False,
   allocation: Allocation | None = None,
-) -> tuple[Plan, LlamaConfig, dict]:
+  stream: bool = False,
+) -> tuple[Plan, LlamaConfig, dict | Iterator[dict]]:
   """The settings' plan, and the model quantized by it: ``(plan, config of the result, params)``.
+
+  Calibration is split over every device (`data_mesh`), of every process under ``jax.distributed``: each process
+  calls this with the same settings and gets the whole result.
 
   Args:
     s: the settings.
@@ -657,6 +692,9 @@ def quantize_with(
     checkpoint_dir: where to checkpoint finished blocks (None: no checkpoints).
     show_progress: print the runner's progress.
     allocation: --target_bpw's allocation when already made (default: made here when the settings ask for one).
+    stream: return the model's parts as they are quantized (`quantize_parts`: for an exporter to write one at a
+      time) instead of the whole tree; the config is then the source's (a writer learns whether the result's head
+      is tied from the parts: ``lm_head`` comes exactly when it is not).
   """
   checkpoint = checkpoint or open_checkpoint(s.model)
   p = plan(s, checkpoint.config)
@@ -670,8 +708,11 @@ def quantize_with(
     recipe = dataclasses.replace(recipe, stages=tuple(observe(stage, log.record) for stage in recipe.stages))
   experts = ExpertPolicy(kind=s.expert_policy, kappa=s.expert_kappa)
   options = RunnerOptions(batch_size=s.batch_size, true_sequential=s.true_sequential, checkpoint_dir=checkpoint_dir,
-                          show_progress=show_progress, experts=experts,
+                          mesh=data_mesh(), show_progress=show_progress, experts=experts,
                           expert_tokens=None if log is None else log.record_experts)  # fmt: skip
+  if stream:
+    return p, checkpoint.config, quantize_parts(LlamaBlocks(checkpoint), recipe, windows, options=options,
+                                                run_id=run_id(s, p))  # fmt: skip
   qparams = quantize_model(LlamaBlocks(checkpoint), recipe, windows, options=options, run_id=run_id(s, p))
   return p, dataclasses.replace(checkpoint.config, tie_word_embeddings="lm_head" not in qparams), qparams
 
@@ -753,7 +794,8 @@ def preflight(s: Settings, p: Plan, config: LlamaConfig, *, calibrate: bool) -> 
         raise InputError(f"--checkpoint_dir={p.checkpoint_dir}: overlaps {what}; choose a directory beside them.")
     check_checkpoint_dir(p.checkpoint_dir, run_id(s, p))
   output, checkpoints = _estimated_bytes(s, p, config, calibrate)
-  check_free_space(p.out, output + checkpoints, "the output and checkpoints",
+  # Twice the output: its tensors are spilled as they come, then copied behind the header (`qjax.formats.shards`).
+  check_free_space(p.out, 2 * output + checkpoints, "the output and checkpoints",
                    "free some space or choose another --out / --checkpoint_dir")  # fmt: skip
 
 
@@ -761,7 +803,9 @@ def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) 
   """Quantizes, evaluates before and after on the same windows, and writes the output with its report.
 
   Every input is read and every output checked before the first block is calibrated; the output directory
-  appears complete (model, ``report.json``, ``errors.png``) or not at all.
+  appears complete (model, ``report.json``, ``errors.png``) or not at all. Under ``jax.distributed`` every process
+  calls this alike: all quantize and evaluate, process 0 writes the output and removes the checkpoints, and all
+  return once it has.
 
   Returns:
     (the report, the path of the written model, the plan).
@@ -782,34 +826,53 @@ def run(s: Settings, *, method_given: bool = False, show_progress: bool = True) 
     tokens = s.nsamples * s.seqlen if windows_needed else 0
     cost = estimate(config, p.recipe, calibration_tokens=tokens, seqlen=s.seqlen, batch_size=s.batch_size,
                     eval_windows=s.eval_windows, ggml_sweep=p.ggml_sweep, allocation=bool(p.target_bpw),
-                    allocation_sweeps=allocation_sweeps(s, p))  # fmt: skip
+                    allocation_sweeps=allocation_sweeps(s, p),
+                    gguf_type=p.target.gguf_type if p.target.quantizes else None)  # fmt: skip
     print(cost, flush=True)
   log = TensorLog()
-  with atomic_directory(p.out, p.target.kind, overwrite=s.overwrite) as tmp:
+  writes = jax.process_index() == 0
+  with atomic_directory(p.out, p.target.kind, overwrite=s.overwrite) if writes else contextlib.nullcontext() as tmp:
     tick = time.perf_counter()
     allocation = allocate(s, p, checkpoint, windows, show_progress=show_progress) if p.target_bpw else None
+    # Evaluation needs the whole quantized model; without it, each part is written as it is finished.
+    stream = eval_windows is None
     p, out_config, qparams = quantize_with(
       s, checkpoint=checkpoint, windows=windows, log=log, show_progress=show_progress,
-      checkpoint_dir=p.checkpoint_dir if calibrate else None, allocation=allocation,
+      checkpoint_dir=p.checkpoint_dir if calibrate else None, allocation=allocation, stream=stream,
     )  # fmt: skip
-    quantize_seconds = time.perf_counter() - tick
-    if allocation is not None:
+    if stream:
+      qparams = _recorded(qparams, written := {})
+    if allocation is not None and writes:
       write_allocation(tmp, s, p, allocation)
     metadata = {"source_model": s.model, "recipe": p.recipe_id, "settings": dataclasses.asdict(s)}
-    export(p.target, tmp, out_config, qparams, tokenizer, name=s.model, metadata=metadata, description=p.label,
-           atomic=False, actorder=p.actorder)  # fmt: skip
+    if writes:
+      export(p.target, tmp, out_config, qparams, tokenizer, name=s.model, metadata=metadata, description=p.label,
+             atomic=False, actorder=p.actorder)  # fmt: skip
+    elif stream:
+      collections.deque(qparams, maxlen=0)  # every process computes every part; process 0 writes them
+    quantize_seconds = time.perf_counter() - tick  # quantized and written
     evaluation = None
     tick = time.perf_counter()
     if eval_windows is not None:
       reference = logits_fn(config, checkpoint.params())
       evaluation = evaluate(logits_fn(out_config, qparams), eval_windows, reference_fn=reference, label="evaluate",
                             show_progress=show_progress)  # fmt: skip
-    report = RunReport(p.label, evaluation, sizes(qparams), quantize_seconds, time.perf_counter() - tick, log.rows,
-                       log.expert_tokens)  # fmt: skip
-    write_report(tmp, {"job": dataclasses.asdict(s), **report.as_dict()})
-  if calibrate:
+    report = RunReport(p.label, evaluation, sizes(written if stream else qparams), quantize_seconds,
+                       time.perf_counter() - tick, log.rows, log.expert_tokens)  # fmt: skip
+    if writes:
+      write_report(tmp, {"job": dataclasses.asdict(s), **report.as_dict()})
+  if calibrate and writes:
     remove_checkpoints(p.checkpoint_dir)
+  sync_processes(f"qjax quantize wrote {p.out}")
   return report, output_path(p.target, p.out), p
+
+
+def _recorded(parts: Iterator[dict], into: dict) -> Iterator[dict]:
+  """Each part as it comes, its shapes and specs (`skeleton`) merged `into` a tree (for the report's sizes)."""
+  for part in parts:
+    merge(into, skeleton(part))
+    yield part
+    del part  # not held while the next part is made
 
 
 def main(argv):
@@ -817,12 +880,20 @@ def main(argv):
     raise ValueError(f"unexpected arguments {argv[1:]}")
   start = time.perf_counter()
   s = Settings.from_flags()
+  launch = ("coordinator_address", "num_processes", "process_id")
+  if not flags.FLAGS.distributed and any(flags.FLAGS[name].present for name in launch):
+    raise ValueError("--coordinator_address, --num_processes and --process_id describe a --distributed run; add it.")
+  if flags.FLAGS.distributed:
+    jax.distributed.initialize(*(flags.FLAGS[name].value for name in launch))
+  first = jax.process_index() == 0  # the others print nothing: they write nothing either
   try:
-    report, written, p = run(s, method_given=flags.FLAGS["method"].present)
+    report, written, p = run(s, method_given=flags.FLAGS["method"].present, show_progress=first)
   except (KeyboardInterrupt, Exception) as e:
     if interrupted(e):
       raise Interrupted(_interrupted_message(s)) from None
     raise
+  if not first:
+    return
   print(report.table())
   print(f"\nwrote {written}  (evaluate: qjax eval --model={written})")
   print(f"report: {os.path.join(p.out, 'report.json')}  total {time.perf_counter() - start:.0f}s")

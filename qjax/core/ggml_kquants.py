@@ -37,6 +37,11 @@ from qjax.core.ggml_legacy import SEARCH_CHUNK, ByteRows, encode_blocks, fp16_by
 
 QK_K = ggml.QK_K
 TYPE_NAMES = tuple(ggml.BLOCK_TYPES)
+ROW_CHUNK_ELEMENTS = 1 << 24
+"""Weights `encode` hands to one jitted call at most, in whole rows (each row's blocks are encoded on their own, so
+the bytes do not change): the search's temporaries take several times their input, and an embedding-sized matrix
+(0.5B weights for Llama 3's vocabulary) would otherwise need several times its 2 GB at once. 16M weights (64 MB)
+are a few hundred MB of temporaries, and more per call gains nothing measurable."""
 _Q3_K_BYTES_CHUNK = 64  # Q3_K's last stage has no search, so bigger chunks pay (measured 8 to 128)
 
 
@@ -341,10 +346,14 @@ def _check_finite(name: str, x: Array) -> None:
   """Raises on NaN or inf in a concrete array (under a trace the values are unknown and the check is skipped)."""
   if isinstance(x, jax.core.Tracer):
     return
-  bad = ~np.isfinite(np.asarray(x))
-  if bad.any():
-    first = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f"`encode` expected finite {name}, got {int(bad.sum())} NaN/inf values (first at {first}).")
+  x = np.asarray(x)
+  step = max(1, ROW_CHUNK_ELEMENTS // max(1, x[:1].size))  # row chunks: the masks of a whole embedding are a GB
+  for start in range(0, len(x), step):
+    bad = ~np.isfinite(x[start : start + step])
+    if bad.any():
+      first = tuple(int(i) for i in np.argwhere(bad)[0] + np.eye(x.ndim, dtype=int)[0] * start)
+      count = sum(int((~np.isfinite(x[i : i + step])).sum()) for i in range(0, len(x), step))
+      raise ValueError(f"`encode` expected finite {name}, got {count} NaN/inf values (first at {first}).")
 
 
 def encode(
@@ -386,7 +395,7 @@ def encode(
     (4, 288)
   """
   info = ggml_decode.block_type(type_name, caller="encode")
-  rows = jnp.asarray(rows)
+  rows = rows if isinstance(rows, np.ndarray) else jnp.asarray(rows)  # numpy goes to the device a chunk at a time
   if rows.ndim != 2 or rows.shape[1] % info.block_size:
     raise ValueError(
       f"`encode` expected rows (n, k) with k a multiple of the {type_name} block size {info.block_size}, "
@@ -398,4 +407,8 @@ def encode(
     if imatrix.shape != rows.shape[1:]:
       raise ValueError(f"`encode` expected imatrix of shape {rows.shape[1:]}, got {imatrix.shape=}.")
     _check_finite("imatrix", imatrix)
-  return _encode(rows.astype(jnp.float32), imatrix, type_name=type_name)
+  step = max(1, ROW_CHUNK_ELEMENTS // rows.shape[1])
+  # Each chunk is waited for: dispatched ahead, every chunk's input would stay alive until its turn came.
+  chunks = [_encode(jnp.asarray(rows[i : i + step], jnp.float32), imatrix, type_name=type_name).block_until_ready()
+            for i in range(0, rows.shape[0], step)]  # fmt: skip
+  return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)

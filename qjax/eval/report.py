@@ -107,10 +107,33 @@ class TensorLog:
 
     if not is_qarray(after):
       return
-    w = np.asarray(before, np.float32)
-    err = np.linalg.norm(np.asarray(dequantize(after), np.float32) - w) / max(np.linalg.norm(w), 1e-30)
+    if after.spec.is_ggml and not after.stack_shape:
+      err = _ggml_relative_error(np.asarray(before, np.float32), after)
+    else:
+      w = np.asarray(before, np.float32)
+      err = np.linalg.norm(np.asarray(dequantize(after), np.float32) - w) / max(np.linalg.norm(w), 1e-30)
     layout = after.spec.layout if after.spec.is_ggml else f"int{after.spec.bits} g{after.spec.group_size}"
     self.rows[path] = {"format": layout, "bits_per_weight": after.bits_per_weight, "relative_error": float(err)}
+
+
+ERROR_BLOCK_ELEMENTS = 1 << 24
+"""Weights dequantized at a time for a ggml tensor's error: an embedding or head (0.5B weights) is not whole twice."""
+
+
+def _ggml_relative_error(w: np.ndarray, q) -> float:
+  """``‖dequantize(q) - w‖ / ‖w‖`` of a ggml-layout `QArray`, a block of its rows (output channels, or an
+  embedding's vocabulary) at a time, summed in float64."""
+  from qjax.core import ggml_decode
+
+  rows = w.T if q.axis == 0 else w  # ggml rows: a kernel's output channels, an embedding's vocabulary rows
+  step = max(1, ERROR_BLOCK_ELEMENTS // rows.shape[1])
+  err = ref = 0.0
+  for start in range(0, rows.shape[0], step):
+    target = rows[start : start + step]
+    diff = np.asarray(ggml_decode.decode(q.codes[start : start + step], q.spec.layout), np.float32) - target
+    err += float(np.sum(np.square(diff, dtype=np.float64)))
+    ref += float(np.sum(np.square(target, dtype=np.float64)))
+  return float(np.sqrt(err) / max(np.sqrt(ref), 1e-30))
 
 
 class Sizes(NamedTuple):

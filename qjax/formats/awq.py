@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.core import GroupParams, QArray, QSpec, is_qarray
+from qjax.core import GroupParams, QArray, QSpec
 from qjax.core.errors import InputError
 from qjax.formats import gptq, hf_quantized
 from qjax.formats.output import atomic_directory
@@ -189,14 +189,18 @@ def save_awq(
 def write_awq(
   directory: str, config: LlamaConfig, params, tokenizer, *, max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES
 ) -> None:
-  """`save_awq`'s files, written into the existing `directory`."""
-  spec = hf_quantized.model_spec(params, "AWQ")
-  if "lm_head" in params and is_qarray(params["lm_head"]["kernel"]):
-    raise ValueError("an AWQ checkpoint keeps lm_head dense (no AWQ runtime quantizes it); got a quantized lm_head.")
-  tensors = hf_quantized.hf_tensors(params, lambda module, q: to_awq(q, name=module)._asdict(), config)
-  hf_quantized.write_hf_directory(
-    directory, config, tensors, awq_quantization_config(spec), tokenizer, max_shard_bytes=max_shard_bytes
+  """`save_awq`'s files, written into the existing `directory`; `params` may be a stream of parts."""
+
+  def module_tensors(module: str, q: QArray) -> dict[str, np.ndarray]:
+    if module == "lm_head":
+      raise ValueError("an AWQ checkpoint keeps lm_head dense (no AWQ runtime quantizes it); got a quantized lm_head.")
+    return to_awq(q, name=module)._asdict()
+
+  written, config = hf_quantized.write_weights(
+    directory, config, params, module_tensors, max_shard_bytes=max_shard_bytes
   )
+  spec = hf_quantized.model_spec(written, "AWQ")
+  hf_quantized.write_hf_directory(directory, config, awq_quantization_config(spec), tokenizer)
 
 
 def check_awq_tensors(

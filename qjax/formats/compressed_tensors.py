@@ -569,27 +569,27 @@ def write_compressed_tensors(
   actorder: str | None = None,
   max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES,
 ) -> None:
-  """`save_compressed_tensors`'s files, written into the existing `directory`."""
+  """`save_compressed_tensors`'s files, written into the existing `directory`; `params` may be a stream of parts."""
   if actorder not in (None, "weight"):
     raise ValueError(f"`write_compressed_tensors` expected actorder None or 'weight', got {actorder!r}.")
-  hf_quantized.quantized_linears(params, "compressed-tensors")
   args_by_module = {}  # under the names the tensors are written with (a family's fused projections, each expert)
-  dense_linears = []
-  # Under the names transformers' modules have: each expert its own Linear, a router a Linear kept dense.
-  for path, leaf in leaves_with_paths(split_experts(params, config)):
-    if HF_LINEAR.fullmatch(path) and not is_qarray(leaf):
-      dense_linears.append(hf_quantized.hf_tensor_name(path).removesuffix(".weight"))
-  if config.tie_word_embeddings:
-    dense_linears.append("lm_head")  # the tied head is a Linear in transformers; it stays the embedding
 
   def module_tensors(module: str, q: QArray) -> dict[str, np.ndarray]:
     args_by_module[module] = weight_args(q.spec, actorder=actorder)
     return to_compressed(q, name=module)
 
-  tensors = hf_quantized.hf_tensors(params, module_tensors, config)
-  check_fused_global_scales(tensors)
+  written, config = hf_quantized.write_weights(
+    directory, config, params, module_tensors, max_shard_bytes=max_shard_bytes, check=check_fused_global_scales
+  )
+  hf_quantized.quantized_linears(written, "compressed-tensors")
+  # Under the names transformers' modules have: each expert its own Linear, a router a Linear kept dense.
+  dense_linears = [hf_quantized.hf_tensor_name(path).removesuffix(".weight")
+                   for path, leaf in leaves_with_paths(split_experts(written, config))
+                   if HF_LINEAR.fullmatch(path) and not is_qarray(leaf)]  # fmt: skip
+  if config.tie_word_embeddings:
+    dense_linears.append("lm_head")  # the tied head is a Linear in transformers; it stays the embedding
   qc = quantization_config(args_by_module, dense_linears)
-  hf_quantized.write_hf_directory(directory, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes)
+  hf_quantized.write_hf_directory(directory, config, qc, tokenizer)
 
 
 HF_LINEAR = re.compile(r"model/layers_\d+/(self_attn|mlp|block_sparse_moe)/(experts/\d+/)?\w+/kernel|lm_head/kernel")

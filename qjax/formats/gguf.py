@@ -30,6 +30,7 @@ from qjax.formats.gguf_reader import (
   rope_permute,
 )
 from qjax.formats.output import atomic_file, check_file_output
+from qjax.formats.shards import Spill, as_parts
 from qjax.models.config import LlamaConfig
 from qjax.models.fused import fuse_params
 
@@ -402,37 +403,41 @@ def gguf_tensors(config: LlamaConfig, params, *, float_type: str = "F32") -> Ite
 
   Args:
     config: the model config.
-    params: the Flax parameter tree; leaves dense or ggml-layout `QArray`s.
+    params: the Flax parameter tree, or a stream of its parts in model order (the embedding, each decoder block, the
+      head: full-path subtrees, consumed one at a time); leaves dense or ggml-layout `QArray`s.
     float_type: "F32", "F16" or "BF16" for dense 2-D leaves (1-D leaves are always F32).
   """
   if float_type not in FLOAT_TYPES:
     raise ValueError(f"`gguf_tensors` expected float_type in {FLOAT_TYPES}, got {float_type!r}.")
-  leaves = dict(leaves_with_paths(fuse_params(params, config)))
-  order = ["model/embed_tokens/embedding"]
-  for i in range(config.num_hidden_layers):
-    order += sorted(p for p in leaves if p.startswith(f"model/layers_{i}/"))
-  order += ["model/norm/scale"] + (["lm_head/kernel"] if "lm_head/kernel" in leaves else [])
   factors = rope_factors(config)
   if factors is not None:
     yield GgufTensor("rope_freqs.weight", factors, "F32")
   if config.rope_scaling.rope_type == "longrope":
     yield GgufTensor(ROPE_FACTORS_LONG, np.asarray(config.rope_scaling.long_factor, np.float32), "F32")
     yield GgufTensor(ROPE_FACTORS_SHORT, np.asarray(config.rope_scaling.short_factor, np.float32), "F32")
-  for path in order:
-    yield _to_gguf_orientation(config, gguf_tensor_name(path, config), leaves[path], float_type)
+  for part in as_parts(params):
+    leaves = dict(leaves_with_paths(fuse_params(part, config)))
+    order = [p for p in ["model/embed_tokens/embedding"] if p in leaves]
+    for i in range(config.num_hidden_layers):
+      order += sorted(p for p in leaves if p.startswith(f"model/layers_{i}/"))
+    order += [p for p in ("model/norm/scale", "lm_head/kernel") if p in leaves]
+    del part
+    for path in order:
+      yield _to_gguf_orientation(config, gguf_tensor_name(path, config), leaves.pop(path), float_type)
+    for path in leaves:  # a leaf outside the model's parts: named (and refused) as llama.cpp's converter would
+      gguf_tensor_name(path, config)
 
 
-def _add_tensor(writer: gguf.GGUFWriter, tensor: GgufTensor) -> None:
+def _encoded(tensor: GgufTensor) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+  """A tensor's bytes as the file stores them, and its ggml type when numpy's dtype does not say it."""
   if tensor.type_name == "F32":
-    writer.add_tensor(tensor.name, tensor.data.astype(np.float32))
-  elif tensor.type_name == "F16":
-    writer.add_tensor(tensor.name, tensor.data.astype(np.float16))
-  elif tensor.type_name == "BF16":
-    data = gguf.quants.quantize(tensor.data.astype(np.float32), gguf.GGMLQuantizationType.BF16)
-    writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.BF16)
-  else:
-    info = ggml_types.BLOCK_TYPES[tensor.type_name]
-    writer.add_tensor(tensor.name, tensor.data, raw_dtype=gguf.GGMLQuantizationType(info.type_id))
+    return np.asarray(tensor.data, np.float32), None
+  if tensor.type_name == "F16":
+    return np.asarray(tensor.data, np.float16), None
+  if tensor.type_name == "BF16":
+    bf16 = gguf.GGMLQuantizationType.BF16
+    return gguf.quants.quantize(tensor.data.astype(np.float32), bf16), bf16
+  return tensor.data, gguf.GGMLQuantizationType(ggml_types.BLOCK_TYPES[tensor.type_name].type_id)
 
 
 def write_gguf(
@@ -447,13 +452,14 @@ def write_gguf(
   description: str = "",
   overwrite: bool = False,
 ) -> None:
-  """Writes a GGUF file llama.cpp loads.
+  """Writes a GGUF file llama.cpp loads, a tensor at a time (`qjax.formats.shards`).
 
   Args:
     path: the output file; written to a temporary file in the same directory and renamed. An existing file is
       replaced only if qjax wrote it and `overwrite` is set.
     config: the model config.
-    params: Flax parameter tree (dense leaves, or ggml-layout `QArray`s for quantized tensors).
+    params: Flax parameter tree (dense leaves, or ggml-layout `QArray`s for quantized tensors), or a stream of its
+      parts in model order (see `gguf_tensors`).
     tokenizer_entries: the ``tokenizer.*`` metadata (see `tokenizer_metadata`).
     float_type: storage of dense 2-D tensors: "F32", "F16" or "BF16".
     file_type: the recipe name for ``general.file_type`` (defaults to `float_type`).
@@ -468,18 +474,29 @@ def write_gguf(
   """
   check_file_output(path, overwrite=overwrite, is_ours=written_by_qjax)
   with atomic_file(path) as tmp:
-    writer = gguf.GGUFWriter(tmp, GGUF_ARCH[config.architecture])
+    spill = Spill(tmp + ".spill")
     try:
-      metadata = model_metadata(config, file_type=file_type or float_type, name=name, description=description)
-      for entry in metadata + tokenizer_entries:
-        writer.add_key_value(entry.key, entry.value, entry.type, entry.sub_type)
+      types = {}
       for tensor in gguf_tensors(config, params, float_type=float_type):
-        _add_tensor(writer, tensor)
-      writer.write_header_to_file()
-      writer.write_kv_data_to_file()
-      writer.write_tensors_to_file()
+        data, types[tensor.name] = _encoded(tensor)
+        spill.add(tensor.name, data)
+        del tensor, data
+      writer = gguf.GGUFWriter(tmp, GGUF_ARCH[config.architecture])
+      try:
+        metadata = model_metadata(config, file_type=file_type or float_type, name=name, description=description)
+        for entry in metadata + tokenizer_entries:
+          writer.add_key_value(entry.key, entry.value, entry.type, entry.sub_type)
+        for e in spill.entries.values():
+          writer.add_tensor_info(e.name, e.shape, e.dtype, e.nbytes, raw_dtype=types[e.name])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for e in spill.entries.values():
+          writer.write_tensor_data(spill.read(e.name))
+      finally:
+        writer.close()
     finally:
-      writer.close()
+      spill.close()
 
 
 def written_by_qjax(path: str) -> bool:

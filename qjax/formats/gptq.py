@@ -415,22 +415,22 @@ def write_gptq(
   checkpoint_format: str = "gptq",
   max_shard_bytes: int = hf_quantized.MAX_SHARD_BYTES,
 ) -> None:
-  """`save_gptq`'s files, written into the existing `directory`."""
-  spec = hf_quantized.model_spec(params, "GPTQ", widths=True)
+  """`save_gptq`'s files, written into the existing `directory`; `params` may be a stream of parts."""
   layouts = {}
 
   def module_tensors(module: str, q: QArray) -> dict[str, np.ndarray]:
     layouts[module] = (q.spec.bits, q.spec.group_size)
     return to_gptq(q, checkpoint_format=checkpoint_format, name=module)._asdict()
 
-  tensors = hf_quantized.hf_tensors(params, module_tensors, config)
-  desc_act = any(is_qarray(leaf) and leaf.perm is not None for _, leaf in leaves_with_paths(params))
-  lm_head = "lm_head.qweight" in tensors
+  written, config = hf_quantized.write_weights(
+    directory, config, params, module_tensors, max_shard_bytes=max_shard_bytes
+  )
+  spec = hf_quantized.model_spec(written, "GPTQ", widths=True)
+  desc_act = any(is_qarray(leaf) and leaf.perm is not None for _, leaf in leaves_with_paths(written))
+  lm_head = is_qarray(written.get("lm_head", {}).get("kernel"))
   qc = gptq_quantization_config(spec, desc_act=desc_act, lm_head=lm_head, checkpoint_format=checkpoint_format,
                                 dynamic=dynamic_overrides(layouts, (spec.bits, spec.group_size)))  # fmt: skip
-  hf_quantized.write_hf_directory(
-    directory, config, tensors, qc, tokenizer, max_shard_bytes=max_shard_bytes, extra_json={QUANTIZE_CONFIG: qc}
-  )
+  hf_quantized.write_hf_directory(directory, config, qc, tokenizer, extra_json={QUANTIZE_CONFIG: qc})
 
 
 class GptqSettings(NamedTuple):

@@ -6,6 +6,7 @@ Tensor names, float16 conversion of everything not quantized, sharded safetensor
 """
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -13,15 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from qjax.core import QArray, QSpec, is_qarray
 from qjax.core.errors import InputError
 from qjax.core.tree import leaves_with_paths
+from qjax.formats import shards
 from qjax.models.checkpoint import (
   HF_LAYER,
-  WEIGHTS,
-  WEIGHTS_INDEX,
   TensorFiles,
   check_finite,
   check_layer_count,
@@ -36,6 +35,8 @@ from qjax.models.checkpoint import (
 )
 from qjax.models.config import LlamaConfig, read_json, show
 from qjax.models.fused import fuse_params, split_layer
+
+Params = Any
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
 LINEAR_KERNEL = re.compile(r"model/layers_\d+/(self_attn|mlp|mlp/experts)/\w+_proj/kernel|lm_head/kernel")
@@ -103,7 +104,7 @@ def model_spec(params, fmt: str, *, widths: bool = False) -> QSpec:
 
 def hf_tensors(
   params, quantized: Callable[[str, QArray], dict[str, np.ndarray]], config: LlamaConfig
-) -> dict[str, np.ndarray]:
+) -> dict[str, np.ndarray | shards.Cast]:
   """Every leaf as Hugging Face tensors: dense leaves in float16 (kernels transposed to [out, in]).
 
   Args:
@@ -112,8 +113,9 @@ def hf_tensors(
     quantized: ``(module name, QArray) -> {suffix: array}`` for quantized leaves.
     config: the model's config (Gemma's norms are stored less their offset).
 
-  Raises:
-    ValueError: naming the tensor when a dense value overflows float16.
+  Returns:
+    Hugging Face name -> array, or `shards.Cast` for dense leaves (converted to float16 as they are written, which
+    raises ValueError naming the tensor when a value overflows float16).
   """
   tensors = {}
   for path, leaf in leaves_with_paths(split_experts(fuse_params(params, config), config)):
@@ -122,67 +124,72 @@ def hf_tensors(
       module = name.removesuffix(".weight")
       tensors.update({f"{module}.{suffix}": value for suffix, value in quantized(module, leaf).items()})
       continue
-    w = np.asarray(leaf, np.float32) - np.float32(norm_offset(config, name))
-    half = (w.T if path.endswith("/kernel") else w).astype(np.float16)
-    if not np.isfinite(half).all():
-      raise ValueError(f"{name}: values beyond float16's range (max |x| = {np.abs(w).max():.4g}).")
-    tensors[name] = np.ascontiguousarray(half)
+    w, offset = np.asarray(leaf), norm_offset(config, name)
+    w = w.astype(np.float32) - np.float32(offset) if offset else w
+    tensors[name] = shards.Cast(name, w, np.float16, transpose=path.endswith("/kernel"))
   return tensors
 
 
-def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
-  """Tensors in name order (a module's tensors together), cut into shards of at most `max_shard_bytes`."""
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name in sorted(tensors):
-    nbytes = tensors[name].nbytes
-    if shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = tensors[name]
-    size += nbytes
-  return shards
+def write_weights(
+  directory: str,
+  config: LlamaConfig,
+  params,
+  quantized: Callable[[str, QArray], dict[str, np.ndarray]],
+  *,
+  max_shard_bytes: int = MAX_SHARD_BYTES,
+  check: Callable[[dict[str, np.ndarray]], None] | None = None,
+) -> tuple[Params, LlamaConfig]:
+  """Writes the weights of a Hugging Face directory (`hf_tensors`) a part at a time; see `qjax.formats.shards`.
 
+  Args:
+    directory: an existing directory.
+    config: the model's config.
+    params: the parameter tree, or a stream of its parts (full-path subtrees, consumed one at a time).
+    quantized: ``(module name, QArray) -> {suffix: array}`` for quantized leaves.
+    max_shard_bytes: largest safetensors file; more tensors go to ``model-0000i-of-0000n.safetensors`` with
+      ``model.safetensors.index.json``.
+    check: called with each part's tensors before they are written (checks that span a block's tensors).
 
-def _save_weights(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
-  shards = _shards(tensors, max_shard_bytes)
-  if len(shards) == 1:
-    save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
-    return
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(directory, file), metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(shard, file))
-  index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-  with open(os.path.join(directory, WEIGHTS_INDEX), "w") as f:
-    json.dump(index, f, indent=2)
+  Returns:
+    (`shards.skeleton` of all parts: shapes and specs for the config, the config with ``tie_word_embeddings`` as
+    written: tied exactly when no ``lm_head`` came).
+  """
+  weights = shards.SafetensorsWriter(directory, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+  seen: dict = {}
+  try:
+    for part in shards.as_parts(params):
+      tensors = hf_tensors(part, quantized, config)
+      if check is not None:
+        check(tensors)
+      for name in list(tensors):
+        weights.add(name, tensors.pop(name))
+      shards.merge(seen, shards.skeleton(part))
+      del part, tensors  # a stream's part is released before the next one is made
+  except BaseException:
+    weights.spill.close()
+    raise
+  weights.close()
+  return seen, dataclasses.replace(config, tie_word_embeddings="lm_head" not in seen)
 
 
 def write_hf_directory(
   directory: str,
   config: LlamaConfig,
-  tensors: dict[str, np.ndarray],
   quantization_config: dict[str, Any],
   tokenizer,
   *,
-  max_shard_bytes: int = MAX_SHARD_BYTES,
   extra_json: dict[str, dict] | None = None,
 ) -> None:
-  """Writes a quantized Hugging Face directory's files into the existing `directory`: weights, ``config.json``,
-  extra JSON files, the tokenizer (callers make the whole directory atomic, see `qjax.formats.output`).
+  """Writes a quantized Hugging Face directory's files beside its weights (`write_weights`): ``config.json``, extra
+  JSON files, the tokenizer (callers make the whole directory atomic, see `qjax.formats.output`).
 
   Args:
-    directory: an existing, empty directory.
+    directory: the directory the weights were written to.
     config: the model config (written with ``torch_dtype: float16`` and `quantization_config`).
-    tensors: Hugging Face name -> array.
     quantization_config: the ``config.json["quantization_config"]`` block.
     tokenizer: a `transformers` tokenizer, saved beside the weights (None: no tokenizer files).
-    max_shard_bytes: largest safetensors file; more tensors go to ``model-0000i-of-0000n.safetensors``
-      with ``model.safetensors.index.json``.
     extra_json: more files to write, name -> content (e.g. ``quantize_config.json``).
   """
-  _save_weights(directory, tensors, max_shard_bytes)
   hf = {**config.to_hf_dict(), "torch_dtype": "float16", "quantization_config": quantization_config}
   for file, content in {"config.json": hf, **(extra_json or {})}.items():
     with open(os.path.join(directory, file), "w") as f:

@@ -10,13 +10,13 @@ Layout::
 The directory is complete or absent: it is written beside its final name and renamed.
 """
 
+import dataclasses
 import json
 import os
 import re
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from qjax.core import ggml, packing
 from qjax.core.errors import InputError
@@ -30,6 +30,7 @@ from qjax.core.tree import (
   spec_from_json,
   unflatten_params,
 )
+from qjax.formats import shards
 from qjax.formats.output import atomic_directory
 from qjax.models.checkpoint import (
   TensorInfo,
@@ -82,11 +83,25 @@ def save_quantized(
 
 
 def write_quantized(directory: str, config: LlamaConfig, params, tokenizer, *, metadata=None) -> None:
-  """Writes a qjax directory's files into the existing `directory` (`save_quantized` makes it atomic)."""
-  tensors, manifest = flatten_params(params)
-  save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "qjax"})
+  """Writes a qjax directory's files into the existing `directory` (`save_quantized` makes it atomic); `params` may
+  be a stream of parts (full-path subtrees), written one at a time."""
+  weights = shards.SafetensorsWriter(directory, max_shard_bytes=2**63, metadata={"format": "qjax"})
+  manifest, untied = {}, False
+  try:
+    for part in shards.as_parts(params):
+      tensors, part_manifest = flatten_params(part)
+      for name in list(tensors):
+        weights.add(name, tensors.pop(name))
+      manifest = {**part_manifest, "quantized": {**manifest.get("quantized", {}), **part_manifest["quantized"]}}
+      untied = untied or "lm_head" in part
+      del part, tensors
+  except BaseException:
+    weights.spill.close()
+    raise
+  weights.close()
   with open(os.path.join(directory, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1)
+  config = dataclasses.replace(config, tie_word_embeddings=not untied)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump({**config.to_hf_dict(), "qjax": metadata or {}}, f, indent=2)
   tokenizer.save_pretrained(directory)

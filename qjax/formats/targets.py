@@ -13,6 +13,7 @@ from qjax.core import QSpec
 from qjax.formats import awq, compressed_tensors, gguf, gptq, hf_quantized, native
 from qjax.formats.gguf import FLOAT_TYPES
 from qjax.formats.output import atomic_directory
+from qjax.formats.shards import as_parts
 from qjax.kernels import from_kernel_layout_params
 from qjax.models.config import LlamaConfig
 from qjax.transforms.gguf_recipes import RECIPES
@@ -170,7 +171,8 @@ def export(
     target: where to.
     out: the output directory (a GGUF file goes inside it, see `output_path`).
     config: the config of the quantized model.
-    params: its parameter tree (`QArray` leaves in any layout).
+    params: its parameter tree (`QArray` leaves in any layout), or a stream of its parts in model order (the
+      embedding, each block, the head: full-path subtrees), written as they come (`qjax.formats.shards`).
     tokenizer: its `transformers` tokenizer.
     name: the model's name (GGUF ``general.name``).
     metadata: JSON facts recorded in a qjax directory's config (source model, recipe, flags).
@@ -189,7 +191,7 @@ def export(
       export(target, tmp, config, params, tokenizer, name=name, metadata=metadata, description=description,
              atomic=False, actorder=actorder)  # fmt: skip
     return output_path(target, out)
-  params = from_kernel_layout_params(params)
+  params = map(from_kernel_layout_params, as_parts(params))
   if target.is_gguf:
     float_type = target.gguf_type if target.gguf_type in FLOAT_TYPES else "F32"
     entries = gguf.tokenizer_metadata(tokenizer, config.vocab_size)

@@ -461,6 +461,15 @@ class TensorFiles:
       out.update(read_safetensors(file, file_names, framework))
     return out
 
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a float tensor (the first axis), as stored, without reading the rest."""
+    path = self.files[name]
+    try:
+      with safe_open(path, "numpy") as f:
+        return f.get_slice(name)[start:stop]
+    except READ_ERRORS as e:
+      raise InputError(f"{path}: unreadable safetensors file ({one_line(e)}); is it truncated?") from e
+
   def check_dense(self, expected: dict[str, tuple[int, ...]], config_path: str) -> None:
     """Raises naming the tensor unless each of `expected` is present with that shape and a float dtype."""
     missing = sorted(set(expected) - set(self.info))
@@ -513,6 +522,14 @@ class Checkpoint(abc.ABC):
     return params
 
 
+READ_CHUNK_ELEMENTS = 1 << 24
+"""Matrices with more elements than this are read in row blocks of at most this many (`SafetensorsCheckpoint`)."""
+
+
+def _is_large(shape: tuple[int, ...]) -> bool:
+  return len(shape) == 2 and shape[0] * shape[1] > READ_CHUNK_ELEMENTS
+
+
 def check_tokenizer(tokenizer, config: LlamaConfig, source: str):
   """Raises (InputError, naming `source`) when the tokenizer has more tokens than the embedding has rows."""
   if len(tokenizer) > config.vocab_size:
@@ -562,20 +579,44 @@ class SafetensorsCheckpoint(Checkpoint):
         f"(from {config_path})."
       )
 
-  def get_many(self, names: list[str]) -> dict[str, np.ndarray]:
-    """Tensors by Hugging Face name, converted to `self.dtype`.
+  def get_many(self, names: list[str], *, transposed: bool = False) -> dict[str, np.ndarray]:
+    """Tensors by Hugging Face name, converted to `self.dtype` (and transposed: kernels [in, out] from [out, in]).
 
     Each file is opened for the call only: a file kept open stays memory-mapped, and
-    every page read would count against the process for the rest of the run.
+    every page read would count against the process for the rest of the run. Conversion and transposition are one
+    copy (an embedding-sized matrix is a GB or more).
 
     Raises:
       InputError: naming the tensor when it holds NaN or Inf, or the file when it cannot be read.
     """
-    out = {}
-    for name, value in self._tensors.read(names).items():
+    large = [n for n in names if self._tensors.info[n].dtype in FLOAT_DTYPES and _is_large(self._tensors.info[n].shape)]
+    out = {name: self._read_large(name, transposed) for name in large}
+    tensors = self._tensors.read([n for n in names if n not in out])
+    for name in names:
+      if name in out:
+        continue
+      value = tensors.pop(name)
       check_finite(name, value, self._tensors.files[name])
       offset = norm_offset(self.config, name)  # added in float32, as transformers computes 1 + w
-      out[name] = (value.astype(np.float32) + offset if offset else value).astype(self.dtype)
+      value = value.astype(np.float32) + offset if offset else value
+      out[name] = np.array(value.T if transposed else value, dtype=self.dtype, order="C")
+      del value
+    return out
+
+  def _read_large(self, name: str, transposed: bool) -> np.ndarray:
+    """A matrix larger than `READ_CHUNK_ELEMENTS` (an embedding, a head), read and converted a row block at a time
+    into its result: held whole once, in `self.dtype`, never also as stored."""
+    rows, cols = self._tensors.info[name].shape
+    out = np.empty((cols, rows) if transposed else (rows, cols), self.dtype)
+    step = max(1, READ_CHUNK_ELEMENTS // cols)
+    for start in range(0, rows, step):
+      stop = min(start + step, rows)  # safetensors' slices do not clip
+      block = self._tensors.read_rows(name, start, stop)
+      check_finite(name, block, self._tensors.files[name])
+      if transposed:
+        out[:, start:stop] = block.T
+      else:
+        out[start:stop] = block
     return out
 
   def get(self, name: str) -> np.ndarray:
@@ -590,10 +631,11 @@ class SafetensorsCheckpoint(Checkpoint):
 
   def layer_params(self, i: int) -> Params:
     names = hf_layer_tensors(self.config, i)
-    tensors = self.get_many(list(names))
+    kernels = [name for name, (_, transpose) in names.items() if transpose]
+    tensors = {**self.get_many(kernels, transposed=True), **self.get_many([n for n in names if n not in kernels])}
     params = {}
-    for name, (path, transpose) in names.items():
-      set_nested(params, path, np.ascontiguousarray(tensors[name].T) if transpose else tensors[name])
+    for name, (path, _) in names.items():
+      set_nested(params, path, tensors.pop(name))
     experts = hf_expert_tensors(self.config, i)
     if experts:
       kernels = {name: w.T for name, w in self.get_many(list(experts)).items()}
@@ -603,7 +645,7 @@ class SafetensorsCheckpoint(Checkpoint):
   def head_params(self) -> Params:
     head = {"norm": {"scale": self.get("model.norm.weight")}}
     if not self.config.tie_word_embeddings:
-      head["lm_head"] = {"kernel": np.ascontiguousarray(self.get("lm_head.weight").T)}
+      head["lm_head"] = {"kernel": self.get_many(["lm_head.weight"], transposed=True)["lm_head.weight"]}
     return head
 
   def tokenizer(self):

@@ -47,7 +47,7 @@ def kquant_quantize(
   """
   if axis not in (0, 1):
     raise ValueError(f"`kquant_quantize` expected axis in (0, 1), got {axis=}.")
-  w = jnp.asarray(w)
+  w = w if isinstance(w, np.ndarray) else jnp.asarray(w)  # a host matrix is encoded without a device copy of it whole
   rows = w.T if axis == 0 else w
   codes = encode(rows, type_name, imatrix)
   return QArray(

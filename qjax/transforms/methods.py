@@ -32,8 +32,9 @@ def rtn(spec: QSpec, *, clip: ClipSearch | None = None) -> Transform:
 def gptq(spec: QSpec, config: GptqConfig = GptqConfig(), *, mesh: Mesh | None = None) -> Transform:
   """GPTQ on every visible 2-D leaf, with the leaf's ``"hessian"`` statistic (see `gptq_quantize`).
 
-  With `mesh`, each weight's output channels are split over all of its devices for the
-  sweep (weights whose output width does not divide evenly run on one device).
+  With `mesh` (by default the calibration runner's, which it passes to each stage as ``mesh=``), each weight's
+  output channels are split over all of its devices for the sweep (weights whose output width does not divide
+  evenly run on one device).
 
   Raises (from update):
     ValueError: for a leaf without a ``"hessian"`` statistic, or whose Hessian stays
@@ -48,14 +49,22 @@ def gptq(spec: QSpec, config: GptqConfig = GptqConfig(), *, mesh: Mesh | None = 
     (['hessian'], 4)
   """
 
-  def quantize_leaf(w, leaf_stats, spec):
-    if "hessian" not in leaf_stats:
-      raise ValueError(MISSING_HESSIAN_MSG.format(shape=np.shape(w), got=sorted(leaf_stats)))
-    split = mesh if mesh is not None and np.shape(w)[1] % mesh.size == 0 else None
-    q, _ = gptq_quantize(w, leaf_stats["hessian"], spec=spec, config=config, mesh=split)
-    return q
+  own = mesh  # the update's `mesh` keyword is the runner's
 
-  return per_leaf(quantize_leaf, stats=frozenset({"hessian"}), spec=spec)
+  def on(devices: Mesh | None) -> Transform:
+    def quantize_leaf(w, leaf_stats, spec):
+      if "hessian" not in leaf_stats:
+        raise ValueError(MISSING_HESSIAN_MSG.format(shape=np.shape(w), got=sorted(leaf_stats)))
+      split = devices if devices is not None and np.shape(w)[1] % devices.size == 0 else None
+      q, _ = gptq_quantize(w, leaf_stats["hessian"], spec=spec, config=config, mesh=split)
+      return q
+
+    return per_leaf(quantize_leaf, stats=frozenset({"hessian"}), spec=spec)
+
+  def update(params, state, *, mesh: Mesh | None = None, **extra):
+    return on(own if own is not None else mesh).update(params, state, **extra)
+
+  return on(own)._replace(update=update)
 
 
 MISSING_IMATRIX_MSG = (

@@ -1,4 +1,5 @@
-"""Peak memory of a quantize run grows with one block, not with the model: measured with twice the layers."""
+"""Peak memory of a quantize run grows with one block, not with the model: measured with twice the layers, the
+output written as each block is finished (`qjax.formats.shards`)."""
 
 import os
 import subprocess
@@ -10,11 +11,10 @@ from tests.model_factory import write_random_llama
 
 PROBE = """
 import resource, sys
-from qjax.formats import open_checkpoint
-from qjax.cli.quantize import Settings
-from tests.model_factory import quantize_like_cli
-s = Settings(model=sys.argv[1], method="gptq", group_size=128, nsamples=2, seqlen=32, batch_size=2)
-quantize_like_cli(s)
+from qjax.cli.quantize import Settings, run
+s = Settings(model=sys.argv[1], method="gptq", group_size=128, nsamples=2, seqlen=32, batch_size=2, eval_windows=0,
+             export="gptq", out=sys.argv[1] + "-gptq")
+run(s, show_progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
@@ -36,6 +36,7 @@ def test_peak_memory_grows_by_a_block_not_by_the_model(tmp_path):
   large = write_random_llama(str(tmp_path / "l8"), layers=8, **shape)
   block_bytes = 4 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2048)  # float32 params of one block (34 MB)
   grown = peak_bytes(large) - peak_bytes(small)
-  # Four more float blocks would add 4 * block_bytes if the model were held whole; streaming adds
-  # only the four extra quantized blocks (about 1/7 of their float size) and noise.
-  assert grown < 1.5 * block_bytes, (grown / 2**20, block_bytes / 2**20)
+  # Four more float blocks would add 4 * block_bytes if the model were held whole, and holding the quantized model
+  # and its exported tensors about 1.5 * block_bytes (each block a seventh of its float size, twice or thrice);
+  # streamed, nothing but noise.
+  assert grown < 0.75 * block_bytes, (grown / 2**20, block_bytes / 2**20)

@@ -136,13 +136,12 @@ def test_a_killed_writes_leftovers_are_removed_by_the_next_write_and_only_those(
 
 
 def test_a_full_disk_during_export_leaves_no_output(model_dir, tmp_path, monkeypatch):
-  from qjax.formats import hf_quantized, native
+  from qjax.formats import shards
 
   def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
-  monkeypatch.setattr(native, "save_file", full)
-  monkeypatch.setattr(hf_quantized, "save_file", full)
+  monkeypatch.setattr(shards, "write_safetensors", full)
   for export in (None, "gptq"):
     out = str(tmp_path / f"q-{export}")
     with pytest.raises(OSError, match="No space left"):
@@ -150,7 +149,7 @@ def test_a_full_disk_during_export_leaves_no_output(model_dir, tmp_path, monkeyp
     assert not os.path.exists(out)
   import gguf
 
-  monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+  monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
   out = str(tmp_path / "gguf")
   with pytest.raises(OSError, match="No space left"):
     run(_settings(model_dir, out, method="none", export="gguf:Q8_0"), show_progress=False)

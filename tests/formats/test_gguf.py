@@ -206,7 +206,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(gguf_format.gguf.GGUFWriter, "write_tensors_to_file", boom)
+  monkeypatch.setattr(gguf_format.gguf.GGUFWriter, "write_tensor_data", boom)
   path = tmp_path / "m.gguf"
   with pytest.raises(KeyboardInterrupt):
     write_gguf(str(path), checkpoint.config, checkpoint.params(), [])

@@ -16,7 +16,7 @@ from qjax.cli.quantize import Settings, plan, run
 from qjax.core import QSpec, dequantize, from_codes, is_qarray, quantize, round_to_grid
 from qjax.core.tree import leaves_with_paths, map_with_path
 from qjax.eval.metrics import evaluate
-from qjax.formats import export, hf_quantized, load_model, open_checkpoint, parse_target
+from qjax.formats import export, load_model, open_checkpoint, parse_target, shards
 from qjax.formats.gptq import canonical_act_order, from_gptq, load_gptq, save_gptq, to_gptq
 from qjax.models import logits_fn
 from qjax.quantizers import GptqConfig, gptq_quantize
@@ -191,7 +191,7 @@ def test_interrupted_write_leaves_nothing(model_dir, tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(hf_quantized, "save_file", boom)
+  monkeypatch.setattr(shards, "write_safetensors", boom)
   with pytest.raises(KeyboardInterrupt):
     save_gptq(str(tmp_path / "out"), checkpoint.config, params, None)
   assert os.listdir(tmp_path) == []

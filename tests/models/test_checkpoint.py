@@ -5,6 +5,7 @@ import os
 import shutil
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -154,3 +155,17 @@ def test_sharded_safetensors_with_an_index(tmp_path):
   os.remove(tmp_path / sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1])
   with pytest.raises(FileNotFoundError, match="the index names missing weight files"):
     SafetensorsCheckpoint(str(tmp_path))
+
+
+def test_large_matrices_are_read_in_row_blocks_to_the_same_values(small_dir, monkeypatch):
+  """Matrices over `READ_CHUNK_ELEMENTS` (an embedding, a head) are read a row block at a time, the last one short,
+  kernels transposed on the way."""
+  from qjax.models import checkpoint
+
+  whole = SafetensorsCheckpoint(small_dir).params()
+  monkeypatch.setattr(checkpoint, "READ_CHUNK_ELEMENTS", 7 * 32 + 5)  # 7 rows of 32 a block; the last block short
+  blocks = SafetensorsCheckpoint(small_dir).params()
+  flat = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
+  assert flat(whole).keys() == flat(blocks).keys()
+  for key, value in flat(whole).items():
+    np.testing.assert_array_equal(value, flat(blocks)[key], err_msg=str(key))
