@@ -110,15 +110,18 @@ class Work(NamedTuple):
   forward_flops: float  # the blocks run over the calibration tokens (float32 at default matmul precision)
   search_flops: float  # AWQ's grid of block passes (as the forward)
   statistics_flops: float  # Hessians x^T x of every linear's inputs (float32, full precision)
-  sweep_flops: float  # GPTQ's updates and Hessian factorisations (float32, full precision)
+  sweep_flops: float  # GPTQ's updates (float32, full precision)
   per_weight_flops: float  # rounding and encoding each weight (narrow vector work)
   columns: int  # GPTQ's column steps, sequential in the input channels (each a few small kernels)
   eval_flops: float  # evaluating before and after
   host_bytes: float  # host work: reading the checkpoint, the error report, packing the export (memory traffic)
+  factor_flops: float = 0.0  # GPTQ's Hessian inverses, 4/3 in³ each (float32 Cholesky and triangular solve)
 
   @property
   def quantize_flops(self) -> float:
-    return self.forward_flops + self.search_flops + self.statistics_flops + self.sweep_flops + self.per_weight_flops
+    """In matmul FLOP-equivalents of this machine (the factorisations at `FACTORIZATION_COST`)."""
+    return (self.forward_flops + self.search_flops + self.statistics_flops + self.sweep_flops + self.per_weight_flops
+            + FACTORIZATION_COST * self.factor_flops)  # fmt: skip
 
 
 RTN_FLOPS_PER_WEIGHT = 720.0
@@ -147,7 +150,8 @@ host's read bandwidth. Measured on the same block: 3.1 ns at 21.9 GB/s."""
 
 FACTORIZATION_COST = 2.7
 """GPTQ's Hessian inverse (a Cholesky factorisation and a triangular solve, 4/3 in³ FLOPs) in matmul FLOP-equivalents
-per FLOP: XLA:CPU runs them at 0.37 of its matmul speed. Measured: `hessian_inverse` of an 8192-wide Hessian, 4.1 s
+per FLOP on this machine: XLA:CPU runs them at 0.37 of its matmul speed (`qjax plan` assumes full float32 speed on a
+GPU or TPU). Measured: `hessian_inverse` of an 8192-wide Hessian, 4.1 s
 (180 GFLOP/s) against 479 GFLOP/s of float32 matmul in the same process. It is most of GPTQ's time on a wide MLP
 (the 14336-wide down_proj of Llama-3.1-8B: 3.9e12 FLOPs a layer)."""
 
@@ -202,7 +206,7 @@ def work(
   linear_weights = estimate_sizes(config).linear_params
   tokens = calibration_tokens
   attention = 2 * 2 * tokens * seqlen * q_out  # scores and their weighted sum, the whole window (masked, not skipped)
-  forward = search = statistics = sweep = 0.0
+  forward = search = statistics = sweep = factor = 0.0
   columns = 0
   for layer in layers:
     mlp_tokens = tokens * layer.routed_tokens
@@ -210,15 +214,18 @@ def work(
       2 * mlp_tokens * (d * d + w * w) for w in layer.mlp_widths
     )
     linears = _linear_inputs(config, layer)
-    sweep_flops = sum(n * (2 * i * i * o + FACTORIZATION_COST * 4 * i**3 / 3) for i, o, n in linears)
+    sweep_flops = sum(n * 2 * i * i * o for i, o, n in linears)
+    factor_flops = sum(n * 4 * i**3 / 3 for i, _, n in linears)
     forward += (2 * tokens * layer.active_params + attention) * 2.2
     search += AWQ_BLOCK_PASSES * (2 * tokens * layer.active_params + attention) * block_searches
     statistics += hessian_flops * sweeps
     sweep += sweep_flops * sweeps
+    factor += factor_flops * sweeps
     if allocation_sweeps:  # a float calibration pass; each width's sweep and its error (about a sweep's flops)
       forward += 2 * tokens * layer.active_params + attention
       statistics += hessian_flops
       sweep += 2 * allocation_sweeps * sweep_flops
+      factor += 2 * allocation_sweeps * factor_flops
     # Beyond the flops: GPTQ's column sweep, sequential in the input channels.
     columns += sum(n * i for i, _, n in linears) * (sweeps + allocation_sweeps)
   per_weight = 0.0
@@ -237,7 +244,7 @@ def work(
   sizes = estimate_sizes(config)
   host = HOST_READ_BYTES_PER_PARAM * (sizes.linear_params + sizes.other_params)
   host += (REPORT_BYTES_PER_WEIGHT + PACK_BYTES_PER_WEIGHT) * linear_weights
-  return Work(forward, search, statistics, sweep, per_weight, columns, eval_flops, host)
+  return Work(forward, search, statistics, sweep, per_weight, columns, eval_flops, host, factor)
 
 
 class Memory(NamedTuple):

@@ -30,6 +30,7 @@ from qjax.calib.quantize import needs_calibration
 from qjax.cli import quantize as q
 from qjax.cli.estimate import (
   COLUMN_SECONDS,
+  FACTORIZATION_COST,
   Memory,
   Work,
   estimate_sizes,
@@ -375,12 +376,15 @@ def _stages(model: Model, w: Work, s, device: Device, n: int, disk: float, token
                    device.memory_gb_per_s, "memory")  # fmt: skip
   statistics = _stage("statistics", w.statistics_flops / n, device.f32_tflops, 0.0, 1.0, "memory")
   search = _stage("search", w.search_flops / n, device.default_f32_tflops, 0.0, 1.0, "memory")
-  sweep = w.sweep_flops / n / (device.f32_tflops * 1e12)
+  # Every device factors the whole (replicated) Hessian; the updates split over output channels. The factorisation's
+  # slowness relative to matmuls is measured on XLA:CPU only.
+  factor = w.factor_flops * (FACTORIZATION_COST if device.name == "cpu" else 1.0)
+  sweep = (w.sweep_flops / n + factor) / (device.f32_tflops * 1e12)
   steps = w.columns * device.column_seconds
   passes = 3.0 * (w.per_weight_flops > 0)  # per-weight rounding reads each weight, its group, and writes its code
   elementwise = _stage("round", w.per_weight_flops, device.f32_tflops, sizes.linear_params * 4.0 * passes,
                        device.memory_gb_per_s, "memory")  # fmt: skip
-  rounding = Stage("round", w.sweep_flops / n + w.per_weight_flops, elementwise.bytes,
+  rounding = Stage("round", w.sweep_flops / n + w.factor_flops + w.per_weight_flops, elementwise.bytes,
                    sweep + steps + elementwise.seconds, "steps" if steps > sweep + elementwise.seconds else
                    elementwise.bound)  # fmt: skip
   write = _stage("write", 0.0, 1.0, out_bytes, disk, "disk")
