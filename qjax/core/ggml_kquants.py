@@ -408,7 +408,9 @@ def encode(
       raise ValueError(f"`encode` expected imatrix of shape {rows.shape[1:]}, got {imatrix.shape=}.")
     _check_finite("imatrix", imatrix)
   step = max(1, ROW_CHUNK_ELEMENTS // rows.shape[1])
-  # Each chunk is waited for: dispatched ahead, every chunk's input would stay alive until its turn came.
-  chunks = [_encode(jnp.asarray(rows[i : i + step], jnp.float32), imatrix, type_name=type_name).block_until_ready()
-            for i in range(0, rows.shape[0], step)]  # fmt: skip
+  chunks = []
+  for i in range(0, rows.shape[0], step):
+    chunk = _encode(jnp.asarray(rows[i : i + step], jnp.float32), imatrix, type_name=type_name)
+    # Each concrete chunk is waited for: dispatched ahead, every chunk's input would stay alive until its turn came.
+    chunks.append(chunk if isinstance(chunk, jax.core.Tracer) else chunk.block_until_ready())
   return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
