@@ -12,13 +12,14 @@ default model's (its ids fit any larger vocabulary), enough to calibrate on text
 import json
 import os
 import shutil
-import struct
 import time
 
+import ml_dtypes
 import numpy as np
 from absl import app, flags
 
 from qjax.formats.default_model import default_model_dir
+from qjax.formats.shards import safetensors_header
 from qjax.models.checkpoint import hf_tensor_shapes
 from qjax.models.config import LlamaConfig
 
@@ -71,19 +72,11 @@ def shard_plan(shapes: dict[str, tuple[int, ...]], shard_bytes: float) -> list[l
 
 def write_shard(path: str, names: list[str], shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> int:
   """Writes a safetensors file (header, then each tensor's bytes in order); returns its tensors' bytes."""
-  header, offset = {}, 0
-  for name in names:
-    nbytes = 2 * int(np.prod(shapes[name]))
-    header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  header["__metadata__"] = {"format": "pt"}
-  encoded = json.dumps(header, separators=(",", ":")).encode()
-  encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
   with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(encoded)) + encoded)
+    f.write(safetensors_header(((n, ml_dtypes.bfloat16, shapes[n]) for n in names), {"format": "pt"}))
     for name in names:
       write_tensor(f, rng, name, shapes[name])
-  return offset
+  return sum(2 * int(np.prod(shapes[n])) for n in names)
 
 
 def make_checkpoint(config_path: str, out: str, *, shard_gb: float = 5.0, seed: int = 0) -> str:

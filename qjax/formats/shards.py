@@ -157,24 +157,31 @@ def shard_names(entries: Iterable[Entry], max_shard_bytes: int) -> list[list[str
   return shards
 
 
+def safetensors_header(tensors: Iterable[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+  """The opening of a safetensors file whose tensors ``(name, dtype, shape)`` follow it back to back, in that order:
+  the 8-byte length and the JSON header, padded so that the data starts 8-byte aligned (as safetensors writes it)."""
+  header, offset = {"__metadata__": metadata}, 0
+  for name, dtype, shape in tensors:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    header[name] = {
+      "dtype": SAFETENSORS_DTYPES[np.dtype(dtype)],
+      "shape": list(shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
+    offset += nbytes
+  encoded = json.dumps(header, separators=(",", ":")).encode()
+  encoded += b" " * (-len(encoded) % 8)
+  return struct.pack("<Q", len(encoded)) + encoded
+
+
 def write_safetensors(path: str, spill: Spill, names: list[str], metadata: dict[str, str]) -> int:
   """Writes the tensors `names` of `spill` as one safetensors file, in that order; returns their bytes."""
-  header, offset = {}, 0
-  for name in names:
-    e = spill.entries[name]
-    header[name] = {
-      "dtype": SAFETENSORS_DTYPES[e.dtype],
-      "shape": list(e.shape),
-      "data_offsets": [offset, offset + e.nbytes],
-    }
-    offset += e.nbytes
-  encoded = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
-  encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+  entries = [spill.entries[name] for name in names]
   with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(encoded)) + encoded)
+    f.write(safetensors_header(((e.name, e.dtype, e.shape) for e in entries), metadata))
     for name in names:
       spill.copy_to(f, name)
-  return offset
+  return sum(e.nbytes for e in entries)
 
 
 class SafetensorsWriter:
