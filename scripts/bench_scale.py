@@ -179,18 +179,28 @@ quantized block until the end and then built every output tensor in one dict. Fo
 - **the embedding and head** (525M weights each, more than a block): read from safetensors a row block at a time
   straight into their float32 kernel (was: the bf16 tensor, its float32 copy and a transposed copy), encoded into
   llama.cpp's types 16M weights per jitted call, waiting for each (dispatched ahead, every chunk's input stayed
-  alive: 2 GB);
+  alive: 2 GB), into one host array of bytes (a list of chunks and their concatenation held the Q6_K head's 0.43 GB
+  twice: 4.18 to 3.94 GB);
 - **the error report** (`TensorLog`) dequantized a whole llama.cpp tensor to compare it: for the Q4_K_M head, 2 GB
   beside the float head and the difference (8.1 GB peak); now a block of rows at a time (4.4 GB);
-- **GPTQ's sweep** is what is left at the top for GPTQ: the Hessian inverse of the 14336-wide down_proj input holds
-  about three 0.8 GB (in, in) float32 buffers inside XLA's Cholesky and triangular solve, beside the Hessians and
-  the block. Its dampening retry loop carried the inverse too, 2.4 more buffers that XLA allocates whether the loop
-  runs or not (9.5 GB peak); now the loop carries a flag and factors again only when the first dampening failed
-  (7.1 GB). An in-place factorisation, or the Hessians in bfloat16, would take it under 5 GB; not done yet.
+- **GPTQ's Hessian inverse** of the 14336-wide down_proj input (0.82 GB per (in, in) float32 buffer): its dampening
+  retry loop carried the inverse, 2.4 buffers that XLA allocates whether the loop runs or not (9.5 GB peak); then
+  the loop carried a flag but the first try was kept beside the retry branch, and the dead-input, permutation and
+  reversal steps each made a copy of H (7.1 GB). Now one fusion makes the one copy the Cholesky needs, the loop
+  factors again once it knows the dampening, the factorisation and the sweep are two programs (their temporaries no
+  longer add up), and the device copy of the runner's Hessian is donated, so the factor is written over it;
+- **the float block** was kept beside its rounded copy until the block was done (0.6 GB of float weights already
+  replaced by the time down_proj's turn came); it is kept only when the next passes read float inputs.
+
+GPTQ's peak is now the sweep of down_proj (5.5 to 5.8 GB for about a minute per block): the runner's host copy of
+that Hessian, the factor, the sweep's own buffers (0.65 GB) and the block, above RTN's level. Under 4 GB would need
+the runner to let go of the host Hessian once handed over, and the block held in bfloat16; not done yet.
 
 The resident memory also counts about 1 GB that the process keeps after its first block (JAX's runtime and
 compiled programs, and freed memory the allocators keep), which is why RTN's peak is above the head's 2 GB. RTN
-stays under 4 GB; Q4_K_M's peak is the head's float32 kernel beside the llama.cpp encoder's working chunks."""
+and Q4_K_M stay under 4 GB; Q4_K_M's peak is the head's float32 kernel (2.1 GB) beside its encoded bytes and the
+encoder's working chunks; holding the head in its checkpoint's bfloat16 until each chunk is encoded would take 1 GB
+off (not done yet)."""
 
 
 def markdown(results: dict) -> str:
@@ -225,8 +235,11 @@ def markdown(results: dict) -> str:
               f"({g['nsamples'] * g['seqlen']} tokens): its time is the sweep, not the calibration."]  # fmt: skip
   if now:
     lines += ["", "Peak RSS is of the code as it is now, measured again on a checkpoint of 2 blocks of the same shapes "
-              "(the same peak, not the same time: `--peak_only`); in parentheses, the whole run's, before the last "
-              "fixes below (GPTQ's retry loop, the error report in row blocks)."]  # fmt: skip
+              "(the same peak, not the same time: `--peak_only`); in parentheses, and the wall times, the whole "
+              "run's, before the last fixes below (GPTQ's factorisation, the float block, the error report and the "
+              "encoder's output in row blocks). GPTQ now factors each Hessian a second time once the dampening is "
+              "known: 4.2 s for down_proj's (the whole GPTQ of that matrix alone, 29 s before), about +7% on the "
+              "whole run."]  # fmt: skip
   lines += ["", *HELD.splitlines()]
   if "llama_cpp" in results:
     c = results["llama_cpp"]
@@ -273,6 +286,7 @@ def main(argv):
     r = measure([qjax, "quantize", *argv], os.path.join(_SCRATCH.value, f"{run}.log"))
     if _PEAK_ONLY.value:
       results["runs"][run]["peak_rss_bytes_current_code"] = r["peak_rss_bytes"]
+      results["runs"][run]["rss_timeline_current_code"] = r["rss_timeline"]
       print(f"  peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
     else:
       record(results, run, r, argv, out)

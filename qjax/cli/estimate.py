@@ -272,10 +272,11 @@ class Memory(NamedTuple):
 
 
 GPTQ_INVERSE_BUFFERS = 3.0
-"""(in, in) float32 buffers GPTQ's sweep holds at once beside the Hessian, for the widest linear input: the
-dampened copy, its Cholesky factor, the triangular solve's identity and result (XLA allocates them together).
-Measured: 7.09 GB peak for GPTQ on Llama-3.1-8B's shapes (scripts/bench_scale.py --peak_only), its 14336-wide
-down_proj input the widest."""
+"""(in, in) float32 buffers GPTQ holds at its peak beyond the block's statistics, for the widest linear input: the
+device copy of the Hessian that the factor overwrites, the factorisation's or the sweep's temporaries, and what the
+allocators keep of them. Fitted: 5.84 GB peak for GPTQ on Llama-3.1-8B's shapes (scripts/bench_scale.py
+--peak_only), its 14336-wide down_proj input the widest; `memory` counts the block twice and every Hessian of the
+block, so this errs on the safe side (+15%)."""
 
 
 def memory(

@@ -433,7 +433,10 @@ def _check(s: Settings, target: Target, spec: QSpec, config: LlamaConfig, *, nam
     raise ValueError(f"--per_tensor with --export={target}: that format has no one-scale-per-matrix form; export "
                      "to a qjax directory or --export=compressed-tensors.")  # fmt: skip
   if target.is_gguf:  # what llama.cpp cannot be told about the model is refused now, not after quantizing it
-    model_metadata(config, file_type=target.gguf_type, name="")
+    try:
+      model_metadata(config, file_type=target.gguf_type, name="")
+    except NotImplementedError as e:
+      raise NotImplementedError(f"--export={target}: {e}") from None
   if target.is_hf:
     check_spec(target, spec, act_order=act_order)
     check_group_size(target, s.group_size, config, partial_groups=s.partial_groups)

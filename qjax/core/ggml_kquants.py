@@ -377,7 +377,8 @@ def encode(
       ``x^2`` of the layer's inputs).
 
   Returns:
-    (n, k / block_size * type_size) uint8: one row of blocks per input row, as stored in a GGUF file.
+    (n, k / block_size * type_size) uint8: one row of blocks per input row, as stored in a GGUF file; a numpy
+    array for numpy `rows`, else a jax array.
 
   Raises:
     ValueError: for an unknown type, a row length that is not whole blocks, an `imatrix` of the wrong shape, or
@@ -408,6 +409,13 @@ def encode(
       raise ValueError(f"`encode` expected imatrix of shape {rows.shape[1:]}, got {imatrix.shape=}.")
     _check_finite("imatrix", imatrix)
   step = max(1, ROW_CHUNK_ELEMENTS // rows.shape[1])
+  if isinstance(rows, np.ndarray):
+    # Host rows give host bytes, filled in a chunk at a time: a list of device chunks and their concatenation would
+    # hold the result twice (0.4 GB each for a Q6_K head of Llama 3's vocabulary).
+    out = np.empty((rows.shape[0], rows.shape[1] // info.block_size * info.type_size), np.uint8)
+    for i in range(0, rows.shape[0], step):
+      out[i : i + step] = _encode(jnp.asarray(rows[i : i + step], jnp.float32), imatrix, type_name=type_name)
+    return out
   chunks = []
   for i in range(0, rows.shape[0], step):
     chunk = _encode(jnp.asarray(rows[i : i + step], jnp.float32), imatrix, type_name=type_name)

@@ -274,10 +274,15 @@ def _moe_metadata(config: LlamaConfig, arch: str) -> list[KeyValue]:
     NotImplementedError: for what llama.cpp's graphs cannot run: dense layers between sparse ones, or the chosen
       probabilities left unnormalised (its llama and qwen3moe graphs renormalise them).
   """
-  if config.dense_layers or not config.norm_topk_prob:
+  if config.dense_layers:
     raise NotImplementedError(
-      f"llama.cpp's {arch} runs every layer sparse with the top-k probabilities renormalised; a model with dense "
-      f"layers {list(config.dense_layers)} or norm_topk_prob={config.norm_topk_prob} cannot be written to GGUF."
+      f"llama.cpp's {arch} runs every layer sparse; layers {list(config.dense_layers)} of this model are dense "
+      "(mlp_only_layers, decoder_sparse_step), so it cannot be written to GGUF."
+    )
+  if not config.norm_topk_prob:
+    raise NotImplementedError(
+      f"llama.cpp's {arch} renormalises the top-k routing probabilities; this model leaves them unnormalised "
+      "(norm_topk_prob=False), so it cannot be written to GGUF."
     )
   u32 = gguf.GGUFValueType.UINT32
   entries = [
@@ -472,6 +477,8 @@ def write_gguf(
     InputError: if `path` exists and may not be replaced.
     ValueError: for leaves with no GGUF name or no GGUF type.
   """
+  # First: what llama.cpp cannot be told about the model is refused before any tensor is encoded.
+  metadata = model_metadata(config, file_type=file_type or float_type, name=name, description=description)
   check_file_output(path, overwrite=overwrite, is_ours=written_by_qjax)
   with atomic_file(path) as tmp:
     spill = Spill(tmp + ".spill")
@@ -483,7 +490,6 @@ def write_gguf(
         del tensor, data
       writer = gguf.GGUFWriter(tmp, GGUF_ARCH[config.architecture])
       try:
-        metadata = model_metadata(config, file_type=file_type or float_type, name=name, description=description)
         for entry in metadata + tokenizer_entries:
           writer.add_key_value(entry.key, entry.value, entry.type, entry.sub_type)
         for e in spill.entries.values():

@@ -6,9 +6,9 @@ not-yet-quantized channels to cancel the output error that channel's rounding ca
 ``H⁻¹``, and are applied lazily: inside a block of `block_size` channels one at a time,
 to the rest of the matrix once per block as a single matmul.
 
-The core (`gptq_core`) is one jitted function whose loops are `jax.lax` loops, so its
-trace does not grow with ``in_features``; `gptq_quantize` wraps it and raises when the
-Hessian could not be inverted. Codes are chosen on the spec's rounding grid through the
+The core (`gptq_core`) is two jitted programs, the factorisation of ``H`` and the sweep, whose
+loops are `jax.lax` loops, so their traces do not grow with ``in_features``; `gptq_quantize`
+wraps it and raises when the Hessian could not be inverted. Codes are chosen on the spec's rounding grid through the
 `qjax.core.grid.Grid` protocol alone (``fit`` when the sweep enters a group, ``round`` per
 column), so GPTQ rounds into any grid: affine, a llama.cpp block type, a codebook.
 """
@@ -113,53 +113,58 @@ def _check_args(w, h, spec: QSpec) -> None:
     raise ValueError(f"`gptq_quantize` expected an (in, in) Hessian for w (in, out), got {h.shape=} and {w.shape=}.")
 
 
-def hessian_inverse(h: Float[Array, "in in"], *, damp: float) -> tuple[Float[Array, "in in"], Array, Bool[Array, ""]]:
+def hessian_inverse(
+  h: Float[Array, "in in"], *, damp: float, order: Int[Array, " in"] | None = None
+) -> tuple[Float[Array, "in in"], Array, Bool[Array, ""]]:
   """Upper Cholesky factor of the dampened inverse Hessian, raising the dampening until it exists.
 
-  Computes ``U = chol((h + λ·mean(diag h)·I)⁻¹)`` (upper, ``UᵀU = (…)⁻¹``) for
-  ``λ = damp, damp + DAMP_STEP, …`` up to ``MAX_DAMP`` until ``U`` is finite; a failed
-  Cholesky in JAX yields NaN rather than raising. The reference factors twice
-  (``cholesky_inverse(chol(H))``, then an upper Cholesky of that inverse); with the
-  reversal ``J``, ``JHJ = MMᵀ`` gives ``H = (JMJ)(JMJ)ᵀ`` with ``JMJ`` upper, so
-  ``U = (JMJ)⁻¹ = J M⁻¹ J`` by uniqueness of the factor: one factorisation, one
-  triangular solve, and no explicit inverse.
+  Computes ``U = chol((P h Pᵀ + λ·mean(diag h)·I)⁻¹)`` (upper, ``UᵀU = (…)⁻¹``) for the permutation ``P`` that
+  puts the inputs in `order`, and ``λ = damp, damp + DAMP_STEP, …`` up to ``MAX_DAMP`` until ``U`` is finite
+  (a failed Cholesky in JAX yields NaN rather than raising). Dead inputs (``h[i, i] == 0``) count as
+  ``h[i, i] = 1``. The reference factors twice (``cholesky_inverse(chol(H))``, then an upper Cholesky of that
+  inverse); with the reversal ``J``, ``JHJ = MMᵀ`` gives ``H = (JMJ)(JMJ)ᵀ`` with ``JMJ`` upper, so
+  ``U = (JMJ)⁻¹ = J M⁻¹ J`` by uniqueness of the factor: one factorisation, one triangular solve, and no
+  explicit inverse.
 
   Args:
-    h: (in, in) float32 symmetric Hessian, dead inputs already set to ``h[i, i] = 1``.
+    h: (in, in) float32 symmetric Hessian.
     damp: first relative dampening λ.
+    order: optional (in,) int permutation of the inputs (GPTQ's sweep order); default as they are.
 
   Returns:
-    u: (in, in) float32 upper triangular (exact zeros below the diagonal).
+    u: (in, in) float32 upper triangular (exact zeros below the diagonal), in `order`.
     damp: () float32, the λ of `u`.
     ok: () bool, whether `u` is finite.
   """
   n = h.shape[0]
-  mean = jnp.mean(jnp.diagonal(h))
+  dead = jnp.diagonal(h) == 0.0
+  mean = jnp.mean(jnp.diagonal(h) + dead)
   tries = math.ceil((MAX_DAMP - damp) / DAMP_STEP)
   diagonal = jnp.arange(n)
+  # Each (in, in) buffer here is 0.8 GB for a 14336-wide input, so there are two beside `h`: one copy of `h`, made
+  # by a single fusion (symmetrised, dead inputs set, permuted and reversed; `cholesky` would symmetrise again),
+  # and the factor (then the solve's result). The retry loop carries only its flag and factors again once it knows
+  # the dampening: carrying the factor, or keeping the first try beside a retry branch, takes one or two more.
+  reverse = diagonal[::-1] if order is None else order[::-1]
+  base = (h + h.T) / 2 + jnp.where(diagonal[:, None] == diagonal[None, :], dead[None, :].astype(h.dtype), 0.0)
+  reversed_h = base[::-1, ::-1] if order is None else base[reverse][:, reverse]
 
-  # Every (in, in) temporary here is 0.8 GB for a 14336-wide input: the dampening is added on the diagonal alone,
-  # the solve's lower-triangular result is already exact zeros above its diagonal (no masking copy), and the retry
-  # loop carries only its flag (XLA allocates a loop's buffers whether it runs or not; carrying U took 2.4 more).
-  def attempt(k):
+  def factor(k):
     lam = damp + k.astype(jnp.float32) * DAMP_STEP
-    lower = jnp.linalg.cholesky(h.at[diagonal, diagonal].add(lam * mean)[::-1, ::-1])
-    u = jax.scipy.linalg.solve_triangular(lower, jnp.eye(n, dtype=h.dtype), lower=True)[::-1, ::-1]
-    return u, lam, jnp.all(jnp.isfinite(u))
+    return lam, jax.lax.linalg.cholesky(reversed_h.at[diagonal, diagonal].add(lam * mean), symmetrize_input=False)
 
-  def retry(_):  # the first dampening failed: find the first that works, then factor with it
-    def cond(state):
-      k, ok = state
-      return ~ok & (k < tries)
+  def cond(state):
+    k, ok = state
+    return ~ok & (k < tries)
 
-    def body(state):
-      return state[0] + 1, attempt(state[0] + 1)[2]
+  def body(state):
+    k = state[0] + 1
+    return k, jnp.all(jnp.isfinite(factor(k)[1]))
 
-    k, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.bool_(False)))
-    return attempt(k)
-
-  first = attempt(jnp.int32(0))
-  return jax.lax.cond(first[2], lambda _: first, retry, None)
+  k, _ = jax.lax.while_loop(cond, body, (jnp.int32(-1), jnp.bool_(False)))
+  lam, lower = factor(k)
+  u = jax.lax.linalg.triangular_solve(lower, jnp.eye(n, dtype=h.dtype), left_side=True, lower=True)[::-1, ::-1]
+  return u, lam, jnp.all(jnp.isfinite(u))
 
 
 def _round_column(
@@ -290,36 +295,54 @@ def group_aware_order(diag: Float[Array, " n"], group: int) -> Int[Array, " n"]:
   return order
 
 
-def _gptq_arrays(w, h, *, spec: QSpec, config: GptqConfig):
-  """GPTQ on (in, out) `w`; returns (in, out) uint8 codes, params, perm or None, `GptqInfo`."""
+class _Factored(NamedTuple):
+  """What GPTQ's sweep needs of the Hessian (all it needs: ``h`` itself can go before the sweep)."""
+
+  u: Array  # (in, in) upper Cholesky factor of the dampened H⁻¹, in sweep order
+  damp: Array  # () the dampening of `u`
+  ok: Array  # () whether `u` is finite
+  importance: Array  # (in,) H_ii, dead inputs 1, in the original order
+  order: Array  # (in,) the sweep order
+  dead: Array  # (in,) bool, H_ii == 0
+
+
+def _factor(h, *, spec: QSpec, config: GptqConfig) -> _Factored:
+  """The sweep order of (in, in) `h` (`config`'s act_order or group-aware order) and `hessian_inverse` in it."""
+  n = h.shape[0]
+  h = h.astype(jnp.float32)
+  dead = jnp.diagonal(h) == 0.0  # (`hessian_inverse` counts them as h[i, i] = 1)
+  # A grid that weighs its fit (llama.cpp's block searches) weighs each input by H_ii, the mean x² of its
+  # calibration inputs: llama.cpp's importance matrix of the same data.
+  importance = jnp.diagonal(h) + dead
+  dynamic = spec.group_size != -1 and not config.static_groups
+  if config.group_aware and dynamic:
+    order = group_aware_order(importance, spec.group_length(n))
+  elif config.act_order:
+    order = jnp.argsort(-importance, stable=True)
+  else:
+    order = None
+  u, lam, ok = hessian_inverse(h, damp=config.damp, order=order)
+  return _Factored(u, lam, ok, importance, jnp.arange(n) if order is None else order, dead)
+
+
+def _round(w, f: _Factored, *, spec: QSpec, config: GptqConfig):
+  """GPTQ's sweep of (in, out) `w` with a factored Hessian; returns (in, out) uint8 codes, params, perm or None,
+  `GptqInfo`."""
   act_order, group_aware, static_groups = config.act_order, config.group_aware, config.static_groups
   grid = clipped_grid(spec, config.clip)
   n = w.shape[0]
   group, groups = spec.group_length(n), spec.num_groups(n)
-  w, h = w.astype(jnp.float32), h.astype(jnp.float32)
-  dead = jnp.diagonal(h) == 0.0
-  h = h.at[jnp.arange(n), jnp.arange(n)].add(dead.astype(jnp.float32))
-  w = jnp.where(dead[:, None], 0.0, w)
+  u, order, importance = f.u, f.order, f.importance
+  w = jnp.where(f.dead[:, None], 0.0, w.astype(jnp.float32))
   dynamic = spec.group_size != -1 and not static_groups
   # Static groups (and the single per-channel group) take their grid from the weights
   # before any update, in the original channel order.
-  # A grid that weighs its fit (llama.cpp's block searches) weighs each input by H_ii, the mean x² of its
-  # calibration inputs: llama.cpp's importance matrix of the same data.
-  importance = jnp.diagonal(h)
   if dynamic:
     params = empty_params(grid, w, groups, group)
   else:
     params = grid.fit(group_view(w, spec), group_view(importance[:, None], spec)[..., 0])
-  if group_aware and dynamic:
-    order = group_aware_order(jnp.diagonal(h), group)
-  elif act_order:
-    order = jnp.argsort(-jnp.diagonal(h), stable=True)
-  else:
-    order = jnp.arange(n)
-  if (group_aware and dynamic) or act_order:  # (in the given order, no copies of H)
-    w, h = w[order], h[order][:, order]
-  u, lam, ok = hessian_inverse(h, damp=config.damp)
-  del h
+  if (group_aware and dynamic) or act_order:
+    w = w[order]
 
   block = min(config.block_size, n)
   # Whole blocks, and whole groups: a shorter last group (`spec.partial_groups`) reads zero rows.
@@ -342,8 +365,13 @@ def _gptq_arrays(w, h, *, spec: QSpec, config: GptqConfig):
     # The sweep met whole groups in a new order; put their grids back in group order.
     group_order = order[::group][:groups] // group
     params = jax.tree.map(lambda a: a[jnp.argsort(group_order)], params)
-  info = GptqInfo(damp=lam, loss=loss, ok=ok, dead=jnp.sum(dead, dtype=jnp.int32))
+  info = GptqInfo(damp=f.damp, loss=loss, ok=f.ok, dead=jnp.sum(f.dead, dtype=jnp.int32))
   return codes, params, order if keep_perm else None, info
+
+
+def _gptq_arrays(w, h, *, spec: QSpec, config: GptqConfig):
+  """`_factor` then `_round`, in one program (each shard of a split sweep factors the replicated Hessian)."""
+  return _round(w, _factor(h, spec=spec, config=config), spec=spec, config=config)
 
 
 def _mesh_axes(mesh: Mesh, mesh_axis: str | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -355,7 +383,7 @@ def _mesh_axes(mesh: Mesh, mesh_axis: str | tuple[str, ...] | None) -> tuple[str
 
 
 def _sharded_arrays(w, h, *, mesh, mesh_axis, spec: QSpec, config: GptqConfig):
-  """`_gptq_arrays` with the output channels split over `mesh_axis`; H is replicated, and so are the results
+  """GPTQ with the output channels split over `mesh_axis`; H is replicated, and so are the results
   (gathered in the program, so that every process can read them, also under ``jax.distributed``)."""
   axes = _mesh_axes(mesh, mesh_axis)
   shards = math.prod(mesh.shape[a] for a in axes)
@@ -383,7 +411,45 @@ def _sharded_arrays(w, h, *, mesh, mesh_axis, spec: QSpec, config: GptqConfig):
   return jax.shard_map(shard, mesh=mesh, in_specs=(split, P()), out_specs=out_specs)(w, h)
 
 
+def _as_qarray(codes, params, perm, w, spec: QSpec) -> QArray:
+  if spec.is_ggml:  # the codes and scales become llama.cpp's block bytes
+    blocks = spec.rounding_grid.pack(group_view(codes, spec), params)
+    return QArray(blocks, None, None, None, spec, tuple(w.shape), np.dtype(w.dtype))
+  return from_codes(codes, params, spec, perm=perm, dtype=w.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "config", "mesh", "mesh_axis"))
+def _sharded_core(w, h, *, spec, config, mesh, mesh_axis):
+  codes, params, perm, info = _sharded_arrays(w, h, mesh=mesh, mesh_axis=mesh_axis, spec=spec, config=config)
+  return _as_qarray(codes, params, perm, w, spec), info
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "config"))
+def _round_core(w, factored, *, spec, config):
+  codes, params, perm, info = _round(w, factored, spec=spec, config=config)
+  return _as_qarray(codes, params, perm, w, spec), info
+
+
+_factor_jit = jax.jit(_factor, static_argnames=("spec", "config"))
+# The factor `u` has the Hessian's shape and dtype, so XLA writes it over a donated Hessian.
+_factor_over_h = jax.jit(_factor, static_argnames=("spec", "config"), donate_argnums=0)
+
+
+def _gptq(w, h, *, spec, config, mesh, mesh_axis, donate: bool) -> tuple[QArray, GptqInfo]:
+  _check_args(w, h, spec)
+  if spec.is_ggml and _keeps_perm(spec, act_order=config.act_order, static_groups=config.static_groups):
+    raise ValueError(
+      f"`gptq_quantize` into ggml {spec.layout} blocks expected an order that keeps each block's columns together "
+      "(a GGUF file has no g_idx), got act_order; use group_aware, or act_order with static_groups."
+    )
+  if mesh is not None:
+    return _sharded_core(w, h, spec=spec, config=config, mesh=mesh, mesh_axis=mesh_axis)
+  # Two programs: the factorisation's (in, in) temporaries (0.8 GB each for a 14336-wide input) are gone before
+  # the sweep's, and, when `h` is donated, the factor takes its place instead of sitting beside it.
+  factored = (_factor_over_h if donate else _factor_jit)(h, spec=spec, config=config)
+  return _round_core(w, factored, spec=spec, config=config)
+
+
 def gptq_core(
   w: Float[Array, "in out"],
   h: Float[Array, "in in"],
@@ -393,21 +459,8 @@ def gptq_core(
   mesh: Mesh | None = None,
   mesh_axis: str | tuple[str, ...] | None = None,
 ) -> tuple[QArray, GptqInfo]:
-  """Jitted GPTQ; like `gptq_quantize` but returns ``info.ok`` instead of raising (usable under jit)."""
-  _check_args(w, h, spec)
-  if spec.is_ggml and _keeps_perm(spec, act_order=config.act_order, static_groups=config.static_groups):
-    raise ValueError(
-      f"`gptq_quantize` into ggml {spec.layout} blocks expected an order that keeps each block's columns together "
-      "(a GGUF file has no g_idx), got act_order; use group_aware, or act_order with static_groups."
-    )
-  if mesh is None:
-    codes, params, perm, info = _gptq_arrays(w, h, spec=spec, config=config)
-  else:
-    codes, params, perm, info = _sharded_arrays(w, h, mesh=mesh, mesh_axis=mesh_axis, spec=spec, config=config)
-  if spec.is_ggml:  # the codes and scales become llama.cpp's block bytes
-    blocks = spec.rounding_grid.pack(group_view(codes, spec), params)
-    return QArray(blocks, None, None, None, spec, tuple(w.shape), np.dtype(w.dtype)), info
-  return from_codes(codes, params, spec, perm=perm, dtype=w.dtype), info
+  """GPTQ as jitted programs; like `gptq_quantize` but returns ``info.ok`` instead of raising (usable under jit)."""
+  return _gptq(w, h, spec=spec, config=config, mesh=mesh, mesh_axis=mesh_axis, donate=False)
 
 
 def gptq_quantize(
@@ -480,7 +533,10 @@ def gptq_quantize(
     ((2, 8), True, 0.01)
   """
   spec = spec.for_tensor(jnp.max(jnp.abs(jnp.asarray(w)))) if spec.needs_tensor_fit else spec
-  q, info = gptq_core(w, h, spec=spec, config=config, mesh=mesh, mesh_axis=mesh_axis)
+  donate = mesh is None and isinstance(h, np.ndarray)
+  if donate:  # a device copy of our own, which the factorisation may overwrite
+    h = jnp.array(h, jnp.float32, copy=True)
+  q, info = _gptq(w, h, spec=spec, config=config, mesh=mesh, mesh_axis=mesh_axis, donate=donate)
   try:
     ok = bool(info.ok)
   except jax.errors.ConcretizationTypeError as e:

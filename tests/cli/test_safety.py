@@ -20,7 +20,7 @@ from qjax.core import InputError
 from qjax.formats import convert_model, parse_target
 from qjax.formats.output import MARKER, TMP_PREFIX, atomic_directory
 from qjax.models import LlamaBlocks, SafetensorsCheckpoint
-from tests.model_factory import random_windows, write_random_llama
+from tests.model_factory import random_windows, write_random_llama, write_random_moe
 
 
 def _settings(model_dir, out, **kw):
@@ -236,3 +236,28 @@ def test_a_ctrl_c_python_would_drop_is_delivered_again(monkeypatch):
   assert sent == [(os.getpid(), signal.SIGINT)]
   with pytest.raises(KeyboardInterrupt):
     on_sigint(signal.SIGINT, types.SimpleNamespace(f_code=types.SimpleNamespace(co_name="run")))
+
+
+@pytest.mark.parametrize(
+  "config, reason",
+  [
+    (dict(mlp_only_layers=[1]), r"layers \[1\] of this model are dense \(mlp_only_layers"),
+    (dict(decoder_sparse_step=2), r"layers \[0, 2\] of this model are dense \(mlp_only_layers, decoder_sparse_step\)"),
+    (dict(norm_topk_prob=False), r"renormalises .*\(norm_topk_prob=False\)"),
+  ],
+  ids=["mlp_only_layers", "decoder_sparse_step", "norm_topk_prob"],
+)  # fmt: skip
+def test_a_moe_llama_cpp_cannot_run_is_refused_before_any_work(tmp_path, monkeypatch, config, reason):
+  """A Qwen3-MoE with a dense layer between sparse ones, or its top-k routing probabilities left unnormalised, has no
+  GGUF form llama.cpp runs: --export=gguf:… is refused with the reason before calibrating, and writes nothing."""
+  model = write_random_moe(str(tmp_path / "model"), family="Qwen3Moe", layers=3, hidden=64, intermediate=128,
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                           **{"norm_topk_prob": True, **config})  # fmt: skip
+  for step in ("allocate", "quantize_with", "export"):  # calibration, quantization, writing
+    monkeypatch.setattr(
+      f"qjax.cli.quantize.{step}", lambda *a, step=step, **k: pytest.fail(f"{step} ran before the refusal")
+    )
+  out = str(tmp_path / "q")
+  with pytest.raises(NotImplementedError, match=rf"^--export=gguf:Q4_K_M: .*{reason}.*cannot be written to GGUF"):
+    run(_settings(model, out, method="gptq", export="gguf:Q4_K_M"), show_progress=False)
+  assert not os.path.exists(out) and not os.path.exists(out + ".checkpoint")

@@ -133,7 +133,7 @@ def test_a_replaced_spec_derives_its_grid_again():
 
 
 @pytest.mark.parametrize("type_name", list(ggml.BLOCK_TYPES))
-def test_gptq_into_a_block_grid_writes_the_values_it_chose(type_name, monkeypatch):
+def test_gptq_into_a_block_grid_writes_the_values_it_chose(type_name):
   """GPTQ's codes and refitted scales, packed into llama.cpp's blocks, decode (gguf-py's numpy dequantizer and
   llama.cpp's own) to exactly the values GPTQ's sweep rounded to, and beat llama.cpp's rounding on H."""
   import gguf
@@ -147,13 +147,10 @@ def test_gptq_into_a_block_grid_writes_the_values_it_chose(type_name, monkeypatc
   w = rng.standard_t(5, size=(512, 16)).astype(np.float32)
   h = x.T @ x / len(x)
   spec, config = QSpec.ggml(type_name), GptqConfig(group_aware=True)
-  # One sweep: gptq_quantize's own body, with the sweep's codes and scales caught before they are packed.
-  sweep, caught = gptq_module._gptq_arrays, {}
-  monkeypatch.setattr(gptq_module, "_gptq_arrays", lambda *a, **k: caught.setdefault("out", sweep(*a, **k)))
 
-  def traced(w, h):
-    q, info = gptq_module.gptq_core.__wrapped__(w, h, spec=spec, config=config)
-    return q, info, caught["out"][:2]
+  def traced(w, h):  # gptq_quantize's own steps, with the sweep's codes and scales kept from before their packing
+    codes, params, perm, info = gptq_module._gptq_arrays(w, h, spec=spec, config=config)
+    return gptq_module._as_qarray(codes, params, perm, w, spec), info, (codes, params)
 
   q, info, (codes, params) = jax.jit(traced)(jnp.asarray(w), jnp.asarray(h))
   chosen = spec.rounding_grid.dequantize(group_view(codes, spec), params, jnp.arange(spec.group_size))

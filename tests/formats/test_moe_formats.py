@@ -53,6 +53,33 @@ def test_moe_gguf_runs_in_llama_cpp_and_recipes_are_llama_quantizes(family, tmp_
     assert quantized["blk.1.attn_output.weight"] == "Q5_K"
 
 
+@pytest.fixture(scope="module")
+def mixtral_f32(tmp_path_factory):
+  """A 2-layer 8-expert Mixtral whose rows are whole 256-blocks (so recipes keep their k-quants), and its F32 file."""
+  arch, kwargs = MODELS["mixtral"]
+  model = write_random_moe(str(tmp_path_factory.mktemp("mixtral")), layers=2, hidden=256, intermediate=256, heads=4,
+                           kv_heads=2, **kwargs)  # fmt: skip
+  return model, export_f32(model, str(tmp_path_factory.mktemp("mixtral_f32")), arch)[0]
+
+
+# recipe -> (attn_output, blk.0.ffn_down_exps) as llama.cpp types them in an 8-expert model: attn_v and attn_k are
+# Q8_0 in every recipe; attn_output is Q5_K in the low-bit mixtures (Q2_K, Q3_K_S/M, Q4_K_S/M, IQ4_*) but keeps the
+# default in the others (Q3_K_L's Q3_K, where a dense model gets Q5_K); expert ffn_down takes the dense ffn_down rules.
+# Q4_K_M: test_moe_gguf_runs_in_llama_cpp_and_recipes_are_llama_quantizes.
+EIGHT_EXPERT_TYPES = {"Q2_K": ("Q5_K", "Q3_K"), "Q3_K_L": ("Q3_K", "Q5_K"), "Q4_0": ("Q4_0", "Q4_0")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(EIGHT_EXPERT_TYPES))
+def test_moe_recipes_beyond_q4_k_m_are_llama_quantizes(recipe, mixtral_f32, tmp_path):
+  model, f32 = mixtral_f32
+  ours = assert_recipe_is_llama_quantizes(model, f32, tmp_path, recipe=recipe)
+  quantized = {t.name: t.tensor_type.name for t in GgufCheckpoint(ours)._reader.tensors}
+  assert quantized["blk.0.attn_v.weight"] == quantized["blk.0.attn_k.weight"] == "Q8_0"
+  assert (quantized["blk.0.attn_output.weight"], quantized["blk.0.ffn_down_exps.weight"]) == EIGHT_EXPERT_TYPES[recipe]
+  assert quantized["blk.0.ffn_gate_inp.weight"] == "F32"
+
+
 GPTQMODEL_LOGITS = """
 import sys, numpy as np, torch, gptqmodel
 model = gptqmodel.GPTQModel.load(sys.argv[1], device="cpu", dtype=torch.float32).model
