@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.model_factory import write_random_llama
+from tests.model_factory import write_random_llama, write_random_moe
 
 PROBE = """
 import resource, sys
@@ -29,12 +29,27 @@ def peak_bytes(model_dir: str) -> int:
   return int(result.stdout.strip().splitlines()[-1])
 
 
+# Per model: how to write it, and the float32 bytes of one of its blocks (the parameters the runner holds).
+MODELS = {
+  "llama": (
+    lambda path, layers: write_random_llama(path, layers=layers, hidden=1024, intermediate=2048, heads=8, kv_heads=2,
+                                            tie=True),
+    4 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2048),  # 34 MB
+  ),
+  # A block's experts stream from the checkpoint like dense weights: 8 experts of 3 (512, 1024) matrices each.
+  "mixtral": (
+    lambda path, layers: write_random_moe(path, family="Mixtral", layers=layers, hidden=512, intermediate=1024,
+                                          heads=8, kv_heads=2, tie=True, num_local_experts=8, num_experts_per_tok=2),
+    4 * (2 * 512 * 512 + 2 * 512 * 128 + 8 * 3 * 512 * 1024 + 8 * 512),  # 52 MB
+  ),
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_peak_memory_grows_by_a_block_not_by_the_model(tmp_path):
-  shape = dict(hidden=1024, intermediate=2048, heads=8, kv_heads=2, tie=True)
-  small = write_random_llama(str(tmp_path / "l4"), layers=4, **shape)
-  large = write_random_llama(str(tmp_path / "l8"), layers=8, **shape)
-  block_bytes = 4 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2048)  # float32 params of one block (34 MB)
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_peak_memory_grows_by_a_block_not_by_the_model(tmp_path, family):
+  write, block_bytes = MODELS[family]
+  small, large = write(str(tmp_path / "l4"), 4), write(str(tmp_path / "l8"), 8)
   grown = peak_bytes(large) - peak_bytes(small)
   # Four more float blocks would add 4 * block_bytes if the model were held whole, and holding the quantized model
   # and its exported tensors about 1.5 * block_bytes (each block a seventh of its float size, twice or thrice);
