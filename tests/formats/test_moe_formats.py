@@ -127,3 +127,21 @@ def test_gptq_export_of_experts_loads_in_gptqmodel(tmp_path):
   ours = np.asarray(logits_fn(back.config, back.params)(jnp.asarray(ids)))
   print(f"Qwen3-MoE GPTQ in GPTQModel: max |Δlogit| {np.abs(ours - theirs).max():.4f} of {np.abs(ours).max():.3f}")
   assert np.abs(ours - theirs).max() < 1e-2 * np.abs(ours).max()
+
+
+def test_gguf_writer_refuses_a_moe_llama_cpp_cannot_run_before_encoding(tmp_path, monkeypatch):
+  """`qjax convert --to=gguf:…` goes through `write_gguf` with an already quantized model: a Qwen3-MoE with a dense
+  layer is refused before any tensor is encoded, and no file is left."""
+  from qjax.formats import gguf as gguf_format
+
+  model = write_random_moe(str(tmp_path / "model"), family="Qwen3Moe", layers=2, hidden=64, intermediate=128,
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
+                           mlp_only_layers=[1])  # fmt: skip
+  checkpoint = open_checkpoint(model)
+  monkeypatch.setattr(gguf_format, "_encoded", lambda *a, **k: pytest.fail("a tensor was encoded before the refusal"))
+  out = str(tmp_path / "model.gguf")
+  with pytest.raises(NotImplementedError, match=r"layers \[1\] of this model are dense"):
+    gguf_format.write_gguf(out, checkpoint.config, checkpoint.params(), [])
+  assert not any(p.name.startswith("model.gguf") or p.suffix == ".spill" for p in tmp_path.iterdir()), list(
+    tmp_path.iterdir()
+  )
