@@ -138,7 +138,8 @@ def hessian_inverse(
   """
   n = h.shape[0]
   dead = jnp.diagonal(h) == 0.0
-  mean = jnp.mean(jnp.diagonal(h) + dead)
+  # Summed in the sweep order, as the reference does (on its permuted H): the last bit of the dampening moves codes.
+  mean = jnp.mean((jnp.diagonal(h) + dead) if order is None else (jnp.diagonal(h) + dead)[order])
   tries = math.ceil((MAX_DAMP - damp) / DAMP_STEP)
   diagonal = jnp.arange(n)
   # Each (in, in) buffer here is 0.8 GB for a 14336-wide input, so there are two beside `h`: one copy of `h`, made
