@@ -138,17 +138,17 @@ def hessian_inverse(
   """
   n = h.shape[0]
   dead = jnp.diagonal(h) == 0.0
+  diag = jnp.diagonal(h) + dead
   # Summed in the sweep order, as the reference does (on its permuted H): the last bit of the dampening moves codes.
-  mean = jnp.mean((jnp.diagonal(h) + dead) if order is None else (jnp.diagonal(h) + dead)[order])
+  mean = jnp.mean(diag if order is None else diag[order])
   tries = math.ceil((MAX_DAMP - damp) / DAMP_STEP)
   diagonal = jnp.arange(n)
   # Each (in, in) buffer here is 0.8 GB for a 14336-wide input, so there are two beside `h`: one copy of `h`, made
   # by a single fusion (symmetrised, dead inputs set, permuted and reversed; `cholesky` would symmetrise again),
   # and the factor (then the solve's result). The retry loop carries only its flag and factors again once it knows
   # the dampening: carrying the factor, or keeping the first try beside a retry branch, takes one or two more.
-  reverse = diagonal[::-1] if order is None else order[::-1]
   base = (h + h.T) / 2 + jnp.where(diagonal[:, None] == diagonal[None, :], dead[None, :].astype(h.dtype), 0.0)
-  reversed_h = base[::-1, ::-1] if order is None else base[reverse][:, reverse]
+  reversed_h = base[::-1, ::-1] if order is None else base[order[::-1]][:, order[::-1]]
 
   def factor(k):
     lam = damp + k.astype(jnp.float32) * DAMP_STEP
