@@ -348,14 +348,18 @@ class _BlockRunner:
         _, inputs, outputs = capture_linear_inputs(self.block_fn, p, h, cached=cached, capture=capture)
         return {m: calib_stats.update_states(states[m], inputs[m]) for m in reps}, outputs
 
-      self._jitted[key] = jax.jit(step)
+      # The accumulators are donated: updated in place, a MoE layer's (E, d, d) Hessians are one buffer.
+      self._jitted[key] = jax.jit(step, donate_argnums=3)
     states = {m: calib_stats.init_states(names, *_in_width(params, m)) for m in reps}
     for j, batch in enumerate(batches):
       states, outputs = self._jitted[key](params, batch, cache.batch(j), states)
       cache.add(outputs)
     # On the host: transforms may place them on a mesh of their own (e.g. GPTQ's output-channel split).
-    finals = {rep: to_host(calib_stats.finalize(states[rep])) for rep in reps}
+    finals = {rep: to_host(_finalize(states[rep])) for rep in reps}
     return {m: finals[aliases[m]] for m in modules}
+
+
+_finalize = jax.jit(calib_stats.finalize, donate_argnums=0)  # in place: no second copy of the statistics
 
 
 def _in_width(block: Params, module: str) -> tuple[int, int | None]:

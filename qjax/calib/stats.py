@@ -39,9 +39,10 @@ class Statistic(NamedTuple):
       mean by default).
     neutral: ``d -> value`` that weighs nothing (an identity Hessian, unit importances): what an expert with too
       few tokens to measure gets when its statistics are not pooled (`qjax.calib.experts`).
-    grouped_term: ``rows -> (E, ...)``, what each expert's accumulator gains from `GroupedRows`, when a grouped
-      kernel computes it better than `update` tile by tile (the Hessian's: `qjax.core.grouped.grouped_gram`, which
-      adds each tile's (d, d) product into its expert's slot in place rather than copying the slot out and back).
+    grouped_update: ``(state (E, ...), rows) -> state``, every expert's accumulator updated from `GroupedRows`,
+      when a grouped kernel does it better than `update` tile by tile (the Hessian's:
+      `qjax.core.grouped.grouped_gram`, which adds each tile's (d, d) product into its expert's slot in place
+      rather than copying the slot out and back).
 
   Rows of zeros must leave the state unchanged (grouped rows are padded with them).
   """
@@ -51,7 +52,7 @@ class Statistic(NamedTuple):
   finalize: Callable[[Any, Float[Array, ""]], Any]
   pool: Callable[[Any, Array], Any] = _weighted_mean
   neutral: Callable[[int], Any] = lambda d: jnp.ones((d,), jnp.float32)
-  grouped_term: Callable[[GroupedRows], Any] | None = None
+  grouped_update: Callable[[Any, GroupedRows], Any] | None = None
 
 
 def _mean(term: Callable[[Array], Array], shape: Callable[[int], tuple[int, ...]], **kw) -> Statistic:
@@ -69,7 +70,7 @@ STATISTICS: dict[str, Statistic] = {
     lambda x: jnp.dot(x.T, x, precision=_HIGHEST),
     lambda d: (d, d),
     neutral=lambda d: jnp.eye(d, dtype=jnp.float32),
-    grouped_term=grouped_gram,
+    grouped_update=lambda s, rows: grouped_gram(rows, s),
   ),
   # mean x² per input channel, (d,): llama.cpp's importance matrix.
   "imatrix": _mean(lambda x: jnp.sum(x * x, axis=0), lambda d: (d,)),
@@ -124,8 +125,8 @@ def update_states(states: dict[str, Any], x: Float[Array, "... d"] | GroupedRows
 
 
 def _update_grouped(states: dict[str, Any], rows: GroupedRows) -> dict[str, Any]:
-  grouped = {n: states[n] + STATISTICS[n].grouped_term(rows)
-             for n in states if n not in COUNTS and STATISTICS[n].grouped_term is not None}  # fmt: skip
+  grouped = {n: STATISTICS[n].grouped_update(states[n], rows)
+             for n in states if n not in COUNTS and STATISTICS[n].grouped_update is not None}  # fmt: skip
   names = [n for n in states if n not in COUNTS and n not in grouped]
 
   def tile(acc, args):

@@ -85,7 +85,10 @@ def group_by_expert(
   sorted_experts = flat[order]
   rank = jnp.arange(pairs) - starts[sorted_experts]
   row_of_pair = jnp.zeros((pairs,), jnp.int32).at[order].set((padded_starts[sorted_experts] + rank).astype(jnp.int32))
-  rows = jnp.zeros((num_tiles * tile, x.shape[-1]), x.dtype).at[row_of_pair].set(jnp.repeat(x, k, axis=0))
+  # Gathered, not scattered: one pass writes the rows (a scatter first zeroes them, then writes a repeated copy).
+  pair_of_row = jnp.full((num_tiles * tile,), pairs, jnp.int32).at[row_of_pair].set(jnp.arange(pairs, dtype=jnp.int32))
+  token_of_row = jnp.minimum(pair_of_row // k, n - 1)
+  rows = jnp.where((pair_of_row < pairs)[:, None], x[token_of_row], jnp.zeros((), x.dtype))
   ends = jnp.cumsum(padded)
   tile_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_tiles) * tile, side="right"), num_experts - 1)
   grouped = GroupedRows(rows, tile_expert.astype(jnp.int32), padded, sizes, sizes if routed is None else routed)
@@ -97,25 +100,29 @@ def default_method() -> str:
   return "tiles" if jax.default_backend() == "cpu" else "ragged"
 
 
-def grouped_gram(rows: GroupedRows, *, method: str | None = None) -> Float[Array, "e d d"]:
-  """``G_e = X_eᵀ X_e`` of every expert's rows, float32 at full precision (padding rows add nothing).
+def grouped_gram(rows: GroupedRows, acc: Float[Array, "e d d"] | None = None, *, method: str | None = None
+                 ) -> Float[Array, "e d d"]:  # fmt: skip
+  """``acc_e + X_eᵀ X_e`` for every expert's rows, float32 at full precision (padding rows add nothing).
 
   Args:
     rows: the grouped rows (d wide) of E experts.
+    acc: (E, d, d) float32 Gram matrices the products are added to (default zeros); tile by tile it is updated
+      in place, so a caller that donates it holds one (E, d, d) buffer, not three.
     method: ``"tiles"`` (a scan over tiles, each added into its expert's slot in place) or ``"ragged"``
       (`jax.lax.ragged_dot_general` with the rows as the ragged contracting dimension); default by platform.
   """
   x = rows.x.astype(jnp.float32)
+  if acc is None:
+    acc = jnp.zeros((rows.padded_sizes.shape[0], x.shape[-1], x.shape[-1]), jnp.float32)
   if (method or default_method()) == "ragged":
     dims = jax.lax.RaggedDotDimensionNumbers(
       dot_dimension_numbers=(([1], [0]), ([], [])), lhs_ragged_dimensions=[1], rhs_group_dimensions=[]
     )
     sizes = rows.padded_sizes.at[-1].add(x.shape[0] - jnp.sum(rows.padded_sizes))  # trailing tiles: padding
-    return jax.lax.ragged_dot_general(x.T, x, sizes, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+    return acc + jax.lax.ragged_dot_general(x.T, x, sizes, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
   def tile(acc, args):
     t, e = args
     return acc.at[e].add(jnp.dot(t.T, t, precision=_HIGHEST)), None
 
-  empty = jnp.zeros((rows.padded_sizes.shape[0], x.shape[-1], x.shape[-1]), jnp.float32)
-  return jax.lax.scan(tile, empty, (rows.replace_x(x).tiles(), rows.tile_expert))[0]
+  return jax.lax.scan(tile, acc, (rows.replace_x(x).tiles(), rows.tile_expert))[0]
