@@ -183,22 +183,25 @@ quantized block until the end and then built every output tensor in one dict. Fo
   twice: 4.18 to 3.94 GB);
 - **the error report** (`TensorLog`) dequantized a whole llama.cpp tensor to compare it: for the Q4_K_M head, 2 GB
   beside the float head and the difference (8.1 GB peak); now a block of rows at a time (4.4 GB);
-- **GPTQ's Hessian inverse** of the 14336-wide down_proj input (0.82 GB per (in, in) float32 buffer): its dampening
-  retry loop carried the inverse, 2.4 buffers that XLA allocates whether the loop runs or not (9.5 GB peak); then
-  the loop carried a flag but the first try was kept beside the retry branch, and the dead-input, permutation and
-  reversal steps each made a copy of H (7.1 GB). Now one fusion makes the one copy the Cholesky needs, the loop
-  factors again once it knows the dampening, the factorisation and the sweep are two programs (their temporaries no
-  longer add up), and the device copy of the runner's Hessian is donated, so the factor is written over it;
+- **GPTQ's Hessian inverse** of the 14336-wide down_proj input (0.82 GB per (in, in) float32 buffer, n²): its
+  dampening retry loop carried the inverse, 2.4 buffers that XLA allocates whether the loop runs or not (9.5 GB
+  peak); then the loop carried a flag but the first try was kept beside the retry branch, and the dead-input,
+  permutation and reversal steps each made a copy of H (7.1 GB); then the runner's host copy of the Hessian stayed
+  beside the device copy GPTQ factored, and the factorisation, one program, held 3.5 n² (5.8 GB). Now the runner
+  hands a Hessian that no other linear shares to GPTQ as a device array, which GPTQ donates, and the factorisation
+  is four programs (prepare, one per dampening try, factor, inverse) of at most 2.25 n² each, the Hessian included:
+  the retry loop runs on the host (a while loop kept a copy of its operand) and the (in, in) buffers are laid out
+  column-major on CPU, as LAPACK factors them (from row-major ones XLA copies each first). Bit for bit the same
+  codes; [gptq_memory.md](gptq_memory.md) has each program's buffers (`scripts/bench_gptq_memory.py`);
+- **the calibration windows' embedding**: each window was looked up with the whole float32 table copied to the
+  device (2.1 GB a window, beside the host's); only the rows the windows use go there now;
 - **the float block** was kept beside its rounded copy until the block was done (0.6 GB of float weights already
   replaced by the time down_proj's turn came); it is kept only when the next passes read float inputs.
 
-GPTQ's peak is now the sweep of down_proj (5.5 to 5.8 GB for about a minute per block): the runner's host copy of
-that Hessian, the factor, the sweep's own buffers (0.65 GB) and the block, above RTN's level. Under 4 GB would need
-the runner to let go of the host Hessian once handed over, and the block held in bfloat16; not done yet.
-
+GPTQ's blocks now peak at 3.56 GB (down_proj's factorisation), and its run's peak is the head's export, as RTN's.
 The resident memory also counts about 1 GB that the process keeps after its first block (JAX's runtime and
-compiled programs, and freed memory the allocators keep), which is why RTN's peak is above the head's 2 GB. RTN
-and Q4_K_M stay under 4 GB; Q4_K_M's peak is the head's float32 kernel (2.1 GB) beside its encoded bytes and the
+compiled programs, and freed memory the allocators keep), which is why RTN's peak is above the head's 2 GB. All
+three stay under 4 GB; Q4_K_M's peak is the head's float32 kernel (2.1 GB) beside its encoded bytes and the
 encoder's working chunks; holding the head in its checkpoint's bfloat16 until each chunk is encoded would take 1 GB
 off (not done yet)."""
 
@@ -236,10 +239,11 @@ def markdown(results: dict) -> str:
   if now:
     lines += ["", "Peak RSS is of the code as it is now, measured again on a checkpoint of 2 blocks of the same shapes "
               "(the same peak, not the same time: `--peak_only`); in parentheses, and the wall times, the whole "
-              "run's, before the last fixes below (GPTQ's factorisation, the float block, the error report and the "
-              "encoder's output in row blocks). GPTQ now factors each Hessian a second time once the dampening is "
-              "known: 4.2 s for down_proj's (the whole GPTQ of that matrix alone, 29 s before), about +7% on the "
-              "whole run."]  # fmt: skip
+              "run's, before the last fixes below (GPTQ's factorisation and Hessian, the calibration embedding, the "
+              "float block, the error report and the encoder's output in row blocks). GPTQ now factors each Hessian "
+              "a second time once the dampening is known: 4.2 s for down_proj's (the whole GPTQ of that matrix "
+              "alone, 29 s before), about +7% on the whole run (the 2-block GPTQ run took 467 s with the test suite "
+              "running beside it: not a time to compare)."]  # fmt: skip
   lines += ["", *HELD.splitlines()]
   if "llama_cpp" in results:
     c = results["llama_cpp"]

@@ -26,6 +26,7 @@ quantized params whole, and takes part in each checkpoint (orbax writes it once)
 through a recipe.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -330,12 +331,21 @@ class _BlockRunner:
     return self._jitted["forward"](params, h, cached or {})
 
   def input_stats(
-    self, params, batches, modules, names, cache: _OutputCache | None = None, capture: tuple[str, ...] = ()
+    self,
+    params,
+    batches,
+    modules,
+    names,
+    cache: _OutputCache | None = None,
+    capture: tuple[str, ...] = (),
+    on_host: bool = True,
   ):
     """{module: {stat: value, "tokens": n}} over all batches; linears reading one input share one dict. An experts'
     module has each value per expert (leading axis E), ``"tokens"`` (E,) and the router's ``"routed"`` (E,).
 
-    Outputs of the `capture` modules are added to `cache`; cached outputs are reused.
+    Outputs of the `capture` modules are added to `cache`; cached outputs are reused. With `on_host`, the values
+    are numpy arrays (a transform may place them on a mesh of its own: GPTQ's output-channel split); otherwise
+    the device arrays, which a transform handed them may donate.
     """
     cache = cache or _OutputCache(0)
     aliases = shared_inputs(self.block_fn, modules, params, next(iter(batches)))
@@ -354,8 +364,8 @@ class _BlockRunner:
     for j, batch in enumerate(batches):
       states, outputs = self._jitted[key](params, batch, cache.batch(j), states)
       cache.add(outputs)
-    # On the host: transforms may place them on a mesh of their own (e.g. GPTQ's output-channel split).
-    finals = {rep: to_host(_finalize(states[rep])) for rep in reps}
+    finals = {rep: _finalize(states[rep]) for rep in reps}
+    finals = to_host(finals) if on_host else finals
     return {m: finals[aliases[m]] for m in modules}
 
 
@@ -521,9 +531,15 @@ def _quantize_block(
       changing = {m for _, g in steps[k:] for m in (g or linears)}
       capture = cache.plan([m for m in linears if m not in changing], out_bytes)
       source = block if float_block is None else float_block
-      module_stats = stats_runner.input_stats(source, batches, modules, stage.stats, cache, capture)
+      # Without a mesh the statistics stay device arrays, and those of a linear that shares no input (o_proj,
+      # down_proj) are handed over: GPTQ donates its Hessian rather than keep it beside its own copies.
+      module_stats = stats_runner.input_stats(
+        source, batches, modules, stage.stats, cache, capture, on_host=options.mesh is not None
+      )
       module_stats = _expert_stats(module_stats, options.experts, prefix, options.expert_tokens)
       extra["stats"] = {f"{prefix}/{m}/kernel": s for m, s in module_stats.items()}
+      extra["stats_owned"] = _unshared(extra["stats"]) if options.mesh is None else frozenset()
+      del module_stats
     tree = nest(prefix, block)
     t = masked(stage, _group_mask(prefix, group))
     tree, _ = t.update(tree, t.init(tree), **extra)
@@ -532,6 +548,12 @@ def _quantize_block(
   next_block = block if float_block is None else float_block
   batches.map(lambda j, b, p=next_block, c=cache, r=runner: r.forward(p, b, c.batch(j)))
   return block
+
+
+def _unshared(stats: dict[str, Any]) -> frozenset[str]:
+  """The paths whose statistics' arrays no other path's share."""
+  readers = collections.Counter(id(a) for s in stats.values() for a in jax.tree.leaves(s))
+  return frozenset(path for path, s in stats.items() if all(readers[id(a)] == 1 for a in jax.tree.leaves(s)))
 
 
 def _unnest(prefix: str, tree: Params) -> Params:

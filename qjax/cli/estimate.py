@@ -271,12 +271,11 @@ class Memory(NamedTuple):
     return self.runtime + max(self.model, self.blocks)
 
 
-GPTQ_INVERSE_BUFFERS = 3.0
-"""(in, in) float32 buffers GPTQ holds at its peak beyond the block's statistics, for the widest linear input: the
-device copy of the Hessian that the factor overwrites, the factorisation's or the sweep's temporaries, and what the
-allocators keep of them. Fitted: 5.84 GB peak for GPTQ on Llama-3.1-8B's shapes (scripts/bench_scale.py
---peak_only), its 14336-wide down_proj input the widest; `memory` counts the block twice and every Hessian of the
-block, so this errs on the safe side (+15%)."""
+GPTQ_INVERSE_BUFFERS = 1.25
+"""(in, in) float32 buffers GPTQ holds at its peak beyond the block's statistics, for the widest linear input: its
+largest program (the inverse of the factor) holds 2.25 such buffers, one of them written over the Hessian the
+runner hands over (counted in the statistics). From XLA's accounting of each program (scripts/bench_gptq_memory.py,
+experiments/gptq_memory.md), not fitted to a run."""
 
 
 def memory(

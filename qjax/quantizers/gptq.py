@@ -16,11 +16,13 @@ column), so GPTQ rounds into any grid: affine, a llama.cpp block type, a codeboo
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Format, Layout
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, Integer
@@ -126,6 +128,9 @@ def hessian_inverse(
   ``U = (JMJ)⁻¹ = J M⁻¹ J`` by uniqueness of the factor: one factorisation, one triangular solve, and no
   explicit inverse.
 
+  In one program; `gptq_quantize` runs the same steps as separate programs (`_factor_programs`), which hold fewer
+  (in, in) buffers at once, with the same results.
+
   Args:
     h: (in, in) float32 symmetric Hessian.
     damp: first relative dampening λ.
@@ -136,36 +141,64 @@ def hessian_inverse(
     damp: () float32, the λ of `u`.
     ok: () bool, whether `u` is finite.
   """
+  return _inverse_factor(*_reversed_hessian(h, order), damp)
+
+
+def _reversed_hessian(h: Float[Array, "in in"], order: Int[Array, " in"] | None) -> tuple[Array, Array]:
+  """(``J P H' Pᵀ J``, mean of the diagonal of ``H'``): ``H'`` is `h` symmetrised with dead inputs set to 1, made
+  by one fusion (`cholesky` would symmetrise again), and the mean is summed in the sweep order, as the reference
+  does on its permuted H (its last bit moves codes)."""
   n = h.shape[0]
   dead = jnp.diagonal(h) == 0.0
   diag = jnp.diagonal(h) + dead
-  # Summed in the sweep order, as the reference does (on its permuted H): the last bit of the dampening moves codes.
   mean = jnp.mean(diag if order is None else diag[order])
-  tries = math.ceil((MAX_DAMP - damp) / DAMP_STEP)
   diagonal = jnp.arange(n)
-  # Each (in, in) buffer here is 0.8 GB for a 14336-wide input, so there are two beside `h`: one copy of `h`, made
-  # by a single fusion (symmetrised, dead inputs set, permuted and reversed; `cholesky` would symmetrise again),
-  # and the factor (then the solve's result). The retry loop carries only its flag and factors again once it knows
-  # the dampening: carrying the factor, or keeping the first try beside a retry branch, takes one or two more.
   base = (h + h.T) / 2 + jnp.where(diagonal[:, None] == diagonal[None, :], dead[None, :].astype(h.dtype), 0.0)
-  reversed_h = base[::-1, ::-1] if order is None else base[order[::-1]][:, order[::-1]]
+  return (base[::-1, ::-1] if order is None else base[order[::-1]][:, order[::-1]]), mean
 
-  def factor(k):
-    lam = damp + k.astype(jnp.float32) * DAMP_STEP
-    return lam, jax.lax.linalg.cholesky(reversed_h.at[diagonal, diagonal].add(lam * mean), symmetrize_input=False)
+
+def _tries(damp: float) -> int:
+  return math.ceil((MAX_DAMP - damp) / DAMP_STEP)
+
+
+def _lower_factor(reversed_h: Array, mean: Array, k: Array, damp: float) -> tuple[Array, Array]:
+  """(the lower Cholesky factor of ``reversed_h + λ·mean·I``, NaN where there is none; λ), λ the `k`-th dampening
+  tried, ``damp + k·DAMP_STEP``."""
+  lam = damp + k.astype(jnp.float32) * DAMP_STEP
+  diagonal = jnp.arange(reversed_h.shape[0])
+  lower = jax.lax.linalg.cholesky(reversed_h.at[diagonal, diagonal].add(lam * mean), symmetrize_input=False)
+  return lower, lam
+
+
+def _factors(reversed_h: Array, mean: Array, k: Array, damp: float) -> Array:
+  """Whether the `k`-th dampening gives a factor (a failed one is all NaN: its diagonal says so)."""
+  return jnp.all(jnp.isfinite(jnp.diagonal(_lower_factor(reversed_h, mean, k, damp)[0])))
+
+
+def _inverse_factor(reversed_h: Array, mean: Array, damp: float) -> tuple[Array, Array, Array]:
+  """`hessian_inverse` of a `_reversed_hessian`: (U, λ, whether U is finite)."""
 
   def cond(state):
     k, ok = state
-    return ~ok & (k < tries)
+    return ~ok & (k < _tries(damp))
 
   def body(state):
     k = state[0] + 1
-    return k, jnp.all(jnp.isfinite(factor(k)[1]))
+    return k, _factors(reversed_h, mean, k, damp)
 
+  # The loop carries only its flag (carrying the factor, or keeping a first try beside the retry branch, holds one
+  # or two more (in, in) buffers) and the factor is made once more after it.
   k, _ = jax.lax.while_loop(cond, body, (jnp.int32(-1), jnp.bool_(False)))
-  lam, lower = factor(k)
-  u = jax.lax.linalg.triangular_solve(lower, jnp.eye(n, dtype=h.dtype), left_side=True, lower=True)[::-1, ::-1]
-  return u, lam, jnp.all(jnp.isfinite(u))
+  lower, lam = _lower_factor(reversed_h, mean, k, damp)
+  u, ok = _inverse(lower)
+  return u, lam, ok
+
+
+def _inverse(lower: Array) -> tuple[Array, Array]:
+  """(``U = J M⁻¹ J`` for the lower factor ``M``, whether U is finite)."""
+  eye = jnp.eye(lower.shape[0], dtype=lower.dtype)
+  u = jax.lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True)[::-1, ::-1]
+  return u, jnp.all(jnp.isfinite(u))
 
 
 def _round_column(
@@ -307,8 +340,19 @@ class _Factored(NamedTuple):
   dead: Array  # (in,) bool, H_ii == 0
 
 
-def _factor(h, *, spec: QSpec, config: GptqConfig) -> _Factored:
-  """The sweep order of (in, in) `h` (`config`'s act_order or group-aware order) and `hessian_inverse` in it."""
+class _Prepared(NamedTuple):
+  """The Hessian made ready to factor, and its sweep order (`_prepare`)."""
+
+  reversed_h: Array  # (in, in) symmetrised, dead inputs 1, in the sweep order reversed (`_reversed_hessian`)
+  mean: Array  # () mean of its diagonal
+  importance: Array  # (in,) H_ii, dead inputs 1, in the original order
+  order: Array  # (in,) the sweep order
+  dead: Array  # (in,) bool, H_ii == 0
+
+
+def _prepare(h, *, spec: QSpec, config: GptqConfig) -> _Prepared:
+  """The sweep order of (in, in) `h` (`config`'s act_order or group-aware order) and `h` made ready to factor in
+  it."""
   n = h.shape[0]
   h = h.astype(jnp.float32)
   dead = jnp.diagonal(h) == 0.0  # (`hessian_inverse` counts them as h[i, i] = 1)
@@ -322,8 +366,59 @@ def _factor(h, *, spec: QSpec, config: GptqConfig) -> _Factored:
     order = jnp.argsort(-importance, stable=True)
   else:
     order = None
-  u, lam, ok = hessian_inverse(h, damp=config.damp, order=order)
-  return _Factored(u, lam, ok, importance, jnp.arange(n) if order is None else order, dead)
+  reversed_h, mean = _reversed_hessian(h, order)
+  return _Prepared(reversed_h, mean, importance, jnp.arange(n) if order is None else order, dead)
+
+
+def _factor(h, *, spec: QSpec, config: GptqConfig) -> _Factored:
+  """`_prepare` and `hessian_inverse` in its order, in one program."""
+  p = _prepare(h, spec=spec, config=config)
+  return _Factored(*_inverse_factor(p.reversed_h, p.mean, config.damp), p.importance, p.order, p.dead)
+
+
+class _FactorPrograms(NamedTuple):
+  """`_factor`'s steps as separate programs on one device, so that about two (in, in) buffers exist at once (0.8 GB
+  each for a 14336-wide input; `_factor` as one program holds 5.25, experiments/gptq_memory.md): the prepared copy
+  beside the Hessian (written over it when donated), then beside each try's factor; the factor, made over it; the
+  inverse beside the factor, then written over it. The retry loop runs on the host: as a while loop it keeps a
+  copy of its operand. On CPU the (in, in) buffers are laid out column-major, as LAPACK factors them: from
+  row-major ones XLA copies each into that layout first (a third buffer)."""
+
+  prepare: Callable[..., _Prepared]  # (h, *, spec, config)
+  factors: Callable[..., Array]  # (reversed_h, mean, k, damp): whether the k-th dampening factors
+  lower: Callable[..., tuple[Array, Array]]  # (reversed_h (donated), mean, k, damp): (lower factor, λ)
+  inverse: Callable[..., tuple[Array, Array]]  # (lower (donated)): (U, ok)
+
+
+@functools.cache
+def _factor_programs(device: jax.Device, donate_h: bool) -> _FactorPrograms:
+  on = jax.sharding.SingleDeviceSharding(device)
+  square = Format(Layout(major_to_minor=(1, 0)), on) if device.platform == "cpu" else on
+  return _FactorPrograms(
+    prepare=jax.jit(
+      _prepare,
+      static_argnames=("spec", "config"),
+      out_shardings=_Prepared(square, on, on, on, on),
+      donate_argnums=(0,) if donate_h else (),
+    ),
+    factors=jax.jit(_factors, static_argnums=3, in_shardings=(square, on, on)),
+    lower=jax.jit(
+      _lower_factor, static_argnums=3, in_shardings=(square, on, on), out_shardings=(square, on), donate_argnums=0
+    ),
+    inverse=jax.jit(_inverse, in_shardings=square, out_shardings=(on, on), donate_argnums=0),
+  )
+
+
+def _factor_separately(h, *, spec: QSpec, config: GptqConfig, donate_h: bool) -> _Factored:
+  """`_factor` as `_FactorPrograms`, on `h`'s device (a numpy `h`: the default device)."""
+  one_device = isinstance(h, jax.Array) and len(h.devices()) == 1
+  programs = _factor_programs(next(iter(h.devices())) if one_device else jax.devices()[0], donate_h and one_device)
+  p = programs.prepare(h, spec=spec, config=config)
+  damp, tries = config.damp, _tries(config.damp)
+  k = next((k for k in range(tries) if bool(programs.factors(p.reversed_h, p.mean, k, damp))), tries)
+  lower, lam = programs.lower(p.reversed_h, p.mean, k, damp)  # (the last λ when none factors, as `_inverse_factor`)
+  u, ok = programs.inverse(lower)
+  return _Factored(u, lam, ok, p.importance, p.order, p.dead)
 
 
 def _round(w, f: _Factored, *, spec: QSpec, config: GptqConfig):
@@ -431,11 +526,6 @@ def _round_core(w, factored, *, spec, config):
   return _as_qarray(codes, params, perm, w, spec), info
 
 
-_factor_jit = jax.jit(_factor, static_argnames=("spec", "config"))
-# The factor `u` has the Hessian's shape and dtype, so XLA writes it over a donated Hessian.
-_factor_over_h = jax.jit(_factor, static_argnames=("spec", "config"), donate_argnums=0)
-
-
 def _gptq(w, h, *, spec, config, mesh, mesh_axis, donate: bool) -> tuple[QArray, GptqInfo]:
   _check_args(w, h, spec)
   if spec.is_ggml and _keeps_perm(spec, act_order=config.act_order, static_groups=config.static_groups):
@@ -445,10 +535,15 @@ def _gptq(w, h, *, spec, config, mesh, mesh_axis, donate: bool) -> tuple[QArray,
     )
   if mesh is not None:
     return _sharded_core(w, h, spec=spec, config=config, mesh=mesh, mesh_axis=mesh_axis)
-  # Two programs: the factorisation's (in, in) temporaries (0.8 GB each for a 14336-wide input) are gone before
-  # the sweep's, and, when `h` is donated, the factor takes its place instead of sitting beside it.
-  factored = (_factor_over_h if donate else _factor_jit)(h, spec=spec, config=config)
+  if _traced(w, h):  # under a transformation the factorisation is a part of the caller's program
+    factored = _factor(h, spec=spec, config=config)
+  else:  # programs of its own, and the sweep's: the factorisation's buffers are gone before the sweep's exist
+    factored = _factor_separately(h, spec=spec, config=config, donate_h=donate)
   return _round_core(w, factored, spec=spec, config=config)
+
+
+def _traced(*arrays) -> bool:
+  return any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
 def gptq_core(
@@ -472,6 +567,7 @@ def gptq_quantize(
   config: GptqConfig = GptqConfig(),
   mesh: Mesh | None = None,
   mesh_axis: str | tuple[str, ...] | None = None,
+  donate_hessian: bool = False,
 ) -> tuple[QArray, GptqInfo]:
   """Quantizes a Flax kernel with GPTQ, given the Hessian of its inputs.
 
@@ -502,6 +598,8 @@ def gptq_quantize(
     config: the sweep order, dampening and block size (`GptqConfig`).
     mesh: optional device mesh; ``out`` must be divisible by the size of `mesh_axis`.
     mesh_axis: mesh axis name(s) to split ``out`` over; default all axes of `mesh`.
+    donate_hessian: `h`, a `jax.Array`, may be donated (deleted: its buffer holds the sweep order's copy of it),
+      so the caller's Hessian is not kept beside GPTQ's working copies; without a mesh only.
 
   Returns:
     A `QArray` with the shape and dtype of `w`. With ``config.act_order`` and dynamic groups
@@ -533,15 +631,11 @@ def gptq_quantize(
     >>> q.scale.shape, bool(info.ok), round(float(info.damp), 4)
     ((2, 8), True, 0.01)
   """
+  if _traced(w, h):
+    raise TypeError(TRACED_MSG)
   spec = spec.for_tensor(jnp.max(jnp.abs(jnp.asarray(w)))) if spec.needs_tensor_fit else spec
-  donate = mesh is None and isinstance(h, np.ndarray)
-  if donate:  # a device copy of our own, which the factorisation may overwrite
-    h = jnp.array(h, jnp.float32, copy=True)
+  donate = donate_hessian and mesh is None and isinstance(h, jax.Array)
   q, info = _gptq(w, h, spec=spec, config=config, mesh=mesh, mesh_axis=mesh_axis, donate=donate)
-  try:
-    ok = bool(info.ok)
-  except jax.errors.ConcretizationTypeError as e:
-    raise TypeError(TRACED_MSG) from e
-  if not ok:
+  if not bool(info.ok):
     raise ValueError(NOT_PD_MSG.format(shape=tuple(w.shape), damp=float(info.damp)))
   return q, info

@@ -52,14 +52,14 @@ def gptq(spec: QSpec, config: GptqConfig = GptqConfig(), *, mesh: Mesh | None = 
   own = mesh  # the update's `mesh` keyword is the runner's
 
   def on(devices: Mesh | None) -> Transform:
-    def quantize_leaf(w, leaf_stats, spec):
+    def quantize_leaf(w, leaf_stats, spec, owned):
       if "hessian" not in leaf_stats:
         raise ValueError(MISSING_HESSIAN_MSG.format(shape=np.shape(w), got=sorted(leaf_stats)))
       split = devices if devices is not None and np.shape(w)[1] % devices.size == 0 else None
-      q, _ = gptq_quantize(w, leaf_stats["hessian"], spec=spec, config=config, mesh=split)
+      q, _ = gptq_quantize(w, leaf_stats["hessian"], spec=spec, config=config, mesh=split, donate_hessian=owned)
       return q
 
-    return per_leaf(quantize_leaf, stats=frozenset({"hessian"}), spec=spec)
+    return per_leaf(quantize_leaf, stats=frozenset({"hessian"}), spec=spec, consumes_stats=True)
 
   def update(params, state, *, mesh: Mesh | None = None, **extra):
     return on(own if own is not None else mesh).update(params, state, **extra)

@@ -63,6 +63,35 @@ def test_statistics_are_the_true_sequential_inputs(model_dir):
   assert len(seen) == 3 * 7
 
 
+def test_only_statistics_no_other_linear_reads_are_handed_over(model_dir):
+  """The runner hands a transform the statistics of a linear that shares its input with no other (o_proj, down_proj:
+  GPTQ donates their Hessian, 0.8 GB for Llama-3-8B's down_proj); q/k/v's and gate/up's are shared."""
+  seen = {}
+
+  def recorder(name):
+    def record(w, stats, owned):
+      seen.setdefault(name, set()).add(owned)
+      return w
+
+    return per_leaf(record, stats=frozenset({"hessian"}), consumes_stats=True)
+
+  names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  stage = rules_transform([(rf"model/layers_\d+/.*/{n}/kernel", recorder(n)) for n in names])
+  blocks = LlamaBlocks(SafetensorsCheckpoint(model_dir))
+  quantize_blocks(blocks, [stage], random_windows(4, 16), options=RunnerOptions(batch_size=2, show_progress=False))
+  assert seen == {n: {n in ("o_proj", "down_proj")} for n in names}
+
+
+def test_windows_embedded_from_the_host_table_equal_the_device_tables(model_dir):
+  """A table on the host sends only the rows the windows use to the device: the same hidden states."""
+  blocks = LlamaBlocks(SafetensorsCheckpoint(model_dir))
+  ids = jax.numpy.asarray(random_windows(3, 16))
+  host = blocks.embed_params()
+  assert isinstance(host["model"]["embed_tokens"]["embedding"], np.ndarray)
+  device = jax.tree.map(jax.numpy.asarray, host)
+  np.testing.assert_array_equal(np.asarray(blocks.embed(host, ids)), np.asarray(blocks.embed(device, ids)))
+
+
 def test_gptq_through_the_runner_beats_rtn_on_block_outputs(model_dir):
   blocks = LlamaBlocks(SafetensorsCheckpoint(model_dir))
   windows = random_windows(8, 32)
