@@ -538,8 +538,7 @@ def _quantize_block(
       )
       module_stats = _expert_stats(module_stats, options.experts, prefix, options.expert_tokens)
       extra["stats"] = {f"{prefix}/{m}/kernel": s for m, s in module_stats.items()}
-      extra["stats_owned"] = _unshared(extra["stats"]) if options.mesh is None else frozenset()
-      del module_stats
+      extra["stats_owned"] = _unshared(extra["stats"])
     tree = nest(prefix, block)
     t = masked(stage, _group_mask(prefix, group))
     tree, _ = t.update(tree, t.init(tree), **extra)

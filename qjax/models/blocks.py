@@ -156,8 +156,8 @@ class LlamaBlocks:
       # A table on the host sends only the rows looked up to the device: all of it would be a copy of GBs (128k x
       # 4096 in float32 is 2.1 GB) beside the host's.
       used, inverse = np.unique(np.asarray(ids), return_inverse=True)
-      rows = Embed(len(used), self.config.hidden_size, self.dtype, self.config.embed_scale)
-      return rows.apply({"params": {"embedding": table[used]}}, jnp.asarray(inverse.reshape(np.shape(ids))))
+      lookup = Embed(len(used), self.config.hidden_size, self.dtype, self.config.embed_scale)
+      return lookup.apply({"params": {"embedding": table[used]}}, jnp.asarray(inverse.reshape(np.shape(ids))))
     return self._embed.apply({"params": params["model"]["embed_tokens"]}, ids)
 
   def head_params(self):
