@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from qjax.core.grouped import GroupedRows, grouped_gram
+from qjax.core.grouped import GroupedRows, grouped_gram, scan_tiles
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -129,15 +129,14 @@ def _update_grouped(states: dict[str, Any], rows: GroupedRows) -> dict[str, Any]
              for n in states if n not in COUNTS and STATISTICS[n].grouped_update is not None}  # fmt: skip
   names = [n for n in states if n not in COUNTS and n not in grouped]
 
-  def tile(acc, args):
-    x, e = args
+  def tile(acc, x, e):
     x = x.astype(jnp.float32)
     for n in names:
       updated = STATISTICS[n].update(jax.tree.map(lambda s: s[e], acc[n]), x)
       acc[n] = jax.tree.map(lambda s, u: s.at[e].set(u), acc[n], updated)
     return acc, None
 
-  acc = jax.lax.scan(tile, {n: states[n] for n in names}, (rows.tiles(), rows.tile_expert))[0] if names else {}
+  acc = scan_tiles(tile, {n: states[n] for n in names}, rows)[0] if names else {}
   return {"tokens": states["tokens"] + rows.group_sizes, "routed": states["routed"] + rows.routed, **grouped, **acc}
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from qjax.core import QArray, dequantize, is_qarray
-from qjax.core.grouped import GroupedRows, default_method
+from qjax.core.grouped import GroupedRows, default_method, scan_tiles
 from qjax.kernels.ops import qmatmul
 
 
@@ -29,12 +29,11 @@ def grouped_matmul(rows: GroupedRows, w: Array | QArray, *, method: str | None =
     out = jax.lax.ragged_dot(rows.x, dense.astype(rows.x.dtype), rows.padded_sizes, preferred_element_type=jnp.float32)
     return out.astype(rows.x.dtype)
 
-  def one_tile(args):
-    x, e = args
+  def one_tile(carry, x, e):
     we = expert_kernel(w, e)
     if is_qarray(we):
-      return qmatmul(x, we)
-    return jnp.dot(x, we.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+      return carry, qmatmul(x, we)
+    return carry, jnp.dot(x, we.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
-  out = jax.lax.map(one_tile, (rows.tiles(), rows.tile_expert))
+  out = scan_tiles(one_tile, None, rows)[1]
   return out.reshape(rows.x.shape[0], -1)
