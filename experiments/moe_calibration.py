@@ -15,7 +15,10 @@ Every row quantizes the experts alone (the rest stays float, so rows differ only
 4-bit g64 (desc_act off) calibrated on the same windows of the built-in calibration text (the first row: RTN), and
 scored on held-out windows of the evaluation text: mean KL divergence from the float MoE over all tokens, and over
 the tokens that the float model routes, in some layer, to an expert that fewer than a tenth of its fair share of
-the calibration tokens reach (as the float model routes the calibration windows): "rare-expert tokens".
+the calibration tokens reach (as the float model routes the calibration windows): "rare-expert tokens". Per
+expert: the mean KL of the evaluation tokens the float model routes to it (in its layer), averaged over the experts
+of each band of calibration feed (none, under a tenth of its share, under its share, at least its share), and how
+many experts each policy serves best.
 """
 
 import json
@@ -55,7 +58,7 @@ POLICIES = {
 }
 SPEC = QSpec(bits=4, group_size=64)
 EXPERT_KERNELS = r"model/layers_\d+/mlp/experts/\w+_proj/kernel"  # only the experts: the rest stays float
-_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 8, "Evaluation windows of 256 tokens.")
+_EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows of 256 tokens.")
 _OUT = flags.DEFINE_string("prefix", "experiments/moe_calibration", "Output path prefix (.json, .md).")
 _SIZES = flags.DEFINE_list("sizes", list(SIZES), "Calibration sizes to run; rows already in the JSON are kept.")
 _WRITE_ONLY = flags.DEFINE_bool("write_only", False, "Only rewrite the .md from the .json.")
@@ -142,6 +145,15 @@ def token_kl(reference: np.ndarray, logits: np.ndarray) -> np.ndarray:
   return np.asarray(jnp.sum(jnp.exp(logp_ref) * (logp_ref - logp), axis=-1))
 
 
+def per_expert_kl(kl: np.ndarray, routes: np.ndarray) -> np.ndarray:
+  """(layers, experts) mean of `kl` (windows, tokens) over the tokens each layer routes to each expert (`routes`
+  (layers, windows, tokens, k)); NaN for an expert no evaluation token reaches."""
+  hits = (routes[..., None] == np.arange(EXPERTS)).any(axis=-2)  # (layers, windows, tokens, experts)
+  counts = hits.sum(axis=(1, 2))
+  with np.errstate(invalid="ignore"):
+    return np.einsum("lwte,wt->le", hits, kl) / counts
+
+
 def main(_):
   path = f"{_OUT.value}.json"
   results = {"sizes": {}}
@@ -180,6 +192,7 @@ def main(_):
         "experts without tokens": int((tokens == 0).sum()),
         "experts under a tenth of their share": int(rare.sum()),
         "rare-expert evaluation tokens": float(rare_tokens.mean()),
+        "calibration tokens": tokens.tolist(),
       })  # fmt: skip
       for label, policy in {"RTN (no calibration)": None, **POLICIES}.items():
         if label in entry["rows"]:
@@ -191,7 +204,12 @@ def main(_):
         qparams = quantize_model(LlamaBlocks(checkpoint), recipe, windows if policy else None, options=options)
         seconds = time.perf_counter() - start
         kl = token_kl(reference, np.asarray(logits_fn(config, qparams)(jnp.asarray(eval_ids))))[:, :-1]
-        entry["rows"][label] = {"kl": float(kl.mean()), "kl_rare": float(kl[rare_tokens].mean()), "seconds": seconds}
+        entry["rows"][label] = {
+          "kl": float(kl.mean()),
+          "kl_rare": float(kl[rare_tokens].mean()),
+          "seconds": seconds,
+          "kl_per_expert": np.round(per_expert_kl(kl, eval_routes[:, :, :-1]), 6).tolist(),
+        }
         print(f"{size}  {label:30s} KL {kl.mean():.5f}  rare {kl[rare_tokens].mean():.5f}  ({seconds:.0f}s)",
               flush=True)  # fmt: skip
         with open(path, "w") as f:  # after every row: a long run keeps what it measured
@@ -228,7 +246,37 @@ def markdown(results: dict) -> str:
     best = min(entry["rows"], key=lambda r: entry["rows"][r]["kl"])
     best_rare = min(entry["rows"], key=lambda r: entry["rows"][r]["kl_rare"])
     lines += ["", f"Lowest KL over all tokens: {best}; over rare-expert tokens: {best_rare}.", ""]
+    if all("kl_per_expert" in row for row in entry["rows"].values()):
+      lines += per_expert_table(entry, fair=int(size.split(" x ")[0]) * SEQLEN * TOP_K / EXPERTS)
   return "\n".join(lines)
+
+
+def per_expert_table(entry: dict, fair: float) -> list[str]:
+  """Markdown lines: per policy, the mean per-expert KL in each band of calibration feed, and experts won."""
+  tokens = np.asarray(entry["calibration tokens"])
+  bands = {
+    "none": tokens == 0,
+    "under a tenth": (tokens > 0) & (tokens < fair / 10),
+    "under its share": (tokens >= fair / 10) & (tokens < fair),
+    "at least its share": tokens >= fair,
+  }
+  labels = list(entry["rows"])
+  kl = np.stack([np.asarray(entry["rows"][label]["kl_per_expert"], float) for label in labels])  # (rows, l, e)
+  reached = ~np.isnan(kl).any(axis=0)
+  won = np.bincount(np.argmin(np.where(reached, kl, 0), axis=0)[reached], minlength=len(labels))
+  header = " | ".join(f"{name} ({int((band & reached).sum())})" for name, band in bands.items())
+  lines = [
+    "Per expert: mean KL of the evaluation tokens routed to it, averaged over the experts of each band of "
+    "calibration tokens (how many experts, of those evaluation reaches, in brackets), and the experts for which a "
+    "policy's KL is the lowest:",
+    "",
+    f"| policy | {header} | all experts | experts won |",
+    "|---|" + "---:|" * (len(bands) + 2),
+  ]
+  for i, label in enumerate(labels):
+    cells = [f"{np.mean(kl[i][band & reached]):.5f}" if (band & reached).any() else "-" for band in bands.values()]
+    lines.append(f"| {label} | {' | '.join(cells)} | {np.mean(kl[i][reached]):.5f} | {won[i]} |")
+  return [*lines, ""]
 
 
 if __name__ == "__main__":

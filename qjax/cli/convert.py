@@ -16,7 +16,7 @@ import time
 from absl import flags
 
 from qjax.formats import convert
-from qjax.formats.targets import Target, parse_target
+from qjax.formats.targets import Target, loader_note, parse_target
 
 _FROM = flags.DEFINE_string(
     "from", None, "The quantized model: a GPTQ, AWQ or compressed-tensors Hugging Face directory, or a qjax directory. "
@@ -51,3 +51,5 @@ def main(argv):
   if report:
     print(convert.summary(report))
   print(f"\nwrote {out}  ({time.perf_counter() - start:.0f}s)")
+  if note := loader_note(target, out):
+    print(note)

@@ -66,6 +66,7 @@ from qjax.formats.targets import (
   check_shapes,
   check_spec,
   export,
+  loader_note,
   output_path,
   parse_target,
 )
@@ -899,6 +900,8 @@ def main(argv):
     return
   print(report.table())
   print(f"\nwrote {written}  (evaluate: qjax eval --model={written})")
+  if note := loader_note(p.target, written):
+    print(note)
   print(f"report: {os.path.join(p.out, 'report.json')}  total {time.perf_counter() - start:.0f}s")
 
 

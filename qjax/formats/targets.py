@@ -6,6 +6,7 @@ A target is a qjax directory (the default), a Hugging Face directory a GPU runti
 llama.cpp file type (``Q4_K_M`` … `RECIPES`, its per-tensor types) or a float type (`FLOAT_TYPES`).
 """
 
+import json
 import os
 from typing import NamedTuple
 
@@ -89,6 +90,33 @@ def parse_target(value: str | None, *, flag: str = "--export") -> Target:
 def output_path(target: Target, out: str) -> str:
   """What a target writes under `out`: the directory itself, or ``<out>/model-<TYPE>.gguf``."""
   return os.path.join(out, f"model-{target.gguf_type}.gguf") if target.is_gguf else out
+
+
+def loader_note(target: Target, directory: str) -> str | None:
+  """What a user loading the model qjax wrote to `directory` should know that no check can refuse, or None.
+
+  transformers 5 stacks a mixture's experts into fused parameters and quantizes only `nn.Linear`s, so its
+  `from_pretrained` of a GPTQ or AWQ checkpoint with per-expert modules (the names vLLM and GPTQModel read) reports
+  the experts MISSING and runs them with random weights. compressed-tensors' experts it decompresses into the fused
+  parameters, but without their zero points, so it refuses asymmetric ones.
+  """
+  if not target.is_hf:
+    return None
+  with open(os.path.join(directory, "config.json")) as f:  # qjax's own, just written
+    config = json.load(f)
+  if not (config.get("num_local_experts") or config.get("num_experts")):
+    return None
+  if target.kind != "compressed-tensors":
+    return (f"note: transformers 5's from_pretrained leaves this --export={target} model's experts uninitialised "
+            "(it fuses experts and cannot place per-expert quantized modules); serve it with vLLM or load it with "
+            "GPTQModel, or export symmetric compressed-tensors for transformers.")  # fmt: skip
+  groups = config["quantization_config"].get("config_groups", {}).values()
+  if any((group.get("weights") or {}).get("symmetric") is False for group in groups):
+    return (
+      "note: transformers 5 cannot load this model's asymmetric experts (it decompresses experts without "
+      "their zero points); vLLM and qjax read them, or quantize with --sym for transformers."
+    )
+  return None
 
 
 def check_spec(target: Target, spec: QSpec, *, act_order: bool) -> None:

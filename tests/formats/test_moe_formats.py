@@ -129,6 +129,48 @@ def test_gptq_export_of_experts_loads_in_gptqmodel(tmp_path):
   assert np.abs(ours - theirs).max() < 1e-2 * np.abs(ours).max()
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")  # third-party deprecation warnings while loading
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen3Moe"])
+def test_compressed_tensors_export_of_experts_loads_in_transformers(tmp_path, family):
+  """transformers 5's from_pretrained decompresses a compressed-tensors export's per-expert modules into its fused
+  experts and computes qjax's logits (its experts in float16: the difference). GPTQ and AWQ exports of the same
+  model it would leave with random experts; the command line says so (`loader_note`)."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("compressed_tensors")
+  import jax.numpy as jnp
+  from transformers import AutoModelForCausalLM
+
+  from qjax.calib.quantize import quantize_model
+  from qjax.calib.runner import RunnerOptions
+  from qjax.core import QSpec
+  from qjax.formats import export, parse_target
+  from qjax.formats.targets import loader_note
+  from qjax.models import logits_fn
+  from qjax.models.blocks import LlamaBlocks
+  from qjax.transforms.recipes import rtn
+
+  kwargs = dict(num_local_experts=4) if family == "Mixtral" else dict(num_experts=4, moe_intermediate_size=32)
+  checkpoint = open_checkpoint(write_random_moe(str(tmp_path / "model"), family=family, num_experts_per_tok=2,
+                                                **kwargs))  # fmt: skip
+  qparams = quantize_model(LlamaBlocks(checkpoint), rtn(QSpec(bits=4, group_size=32)),
+                           options=RunnerOptions(show_progress=False))  # fmt: skip
+  out = export(parse_target("compressed-tensors"), str(tmp_path / "ct"), checkpoint.config, qparams,
+               checkpoint.tokenizer(), name="moe")  # fmt: skip
+  ids = np.asarray(texts.tokenize(checkpoint.tokenizer(), texts.load_text("default", "evaluation"))[:32])[None]
+  model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  with torch.no_grad():
+    theirs = model(torch.tensor(ids)).logits.numpy()
+  ours = np.asarray(logits_fn(checkpoint.config, qparams)(jnp.asarray(ids)))
+  unquantized = np.asarray(logits_fn(checkpoint.config, checkpoint.params())(jnp.asarray(ids)))
+  print(f"{family} compressed-tensors in transformers: max |Δlogit| {np.abs(ours - theirs).max():.5f}, "
+        f"quantization's own {np.abs(ours - unquantized).max():.4f}")  # fmt: skip
+  assert np.abs(ours - theirs).max() < 2e-3 * np.abs(ours).max() < 0.1 * np.abs(ours - unquantized).max()
+  assert loader_note(parse_target("compressed-tensors"), out) is None
+  gptq_out = export(parse_target("gptq"), str(tmp_path / "gptq"), checkpoint.config, qparams, None, name="moe")
+  assert "experts uninitialised" in loader_note(parse_target("gptq"), gptq_out)
+
+
 def test_gguf_writer_refuses_a_moe_llama_cpp_cannot_run_before_encoding(tmp_path, monkeypatch):
   """`qjax convert --to=gguf:…` goes through `write_gguf` with an already quantized model: a Qwen3-MoE with a dense
   layer is refused before any tensor is encoded, and no file is left."""
