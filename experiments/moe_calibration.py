@@ -61,6 +61,7 @@ EXPERT_KERNELS = r"model/layers_\d+/mlp/experts/\w+_proj/kernel"  # only the exp
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows of 256 tokens.")
 _OUT = flags.DEFINE_string("prefix", "experiments/moe_calibration", "Output path prefix (.json, .md).")
 _SIZES = flags.DEFINE_list("sizes", list(SIZES), "Calibration sizes to run; rows already in the JSON are kept.")
+_DRAWS = flags.DEFINE_list("draws", ["0", "1", "2"], "Seeds of the calibration windows' draws, at each size.")
 _WRITE_ONLY = flags.DEFINE_bool("write_only", False, "Only rewrite the .md from the .json.")
 
 
@@ -175,10 +176,10 @@ def main(_):
     nll = -np.take_along_axis(jax.nn.log_softmax(reference[:, :-1]), eval_ids[:, 1:, None], -1).mean()
     results["float perplexity"] = float(np.exp(nll))
     eval_routes = routing(config, float_params, eval_ids)  # (layers, windows, tokens, k)
-    for size in _SIZES.value:
+    for size, draw in [(size, int(draw)) for size in _SIZES.value for draw in _DRAWS.value]:
       nsamples = SIZES[size]
-      windows = texts.calibration_windows(calib_tokens, nsamples, SEQLEN, seed=0)
-      entry = results["sizes"].setdefault(size, {"rows": {}})
+      windows = texts.calibration_windows(calib_tokens, nsamples, SEQLEN, seed=draw)
+      entry = results["sizes"].setdefault(f"{size}, draw {draw}", {"rows": {}})
       # The calibration's counts per expert (the float model's routing of the calibration windows): which experts
       # are rare, and which evaluation tokens reach one.
       calib_routes = routing(config, float_params, windows)
@@ -210,8 +211,8 @@ def main(_):
           "seconds": seconds,
           "kl_per_expert": np.round(per_expert_kl(kl, eval_routes[:, :, :-1]), 6).tolist(),
         }
-        print(f"{size}  {label:30s} KL {kl.mean():.5f}  rare {kl[rare_tokens].mean():.5f}  ({seconds:.0f}s)",
-              flush=True)  # fmt: skip
+        print(f"{size}, draw {draw}  {label:30s} KL {kl.mean():.5f}  rare {kl[rare_tokens].mean():.5f}  "
+              f"({seconds:.0f}s)", flush=True)  # fmt: skip
         with open(path, "w") as f:  # after every row: a long run keeps what it measured
           json.dump(results, f, indent=1)
   with open(f"{_OUT.value}.md", "w") as f:
@@ -228,6 +229,7 @@ def markdown(results: dict) -> str:
     "MoE on the evaluation text, over all tokens and over the tokens routed (in some layer) to an expert that "
     f"calibration fed under a tenth of its share. Float MoE perplexity: {results['float perplexity']:.2f}.",
     "",
+    *summary(results),
   ]
   for size, entry in results["sizes"].items():
     mn, med, mx = entry["calibration tokens per expert (min, median, max)"]
@@ -249,6 +251,46 @@ def markdown(results: dict) -> str:
     if all("kl_per_expert" in row for row in entry["rows"].values()):
       lines += per_expert_table(entry, fair=int(size.split(" x ")[0]) * SEQLEN * TOP_K / EXPERTS)
   return "\n".join(lines)
+
+
+def summary(results: dict) -> list[str]:
+  """Markdown lines: each policy's KL at each calibration size, averaged over the draws, and the choice of a
+  default: the lowest mean excess of KL over all tokens over the best policy of the same draw, across every draw of
+  every size (a policy must do well at both sizes; RTN everywhere is the baseline, not a candidate)."""
+  entries = {key: entry for key, entry in results["sizes"].items() if ", draw " in key}
+  labels = [label for label in POLICIES_AND_RTN if all(label in e["rows"] for e in entries.values())]
+  if not entries or not labels:
+    return []
+  sizes = sorted({key.split(", draw ")[0] for key in entries}, key=lambda size: SIZES[size])
+  draws = {size: [e for key, e in entries.items() if key.startswith(f"{size}, draw ")] for size in sizes}
+
+  def mean(size, label, value):
+    return np.mean([value(e["rows"][label]) for e in draws[size]])
+
+  def excess(e, label):
+    return e["rows"][label]["kl"] / min(e["rows"][other]["kl"] for other in labels if other in POLICIES) - 1
+
+  def experts_mean(row):
+    return np.nanmean(np.asarray(row["kl_per_expert"], float))
+
+  head = " | ".join(f"{size}: all tokens | rare-expert | per expert" for size in sizes)
+  lines = [
+    f"## Summary: {', '.join(f'{len(draws[size])} draws of {size}' for size in sizes)}",
+    "",
+    "Mean KL over the draws of each size (over all evaluation tokens, the rare-expert tokens, and the mean over "
+    "experts of the KL of the tokens routed to each), and the mean excess of KL over all tokens over the best policy "
+    "of the same draw, across every draw:",
+    "",
+    f"| policy | {head} | mean excess |",
+    "|---|" + "---:|" * (3 * len(sizes) + 1),
+  ]
+  scores = {label: np.mean([excess(e, label) for e in entries.values()]) for label in labels}
+  for label in labels:
+    cells = [f"{mean(size, label, lambda r: r['kl']):.5f} | {mean(size, label, lambda r: r['kl_rare']):.5f} | "
+             f"{mean(size, label, experts_mean):.5f}" for size in sizes]  # fmt: skip
+    lines.append(f"| {label} | {' | '.join(cells)} | {100 * scores[label]:.1f}% |")
+  best = min((label for label in labels if label in POLICIES), key=scores.get)
+  return [*lines, "", f"Lowest mean excess (the default): {best}.", ""]
 
 
 def per_expert_table(entry: dict, fair: float) -> list[str]:
@@ -278,6 +320,8 @@ def per_expert_table(entry: dict, fair: float) -> list[str]:
     lines.append(f"| {label} | {' | '.join(cells)} | {np.mean(kl[i][reached]):.5f} | {won[i]} |")
   return [*lines, ""]
 
+
+POLICIES_AND_RTN = ["RTN (no calibration)", *POLICIES]
 
 if __name__ == "__main__":
   app.run(main)

@@ -107,7 +107,7 @@ def loader_note(target: Target, directory: str) -> str | None:
   if not (config.get("num_local_experts") or config.get("num_experts")):
     return None
   if target.kind != "compressed-tensors":
-    return (f"note: transformers 5's from_pretrained leaves this --export={target} model's experts uninitialised "
+    return (f"note: transformers 5's from_pretrained leaves the experts of this {target} checkpoint uninitialised "
             "(it fuses experts and cannot place per-expert quantized modules); serve it with vLLM or load it with "
             "GPTQModel, or export symmetric compressed-tensors for transformers.")  # fmt: skip
   groups = config["quantization_config"].get("config_groups", {}).values()
