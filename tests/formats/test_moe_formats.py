@@ -168,7 +168,7 @@ def test_compressed_tensors_export_of_experts_loads_in_transformers(tmp_path, fa
   assert np.abs(ours - theirs).max() < 2e-3 * np.abs(ours).max() < 0.1 * np.abs(ours - unquantized).max()
   assert loader_note(parse_target("compressed-tensors"), out) is None
   gptq_out = export(parse_target("gptq"), str(tmp_path / "gptq"), checkpoint.config, qparams, None, name="moe")
-  assert "experts uninitialised" in loader_note(parse_target("gptq"), gptq_out)
+  assert "experts of this gptq checkpoint uninitialised" in loader_note(parse_target("gptq"), gptq_out)
 
 
 def test_gguf_writer_refuses_a_moe_llama_cpp_cannot_run_before_encoding(tmp_path, monkeypatch):
