@@ -56,6 +56,7 @@ POLICIES = {
   "shrink, kappa = 64": ExpertPolicy(kind="shrink", kappa=64),
   "shrink, kappa = 256": ExpertPolicy(kind="shrink", kappa=256),
 }
+ROWS = {"RTN (no calibration)": None, **POLICIES}  # the baseline first, then the candidates
 SPEC = QSpec(bits=4, group_size=64)
 EXPERT_KERNELS = r"model/layers_\d+/mlp/experts/\w+_proj/kernel"  # only the experts: the rest stays float
 _EVAL_WINDOWS = flags.DEFINE_integer("eval_windows", 16, "Evaluation windows of 256 tokens.")
@@ -195,7 +196,7 @@ def main(_):
         "rare-expert evaluation tokens": float(rare_tokens.mean()),
         "calibration tokens": tokens.tolist(),
       })  # fmt: skip
-      for label, policy in {"RTN (no calibration)": None, **POLICIES}.items():
+      for label, policy in ROWS.items():
         if label in entry["rows"]:
           continue
         options = RunnerOptions(batch_size=2, show_progress=False, experts=policy or ExpertPolicy())
@@ -260,7 +261,7 @@ def summary(results: dict) -> list[str]:
   policies at the routed calibration's cost: every token to every expert runs E/k times the experts' calibration
   work (4x here, 16x on Qwen3-30B-A3B), which the 2x-a-dense-model's-step budget cannot hold."""
   entries = {key: entry for key, entry in results["sizes"].items() if ", draw " in key}
-  labels = [label for label in POLICIES_AND_RTN if all(label in e["rows"] for e in entries.values())]
+  labels = [label for label in ROWS if all(label in e["rows"] for e in entries.values())]
   if not entries or not labels:
     return []
   sizes = sorted({key.split(", draw ")[0] for key in entries}, key=lambda size: SIZES[size])
@@ -328,8 +329,6 @@ def per_expert_table(entry: dict, fair: float) -> list[str]:
     lines.append(f"| {label} | {' | '.join(cells)} | {np.mean(kl[i][reached]):.5f} | {won[i]} |")
   return [*lines, ""]
 
-
-POLICIES_AND_RTN = ["RTN (no calibration)", *POLICIES]
 
 if __name__ == "__main__":
   app.run(main)
